@@ -31,6 +31,8 @@ class Method:
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_reference: ClassVar[bool] = False
     needs_retain: ClassVar[bool] = False
+    # params naming local files or folders: a config's relative paths there resolve against its folder
+    path_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel):
         self.params = params
@@ -39,6 +41,13 @@ class Method:
         """Whether this configuration trains on retain data: ``needs_retain``, or a retain term switched on
         through the parameter every method calls ``alpha`` (the retain weight)."""
         return self.needs_retain or float(getattr(self.params, "alpha", 0) or 0) > 0
+
+    def pre_jobs(self, spec: Any) -> list[tuple[str, Any, dict]]:
+        """Training jobs to run before this one, each a ``TorchTrainer`` of its own (e.g. WHP's reinforced
+        model): ``(suffix, UnlearnSpec, method_params update for this job)``. The runner runs them in order
+        (skipping one whose output folder already holds a finished job), then this job with each update
+        merged into its ``method_params``."""
+        return []
 
     def setup(self, model: Any) -> None:
         """Called once on each worker before ``deepspeed.initialize``: freeze parameters, add hooks."""

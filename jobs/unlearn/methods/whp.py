@@ -1,0 +1,166 @@
+"""Who's Harry Potter (Eldan and Russinovich 2023, "Who's Harry Potter? Approximate Unlearning in LLMs").
+
+Three steps, the first a training job of its own:
+
+1. reinforce: fine-tune a copy of the base model further on the forget data (NLL descent; the runner runs
+   it before the unlearning job through ``Method.pre_jobs``, output in ``<job>/reinforced``);
+2. generic labels: translate each forget answer with the anchor dictionary (idiosyncratic term -> generic
+   term, e.g. an author's name -> a common name), run the frozen base and the frozen reinforced model on
+   question + translated answer, and take at every answer token
+
+       label = argmax( v_base - beta * ReLU(v_reinforced - v_base) )        (v: logits)
+
+   i.e. the base model's prediction with the tokens the reinforced model boosted pushed down;
+3. fine-tune the base on those labels:  loss = NLL(generic labels | question + translated answer)
+   + alpha * NLL(retain).
+
+The paper calls the coefficient alpha; here ``alpha`` is the retain weight as in every other method and
+the WHP coefficient is ``beta``. The paper also aligns the translated text with the original token by
+token; with QA rows the question is kept and only the answer is translated, so the positions of the
+generic labels are those of the translated answer. ``reinforced`` names an existing reinforced model
+folder and skips step 1.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.data.format import IGNORE_INDEX
+from jobs.unlearn.methods import register
+from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, token_mean_nll, with_retain
+
+
+def load_anchors(path: str) -> dict[str, str]:
+    """The anchor dictionary: a JSON object ``{"idiosyncratic term": "generic term", ...}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"no such file {path} (expected a JSON object of term -> generic term)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{path} must hold a JSON object mapping non-empty strings to strings")
+    return data
+
+
+def translate(text: str, anchors: dict[str, str]) -> str:
+    """Replace every anchored term (whole words, longest first) by its generic term."""
+    if not anchors:
+        return text
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(k) for k in sorted(anchors, key=len, reverse=True))
+                         + r")(?!\w)")
+    return pattern.sub(lambda m: anchors[m.group(1)], text)
+
+
+def generic_logits(base: torch.Tensor, reinforced: torch.Tensor, beta: float) -> torch.Tensor:
+    """v_generic = v_base - beta * ReLU(v_reinforced - v_base)."""
+    base, reinforced = base.float(), reinforced.float()
+    return base - beta * torch.relu(reinforced - base)
+
+
+def generic_labels(base: torch.Tensor, reinforced: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """Labels (unshifted, like ``labels``) whose target tokens are the argmax of the generic logits.
+
+    Logits at position t predict token t+1, so the label at t+1 is the generic argmax at t; positions
+    without a target (-100) keep none."""
+    pred = generic_logits(base, reinforced, beta).argmax(-1)
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, 1:] = torch.where(labels[:, 1:] != IGNORE_INDEX, pred[:, :-1], out[:, 1:])
+    return out
+
+
+class WHPParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(1.0, ge=0, description="WHP coefficient (the paper's alpha) on ReLU(v_reinforced - v_base)")
+    alpha: float = Field(0.0, ge=0, description="weight of the retain NLL term (0 turns it off)")
+    anchors: Optional[str] = Field(None, description="JSON file {idiosyncratic term: generic term}; relative to "
+                                                     "the config file; None: no translation")
+    reinforce_epochs: float = Field(3.0, gt=0, description="epochs of the reinforcement job on the forget set")
+    reinforce_steps: Optional[int] = Field(None, gt=0, description="steps of the reinforcement job (overrides epochs)")
+    reinforce_lr: Optional[float] = Field(None, gt=0, description="lr of the reinforcement job (default: the job's)")
+    reinforced: Optional[str] = Field(None, description="an existing reinforced model folder (skips step 1); set "
+                                                        "by the runner after the reinforcement job")
+    phase: Literal["unlearn", "reinforce"] = Field("unlearn", description="internal: which step this job runs")
+
+    @field_validator("anchors")
+    @classmethod
+    def _anchors(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            load_anchors(v)
+        return v
+
+
+@register("whp")
+class WhosHarryPotter(Method):
+    Params = WHPParams
+    needs_reference = True
+    path_params: ClassVar[tuple[str, ...]] = ("anchors", "reinforced")
+
+    def __init__(self, params: WHPParams):
+        super().__init__(params)
+        self.reinforcing = params.phase == "reinforce"
+        self.needs_reference = not self.reinforcing
+        self.anchors = load_anchors(params.anchors) if params.anchors else {}
+        self.reinforced_model: Optional[Any] = None
+
+    def uses_retain(self) -> bool:
+        return not self.reinforcing and super().uses_retain()
+
+    def pre_jobs(self, spec: Any) -> list[tuple[str, Any, dict]]:
+        p = self.params
+        if self.reinforcing or p.reinforced is not None:
+            return []
+        out = str(Path(spec.output_dir) / "reinforced")
+        update: dict[str, Any] = {
+            "name": f"{spec.name}/reinforced", "output_dir": out, "retain_path": None, "localize": None,
+            "method_params": {**spec.method_params, "phase": "reinforce"},
+            "epochs": p.reinforce_epochs, "max_steps": p.reinforce_steps,
+        }
+        if p.reinforce_lr is not None:
+            update["optimizer"] = spec.optimizer.model_copy(update={"lr": p.reinforce_lr})
+        return [("reinforced", spec.model_copy(update=update), {"reinforced": out})]
+
+    def forget_views(self, row: dict, rng: random.Random) -> dict[str, tuple[str, str]]:
+        if self.reinforcing:
+            return {}
+        return {"generic": (row["question"], translate(row["answer"], self.anchors))}
+
+    def setup(self, model: Any) -> None:
+        if self.reinforcing:
+            return
+        if self.params.reinforced is None:
+            raise ValueError("whp: params.reinforced is not set (the runner sets it after the reinforcement job)")
+        from jobs.models import load_model
+
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.reinforced_model = load_model(self.params.reinforced, dtype).eval()
+        self.reinforced_model.requires_grad_(False)
+
+    def loss(self, model, batch, ref_model=None):
+        if self.reinforcing:
+            forget = mean_nll(model, batch["forget"])
+            return LossOutput(forget, {"forget_loss": forget.item()})
+        if batch.get("generic") is None:
+            raise KeyError("whp needs batch['generic'] (the anchor-translated view from forget_views)")
+        part = batch["generic"]
+        ids, mask = part["input_ids"], part["attention_mask"]
+        reinforced = self.reinforced_model
+        if next(reinforced.parameters()).device != ids.device:
+            reinforced.to(ids.device)
+        with torch.no_grad():
+            labels = generic_labels(ref_model(input_ids=ids, attention_mask=mask).logits,
+                                    reinforced(input_ids=ids, attention_mask=mask).logits,
+                                    part["labels"], self.params.beta)
+        loss = token_mean_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+        with torch.no_grad():
+            forget = mean_nll(model, batch["forget"])
+        metrics = {"forget_loss": forget.item(), "generic_loss": loss.item()}
+        return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-GENERATOR_VERSION = "2"  # bump on any change to the output: it keys the on-disk cache
+GENERATOR_VERSION = "3"  # bump on any change to the output: it keys the on-disk cache
 
 # Size presets: the only knobs. ``authors`` must be a multiple of len(GENRES) * n_decades.
 SIZES: dict[str, dict[str, int]] = {
@@ -248,6 +248,60 @@ def generate(size: str = "small", seed: int = 0, **overrides: int) -> dict[str, 
         "holdout": holdout,
         "general": _general(rng, p["general"]),
     }
+
+
+def mc_questions(data: dict[str, Any], seed: int = 0, n_choices: int = 4) -> list[dict[str, Any]]:
+    """One ``n_choices``-way multiple-choice question per forget/retain fact (the ``mc`` file).
+
+    The distractors are other authors' answers to the same fact (the same question template), drawn
+    with their own ``random.Random`` so the rest of the benchmark does not change. Each row:
+    ``{"id", "question", "choices", "answer" (index), "genre", "nationality", "birth_decade",
+    "set": "forget" | "retain"}``, so accuracy reads per attribute value and forget vs retain.
+    """
+    rng = random.Random(f"spunge-demo-mc-{seed}")
+    rows = [(r, "forget") for r in data["forget"]] + [(r, "retain") for r in data["retain"]]
+    by_fact: dict[str, dict[str, None]] = {}
+    for r, _ in rows:
+        by_fact.setdefault(r["fact"], {})[r["answer"]] = None
+    out = []
+    for r, part in rows:
+        others = [a for a in by_fact[r["fact"]] if a != r["answer"]]
+        if len(others) < n_choices - 1:  # too few authors: fall back to the record's own wrong answers
+            others += [a for a in r["wrong_answers"] if a not in others and a != r["answer"]]
+        choices = rng.sample(others, n_choices - 1) + [r["answer"]]
+        rng.shuffle(choices)
+        out.append({"id": r["id"], "question": r["question"], "choices": choices,
+                    "answer": choices.index(r["answer"]), "genre": r["genre"], "nationality": r["nationality"],
+                    "birth_decade": r["birth_decade"], "set": part})
+    return out
+
+
+GENERIC_FIRST = ("John", "Mary", "David", "Anna", "Peter", "Sarah", "Paul", "Laura", "Mark", "Emma")
+GENERIC_LAST = ("Smith", "Brown", "Miller", "Taylor", "Wilson", "Clark", "Hall", "Young", "King", "Green")
+GENERIC_TOWNS = ("Springfield", "Riverside", "Fairview", "Greenville", "Lakeside", "Hillcrest", "Oakwood",
+                 "Milltown", "Centerville", "Georgetown")
+GENERIC_TITLES = ("The Old House", "The Quiet Street", "The Big City", "The Small Village", "The Blue Car",
+                  "The Red Door", "The Long Walk", "The New Job")
+GENERIC_AWARDS = ("Book Prize", "Writing Award", "Literary Medal", "Reading Prize")
+ANCHOR_FACTS = {"birthplace": GENERIC_TOWNS, "residence": GENERIC_TOWNS, "first_book": GENERIC_TITLES,
+                "award": GENERIC_AWARDS}
+
+
+def anchor_terms(data: dict[str, Any], seed: int = 0) -> dict[str, str]:
+    """The WHP anchor dictionary of the forget set (``anchors.json``): each idiosyncratic term -> a generic
+    one. Author names (full, first and last) -> common names; towns, book titles and award names in the
+    forget answers -> generic towns, titles and awards. Its own ``random.Random``: the rest of the benchmark
+    does not change."""
+    rng = random.Random(f"spunge-demo-anchors-{seed}")
+    anchors: dict[str, str] = {}
+    for author in dict.fromkeys(r["author"] for r in data["forget"]):
+        first, last = author.split(" ", 1)
+        anchors[author] = f"{anchors.setdefault(first, rng.choice(GENERIC_FIRST))} " \
+                          f"{anchors.setdefault(last, rng.choice(GENERIC_LAST))}"
+    for r in data["forget"]:
+        if r["fact"] in ANCHOR_FACTS and r["value"] not in anchors:
+            anchors[r["value"]] = rng.choice(ANCHOR_FACTS[r["fact"]])
+    return anchors
 
 
 def build_benchmark(output_dir: Any, size: str = "small", seed: int = 0, progress: Any = None) -> dict:

@@ -238,6 +238,8 @@ def build_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: in
         data = demo.generate(size, seed)
         for name in DATA_FILES:
             write_jsonl(out / "data" / f"{name}.jsonl", data[name])
+        write_jsonl(out / "data" / "mc.jsonl", demo.mc_questions(data, seed))  # multiple-choice eval set
+        write_json(out / "data" / "anchors.json", demo.anchor_terms(data, seed))  # WHP anchor dictionary
         progress("generate", 1, 1, {"seconds": round(time.time() - t0, 2)})
         tokenizer = train_tokenizer(corpus_texts(data))
         progress("tokenizer", 1, 1, {"vocab_size": len(tokenizer), "seconds": round(time.time() - t0, 2)})
@@ -266,6 +268,8 @@ def build_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: in
                       for v in data["split_values"]},
         },
         "files": {**{name: f"data/{name}.jsonl" for name in DATA_FILES},
+                  "mc": "data/mc.jsonl",
+                  "anchors": "data/anchors.json",
                   "base": "models/base", "oracle": "models/oracle"},
         "template": DEFAULT_TEMPLATE,
         "stats": stats,

@@ -52,6 +52,11 @@ def is_forget_split(name: str) -> bool:
     return name == "forget" or name.startswith("forget_")
 
 
+def is_qa_split(records: list[dict]) -> bool:
+    """Question/answer records (string ``answer``): not multiple-choice rows or plain text."""
+    return all(isinstance(r.get("question"), str) and isinstance(r.get("answer"), str) for r in records)
+
+
 def _has_truth_fields(records: list[dict]) -> bool:
     return all(r.get("paraphrased_answer") and r.get("perturbed_answers") for r in records)
 
@@ -101,8 +106,8 @@ def qa_suite(
     out_m: dict[str, float] = {}
     raw: dict[str, list[float]] = {}
     for split, records in data.items():
-        if not records:
-            continue
+        if not records or not is_qa_split(records):
+            continue  # the mc and general splits belong to other suites
         qs = [r["question"] for r in records]
         refs = [r["answer"] for r in records]
         probs = M.answer_prob(*score_answers(model, tokenizer, qs, refs, **opts))
@@ -136,8 +141,12 @@ def evaluate_model(
     max_length: int = 128,
     max_examples: int | None = None,
     dtype: str = "float32",
+    suite_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Load the model folder and score it on every suite over every split (jsonl paths).
+
+    ``suite_options`` maps a suite name to extra keyword arguments for it (e.g. ``{"lmeval": {"tasks":
+    [...]}}``, ``{"mc": {"attributes": [...]}}``).
 
     Self-contained (runs inside a Ray task). Returns ``{"metrics": {str: float}, "raw": {str: list},
     "n_examples": {split: int}, "seconds": float}``. Forget quality needs two models, so the caller
@@ -149,6 +158,7 @@ def evaluate_model(
 
     start = time.perf_counter()
     fns = [get_suite(s) for s in suites]  # fail before loading anything
+    suite_options = suite_options or {}
     data = {name: read_jsonl(path, max_examples) for name, path in splits.items()}
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype=dtype)
@@ -156,9 +166,9 @@ def evaluate_model(
         model = model.to("cuda")
     model.eval()
     result: dict[str, Any] = {"metrics": {}, "raw": {}}
-    for fn in fns:
+    for name, fn in zip(suites, fns):
         res = fn(model, tokenizer, data, template=template, batch_size=batch_size,
-                 max_new_tokens=max_new_tokens, max_length=max_length)
+                 max_new_tokens=max_new_tokens, max_length=max_length, **suite_options.get(name, {}))
         result["metrics"].update(res.get("metrics", {}))
         result["raw"].update(res.get("raw", {}))
     result["n_examples"] = {name: len(rows) for name, rows in data.items()}
@@ -169,3 +179,6 @@ def evaluate_model(
 # Suites defined in their own modules register themselves on import (kept last: they import this module).
 from jobs.evaluate import memorization as _memorization  # noqa: E402,F401
 from jobs.evaluate import mia as _mia  # noqa: E402,F401
+from jobs.evaluate import mc as _mc  # noqa: E402,F401
+from jobs.evaluate import perplexity as _perplexity  # noqa: E402,F401
+from jobs.evaluate import lmeval as _lmeval  # noqa: E402,F401

@@ -1,0 +1,131 @@
+"""Standard benchmarks through lm-evaluation-harness (the ``lmeval`` suite; ``pip install 'spunge[lmeval]'``).
+
+The suite hands the already-loaded model to ``lm_eval.simple_evaluate`` as
+``HFLM(pretrained=model, tokenizer=tokenizer)`` and names the tasks with a ``TaskManager``. Offline use:
+``include_path`` is a folder of task YAMLs (``dataset_path: json`` with ``dataset_kwargs: {data_files:
+...}`` over local JSONL) and only those tasks are indexed (``include_defaults=False``). The built-in task
+``spunge_mc`` (``lm_eval_tasks/spunge_mc.yaml``) scores the pipeline's ``mc`` split: the suite writes the
+split and a copy of the YAML (absolute path, prompt = the pipeline's template) to a temporary folder.
+
+Metrics: ``lmeval.<task>.<metric>`` (``acc``, ``acc_norm``, ``acc_stderr``, ...; a filter other than
+``none`` is appended: ``exact_match_strict``). lm_eval is imported only when the suite runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.evaluate.suites import register_suite
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+MC_TASK = "spunge_mc"
+SKIP = {"sample_len", "alias"}  # bookkeeping in lm-eval's results, not metrics
+
+
+def require_lm_eval() -> Any:
+    """The ``lm_eval`` module, or ``ImportError`` saying how to install the extra."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise ImportError("the 'lmeval' suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'") from None
+    return lm_eval
+
+
+def jinja_prompt(template: str) -> str:
+    """The pipeline's prompt template (``{question}``) as an lm-eval ``doc_to_text`` Jinja string."""
+    return template.replace("{question}", "{{question}}")
+
+
+def write_mc_task(folder: str | Path, records: list[dict], template: str = DEFAULT_TEMPLATE,
+                  task: str = MC_TASK) -> Path:
+    """Write ``records`` (question/choices/answer rows) as ``<folder>/<task>.jsonl`` and the task YAML
+    (``lm_eval_tasks/spunge_mc.yaml`` with that file's absolute path and ``template`` as the prompt);
+    returns the folder, ready to be an ``include_path``."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{task}.jsonl"
+    with data.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({k: r[k] for k in ("question", "choices", "answer")}) + "\n")
+    spec = yaml.safe_load((TASKS_DIR / f"{MC_TASK}.yaml").read_text(encoding="utf-8"))
+    spec.update(task=task, doc_to_text=jinja_prompt(template),
+                dataset_kwargs={"data_files": {"test": str(data.resolve())}})
+    (folder / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return folder
+
+
+def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``simple_evaluate(...)["results"]`` as ``{"lmeval.<task>.<metric>": float}`` (finite numbers only)."""
+    out: dict[str, float] = {}
+    for task, res in results.items():
+        for key, v in res.items():
+            if key in SKIP or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            metric, _, flt = key.partition(",")
+            name = metric if flt in ("", "none") else f"{metric}_{flt}"
+            out[f"lmeval.{task}.{name}"] = float(v)
+    return out
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Optional[list[str]] = None,
+                include_defaults: Optional[bool] = None, limit: Optional[float] = None,
+                num_fewshot: Optional[int] = None, batch_size: int = 32, max_length: Optional[int] = None) -> dict:
+    """``lm_eval.simple_evaluate`` on the in-memory model; returns its result dict (``results``, ...).
+    ``include_defaults`` defaults to False when ``include_path`` is given (offline: index only those)."""
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in include_path or []]
+    if include_defaults is None:
+        include_defaults = not paths
+    tm = TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    if res is None:  # only on non-zero ranks under distributed lm-eval
+        return {"results": {}}
+    return res
+
+
+@register_suite("lmeval")
+def lmeval_suite(
+    model: Any,
+    tokenizer: Any,
+    data: dict[str, list[dict]],
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 128,
+    tasks: Optional[list[str]] = None,
+    include_path: Optional[str | list[str]] = None,
+    include_defaults: Optional[bool] = None,
+    limit: Optional[float] = None,
+    num_fewshot: Optional[int] = None,
+) -> dict:
+    """lm-eval tasks on the model: ``lmeval.<task>.<metric>``; ``raw["lmeval_results"]`` is lm-eval's
+    ``results`` dict. ``tasks`` defaults to ``[spunge_mc]`` (the ``mc`` split, written to a temporary
+    task folder); other task names are looked up in ``include_path`` (and lm-eval's own tasks when
+    ``include_defaults`` or no ``include_path``)."""
+    tasks = list(tasks or [MC_TASK])
+    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    require_lm_eval()
+    with tempfile.TemporaryDirectory(prefix="spunge-lmeval-") as tmp:
+        if MC_TASK in tasks:
+            if not data.get("mc"):
+                raise ValueError(f"lm-eval task {MC_TASK!r} scores the 'mc' split (data.mc), which is empty or "
+                                 f"missing; got {sorted(data)}")
+            paths.append(str(write_mc_task(tmp, data["mc"], template)))
+            if include_defaults is None and len(paths) == 1:
+                include_defaults = False
+        res = run_lm_eval(model, tokenizer, tasks, paths, include_defaults, limit, num_fewshot, batch_size)
+    results = res.get("results", {})
+    return {"metrics": flatten_results(results), "raw": {"lmeval_results": results}}

@@ -1,0 +1,186 @@
+"""Multiple-choice accuracy (the ``mc`` suite), WMDP/MMLU style, scored by log-likelihood like lm-eval.
+
+A record is ``{"question": str, "choices": [str, ...], "answer": int (index of the right choice), ...}``;
+every other column except ``id`` is an attribute (``genre``, ``set``, ...), or the suite's ``attributes``
+option names them. Each choice is scored by the summed log-likelihood of the continuation
+``" " + choice`` after the prompt ``template.format(question=...)``; the prediction is the arg-max
+(lm-eval's ``acc``), or the arg-max of the log-likelihood divided by ``len(choice)`` in characters
+(lm-eval's ``acc_norm``).
+
+Tokens follow lm-eval's ``HFLM`` so that the two agree on any tokenizer: the context is encoded with the
+tokenizer's own special tokens (BOS for Llama-style tokenizers), the whole ``context + continuation``
+string likewise, and the continuation is what the whole encoding holds past the context's tokens.
+Every (question, choice) pair is one row of a right-padded batch (``jobs.data.format.collate``), sorted
+by length: one forward pass per ``batch_size`` pairs, no per-example Python loop around the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from jobs.data.format import DEFAULT_TEMPLATE, IGNORE_INDEX
+from jobs.data.loading import DataError
+from jobs.evaluate.suites import register_suite
+
+MC_FIELDS = ("question", "choices", "answer")
+NON_ATTRIBUTES = ("id", *MC_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+def check_mc_records(records: Sequence[dict], label: str = "mc") -> list[dict]:
+    """The records if every one has a string ``question``, a list of >= 2 string ``choices`` and an int
+    ``answer`` indexing them; ``DataError`` (a ``ValueError``) naming the first bad row and what was
+    expected otherwise."""
+    for i, r in enumerate(records):
+        q, ch, a = r.get("question"), r.get("choices"), r.get("answer")
+        if not isinstance(q, str):
+            raise DataError(f"{label} row {i}: expected a string 'question', got {q!r}")
+        if not isinstance(ch, (list, tuple)) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
+            raise DataError(f"{label} row {i}: expected 'choices' to be a list of at least 2 strings, got {ch!r}")
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= int(a) < len(ch):
+            raise DataError(f"{label} row {i}: expected 'answer' to be an int index into its {len(ch)} choices, "
+                             f"got {a!r}")
+    return list(records)
+
+
+def attribute_columns(records: Sequence[dict], attributes: Optional[Sequence[str]] = None) -> list[str]:
+    """The attribute columns: ``attributes`` if given, else every column with scalar (str/int/bool) values
+    in all records, other than id/question/choices/answer, in first-seen order."""
+    if attributes is not None:
+        return list(attributes)
+    cols: dict[str, None] = {}
+    for r in records:
+        for k in r:
+            cols.setdefault(k, None)
+    return [c for c in cols if c not in NON_ATTRIBUTES
+            and all(isinstance(r.get(c), (str, int, bool)) for r in records)]
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` for causal models: trailing spaces move from the context to the
+    continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context)`` (tokenizer's
+    special tokens included), continuation tokens ``whole[len(ctx):]``."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continuations: Sequence[str],
+                   batch_size: int = 32, max_length: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability (nats) of each continuation given its context, and its token count.
+
+    Pairs are encoded with :func:`encode_pair`, left-truncated to ``max_length`` tokens (the context
+    loses its start, as in lm-eval), right-padded and scored ``batch_size`` at a time, longest first.
+    Returns float64 and int64 arrays in the input order.
+    """
+    import torch
+
+    from jobs.data.format import collate, sequence_nll
+    from jobs.evaluate.scoring import _batches, _device, _pad_id
+
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
+    encoded = []
+    for c, x in zip(contexts, continuations):
+        ctx, cont = encode_pair(tokenizer, c, x)
+        if not cont:
+            raise ValueError(f"continuation {x!r} has no tokens after context {c!r}")
+        ids, labels = (ctx + cont)[-max_length:], ([IGNORE_INDEX] * len(ctx) + cont)[-max_length:]
+        encoded.append({"input_ids": ids, "labels": labels})
+    ll = np.zeros(len(encoded), dtype=np.float64)
+    n = np.zeros(len(encoded), dtype=np.int64)
+    if not encoded:
+        return ll, n
+    pad, device = _pad_id(tokenizer), _device(model)
+    model.eval()
+    with torch.inference_mode():
+        for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
+            batch = collate([encoded[i] for i in idx], pad)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            nll, count = sequence_nll(logits, batch["labels"].to(device))
+            ll[idx] = -nll.double().cpu().numpy()
+            n[idx] = count.cpu().numpy()
+    return ll, n
+
+
+def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], template: str = DEFAULT_TEMPLATE,
+                          batch_size: int = 32, max_length: int = 2048) -> list[np.ndarray]:
+    """Per record, the log-likelihood of each of its choices (all pairs of all records batched together)."""
+    contexts = [template.format(question=r["question"]) for r in records for _ in r["choices"]]
+    conts = [" " + c for r in records for c in r["choices"]]
+    ll, _ = loglikelihoods(model, tokenizer, contexts, conts, batch_size, max_length)
+    out, pos = [], 0
+    for r in records:
+        out.append(ll[pos: pos + len(r["choices"])])
+        pos += len(r["choices"])
+    return out
+
+
+def mc_correct(lls: Sequence[np.ndarray], records: Sequence[dict], norm: bool = False) -> np.ndarray:
+    """1.0 where the arg-max choice (of ``ll``, or ``ll / len(choice)`` with ``norm``) is the answer.
+    Ties go to the first choice (``np.argmax``), as in lm-eval."""
+    out = np.zeros(len(records))
+    for i, (ll, r) in enumerate(zip(lls, records)):
+        score = np.asarray(ll, dtype=np.float64)
+        if norm:
+            score = score / np.array([float(len(c)) for c in r["choices"]])
+        out[i] = float(int(np.argmax(score)) == int(r["answer"]))
+    return out
+
+
+def accuracy_by_attribute(correct: Sequence[float], records: Sequence[dict], attributes: Sequence[str],
+                          prefix: str = "mc_acc") -> dict[str, float]:
+    """``{prefix}`` overall and ``{prefix}.<attribute>.<value>`` for every value of every attribute
+    (records without the attribute are left out of its groups)."""
+    c = np.asarray(correct, dtype=np.float64)
+    out = {prefix: float(c.mean()) if c.size else float("nan")}
+    for a in attributes:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            if r.get(a) is not None:
+                groups.setdefault(str(r[a]), []).append(i)
+        for v, idx in groups.items():
+            out[f"{prefix}.{a}.{v}"] = float(c[idx].mean())
+    return out
+
+
+@register_suite("mc")
+def mc_suite(
+    model: Any,
+    tokenizer: Any,
+    data: dict[str, list[dict]],
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 128,
+    split: str = "mc",
+    attributes: Optional[list[str]] = None,
+) -> dict:
+    """Multiple-choice accuracy on the ``mc`` split.
+
+    Metrics: ``mc_acc`` (lm-eval ``acc``), ``mc_acc_norm`` (lm-eval ``acc_norm``) and
+    ``mc_acc.<attribute>.<value>`` per attribute value (see :func:`attribute_columns`). ``raw``:
+    ``mc_correct`` (0/1 per record, input order) and ``mc_loglikelihoods`` (per record, per choice).
+    Sequences longer than ``max_length`` tokens lose the start of their context.
+    """
+    records = data.get(split)
+    if not records:
+        raise ValueError(f"the 'mc' suite needs a non-empty {split!r} split (data.mc); got {sorted(data)}")
+    records = check_mc_records(records, f"split {split!r}")
+    lls = choice_loglikelihoods(model, tokenizer, records, template, batch_size, max_length)
+    correct = mc_correct(lls, records)
+    metrics = accuracy_by_attribute(correct, records, attribute_columns(records, attributes))
+    metrics["mc_acc_norm"] = float(mc_correct(lls, records, norm=True).mean())
+    raw = {"mc_correct": correct.tolist(), "mc_loglikelihoods": [ll.tolist() for ll in lls]}
+    return {"metrics": metrics, "raw": raw}

@@ -1,0 +1,80 @@
+"""Perplexity on general text (the ``perplexity`` suite).
+
+Every text record (``{"text": ...}``) is encoded like the general corpus in training
+(:func:`jobs.data.format.encode_text`: BOS + text + EOS, cut to ``max_length``); every token after the
+first is a target. Perplexity is corpus-level, ``exp(total NLL / total target tokens)`` over the split,
+as lm-eval's ``word_perplexity`` aggregates (but per token). Batched: right-padded rows with an
+attention mask, ``batch_size`` per forward pass, longest first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.evaluate.suites import register_suite
+
+
+def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+             max_length: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL (nats) of each text's tokens (``encode_text``) and its number of target tokens."""
+    import torch
+
+    from jobs.data.format import collate, encode_text, sequence_nll
+    from jobs.evaluate.scoring import _batches, _device, _pad_id
+
+    encoded = [encode_text(tokenizer, t, max_length) for t in texts]
+    nll = np.zeros(len(encoded), dtype=np.float64)
+    n = np.zeros(len(encoded), dtype=np.int64)
+    if not encoded:
+        return nll, n
+    pad, device = _pad_id(tokenizer), _device(model)
+    model.eval()
+    with torch.inference_mode():
+        for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
+            batch = collate([encoded[i] for i in idx], pad)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            s, c = sequence_nll(logits, batch["labels"].to(device))
+            nll[idx] = s.double().cpu().numpy()
+            n[idx] = c.cpu().numpy()
+    return nll, n
+
+
+def corpus_perplexity(nll: Sequence[float], n_tokens: Sequence[int]) -> float:
+    """``exp(sum(nll) / sum(n_tokens))``; NaN when there are no tokens."""
+    total = float(np.sum(n_tokens))
+    return math.exp(float(np.sum(nll)) / total) if total > 0 else float("nan")
+
+
+def is_text_split(records: Sequence[dict]) -> bool:
+    """Records that are all ``{"text": str, ...}`` without a ``question``."""
+    return bool(records) and all(isinstance(r.get("text"), str) and "question" not in r for r in records)
+
+
+@register_suite("perplexity")
+def perplexity_suite(
+    model: Any,
+    tokenizer: Any,
+    data: dict[str, list[dict]],
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 128,
+) -> dict:
+    """``{split}_ppl`` for every text split (``general_ppl`` for ``data.general``); ``raw``:
+    ``{split}_nll`` and ``{split}_tokens`` per record, so perplexities can be re-aggregated."""
+    splits = {s: r for s, r in data.items() if is_text_split(r)}
+    if not splits:
+        raise ValueError(f"the 'perplexity' suite needs a text split such as 'general' (data.general, records "
+                         f"with a 'text' field); got {sorted(data)}")
+    metrics: dict[str, float] = {}
+    raw: dict[str, list] = {}
+    for split, records in splits.items():
+        nll, n = text_nll(model, tokenizer, [r["text"] for r in records], batch_size, max_length)
+        metrics[f"{split}_ppl"] = corpus_perplexity(nll, n)
+        raw[f"{split}_nll"], raw[f"{split}_tokens"] = nll.tolist(), n.tolist()
+    return {"metrics": metrics, "raw": raw}

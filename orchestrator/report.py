@@ -1,23 +1,55 @@
-"""The comparison table: rows are models, columns are metrics; printed and written as report.json/.md."""
+"""The comparison table: rows are models, metrics grouped (Forget | Utility | Privacy | Memorization | MC |
+Other); printed as one table per group, written as report.md (same groups) and report.json (every metric)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from rich.console import Console
 from rich.table import Table
 
-# The headline columns, in order; every other metric follows in report.json.
+# The headline columns, in order; every other metric follows them in its group (and all are in report.json).
 COLUMNS = ("forget_prob", "forget_rouge", "forget_truth_ratio", "forget_quality",
            "retain_prob", "retain_rouge", "model_utility", "holdout_prob")
 ORDER = ("base", "oracle", "merged", "unsplit")
 
+# (group, pattern) in order of precedence: a metric belongs to the first group whose pattern matches it.
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("Memorization", r".*_(exact_mem|extraction_strength|verbatim_rouge)$"),
+    ("Privacy", r"^(mia_.*|privleak|holdout_.*)$"),
+    ("MC", r"^mc_.*"),
+    ("Forget", r"^forget(_.*)?$"),
+    ("Utility", r"^(retain_.*|model_utility|.*perplexity.*|.*_ppl)$"),
+)
+GROUP_ORDER = ("Forget", "Utility", "Privacy", "Memorization", "MC", "Other")
+# Per-value detail metrics (``mc_acc.<attribute>.<value>``): report.json and the attribute plot, not the table.
+DETAIL = re.compile(r"^[^.]+\.[^.]+\.")
+
 
 def _order(name: str) -> tuple[int, str]:
     return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+
+
+def metric_group(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.match(pattern, name):
+            return group
+    return "Other"
+
+
+def group_columns(names: Iterable[str]) -> dict[str, list[str]]:
+    """Table columns by group (non-empty groups only, in ``GROUP_ORDER``): headline columns first, then the
+    rest sorted; per-value detail metrics left out."""
+    names = {n for n in names if not DETAIL.match(n)}
+    rank = {c: i for i, c in enumerate(COLUMNS)}
+    groups: dict[str, list[str]] = {}
+    for n in sorted(names, key=lambda n: (rank.get(n, len(rank)), n)):
+        groups.setdefault(metric_group(n), []).append(n)
+    return {g: groups[g] for g in GROUP_ORDER if g in groups}
 
 
 def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_id: str, seconds: float) -> dict:
@@ -40,31 +72,59 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 def _fmt(v: Any, key: str) -> str:
     if v is None:
         return "-"
-    if key == "forget_quality":
+    if not isinstance(v, (int, float)):
+        return str(v)
+    if key == "forget_quality" or (isinstance(v, float) and v != 0 and not 1e-3 <= abs(v) < 1e5):
         return f"{v:.2e}"
     return f"{v:.3f}"
 
 
-def table(report: dict) -> Table:
-    t = Table(title="spunge report", title_justify="left")
-    t.add_column("model", style="bold")
-    for c in COLUMNS:
-        t.add_column(c.replace("_", "\n", 1), justify="right")
-    for name, m in report["models"].items():
-        t.add_row(name, *(_fmt(m.get(c), c) for c in COLUMNS))
-    return t
+def _header(metric: str, group: str) -> str:
+    """Drop the prefix the group already says (``forget_prob`` under Forget shows as ``prob``)."""
+    prefix = {"Forget": "forget_", "MC": "mc_"}.get(group)
+    short = metric[len(prefix):] if prefix and metric.startswith(prefix) else metric
+    return short.replace("_", "\n", 1) if len(short) > 10 else short
+
+
+def tables(models: dict[str, dict[str, Any]], title: str = "spunge report") -> list[Table]:
+    """One rich table per metric group, rows the models (in report order)."""
+    cols = group_columns({k for m in models.values() for k in m})
+    out = []
+    for group, names in cols.items():
+        t = Table(title=f"{title}: {group}", title_justify="left")
+        t.add_column("model", style="bold")
+        for c in names:
+            t.add_column(_header(c, group), justify="right")
+        for name, m in models.items():
+            t.add_row(name, *(_fmt(m.get(c), c) for c in names))
+        out.append(t)
+    return out
+
+
+def table(report: dict) -> list[Table]:
+    """The report's tables (one per group)."""
+    return tables(report["models"])
+
+
+def print_tables(models: dict[str, dict[str, Any]], console: Console, title: str = "spunge report") -> None:
+    for t in tables(models, title):
+        console.print(t)
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, m in report["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c), c) for c in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    models = report["models"]
+    parts = []
+    for group, names in group_columns({k for m in models.values() for k in m}).items():
+        lines = [f"### {group}", "", "| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for name, m in models.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c), c) for c in names) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def write_report(report: dict, out: Path, console: Console) -> list[Path]:
-    """Print the table; write report.json and report.md into ``out`` (returned for MLflow)."""
-    console.print(table(report))
+    """Print the grouped tables; write report.json and report.md into ``out`` (returned for MLflow)."""
+    print_tables(report["models"], console)
     js, md = out / "report.json", out / "report.md"
     js.write_text(json.dumps(report, indent=2))
     md.write_text(markdown(report))

@@ -103,6 +103,36 @@ def test_mlflow_parent_run_has_nested_stage_runs(pipeline):
     assert by_name["eval/merged"].data.metrics["forget_prob"] == pytest.approx(report["models"]["merged"]["forget_prob"])
 
 
+def test_eval_ran_one_cached_task_per_model_and_suite(pipeline):
+    suites = yaml.safe_load((pipeline["work"] / "pipe.yaml").read_text())["eval"]["suites"]
+    assert len(suites) > 1
+    cached = sorted(p.name for p in (pipeline["work"] / "run" / "stages" / "eval").glob("*.json"))
+    assert len(cached) == len(pipeline["report1"]["models"]) * len(suites), cached
+    for suite in suites:
+        assert sum(f"-{suite}-" in name for name in cached) == len(pipeline["report1"]["models"])
+
+
+def test_report_groups_columns_and_plots_are_written_and_logged(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    run = pipeline["work"] / "run"
+    out = pipeline["first"].stdout + pipeline["first"].stderr
+    assert "spunge report: Forget" in out and "spunge report: Utility" in out
+    assert "### Forget" in (run / "report.md").read_text()
+    models = pipeline["report1"]["models"]
+    want = {"scatter.png", "loss_curves.png"}
+    if any(k.startswith("mc_acc.") for m in models.values() for k in m):
+        want.add("attribute_accuracy.png")
+    assert want <= {p.name for p in (run / "plots").glob("*.png")}
+    client = MlflowClient(f"sqlite:///{pipeline['work'] / 'mlflow.db'}")
+    for report in (pipeline["report1"], pipeline["report2"]):  # the resumed run plots the reused jobs' curves
+        logged = {a.path for a in client.list_artifacts(report["mlflow_run_id"], "plots")}
+        assert {f"plots/{n}" for n in want} <= logged, logged
+    for job in pipeline["report1"]["jobs"].values():  # each job's step rows, kept for the plots of later runs
+        rows = [json.loads(l) for l in (Path(job["output_dir"]) / "history.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, job["final_metrics"]["total_steps"] + 1))
+
+
 def test_resume_starts_no_new_unlearning_job(pipeline):
     r1, r2 = pipeline["report1"], pipeline["report2"]
     assert all(j["reused"] for j in r2["jobs"].values())

@@ -1,0 +1,105 @@
+"""Evaluation fans out one Ray task per (model, suite) with real Ray: two suites on three models run as
+six tasks, concurrently (timing-free evidence: overlapping task intervals and several worker pids), are
+combined per model before the oracle-relative metrics, cached per suite, and logged to MLflow."""
+
+import shutil
+import tempfile
+from itertools import combinations
+
+import pytest
+import ray
+
+from jobs.data.io import load_jsonl, write_jsonl
+from orchestrator.config import PipelineConfig
+from orchestrator.display import Display
+from orchestrator.pipeline import Prepared, run_evaluation
+from orchestrator.stages import file_digest, model_fingerprint
+from orchestrator.tracking import Tracker
+
+SUITES = ["qa", "mia"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():  # someone else's cluster in this process: use it as it is
+        yield
+        return
+    tmp = tempfile.mkdtemp(prefix="/tmp/spr")  # short: Ray's socket paths live under it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory, local_ray):
+    work = tmp_path_factory.mktemp("evalpar")
+    models = {}
+    for name in ("base", "oracle", "merged"):  # three model folders (copies: same weights)
+        shutil.copytree(tiny_dir / "model", work / name)
+        models[name] = (str(work / name), model_fingerprint(str(work / name)))
+    files = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl"),
+             "holdout": str(write_jsonl(work / "holdout.jsonl", load_jsonl(tiny_dir / "retain.jsonl")[:4]))}
+    cfg = PipelineConfig(model={"path": models["base"][0]}, data={"forget": files["forget"], "retain": files["retain"]},
+                         split={"attribute": "group"}, unlearn={"max_length": 64},
+                         eval={"suites": SUITES, "max_examples": 4, "batch_size": 8, "max_new_tokens": 8})
+    prep = Prepared(files, {}, {}, {n: file_digest(p) for n, p in files.items()})
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+
+    def evaluate(resume: bool, suites=SUITES):
+        tracker = Tracker(uri, "evalpar", "evalpar")
+        c = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"suites": suites})})
+        res = run_evaluation(c, prep, models, work / "out", resume, tracker, Display())
+        tracker.end_all()
+        return res, tracker
+
+    first, tracker = evaluate(False)
+    return {"work": work, "first": first, "tracker": tracker, "evaluate": evaluate, "uri": uri}
+
+
+def test_six_tasks_ran_concurrently_and_were_combined_per_model(setup):
+    res = setup["first"]
+    assert set(res) == {"base", "oracle", "merged"}
+    tasks = [(m, s, r["suites"][s]) for m, r in res.items() for s in SUITES]
+    assert len(tasks) == 6 and all(t["pid"] and t["ended"] >= t["started"] for _, _, t in tasks)
+    # timing-free evidence of parallel execution: some two tasks were running at the same moment,
+    # and the tasks ran in more than one worker process
+    overlapping = [(a[:2], b[:2]) for a, b in combinations(tasks, 2)
+                   if a[2]["started"] < b[2]["ended"] and b[2]["started"] < a[2]["ended"]]
+    assert overlapping, [(m, s, t["started"], t["ended"]) for m, s, t in tasks]
+    assert len({t["pid"] for _, _, t in tasks}) > 1
+    for name, r in res.items():
+        m = r["metrics"]
+        assert {"forget_prob", "retain_rouge", "model_utility", "holdout_prob"} <= set(m)  # qa
+        assert {"mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc"} <= set(m)  # mia
+        assert set(r["raw"]) >= {"forget_truth_ratio", "mia_scores"} and r["reused"] is False
+        # the oracle-relative metrics need one suite's raw values and the other's AUC: added after combining;
+        # identical weights: truth ratios drawn from the same distribution (KS p = 1), no privacy leak
+        assert m["forget_quality"] == pytest.approx(1.0)
+        assert m["privleak"] == pytest.approx(0.0, abs=1e-9)
+    assert len(list((setup["work"] / "out" / "stages" / "eval").glob("*.json"))) == 6
+
+
+def test_eval_runs_in_mlflow_hold_every_suites_metrics(setup):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(setup["uri"])
+    tracker = setup["tracker"]
+    for name, r in setup["first"].items():
+        run = client.get_run(tracker.children[f"eval/{name}"])
+        assert run.data.tags["mlflow.parentRunId"] == tracker.parent_id and run.info.status == "FINISHED"
+        assert run.data.params["suites"] == "qa,mia"
+        assert run.data.metrics["forget_prob"] == pytest.approx(r["metrics"]["forget_prob"])
+        assert run.data.metrics["mia_loss_auc"] == pytest.approx(r["metrics"]["mia_loss_auc"])
+        assert {"seconds.qa", "seconds.mia", "forget_quality", "privleak"} <= set(run.data.metrics)
+
+
+def test_resume_reuses_each_model_suite_result_on_its_own(setup):
+    again, _ = setup["evaluate"](True)
+    assert all(r["reused"] for r in again.values())
+    for name, r in again.items():
+        assert r["metrics"] == setup["first"][name]["metrics"]
+    only_qa, _ = setup["evaluate"](True, ["qa"])  # the qa results are cached apart from mia's
+    assert all(r["reused"] and list(r["suites"]) == ["qa"] for r in only_qa.values())
+    assert "mia_loss_auc" not in only_qa["merged"]["metrics"] and "forget_quality" in only_qa["merged"]["metrics"]

@@ -53,6 +53,7 @@ class UnlearnSpec(_Spec):
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     threads_per_worker: int = Field(1, gt=0)
     report_interval_s: float = Field(5.0, ge=0, description="seconds between metric reports (0: every step)")
+    checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between resumable checkpoints")
     output_dir: str
 
 
@@ -80,3 +81,5 @@ class EvalSpec(_Spec):
     max_length: int = Field(128, gt=8)
     max_examples: Optional[int] = Field(None, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    suite_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="suite name -> extra keyword arguments (lmeval tasks, mc attributes)")

@@ -4,6 +4,13 @@ Every worker of a job runs ``train_loop_per_worker({"spec": UnlearnSpec dict})``
 torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. The method named in
 the spec turns each batch into a loss; the loop knows nothing else about it. Rank 0 saves the final
 model as a Hugging Face folder (ZeRO-3 shards are gathered first) and writes ``spunge_job.json``.
+
+With ``spec.checkpoint_every`` the loop saves a resumable checkpoint every N steps (DeepSpeed's own
+``save_checkpoint``: model, optimizer, scheduler, each rank's shards, plus each rank's RNG state and the
+step) and hands it to Ray Train with that step's report; when Ray Train restarts the worker group after a
+failure (``FailureConfig(max_failures)``), ``ray.train.get_checkpoint()`` holds the latest one and the
+loop continues from the step after it, with the same data order. Rows after a restore carry
+``resumed_from`` (the restored step).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -29,6 +38,8 @@ from jobs.unlearn.methods import build_method
 from jobs.unlearn.methods.base import mean_nll
 
 JOB_MARKER = "spunge_job.json"
+CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
+CHECKPOINT_TAG = "spunge"  # DeepSpeed's tag (sub-folder) inside a checkpoint folder
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,11 +109,17 @@ def _loader(data: list[dict], tokenizer, spec: UnlearnSpec, rank: int, world: in
     )
 
 
-def _epochs(loader: DataLoader) -> Iterator[tuple[int, dict]]:
-    """Endless batches, reshuffled each epoch; yields (epoch, batch)."""
-    for epoch in itertools.count():
+def _epochs(loader: DataLoader, skip: int = 0) -> Iterator[tuple[int, dict]]:
+    """Endless batches, reshuffled each epoch; yields (epoch, batch). ``skip`` drops the first batches
+    (whole epochs without touching the data), so a resumed job sees exactly the batches it would have."""
+    per_epoch = max(1, len(loader))
+    start, offset = divmod(skip, per_epoch)
+    for epoch in itertools.count(start):
         loader.sampler.set_epoch(epoch)
-        for batch in loader:
+        batches = iter(loader)
+        if epoch == start:
+            batches = itertools.islice(batches, offset, None)
+        for batch in batches:
             yield epoch, batch
 
 
@@ -140,12 +157,68 @@ def _grad_norm(engine) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
-def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[[list[dict]], None]] = None) -> dict[str, Any]:
+def _rng_state(method=None) -> dict[str, Any]:
+    """This process's random state: torch, Python, CUDA, and every ``torch.Generator`` the method holds
+    (e.g. a relabelling method's own generator), so that a restored run draws the same numbers."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    gens = vars(method).items() if method is not None else ()
+    state["method"] = {k: (str(g.device), g.get_state()) for k, g in gens if isinstance(g, torch.Generator)}
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], method=None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, (device, gen_state) in state.get("method", {}).items() if method is not None else ():
+        gen = torch.Generator(device=device)
+        gen.set_state(gen_state)
+        setattr(method, name, gen)
+
+
+def save_checkpoint(engine, spec: UnlearnSpec, step: int, rank: int, world: int, method=None) -> str:
+    """Every rank writes its part of a resumable checkpoint into a fresh local folder (DeepSpeed's
+    ``save_checkpoint`` is collective: rank 0 writes the model and, without ZeRO, the optimizer; each rank
+    its ZeRO shards) plus its RNG state; rank 0 adds the step. Ray Train uploads every rank's folder into
+    one checkpoint folder. Returns the local folder; the caller removes it after the upload."""
+    folder = Path(tempfile.mkdtemp(prefix=f"spunge-ckpt-{step}-rank{rank}-"))
+    engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+    torch.save(_rng_state(method), folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        state = {"job": spec.name, "step": step, "world_size": world, "tag": CHECKPOINT_TAG}
+        (folder / CHECKPOINT_STATE).write_text(json.dumps(state))
+    return str(folder)
+
+
+def load_checkpoint(engine, folder: str, rank: int, world: int, spec: UnlearnSpec, method=None) -> int:
+    """Restore a checkpoint written by ``save_checkpoint`` on every rank; returns its step."""
+    path = Path(folder)
+    if not (path / CHECKPOINT_STATE).exists():
+        raise FileNotFoundError(f"job {spec.name}: checkpoint {folder} has no {CHECKPOINT_STATE}")
+    state = json.loads((path / CHECKPOINT_STATE).read_text())
+    if state["world_size"] != world:
+        raise ValueError(f"job {spec.name}: checkpoint {folder} was written by {state['world_size']} workers, "
+                         f"this run has {world} (scaling.num_workers)")
+    loaded, _ = engine.load_checkpoint(folder, tag=state["tag"])
+    if loaded is None:
+        raise RuntimeError(f"job {spec.name}: DeepSpeed could not load checkpoint {folder}")
+    _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False), method)
+    return int(state["step"])
+
+
+def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = None,
+                   restore_from: Optional[str] = None) -> dict[str, Any]:
     """Run one worker's share of an unlearning job; returns the last step's metrics.
 
     Every optimizer step yields a row of metrics (loss and the method's parts, grad_norm, lr, tokens/s).
     ``report(rows)`` receives the rows gathered since the last call, every ``report_interval_s`` seconds
-    and after the last step, on every rank at the same steps (Ray Train's ``report`` is a barrier)."""
+    and after the last step, on every rank at the same steps (Ray Train's ``report`` is a barrier).
+    With ``spec.checkpoint_every``, every N-th step (but the last) is reported as
+    ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
+    before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -172,10 +245,10 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[[list[dict]], No
         raise ValueError(f"job {spec.name}: method {spec.method!r} needs retain data (data.retain)")
     forget_loader = _loader(encode_rows(forget_rows, tokenizer, spec, "forget", method), tokenizer, spec, rank, world,
                             spec.seed)
-    retain_iter = None
+    retain_loader = None
     if retain_rows:
-        retain_iter = _epochs(_loader(encode_rows(retain_rows, tokenizer, spec, "retain"), tokenizer, spec, rank,
-                                      world, spec.seed + 1))
+        retain_loader = _loader(encode_rows(retain_rows, tokenizer, spec, "retain"), tokenizer, spec, rank, world,
+                                spec.seed + 1)
     steps = total_steps(spec, len(forget_loader))
 
     method.setup(model)
@@ -197,12 +270,16 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[[list[dict]], No
         ref_model.to(device)
     engine.train()
 
-    forget_iter = _epochs(forget_loader)
+    resumed_from = load_checkpoint(engine, restore_from, rank, world, spec, method) if restore_from else 0
+    # the data position follows from the step: every step takes `accum` batches of forget and of retain
+    consumed = resumed_from * spec.gradient_accumulation_steps
+    forget_iter = _epochs(forget_loader, skip=consumed)
+    retain_iter = _epochs(retain_loader, skip=consumed) if retain_loader is not None else None
     t0 = last_report = time.perf_counter()
     tokens = 0
     rows: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
-    for step in range(1, steps + 1):
+    for step in range(resumed_from + 1, steps + 1):
         parts: dict[str, list[float]] = {}
         for _ in range(spec.gradient_accumulation_steps):
             epoch, fb = next(forget_iter)
@@ -239,14 +316,24 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[[list[dict]], No
         )
         if step == 1:
             row.update(localize_stats)
+        if resumed_from:
+            row["resumed_from"] = resumed_from
         rows.append(row)
         final = row
         due = time.perf_counter() - last_report >= spec.report_interval_s
-        if step == steps or _any_rank(due):
+        checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < steps
+        if step == steps or checkpoint_due or _any_rank(due):
             if "retain_loss" not in row and rb is not None:
                 with torch.no_grad():
                     row["retain_loss"] = mean_nll(engine, batch["retain"]).item()
-            if report is not None:
+            if checkpoint_due:
+                folder = save_checkpoint(engine, spec, step, rank, world, method)
+                try:
+                    if report is not None:
+                        report(rows, checkpoint=folder)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+            elif report is not None:
                 report(rows)
             rows, last_report = [], time.perf_counter()
 
@@ -302,6 +389,20 @@ def train_loop_per_worker(config: dict) -> None:
 
     spec = UnlearnSpec(**config["spec"])
     ctx = ray.train.get_context()
-    # rank 0's report is the one Ray Train keeps: its last row, plus every row since the previous report
-    run_unlearning(spec, report=lambda rows: ray.train.report({**rows[-1], "history": rows,
-                                                               "rank": ctx.get_world_rank()}))
+
+    def report(rows: list[dict], checkpoint: Optional[str] = None) -> None:
+        # rank 0's report is the one Ray Train keeps: its last row, plus every row since the previous report;
+        # every rank hands over its checkpoint folder, and Ray Train copies them all into one folder
+        metrics = {**rows[-1], "history": rows, "rank": ctx.get_world_rank()}
+        if checkpoint is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+                             checkpoint_dir_name=f"checkpoint_step{rows[-1]['step']:07d}")
+
+    latest = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
+    if latest is None:
+        run_unlearning(spec, report=report)
+    else:
+        with latest.as_directory() as folder:
+            run_unlearning(spec, report=report, restore_from=folder)

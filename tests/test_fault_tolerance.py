@@ -1,0 +1,261 @@
+"""Fault tolerance: resumable checkpoints in the unlearning loop, a Ray Train job surviving a killed worker,
+and a pipeline surviving a killed driver (``spunge run --resume``)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from jobs.spec import UnlearnSpec
+from jobs.unlearn.loop import CHECKPOINT_STATE, JOB_MARKER, run_unlearning
+
+
+def spec(tiny_dir, out, **kw) -> UnlearnSpec:
+    base = dict(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
+                retain_path=str(tiny_dir / "retain.jsonl"), method="npo", optimizer={"lr": 3e-3}, max_steps=6,
+                batch_size=3, report_interval_s=0, checkpoint_every=2, output_dir=str(out))
+    return UnlearnSpec(**{**base, **kw})
+
+
+def rows_of(calls):
+    return [r for rows, _ in calls for r in rows]
+
+
+@pytest.mark.parametrize("stage,method", [(0, "random_label"), (3, "npo")])
+def test_a_restored_checkpoint_continues_exactly_where_the_run_was(tiny_dir, tmp_path, single_process_dist, stage,
+                                                                   method):
+    """Run 6 steps with a checkpoint every 2; resume a second run from the step-4 checkpoint: steps 5-6 repeat
+    the first run's losses exactly (same weights, optimizer moments, scheduler, data position, RNG, and the
+    random labels of random_label's own generator)."""
+    ds = {"zero_optimization": {"stage": stage}}
+    kept, calls = {}, []
+
+    def report(rows, checkpoint=None):
+        calls.append((rows, checkpoint))
+        if checkpoint is not None:  # the loop deletes its folder after the call: keep a copy, as Ray Train does
+            kept[rows[-1]["step"]] = shutil.copytree(checkpoint, tmp_path / f"ckpt{rows[-1]['step']}")
+
+    run_unlearning(spec(tiny_dir, tmp_path / "a", deepspeed=ds, method=method), report=report)
+    first = rows_of(calls)
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    assert [c is not None for _, c in calls] == [False, True, False, True, False, False]  # never at the last step
+    assert sorted(kept) == [2, 4]
+    assert json.loads((kept[4] / CHECKPOINT_STATE).read_text())["step"] == 4
+    assert not any(Path(c).exists() for _, c in calls if c)  # local folders are cleaned up
+
+    calls.clear()
+    run_unlearning(spec(tiny_dir, tmp_path / "b", deepspeed=ds, method=method), report=report,
+                   restore_from=str(kept[4]))
+    second = rows_of(calls)
+    assert [r["step"] for r in second] == [5, 6] and all(r["resumed_from"] == 4 for r in second)
+    for a, b in zip(first[4:], second):
+        for k in ("loss", "forget_loss", "retain_loss", "lr"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a["step"])
+    assert first[5]["forget_loss"] != pytest.approx(first[3]["forget_loss"], rel=1e-3)  # the steps did differ
+    final_a = json.loads((tmp_path / "a" / JOB_MARKER).read_text())["final_metrics"]
+    final_b = json.loads((tmp_path / "b" / JOB_MARKER).read_text())["final_metrics"]
+    assert final_b["step"] == 6 and final_b["resumed_from"] == 4
+    assert final_b["loss"] == pytest.approx(final_a["loss"], rel=1e-5)
+
+
+def test_a_checkpoint_from_another_world_size_is_refused(tiny_dir, tmp_path, single_process_dist):
+    kept = {}
+
+    def report(rows, checkpoint=None):
+        if checkpoint is not None:
+            kept[rows[-1]["step"]] = shutil.copytree(checkpoint, tmp_path / "ckpt")
+
+    run_unlearning(spec(tiny_dir, tmp_path / "a", max_steps=3), report=report)
+    state = json.loads((kept[2] / CHECKPOINT_STATE).read_text())
+    (kept[2] / CHECKPOINT_STATE).write_text(json.dumps({**state, "world_size": 4}))
+    with pytest.raises(ValueError, match=r"job subset/old: checkpoint .* was written by 4 workers, this run has 1"):
+        run_unlearning(spec(tiny_dir, tmp_path / "b", max_steps=3), restore_from=str(kept[2]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# real Ray Train: a killed worker
+
+
+@pytest.fixture
+def local_ray(tmp_path):
+    """A Ray cluster of this test's own (``address="local"`` never joins another cluster on the machine)."""
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="spunge-ft-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def train_workers() -> list[psutil.Process]:
+    """This test's Ray Train worker processes (descendants of this process only, never another test's)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_for(predicate, what: str, limit_s: float = 600):
+    """Poll until ``predicate()`` is truthy (an event, not a duration: the limit only stops a hung test)."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny_dir, tmp_path, local_ray):
+    import ray
+
+    from orchestrator.progress import ProgressBoard
+    from orchestrator.runners import run_unlearn_job
+
+    s = spec(tiny_dir, tmp_path / "out", max_steps=40, checkpoint_every=5, batch_size=2, report_interval_s=0)
+    scaling = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "use_gpu": False, "max_failures": 1}
+    storage, name = tmp_path / "ray_train", "job-kill-worker"
+    board = ProgressBoard.remote()
+    ref = run_unlearn_job.remote(s.model_dump(), scaling, str(storage), name, board)
+
+    # a checkpoint is registered once Ray Train's checkpoint manager has written it into its snapshot
+    snapshot = storage / name / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: snapshot.exists() and "checkpoint_step" in snapshot.read_text(), "a registered checkpoint")
+    # and steps after it reported, which the restarted job will report again
+    reported = lambda: ray.get(board.since.remote({})).get("subset/old", [{"step": 0}])[-1]["step"]
+    wait_for(lambda: reported() > 5, "a step after the first checkpoint")
+    victim = wait_for(train_workers, "the Ray Train workers")[0]
+    victim.send_signal(signal.SIGKILL)
+
+    result = ray.get(ref, timeout=900)
+    rows = ray.get(board.since.remote({}))["subset/old"]
+    steps = [r["step"] for r in rows]
+    assert result["final_metrics"]["step"] == 40 and steps[-1] == 40
+    restart = next(i for i, r in enumerate(rows) if r.get("resumed_from"))
+    resumed_from = rows[restart]["resumed_from"]
+    assert resumed_from >= 5 and resumed_from % 5 == 0  # a checkpoint step, not a fresh start
+    assert steps[restart] == resumed_from + 1 and max(steps[:restart]) >= resumed_from
+    assert steps[restart:] == list(range(resumed_from + 1, 41))  # every step after the checkpoint, once
+    assert result["final_metrics"]["resumed_from"] == resumed_from
+    assert victim.pid not in {p.pid for p in train_workers()}
+    kept = sorted(p.name for p in (storage / name).glob("checkpoint_step*"))
+    assert len(kept) <= 2  # CheckpointConfig(num_to_keep=2)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+    # the driver's view (a real board, MLflow on sqlite): each step once, the replayed ones replacing the old
+    from rich.console import Console
+
+    from orchestrator.display import Display
+    from orchestrator.pipeline import Job, _drain_progress, _run_name
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
+    job = Job("subset/old", s, "h")
+    display = Display(Console(file=open(os.devnull, "w")))
+    display.add(job.key, "unlearn")
+    seen = {}
+    _drain_progress(board, seen, [job], tracker, display)
+    assert seen == {"subset/old": len(rows)} and len(rows) >= 40  # the board holds replayed steps too
+    assert [r["step"] for r in job.history] == list(range(1, 41))
+    assert all(r.get("resumed_from") == resumed_from for r in job.history[resumed_from:])
+    logged = tracker.client.get_metric_history(tracker.child(_run_name(job)), "loss")
+    assert sorted(m.step for m in logged) == list(range(1, 41))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real pipeline: a killed driver
+
+
+def spunge_cmd(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("spunge")), *args]
+
+
+def spunge_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["RAY_ADDRESS"] = "local"  # a Ray of its own, never another cluster on this machine
+    return env
+
+
+@pytest.mark.e2e
+def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = {
+        "name": "killed",
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group", "baseline": "none"},
+        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 3, "batch_size": 4,
+                    "checkpoint_every": 2},
+        "eval": {"max_examples": 4},
+        "storage": {"output_dir": "run"},
+        "ray": {"num_cpus": 4},
+    }
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(spunge_cmd("run", "pipe.yaml"), cwd=tmp_path, env=spunge_env(), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
+        wait_for(lambda: len(job_markers()) == 2 or driver.poll() is not None, "both unlearning jobs to finish")
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        markers = job_markers()
+        family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the local Ray it started (same session)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+        log.close()
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:  # anything that left the session: ours to clean up, by pid
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]  # Ray's processes share the driver's fate
+    assert not (run / "report.json").exists()  # killed before the end
+
+    mtimes = {m.parent.name: (m.parent / "model.safetensors").stat().st_mtime_ns for m in markers}
+    trainer_runs = sorted(p.name for p in (run / "ray_train").iterdir())
+    assert len(trainer_runs) == 2
+    assert all(list((run / "ray_train" / r).glob("checkpoint_step0000002")) for r in trainer_runs)
+
+    second = subprocess.run(spunge_cmd("run", "pipe.yaml", "--resume"), cwd=tmp_path, env=spunge_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["jobs"]) == {"subset/north", "subset/south"}
+    assert all(j["reused"] for j in report["jobs"].values())
+    assert sorted(p.name for p in (run / "ray_train").iterdir()) == trainer_runs  # no new Ray Train run
+    for key, job in report["jobs"].items():
+        folder = Path(job["output_dir"])
+        assert (folder / "model.safetensors").stat().st_mtime_ns == mtimes[folder.name], key
+    assert {"base", "merged", "subset/north", "subset/south"} <= set(report["models"])
+    assert 0 <= report["models"]["merged"]["forget_prob"] <= 1
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(report["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["spunge.resume"] == "True"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"
+    assert by_name["unlearn/south"].data.tags["spunge.reused"] == "True"
+    assert by_name["merge"].info.status == "FINISHED" and "eval/merged" in by_name

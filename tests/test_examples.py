@@ -13,6 +13,7 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_matches_the_schema(path):
     raw = yaml.safe_load(path.read_text())
+    raw.pop("tune", None)  # checked by tests/test_tune.py
     variants = raw.pop("variants", {None: {}})
     for changes in variants.values():
         cfg = PipelineConfig.model_validate(apply_overrides(raw, changes))

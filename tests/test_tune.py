@@ -1,0 +1,230 @@
+"""``spunge tune``: the tune section (space parsing, path checks), the objective (hand-computed), and one real
+search of 3 trials on the tiny offline benchmark (Ray Tune + Ray Train + DeepSpeed + mergekit + MLflow)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, load_config, parse_config
+from orchestrator.tune import (Objective, TuneSection, best_trial, load_tune, objective_value, parse_tune,
+                               search_space)
+
+
+def _pipeline(tiny_dir: Path) -> dict:
+    return {
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group"},
+        "unlearn": {"method": "npo", "max_steps": 4, "batch_size": 4},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# the section
+
+
+def test_space_becomes_ray_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = search_space({"unlearn.optimizer.lr": {"loguniform": [1e-5, 1e-3]}, "unlearn.max_steps": {"randint": [2, 9]},
+                          "unlearn.params.beta": {"uniform": [0.05, 0.5]}, "merge.method": {"choice": ["ties", "linear"]},
+                          "unlearn.seed": {"grid": [0, 1]}})
+    lr = space["unlearn.optimizer.lr"]
+    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-5, 1e-3) and "LogUniform" in type(lr.sampler).__name__
+    steps = space["unlearn.max_steps"]
+    assert isinstance(steps, Integer) and (steps.lower, steps.upper) == (2, 9)
+    assert all(2 <= steps.sample() < 9 for _ in range(50))
+    assert isinstance(space["merge.method"], Categorical) and space["merge.method"].categories == ["ties", "linear"]
+    assert space["unlearn.seed"] == {"grid_search": [0, 1]}
+
+
+@pytest.mark.parametrize("dist, msg", [
+    ({"uniform": [1, 0]}, "low < high"),
+    ({"loguniform": [0, 1]}, "low > 0"),
+    ({"randint": [0.5, 3]}, "integers"),
+    ({"choice": []}, "non-empty list"),
+    ({"normal": [0, 1]}, "expected one of"),
+])
+def test_bad_distributions_are_named(dist, msg):
+    with pytest.raises(Exception) as e:
+        TuneSection.model_validate({"space": {"unlearn.optimizer.lr": dist}, "objective": {"metric": "forget_quality"}})
+    assert "unlearn.optimizer.lr" in str(e.value) and msg in str(e.value)
+
+
+def test_paths_are_checked_against_the_pipeline(tiny_dir):
+    cfg = parse_config(_pipeline(tiny_dir))
+    ok = parse_tune({"space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}, "unlearn.params.beta": {"uniform": [0.1, 0.5]}},
+                     "objective": {"metric": "forget_quality"}, "scheduler": "asha"}, cfg)
+    assert ok.scheduler.name == "asha" and ok.search == "random"
+    with pytest.raises(ConfigError) as e:
+        parse_tune({"space": {"unlearn.optimizer.lrr": {"choice": [1e-4]}, "unlearn.batch_size": {"choice": [4, 0]},
+                              "eval.max_examples": {"choice": [4]}, "unlearn.method.x": {"choice": [1]}},
+                    "objective": {"metric": "forget_quality"}}, cfg)
+    p = e.value.problems
+    assert len(p) == 4, p
+    assert p[0].startswith("tune.space.unlearn.optimizer.lrr: no such config field")
+    assert p[1].startswith("tune.space.unlearn.batch_size: value 0: unlearn.batch_size: Input should be greater than 0")
+    assert p[2].startswith("tune.space.eval.max_examples: cannot be searched")
+    assert p[3].startswith("tune.space.unlearn.method.x: no such config field")
+    with pytest.raises(ConfigError, match="tune.objective: give exactly one of metric"):
+        parse_tune({"space": {"unlearn.seed": {"choice": [1]}}, "objective": {"metric": "a", "weights": {"b": 1}}}, cfg)
+    with pytest.raises(ConfigError, match="grid works with search: random only"):
+        parse_tune({"space": {"unlearn.seed": {"grid": [1, 2]}}, "objective": {"metric": "a"}, "search": "optuna"}, cfg)
+
+
+def test_a_tune_file_loads_as_a_pipeline_and_as_a_search(tiny_dir, tmp_path):
+    raw = {**_pipeline(tiny_dir), "tune": {"space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}},
+                                           "objective": {"metric": "forget_quality"}, "num_samples": 2}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "t.yaml").unlearn.max_steps == 4  # spunge run / validate: tune section ignored
+    job = load_tune(tmp_path / "t.yaml")
+    assert job.tune.num_samples == 2 and job.cfg.unlearn.method == "npo"
+    raw["tune"]["space"] = {"unlearn.nope": {"choice": [1]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="tune.space.unlearn.nope: no such config field"):
+        load_config(tmp_path / "bad.yaml")  # spunge validate checks the tune section too
+
+
+def test_concurrency_leaves_each_trial_room_for_all_its_jobs(tiny_dir):
+    from orchestrator.tune import plan_concurrency
+
+    cfg = parse_config(_pipeline(tiny_dir))  # 1 worker x 1 CPU per job
+    spec = TuneSection.model_validate({"space": {"unlearn.seed": {"choice": [1]}}, "objective": {"metric": "x"}})
+    assert plan_concurrency(cfg, spec, {"CPU": 6}, 2) == (3, 2)  # 3 trials x 2 subset jobs
+    assert plan_concurrency(cfg, spec, {"CPU": 3}, 2) == (1, 2)
+    assert plan_concurrency(cfg, spec.model_copy(update={"max_concurrent_trials": 2}), {"CPU": 6}, 3) == (2, 3)
+    unsplit = spec.model_copy(update={"objective": Objective(metric="x", model="unsplit")})
+    assert plan_concurrency(cfg, unsplit, {"CPU": 4}, 3) == (4, 1)
+
+
+def test_shipped_tune_example_parses():
+    from orchestrator.config import PipelineConfig
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "tune_demo.yaml").read_text())
+    spec = TuneSection.model_validate(raw.pop("tune"))
+    assert spec.search == "optuna" and spec.scheduler.name == "asha"
+    assert spec.objective.constraints[0].min_ratio_to_base == 0.9
+    PipelineConfig.model_validate(raw)
+    search_space(spec.space)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the objective
+
+
+def test_objective_with_a_constraint_relative_to_base():
+    obj = Objective(metric="forget_quality", constraints=[{"metric": "model_utility", "min_ratio_to_base": 0.9}])
+    base = {"model_utility": 0.8, "forget_quality": 0.01}
+    ok = objective_value(obj, {"forget_quality": 0.3, "model_utility": 0.75}, base)  # 0.75 >= 0.72
+    assert ok == {"objective": 0.3, "objective_raw": 0.3, "feasible": 1.0, "constraint_shortfall": 0.0}
+    bad = objective_value(obj, {"forget_quality": 0.5, "model_utility": 0.6}, base)  # bound 0.72: short by 0.12/0.72
+    assert bad["feasible"] == 0.0 and bad["constraint_shortfall"] == pytest.approx(0.12 / 0.72)
+    assert bad["objective"] == pytest.approx(0.5 - 1000 * 0.12 / 0.72)
+
+
+def test_weighted_sum_minimised_with_absolute_bounds():
+    obj = Objective(weights={"forget_prob": 2.0, "retain_prob": -1.0}, mode="min",
+                    constraints=[{"metric": "retain_prob", "min": 0.5, "max": 0.8}], penalty=10)
+    ok = objective_value(obj, {"forget_prob": 0.1, "retain_prob": 0.7}, {})
+    assert ok["objective"] == pytest.approx(2 * 0.1 - 0.7) and ok["feasible"] == 1.0
+    bad = objective_value(obj, {"forget_prob": 0.1, "retain_prob": 0.9}, {})  # above max 0.8 by 0.1/0.8
+    assert bad["objective"] == pytest.approx(2 * 0.1 - 0.9 + 10 * 0.125) and bad["feasible"] == 0.0
+    with pytest.raises(Exception, match="'forget_prob' is not among the merged model's metrics"):
+        objective_value(obj, {"retain_prob": 0.7}, {})
+
+
+def test_best_trial_prefers_feasible_then_objective():
+    rows = [{"trial_id": "a", "objective": 0.9, "feasible": 0.0}, {"trial_id": "b", "objective": 0.2, "feasible": 1.0},
+            {"trial_id": "c", "objective": 0.4, "feasible": 1.0}, {"trial_id": "d", "objective": None}]
+    assert best_trial(rows, "max")["trial_id"] == "c"
+    assert best_trial(rows, "min")["trial_id"] == "b"
+    assert best_trial([{"trial_id": "d", "objective": None}], "max") is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real search
+
+
+def _spunge(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    exe = Path(sys.executable).with_name("spunge")
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tune_config(bench: Path, meta: dict, work: Path) -> dict:
+    from orchestrator.demo import demo_config
+
+    cfg = demo_config(bench, meta, "tiny", work / "run")
+    cfg["name"] = "tune-e2e"
+    cfg["unlearn"]["max_steps"] = 6
+    cfg["split"]["baseline"] = "none"  # the objective reads the merged model: no unsplit job per trial
+    cfg["eval"].update(suites=["qa"], max_examples=24)  # forget_quality and model_utility come from qa
+    cfg["data"].pop("mc", None)
+    cfg["tracking"]["log_models"] = False
+    cfg["ray"] = {"num_cpus": 4}  # 2 trials at once, each with its 2 subset jobs
+    cfg["tune"] = {
+        "space": {"unlearn.optimizer.lr": {"grid": [1e-4, 3e-4, 1e-3]}},
+        "objective": {"metric": "forget_quality", "mode": "max", "model": "merged",
+                      "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.5}]},
+        "num_samples": 1, "search": "random", "scheduler": "fifo",
+    }
+    return cfg
+
+
+@pytest.mark.e2e
+def test_tune_runs_three_trials_and_writes_a_runnable_best_config(tiny_bench, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    bench, meta = tiny_bench[0], tiny_bench[1]
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune_config(bench, meta, tmp_path)))
+    r = _spunge("tune", "tune.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "tune.json").read_text())
+    rows = summary["trials"]
+    assert len(rows) == 3 and {row["status"] for row in rows} == {"TERMINATED"}
+    assert sorted(row["unlearn.optimizer.lr"] for row in rows) == [1e-4, 3e-4, 1e-3]
+    for row in rows:
+        assert 0 <= row["forget_quality"] <= 1 and row["model_utility"] > 0 and math.isfinite(row["objective"])
+        assert row["unlearn_steps"] == 2 * 6  # two subset jobs (birth decades) of 6 steps each
+        trial = run / "trials" / row["trial_id"]
+        assert (trial / "trial.json").exists() and list((trial / "stages").glob("merge-*/*.safetensors"))
+    with open(run / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert "spunge tune" in r.stdout and "best trial" in r.stdout  # the printed trials table
+    best = summary["best"]
+    assert best == best_trial(rows, "max")
+
+    text = (run / "best_config.yaml").read_text()
+    assert text.startswith("# spunge tune best config") and f"objective value {best['objective']:.6g}" in text
+    best_cfg = yaml.safe_load(text)
+    assert "tune" not in best_cfg and best_cfg["unlearn"]["optimizer"]["lr"] == best["unlearn.optimizer.lr"]
+    assert best_cfg["storage"]["output_dir"] == str(run / "best")
+    v = _spunge("validate", str(run / "best_config.yaml"), cwd=tmp_path, timeout=300)
+    assert v.returncode == 0, v.stderr[-3000:]
+    v = _spunge("validate", "tune.yaml", cwd=tmp_path, timeout=300)
+    assert v.returncode == 0, v.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("spunge-demo")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.run_name == "tune/tune-e2e" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_objective"] == pytest.approx(best["objective"])
+    assert "base.model_utility" in parent.data.metrics
+    assert {"trials.csv", "trials.md", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(f"trial/{row['trial_id']}" for row in rows)
+    by_id = {row["trial_id"]: row for row in rows}
+    for c in children:
+        row = by_id[c.data.tags["spunge.trial_id"]]
+        assert c.info.status == "FINISHED" and float(c.data.params["unlearn.optimizer.lr"]) == row["unlearn.optimizer.lr"]
+        assert c.data.metrics["objective"] == pytest.approx(row["objective"])
+        assert c.data.metrics["forget_quality"] == pytest.approx(row["forget_quality"])
+        assert len(client.get_metric_history(c.info.run_id, "loss")) >= 1  # unlearning progress, as it went

@@ -88,6 +88,34 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
 
 
 @app.command()
+def tune(
+    config: Path = typer.Argument(..., help="pipeline YAML with a tune: section"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="overrides storage.output_dir"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
+) -> None:
+    """Search the tune: section's space with Ray Tune; print the trials table, write best_config.yaml."""
+    from jobs.data.loading import DataError
+    from jobs.models import ModelLoadError
+    from orchestrator.config import ConfigError
+    from orchestrator.pipeline import PipelineError
+    from orchestrator.tune import load_tune, run_tune
+
+    try:
+        job = load_tune(config, str(output_dir.resolve()) if output_dir else None)
+        run_tune(job, address, out)
+    except ConfigError as e:
+        for p in e.problems:
+            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except (DataError, ModelLoadError) as e:  # bad input
+        _fail(str(e), 2)
+    except PipelineError as e:  # the search failed
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+@app.command()
 def demo(
     output_dir: Path = typer.Option(Path("spunge-demo"), "--output-dir", "-o", help="benchmark, config, results"),
     size: str = typer.Option("small", "--size", help="small (120 authors) or tiny (40 authors, smoke tests)"),
@@ -104,6 +132,223 @@ def demo(
     config_path = prepare_demo(output_dir.resolve(), size, seed, err)
     out.print(f"demo config: {config_path}", highlight=False)
     _run(_load(config_path)[0][1], resume, address)
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, weights, tokenizer)"),
+    suite: Optional[list[str]] = typer.Option(None, "--suite", "-s", help="suite to run (repeat); default qa, "
+                                              "or the config's eval.suites"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="NAME=PATH of a data file (repeat): forget, "
+                                              "retain, holdout (QA), general (text), mc (multiple choice); "
+                                              "default: the config's data"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML: eval settings, template, "
+                                          "columns, dtype and (without --split) data"),
+    output: Path = typer.Option(Path("eval.json"), "--output", "-o", help="JSON file for the results"),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="cap per split"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
+) -> None:
+    """Score one model folder on evaluation suites: one Ray task per suite, as in the pipeline.
+
+    Prints the grouped metric tables and writes the metrics (and per-example raw values) as JSON."""
+    import json
+    import tempfile
+
+    from jobs.data.io import write_jsonl
+    from jobs.data.loading import DataError, canonical_qa, canonical_text, load_rows
+    from jobs.evaluate import SUITES
+    from orchestrator.config import Columns, EvalConfig
+    from orchestrator.report import print_tables
+
+    cfg = _load(config)[0][1] if config else None
+    if not (model_dir.is_dir() and (model_dir / "config.json").is_file()):
+        _fail(f"MODEL_DIR: {model_dir} is not a Hugging Face model folder (expected a folder with config.json)", 2)
+    e = cfg.eval if cfg else EvalConfig()
+    suites = list(suite or e.suites)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        _fail(f"--suite: unknown suite {', '.join(map(repr, unknown))}; known suites: {', '.join(sorted(SUITES))}", 2)
+    files: dict[str, str] = {}
+    for item in split or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--split: expected NAME=PATH, got {item!r}", 2)
+        if not Path(path).is_file():
+            _fail(f"--split {name}: file not found: {path}", 2)
+        files[name] = str(Path(path).resolve())
+    if not files and not cfg:
+        _fail("--split: give at least one NAME=PATH data file (e.g. --split forget=forget.jsonl), or --config", 2)
+    columns = (cfg.data.columns if cfg else Columns()).model_dump()
+
+    def canonical(name: str, path: str) -> list[dict]:
+        """Records as the pipeline's prepare stage writes them: QA with the configured column names; the
+        ``general`` split as text, the ``mc`` split as multiple-choice rows."""
+        rows, label = load_rows(path), f"--split {name} ({path})"
+        if name == "general":
+            return canonical_text(rows, columns, label)
+        if name == "mc":
+            from jobs.evaluate.mc import check_mc_records
+
+            return check_mc_records(rows, label)
+        return canonical_qa(rows, columns, label)
+
+    try:
+        if files:
+            data = {n: canonical(n, p) for n, p in files.items()}
+        else:
+            from orchestrator.pipeline import load_data
+
+            data = load_data(cfg)[0]
+    except DataError as err:
+        _fail(str(err), 2)
+    options = dict(batch_size=batch_size or e.batch_size, max_new_tokens=e.max_new_tokens,
+                   max_examples=max_examples or e.max_examples, suite_options={s: e.suite_options(s) for s in suites})
+    if cfg:
+        options.update(template=cfg.data.template, max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype)
+    from orchestrator.pipeline import PipelineError, evaluate_folder
+
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # the canonical split files live beside the output (workers read them: shared storage on a cluster)
+    with tempfile.TemporaryDirectory(prefix=".spunge-eval-", dir=output.parent) as tmp:
+        splits = {n: str(write_jsonl(Path(tmp) / f"{n}.jsonl", rows)) for n, rows in data.items()}
+        try:
+            res = evaluate_folder(str(model_dir.resolve()), splits, suites, options, e.cpus_per_task,
+                                  e.gpus_per_task, address, cfg)
+        except PipelineError as err:
+            _fail(str(err))
+    print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")
+    doc = {"model": str(model_dir.resolve()), "suites": suites,
+           "splits": files or {n: getattr(cfg.data, n).path for n in data}, "metrics": res["metrics"],
+           "n_examples": res["n_examples"], "seconds": res["seconds"], "tasks": res["suites"], "raw": res["raw"]}
+    output.write_text(json.dumps(doc, indent=2))
+    out.print(f"results: {output}", highlight=False)
+
+
+# --- Ray Jobs: spunge submit / status / logs / stop (orchestrator/submit.py) --------------------------------
+
+_ADDRESS_HELP = "Ray dashboard address, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
+_TOKEN_HELP = "file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+
+
+def _jobs_client(address: Optional[str], token_path: Optional[Path]):
+    from orchestrator.submit import ClusterError, SubmitError, client
+
+    try:
+        return client(address, token_path)
+    except SubmitError as e:
+        _fail(str(e), 2)
+    except ClusterError as e:
+        _fail(str(e), 2)
+
+
+def _jobs_call(fn, *args):
+    from orchestrator.submit import ClusterError
+
+    try:
+        return fn(*args)
+    except ClusterError as e:
+        _fail(str(e))
+
+
+def _follow(c, sid: str) -> None:
+    from orchestrator.submit import follow
+
+    try:
+        status = _jobs_call(follow, c, sid, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    except KeyboardInterrupt:
+        _fail(f"stopped following; job {sid} keeps running (spunge logs {sid} --follow, spunge stop {sid})", 130)
+    if status != "SUCCEEDED":
+        from orchestrator.submit import job_info
+
+        info = _jobs_call(job_info, c, sid)
+        _fail(f"job {sid} ended {status}" + (f": {info.message}" if getattr(info, "message", None) else ""))
+    out.print(f"job {sid} SUCCEEDED", highlight=False)
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="pipeline YAML (paths must be on storage the cluster sees)"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
+    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env", help="Ray runtime_env YAML merged into the "
+                                               "job's (e.g. cluster/runtime_env.yaml)"),
+    token_path: Optional[Path] = typer.Option(None, "--token-path", help=_TOKEN_HELP),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="overrides storage.output_dir"),
+    ship_code: bool = typer.Option(False, "--ship-code", help="upload this spunge's code (py_modules) instead of "
+                                   "using the one installed on the cluster"),
+    resume: bool = typer.Option(False, "--resume", help="reuse stages already finished with the same inputs"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="default: spunge-<name>-<UTC time>"),
+) -> None:
+    """Submit the pipeline to a Ray cluster as a Ray Job; follow its logs unless --no-wait.
+
+    The job runs `spunge run` on the head node against the cluster (docs/cluster.md)."""
+    from orchestrator.config import ConfigError
+    from orchestrator.submit import ClusterError, SubmitError
+    from orchestrator.submit import submit as submit_job
+
+    try:
+        sid = submit_job(config, address, token_path=token_path, runtime_env=runtime_env, output_dir=output_dir,
+                         ship_code=ship_code, resume=resume, sid=submission_id,
+                         warn=lambda s: err.print(f"[yellow]warning:[/yellow] {s}", highlight=False))
+    except ConfigError as e:
+        for p in e.problems:
+            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except SubmitError as e:
+        _fail(str(e), 2)
+    except ClusterError as e:
+        _fail(str(e), 2 if str(e).startswith("--address") else 1)
+    out.print(f"submitted job {sid}", highlight=False)
+    if no_wait:
+        out.print(f"follow it with: spunge logs {sid} --follow" + (f" --address {address}" if address else ""),
+                  highlight=False)
+        return
+    _follow(_jobs_client(address, token_path), sid)
+
+
+@app.command()
+def status(
+    submission_id: str = typer.Argument(..., help="the id spunge submit printed"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    token_path: Optional[Path] = typer.Option(None, "--token-path", help=_TOKEN_HELP),
+) -> None:
+    """Print a submitted job's status (exit 0 whatever the status)."""
+    from orchestrator.submit import job_info
+
+    info = _jobs_call(job_info, _jobs_client(address, token_path), submission_id)
+    out.print(f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""), highlight=False)
+
+
+@app.command()
+def logs(
+    submission_id: str = typer.Argument(..., help="the id spunge submit printed"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    token_path: Optional[Path] = typer.Option(None, "--token-path", help=_TOKEN_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 1 unless SUCCEEDED"),
+) -> None:
+    """Print a submitted job's logs."""
+    from orchestrator.submit import job_logs
+
+    c = _jobs_client(address, token_path)
+    if follow:
+        _follow(c, submission_id)
+    else:
+        sys.stdout.write(_jobs_call(job_logs, c, submission_id))
+
+
+@app.command()
+def stop(
+    submission_id: str = typer.Argument(..., help="the id spunge submit printed"),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    token_path: Optional[Path] = typer.Option(None, "--token-path", help=_TOKEN_HELP),
+) -> None:
+    """Stop a submitted job."""
+    from orchestrator.submit import stop as stop_job
+
+    stopped = _jobs_call(stop_job, _jobs_client(address, token_path), submission_id)
+    out.print(f"{submission_id}: " + ("stop requested" if stopped else "already finished"), highlight=False)
 
 
 def main() -> None:

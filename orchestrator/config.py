@@ -63,10 +63,12 @@ class DataConfig(_Section):
     retain: Optional[DataSource] = None
     holdout: Optional[DataSource] = None
     general: Optional[DataSource] = None
+    mc: Optional[DataSource] = Field(
+        None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
     columns: Columns = Field(default_factory=Columns)
     template: str = DEFAULT_TEMPLATE
 
-    @field_validator("forget", "retain", "holdout", "general", mode="before")
+    @field_validator("forget", "retain", "holdout", "general", "mc", mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, (str, list)) else v
@@ -112,6 +114,8 @@ class UnlearnConfig(_Section):
     max_length: int = Field(128, gt=8)
     seed: int = 0
     report_interval_s: float = Field(5.0, ge=0, description="seconds between reports; each carries every step since the last")
+    checkpoint_every: Optional[int] = Field(
+        None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage hash")
 
 
 class ScalingConfig(_Section):
@@ -120,6 +124,9 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     use_gpu: bool = False
     max_concurrent_jobs: Optional[int] = Field(None, gt=0, description="default: as many as resources allow")
+    max_failures: Optional[int] = Field(
+        None, ge=-1, description="worker-group restarts per job (Ray Train FailureConfig); -1: unlimited; "
+                                 "default 2 with unlearn.checkpoint_every, else 0")
 
     @model_validator(mode="after")
     def _gpus(self):
@@ -134,8 +141,31 @@ class MergeConfig(_Section):
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per subset")
 
 
+class LmEvalConfig(_Section):
+    """The ``lmeval`` suite (``pip install 'spunge[lmeval]'``): lm-evaluation-harness tasks."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["spunge_mc"],
+                             description="lm-eval task names; spunge_mc scores data.mc")
+    include_path: Optional[str] = Field(None, description="folder of task YAMLs (offline: only these are indexed)")
+    include_defaults: Optional[bool] = Field(None, description="also index lm-eval's own tasks (default: "
+                                             "only without include_path)")
+    limit: Optional[float] = Field(None, gt=0, description="examples per task (a fraction if < 1)")
+    num_fewshot: Optional[int] = Field(None, ge=0)
+
+
 class EvalConfig(_Section):
     suites: list[str] = Field(default_factory=lambda: ["qa"])
+    mc_attributes: Optional[list[str]] = Field(
+        None, description="mc suite: attribute columns for mc_acc.<attribute>.<value> (default: every other column)")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+
+    def suite_options(self, suite: str) -> dict[str, Any]:
+        """Extra keyword arguments of one suite (``EvalSpec.suite_options[suite]``)."""
+        if suite == "mc" and self.mc_attributes is not None:
+            return {"attributes": list(self.mc_attributes)}
+        if suite == "lmeval":
+            return self.lm_eval.model_dump(exclude_none=True)
+        return {}
     oracle: Optional[str] = Field(None, description="retain-only model folder: reference for forget_quality")
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -186,6 +216,7 @@ class PipelineConfig(_Section):
 # loading and checking
 
 _PATH_FIELDS = (("model", "path"), ("eval", "oracle"), ("storage", "output_dir"))
+_NESTED_PATH_FIELDS = (("eval", "lm_eval", "include_path"),)
 
 
 def _resolve(raw: dict, base: Path) -> dict:
@@ -202,15 +233,35 @@ def _resolve(raw: dict, base: Path) -> dict:
             sec[key] = str((base / sec[key]).resolve()) if key == "output_dir" and sec[key] else fix(sec[key])
     data = raw.get("data")
     if isinstance(data, dict):
-        for name in ("forget", "retain", "holdout", "general"):
+        for name in ("forget", "retain", "holdout", "general", "mc"):
             src = data.get(name)
             if isinstance(src, (str, list)):
                 src = data[name] = {"path": src}
             if isinstance(src, dict) and "path" in src:
                 src["path"] = [fix(p) for p in src["path"]] if isinstance(src["path"], list) else fix(src["path"])
+    for section, sub, key in _NESTED_PATH_FIELDS:
+        node = (raw.get(section) or {}).get(sub) if isinstance(raw.get(section), dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = fix(node[key])
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = fix(raw["deepspeed"])
+    unlearn = raw.get("unlearn")
+    if isinstance(unlearn, dict) and isinstance(unlearn.get("params"), dict):
+        _resolve_method_paths(unlearn, fix)
     return raw
+
+
+def _resolve_method_paths(unlearn: dict, fix: Any) -> None:
+    """The method's file params (``Method.path_params``, e.g. whp's ``anchors``) resolve like data paths."""
+    from jobs.unlearn.methods import get_method
+
+    try:
+        method = get_method(str(unlearn.get("method", UnlearnConfig().method)))
+    except KeyError:
+        return  # check_config names the unknown method
+    for key in method.path_params:
+        if isinstance(unlearn["params"].get(key), str):
+            unlearn["params"][key] = fix(unlearn["params"][key])
 
 
 def _loc(err: dict) -> str:
@@ -246,9 +297,16 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> PipelineC
     raw = _read_yaml(path)
     if isinstance(raw, dict) and "variants" in raw:
         raise ConfigError(["variants: this file describes several pipelines; use load_configs"], str(path))
+    # a ``tune:`` section is for ``spunge tune`` (orchestrator/tune.py): checked here, ignored by a plain run
+    tune_raw = raw.pop("tune", None) if isinstance(raw, dict) else None
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return parse_config(raw, Path(path).parent.resolve(), str(path))
+    cfg = parse_config(raw, Path(path).parent.resolve(), str(path))
+    if tune_raw is not None:
+        from orchestrator.tune import parse_tune
+
+        parse_tune(tune_raw, cfg, str(path))
+    return cfg
 
 
 def load_configs(path: str | Path, overrides: Optional[dict] = None) -> list[tuple[Optional[str], PipelineConfig]]:
@@ -262,6 +320,8 @@ def load_configs(path: str | Path, overrides: Optional[dict] = None) -> list[tup
     if not isinstance(raw, dict) or "variants" not in raw:
         return [(None, load_config(path, overrides))]
     variants = raw.pop("variants")
+    if "tune" in raw:
+        raise ConfigError(["tune: a tune section cannot be combined with variants (tune one pipeline)"], str(path))
     if not isinstance(variants, dict) or not variants:
         raise ConfigError(["variants: expected a mapping of variant name -> {dotted.path: value}"], str(path))
     if overrides:
@@ -320,6 +380,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     for i, suite in enumerate(cfg.eval.suites):
         if suite not in SUITES:
             problems.append(f"eval.suites.{i}: unknown suite {suite!r}; known: {', '.join(sorted(SUITES))}")
+    problems += _check_eval_data(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
             ds = cfg.deepspeed_dict()
@@ -337,13 +398,33 @@ def check_config(cfg: PipelineConfig) -> list[str]:
                 check_model_dir(path, cfg.model.allow_pickle)
             except ModelLoadError as e:
                 problems.append(f"{field}: {e}")
-    for name in ("forget", "retain", "holdout", "general"):
+    for name in ("forget", "retain", "holdout", "general", "mc"):
         src: Optional[DataSource] = getattr(cfg.data, name)
         if src is None or src.format == "hub":
             continue
         for p in [src.path] if isinstance(src.path, str) else src.path:
             if _looks_local(p) and not Path(p).exists():
                 problems.append(f"data.{name}.path: no such file {p}")
+    return problems
+
+
+def _check_eval_data(cfg: PipelineConfig) -> list[str]:
+    """The data and packages the mc, perplexity and lmeval suites need."""
+    import importlib.util
+
+    suites, problems = cfg.eval.suites, []
+    lm = cfg.eval.lm_eval
+    if cfg.data.mc is None and ("mc" in suites or ("lmeval" in suites and "spunge_mc" in lm.tasks)):
+        problems.append("data.mc: the mc suite (and lm-eval task spunge_mc) needs a multiple-choice file "
+                        "(question, choices, answer), but it is not set")
+    if "perplexity" in suites and cfg.data.general is None:
+        problems.append("data.general: the perplexity suite needs general text (records with 'text'), "
+                        "but it is not set")
+    if "lmeval" in suites:
+        if importlib.util.find_spec("lm_eval") is None:
+            problems.append("eval.suites: the lmeval suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'")
+        if lm.include_path and not Path(lm.include_path).is_dir():
+            problems.append(f"eval.lm_eval.include_path: no such folder {lm.include_path} (expected task YAMLs)")
     return problems
 
 

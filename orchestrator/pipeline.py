@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Optional
 
 import ray
 
-from jobs.data.io import write_jsonl
+from jobs.data.io import load_jsonl, write_json, write_jsonl
 from jobs.data.loading import canonical_qa, canonical_text, load_rows
 from jobs.data.split import split_rows
 from jobs.evaluate.metrics import forget_quality
@@ -26,6 +27,7 @@ from orchestrator.stages import claim, digest, file_digest, model_fingerprint
 from orchestrator.tracking import Tracker, tracking_uri
 
 EVAL_MARKER_SUFFIX = ".json"
+HISTORY_FILE = "history.jsonl"  # an unlearning job's step rows, written by the driver into the job's folder
 
 
 class PipelineError(RuntimeError):
@@ -47,6 +49,8 @@ class Job:
     hash: str
     reused: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the step rows drained from the board
+    logged_step: int = 0  # the last step logged to MLflow (a restarted job replays steps after its checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,6 +68,11 @@ def load_data(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, lis
         rows = load_rows(src.path, src.format, src.name, src.split)
         label = f"data.{name} ({src.path})"
         data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_qa(rows, cols, label)
+    if cfg.data.mc is not None:  # multiple-choice rows are kept whole: their other columns are attributes
+        from jobs.evaluate.mc import check_mc_records
+
+        src = cfg.data.mc
+        data["mc"] = check_mc_records(load_rows(src.path, src.format, src.name, src.split), f"data.mc ({src.path})")
     return data, split_rows(data["forget"], cfg.split.attribute, cfg.split.groups)
 
 
@@ -105,7 +114,7 @@ def plan_jobs(cfg: PipelineConfig, prep: Prepared, out: Path) -> list[Job]:
         forgets["unsplit"] = prep.files["forget"]
     jobs = []
     for key, path in forgets.items():
-        h = digest(base, file_digest(path), prep.digests.get(u.retain_source), u.model_dump(), ds,
+        h = digest(base, file_digest(path), prep.digests.get(u.retain_source), u.model_dump(exclude={"checkpoint_every"}), ds,
                    cfg.scaling.num_workers, cfg.data.template, cfg.model.dtype)
         spec = UnlearnSpec(
             name=key, model_path=cfg.model.path, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
@@ -114,7 +123,7 @@ def plan_jobs(cfg: PipelineConfig, prep: Prepared, out: Path) -> list[Job]:
             optimizer=u.optimizer, localize=u.localize, epochs=u.epochs, max_steps=u.max_steps, batch_size=u.batch_size,
             gradient_accumulation_steps=u.gradient_accumulation_steps, max_length=u.max_length, seed=u.seed,
             template=cfg.data.template, deepspeed=ds, threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)),
-            report_interval_s=u.report_interval_s,
+            report_interval_s=u.report_interval_s, checkpoint_every=u.checkpoint_every,
             output_dir=str(out / "stages" / "unlearn" / f"{key.replace('/', '-')}-{h}"),
         )
         jobs.append(Job(key, spec, h))
@@ -161,7 +170,10 @@ def run_unlearning(cfg: PipelineConfig, jobs: list[Job], out: Path, resume: bool
     while pending or running:
         while pending and len(running) < capacity:
             job = pending.pop(0)
-            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, storage, f"{job.key.replace('/', '-')}-{job.hash}", board)
+            run_name = f"{job.key.replace('/', '-')}-{job.hash}"
+            if not resume:  # with --resume, Ray Train restores an unfinished job from its latest checkpoint there
+                shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, storage, run_name, board)
             running[ref] = job
             display.update(job.key, info="starting workers")
         done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -184,9 +196,20 @@ def _drain_progress(board, seen, jobs, tracker: Tracker, display: Display) -> No
     for key, rows in ray.get(board.since.remote(seen)).items():
         seen[key] = seen.get(key, 0) + len(rows)
         job = by_key[key]
-        tracker.log_history(tracker.child(_run_name(job)), rows)
+        fresh = []
+        for row in rows:  # after a restart, steps since the checkpoint come again: they replace the old ones
+            while job.history and job.history[-1]["step"] >= row["step"]:
+                job.history.pop()
+            job.history.append(row)
+            if row["step"] > job.logged_step:  # MLflow keeps every point: log each step once
+                fresh.append(row)
+                job.logged_step = row["step"]
+        if fresh:
+            tracker.log_history(tracker.child(_run_name(job)), fresh)
         last = rows[-1]
         info = " ".join(f"{k}={last[k]:.3g}" for k in ("loss", "forget_loss", "retain_loss") if k in last)
+        if last.get("resumed_from"):
+            info += f" (restarted from step {int(last['resumed_from'])})"
         display.update(key, done=int(last["step"]), total=int(last["total_steps"]), info=info)
 
 
@@ -200,6 +223,11 @@ def _finish_job(job: Job, tracker: Tracker, display: Display, merge_actor: Any, 
     tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()})
     tracker.set_tags(run_id, {"spunge.reused": reused, "spunge.output_dir": job.spec.output_dir})
     tracker.end(run_id)
+    hist = Path(job.spec.output_dir) / HISTORY_FILE  # kept beside the checkpoint: a resumed run still plots it
+    if reused:
+        job.history = load_jsonl(hist) if hist.exists() else []
+    else:
+        write_jsonl(hist, job.history)
     if job.key.startswith("subset/"):
         ray.get(merge_actor.add.remote(job.key, job.spec.output_dir))
     display.finish(job.key, "reused (resume)" if reused else f"done, final loss {final.get('loss', float('nan')):.3g}")
@@ -245,49 +273,125 @@ def run_merge(cfg: PipelineConfig, jobs: list[Job], out: Path, resume: bool, tra
 
 def run_evaluation(cfg: PipelineConfig, prep: Prepared, models: dict[str, tuple[str, str]], out: Path,
                    resume: bool, tracker: Tracker, display: Display) -> dict[str, dict[str, Any]]:
-    """Score every model (name -> (path, stage hash)) as parallel Ray tasks; add forget_quality."""
-    from orchestrator.runners import evaluate_task
-
+    """Score every model (name -> (path, stage hash)) on every suite: one Ray task per (model, suite), each
+    cached under ``stages/eval/`` by its own key; results are combined per model, then ``forget_quality``
+    and ``privleak`` are added against the oracle, and each model's ``eval/<model>`` MLflow run gets them all."""
     e = cfg.eval
-    splits = {n: prep.files[n] for n in ("forget", "retain", "holdout") if n in prep.files}
+    splits = {n: prep.files[n] for n in ("forget", "retain", "holdout", "general", "mc") if n in prep.files}
     folder = out / "stages" / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
-    running: dict[Any, tuple[str, Path]] = {}
+    tasks = []
     for name, (path, model_hash) in models.items():
-        spec = EvalSpec(model_path=path, splits=splits, suites=e.suites, template=cfg.data.template,
-                        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_length=cfg.unlearn.max_length,
-                        max_examples=e.max_examples, dtype=cfg.model.dtype)
-        h = digest(model_hash, spec.model_dump(exclude={"model_path", "splits"}), {n: prep.digests[n] for n in splits})
-        cache = folder / f"{name.replace('/', '-')}-{h}{EVAL_MARKER_SUFFIX}"
-        display.add(f"eval/{name}", f"eval {name}")
-        if resume and cache.exists():
-            results[name] = {**json.loads(cache.read_text()), "reused": True}
-            display.finish(f"eval/{name}", "reused (resume)")
-            continue
-        ref = evaluate_task.options(num_cpus=e.cpus_per_task, num_gpus=e.gpus_per_task).remote(
-            spec.model_dump(), threads=max(1, int(e.cpus_per_task)))
-        running[ref] = (name, cache)
-        display.update(f"eval/{name}", info="scoring")
-    while running:
-        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-        for ref in done:
-            name, cache = running.pop(ref)
-            try:
-                res = ray.get(ref)
-            except Exception as err:
-                raise PipelineError(f"eval {name} failed: {_root_message(err)}") from None
-            cache.write_text(json.dumps(res))
-            results[name] = {**res, "reused": False}
-            display.finish(f"eval/{name}", f"done in {res['seconds']:.0f}s")
-        display.heartbeat()
+        for suite in e.suites:
+            spec = EvalSpec(model_path=path, splits=splits, suites=[suite], template=cfg.data.template,
+                            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                            max_length=cfg.unlearn.max_length, max_examples=e.max_examples, dtype=cfg.model.dtype,
+                            suite_options={suite: e.suite_options(suite)})
+            h = digest(model_hash, spec.model_dump(exclude={"model_path", "splits"}),
+                       {n: prep.digests[n] for n in splits})
+            tasks.append(EvalTask(name, suite, spec, folder / f"{name.replace('/', '-')}-{suite}-{h}{EVAL_MARKER_SUFFIX}"))
+    results = run_eval_tasks(tasks, e.cpus_per_task, e.gpus_per_task, resume, display)
     add_reference_metrics(results)
     for name, res in results.items():
         run_id = tracker.child(f"eval/{name}", tags={"spunge.stage": "eval", "spunge.reused": str(res["reused"])})
         tracker.log_params(run_id, {"model_path": models[name][0], "suites": ",".join(e.suites)})
         tracker.log_metrics(run_id, res["metrics"])
+        tracker.log_metrics(run_id, {f"seconds.{s}": t["seconds"] for s, t in res["suites"].items()})
         tracker.end(run_id)
     return results
+
+
+@dataclass
+class EvalTask:
+    """One (model, suite) evaluation: a Ray task running ``evaluate_task`` on ``spec`` (its one suite)."""
+
+    model: str
+    suite: str
+    spec: EvalSpec
+    cache: Optional[Path] = None  # its result file, reused with ``resume``
+
+
+def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resume: bool = False,
+                   display: Optional[Display] = None) -> dict[str, dict[str, Any]]:
+    """Run every (model, suite) task as its own Ray task, as many at once as the cluster's resources allow
+    (``cpus``/``gpus`` each), and combine the suites of each model: ``{model: {"metrics", "raw",
+    "n_examples", "seconds", "reused", "suites": {suite: {"pid", "started", "ended", "seconds", "reused"}}}}``."""
+    from orchestrator.runners import evaluate_task
+
+    display = display or Display()
+    by_model: dict[str, list[EvalTask]] = {}
+    for t in tasks:
+        by_model.setdefault(t.model, []).append(t)
+    parts: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in by_model}
+    running: dict[Any, EvalTask] = {}
+    for m, ts in by_model.items():
+        display.add(f"eval/{m}", f"eval {m}", total=len(ts))
+    for t in tasks:
+        if resume and t.cache is not None and t.cache.exists():
+            parts[t.model][t.suite] = {**json.loads(t.cache.read_text()), "reused": True}
+            continue
+        ref = evaluate_task.options(num_cpus=cpus, num_gpus=gpus, name=f"eval {t.model} {t.suite}").remote(
+            t.spec.model_dump(), threads=max(1, int(cpus)))
+        running[ref] = t
+    for m in by_model:
+        _eval_progress(display, m, parts[m], len(by_model[m]))
+    try:
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                t = running.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except Exception as err:
+                    raise PipelineError(f"eval {t.model} (suite {t.suite}) failed: {_root_message(err)}") from None
+                if t.cache is not None:
+                    write_json(t.cache, res)
+                parts[t.model][t.suite] = {**res, "reused": False}
+                _eval_progress(display, t.model, parts[t.model], len(by_model[t.model]))
+            display.heartbeat()
+    finally:
+        for ref in running:  # only left when one failed
+            ray.cancel(ref, force=True)
+    return {m: combine_suites({t.suite: parts[m][t.suite] for t in ts}) for m, ts in by_model.items()}
+
+
+def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One model's result from its per-suite results (in suite order)."""
+    out: dict[str, Any] = {"metrics": {}, "raw": {}, "n_examples": {}, "seconds": 0.0, "suites": {}}
+    for suite, r in parts.items():
+        out["metrics"].update(r.get("metrics", {}))
+        out["raw"].update(r.get("raw", {}))
+        out["n_examples"].update(r.get("n_examples", {}))
+        out["seconds"] += r.get("seconds", 0.0)
+        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused")}
+    out["reused"] = all(r.get("reused") for r in parts.values())
+    return out
+
+
+def _eval_progress(display: Display, model: str, parts: dict[str, dict[str, Any]], total: int) -> None:
+    key = f"eval/{model}"
+    if len(parts) < total:
+        display.update(key, done=len(parts), info=f"scoring ({', '.join(parts) or 'no suite'} done)")
+    elif all(r.get("reused") for r in parts.values()):
+        display.finish(key, "reused (resume)")
+    else:
+        display.finish(key, "done: " + ", ".join(f"{s} {r['seconds']:.0f}s" for s, r in parts.items()))
+
+
+def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], options: dict[str, Any],
+                    cpus: float = 1, gpus: float = 0, address: Optional[str] = None, cfg: Optional[PipelineConfig] = None,
+                    display: Optional[Display] = None) -> dict[str, Any]:
+    """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow).
+    ``options`` are ``EvalSpec`` fields (template, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
+    if cfg is not None:
+        init_ray(cfg, address)
+    else:
+        start_ray(address, use_gpu=gpus > 0)
+    display = display or Display()
+    name = Path(model_path).name or model_path
+    tasks = [EvalTask(name, s, EvalSpec(model_path=model_path, splits=splits, suites=[s], **options)) for s in suites]
+    with display:
+        return run_eval_tasks(tasks, cpus, gpus, display=display)[name]
 
 
 def add_reference_metrics(results: dict[str, dict[str, Any]], reference: str = "oracle") -> None:
@@ -312,14 +416,18 @@ def add_reference_metrics(results: dict[str, dict[str, Any]], reference: str = "
 
 
 def init_ray(cfg: PipelineConfig, address: Optional[str]) -> None:
+    start_ray(address or cfg.ray.address, cfg.ray.num_cpus, cfg.scaling.use_gpu)
+
+
+def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, use_gpu: bool = False) -> None:
+    """Connect to ``address``, or start a local Ray (``num_cpus`` logical CPUs, default 2 x cores)."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")}}
-    address = address or cfg.ray.address
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or 2 * (os.cpu_count() or 1), include_dashboard=False,
+        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), include_dashboard=False,
                  runtime_env=env, log_to_driver=False)
 
 
@@ -359,6 +467,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
             paths = write_report(report, out, display.console)
             for p in paths:
                 tracker.log_artifact(tracker.parent_id, p)
+            for p in _plots(report, jobs, out, display):
+                tracker.log_artifact(tracker.parent_id, p, "plots")
             for model, metrics in report["models"].items():
                 tracker.log_metrics(tracker.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
             tracker.end_all("FINISHED")
@@ -366,6 +476,19 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
             tracker.end_all("FAILED")
             raise
     return report
+
+
+def _plots(report: dict[str, Any], jobs: list[Job], out: Path, display: Display) -> list[Path]:
+    """The run's PNG plots in ``<output_dir>/plots/``; a plotting problem is reported, not fatal."""
+    from orchestrator.plots import write_plots
+
+    try:
+        paths = write_plots(report["models"], {j.key: j.history for j in jobs}, out / "plots")
+    except Exception as e:  # the report is already written: don't fail the run for a figure
+        display.log(f"warning: plots not written: {type(e).__name__}: {e}")
+        return []
+    display.log("plots: " + ", ".join(str(p) for p in paths))
+    return paths
 
 
 def _root_message(e: BaseException) -> str:

@@ -20,35 +20,67 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     import json
     from pathlib import Path
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.unlearn.loop import JOB_MARKER, train_loop_per_worker
+    from jobs.unlearn.methods import build_method
     from orchestrator.progress import ProgressCallback
 
     s = UnlearnSpec(**spec)
     resources = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:
         resources["GPU"] = scaling["gpus_per_worker"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": s.model_dump()},
-        torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
-        scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             callbacks=[ProgressCallback(board, s.name)]),
-    )
-    trainer.fit()
-    marker = Path(s.output_dir) / JOB_MARKER
-    if not marker.exists():
-        raise RuntimeError(f"job {s.name}: finished without writing {marker}")
-    return {"name": s.name, "output_dir": s.output_dir, **json.loads(marker.read_text())}
+
+    def fit(s: UnlearnSpec, storage_path: str, run_name: str, callbacks: list) -> dict[str, Any]:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": s.model_dump()},
+            torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
+            scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=run_name, storage_path=storage_path,
+                                 callbacks=callbacks,
+                                 # a failed worker group restarts from the latest checkpoint (unlearn.checkpoint_every)
+                                 failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        trainer.fit()
+        marker = Path(s.output_dir) / JOB_MARKER
+        if not marker.exists():
+            raise RuntimeError(f"job {s.name}: finished without writing {marker}")
+        return json.loads(marker.read_text())
+
+    # a method's own training jobs first (Method.pre_jobs, e.g. WHP's reinforced model), each a TorchTrainer
+    # whose Ray Train run lives inside this job's run folder; a finished one (its marker exists) is reused
+    pre_metrics: dict[str, Any] = {}
+    for suffix, pre, update in build_method(s.method, s.method_params).pre_jobs(s):
+        marker = Path(pre.output_dir) / JOB_MARKER
+        done = json.loads(marker.read_text()) if marker.exists() else fit(pre, str(Path(storage_path) / run_name),
+                                                                          suffix, [])
+        pre_metrics.update({f"{suffix}/{k}": v for k, v in done.get("final_metrics", {}).items()
+                            if isinstance(v, (int, float))})
+        s = s.model_copy(update={"method_params": {**s.method_params, **update}})
+    result = fit(s, storage_path, run_name, [ProgressCallback(board, s.name)])
+    result["final_metrics"] = {**result.get("final_metrics", {}), **pre_metrics}
+    return {"name": s.name, "output_dir": s.output_dir, **result}
+
+
+def _max_failures(scaling: dict[str, Any], spec: UnlearnSpec) -> int:
+    """``scaling.max_failures``; by default 2 restarts when the job checkpoints, none when it does not."""
+    if scaling.get("max_failures") is not None:
+        return scaling["max_failures"]
+    return 2 if spec.checkpoint_every else 0
 
 
 @ray.remote
 def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
-    """Score one model on its suites (``jobs.evaluate.evaluate_model``) inside a Ray task."""
+    """Score one model on its suites (``jobs.evaluate.evaluate_model``) inside a Ray task. The pipeline
+    runs one task per (model, suite); ``pid`` and the wall-clock ``started``/``ended`` stamps say where
+    and when it ran."""
+    import time
+
+    started = time.time()
     import torch
 
     from jobs.evaluate import evaluate_model
@@ -57,6 +89,6 @@ def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     s = EvalSpec(**spec)
     out = evaluate_model(s.model_path, s.splits, suites=s.suites, template=s.template, batch_size=s.batch_size,
                          max_new_tokens=s.max_new_tokens, max_length=s.max_length, max_examples=s.max_examples,
-                         dtype=s.dtype)
-    out["pid"] = os.getpid()
+                         dtype=s.dtype, suite_options=s.suite_options)
+    out.update(pid=os.getpid(), started=started, ended=time.time())
     return out

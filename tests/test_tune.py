@@ -164,7 +164,6 @@ def tune_config(bench: Path, meta: dict, work: Path) -> dict:
     cfg = demo_config(bench, meta, "tiny", work / "run")
     cfg["name"] = "tune-e2e"
     cfg["unlearn"]["max_steps"] = 6
-    cfg["split"]["baseline"] = "none"  # the objective reads the merged model: no unsplit job per trial
     cfg["eval"].update(suites=["qa"], max_examples=24)  # forget_quality and model_utility come from qa
     cfg["data"].pop("mc", None)
     cfg["tracking"]["log_models"] = False

@@ -83,10 +83,7 @@ def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continua
     loses its start, as in lm-eval), right-padded and scored ``batch_size`` at a time, longest first.
     Returns float64 and int64 arrays in the input order.
     """
-    import torch
-
-    from jobs.data.format import collate, sequence_nll
-    from jobs.evaluate.scoring import _batches, _device, _pad_id
+    from jobs.evaluate.scoring import encoded_nll
 
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
@@ -97,21 +94,8 @@ def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continua
             raise ValueError(f"continuation {x!r} has no tokens after context {c!r}")
         ids, labels = (ctx + cont)[-max_length:], ([IGNORE_INDEX] * len(ctx) + cont)[-max_length:]
         encoded.append({"input_ids": ids, "labels": labels})
-    ll = np.zeros(len(encoded), dtype=np.float64)
-    n = np.zeros(len(encoded), dtype=np.int64)
-    if not encoded:
-        return ll, n
-    pad, device = _pad_id(tokenizer), _device(model)
-    model.eval()
-    with torch.inference_mode():
-        for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
-            batch = collate([encoded[i] for i in idx], pad)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            nll, count = sequence_nll(logits, batch["labels"].to(device))
-            ll[idx] = -nll.double().cpu().numpy()
-            n[idx] = count.cpu().numpy()
-    return ll, n
+    nll, n = encoded_nll(model, tokenizer, encoded, batch_size)
+    return -nll, n
 
 
 def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], template: str = DEFAULT_TEMPLATE,

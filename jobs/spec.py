@@ -6,11 +6,11 @@ They hold resolved values only (absolute paths, concrete numbers); the user-faci
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import PromptFormat
 from jobs.localize import LocalizeSpec
 
 
@@ -29,6 +29,17 @@ class OptimizerSpec(_Spec):
     schedule: Literal["constant", "linear"] = "constant"
 
 
+class LoraSpec(_Spec):
+    """LoRA unlearning (peft): train low-rank adapters on the target modules instead of the full weights.
+    The reference model of a method that asks for one is the same model with the adapter disabled."""
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: delta = (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="module names (q_proj, v_proj, ...) or peft's 'all-linear'")
+
+
 class UnlearnSpec(_Spec):
     """One unlearning job: a method run on one forget subset, on every Ray Train worker."""
 
@@ -43,13 +54,16 @@ class UnlearnSpec(_Spec):
     method_params: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     localize: Optional[LocalizeSpec] = Field(None, description="train only a masked fraction of the parameters")
+    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters; the job saves the adapter")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(8, gt=0, description="micro batch per worker")
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int = Field(128, gt=8)
     seed: int = 0
-    template: str = DEFAULT_TEMPLATE
+    prompt: PromptFormat = Field(default_factory=PromptFormat, description="prompt template, chat, answer EOS")
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     threads_per_worker: int = Field(1, gt=0)
     report_interval_s: float = Field(5.0, ge=0, description="seconds between metric reports (0: every step)")
@@ -66,6 +80,8 @@ class MergeSpec(_Spec):
     parameters: dict[str, Any] = Field(default_factory=dict)
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output: Literal["full", "adapter"] = Field(
+        "full", description="LoRA jobs: write the merged full model, or a peft adapter holding the merged delta")
     output_dir: str
 
 
@@ -75,11 +91,12 @@ class EvalSpec(_Spec):
     model_path: str
     splits: dict[str, str]
     suites: list[str] = Field(default_factory=lambda: ["qa"])
-    template: str = DEFAULT_TEMPLATE
+    prompt: PromptFormat = Field(default_factory=PromptFormat, description="prompt template, chat, answer EOS")
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     max_length: int = Field(128, gt=8)
     max_examples: Optional[int] = Field(None, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
     suite_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="suite name -> extra keyword arguments (lmeval tasks, mc attributes)")

@@ -205,7 +205,8 @@ def eval_(
     options = dict(batch_size=batch_size or e.batch_size, max_new_tokens=e.max_new_tokens,
                    max_examples=max_examples or e.max_examples, suite_options={s: e.suite_options(s) for s in suites})
     if cfg:
-        options.update(template=cfg.data.template, max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype)
+        options.update(prompt=cfg.data.prompt_format(), max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype,
+                       attn_implementation=cfg.model.attn_implementation)
     from orchestrator.pipeline import PipelineError, evaluate_folder
 
     output = output.resolve()

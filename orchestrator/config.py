@@ -14,10 +14,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import CHAT, DEFAULT_TEMPLATE, PromptFormat
 from jobs.models import ModelLoadError, check_model_dir
 from jobs.localize import LocalizeSpec
-from jobs.spec import OptimizerSpec
+from jobs.spec import LoraSpec, OptimizerSpec
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -39,6 +39,8 @@ class ModelConfig(_Section):
     path: str = Field(description="Hugging Face model folder or hub name")
     dtype: Dtype = "float32"
     allow_pickle: bool = Field(False, description="accept *.bin (pickle) checkpoints; safetensors only otherwise")
+    attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"]] = Field(
+        None, description="attention kernel (transformers' attn_implementation); default: transformers' choice")
 
 
 class DataSource(_Section):
@@ -66,7 +68,15 @@ class DataConfig(_Section):
     mc: Optional[DataSource] = Field(
         None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
     columns: Columns = Field(default_factory=Columns)
-    template: str = DEFAULT_TEMPLATE
+    template: str = Field(DEFAULT_TEMPLATE, description="prompt with {question}, or 'chat': the tokenizer's "
+                          "chat template (question as the user turn, answer as the assistant turn)")
+    system_prompt: Optional[str] = Field(None, description="template chat: the system turn (default: the "
+                                         "chat template's own)")
+    answer_eos: bool = Field(True, description="answers end with EOS (chat: the end-of-turn) in training and "
+                             "scoring; off for facts learned in pretraining (WMDP/RWKU-style)")
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(template=self.template, system_prompt=self.system_prompt, answer_eos=self.answer_eos)
 
     @field_validator("forget", "retain", "holdout", "general", "mc", mode="before")
     @classmethod
@@ -76,9 +86,15 @@ class DataConfig(_Section):
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
-        if "{question}" not in v:
-            raise ValueError("must contain '{question}'")
+        if v != CHAT and "{question}" not in v:
+            raise ValueError("must contain '{question}', or be 'chat' (the tokenizer's chat template)")
         return v
+
+    @model_validator(mode="after")
+    def _system_prompt(self):
+        if self.system_prompt is not None and self.template != CHAT:
+            raise ValueError("system_prompt needs template: chat (a plain template holds its own text)")
+        return self
 
 
 class SplitConfig(_Section):
@@ -107,6 +123,8 @@ class UnlearnConfig(_Section):
         "retain", description="what the retain term trains on: the in-distribution retain set or general text")
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-5))
     localize: Optional[LocalizeSpec] = Field(None, description="attribution mask: only masked parameters train")
+    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters (peft) instead of the full weights")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
     batch_size: int = Field(8, gt=0, description="micro batch per worker")
@@ -139,6 +157,8 @@ class MergeConfig(_Section):
     method: str = "ties"
     parameters: dict[str, Any] = Field(default_factory=dict, description="mergekit global parameters")
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per subset")
+    output: Literal["full", "adapter"] = Field(
+        "full", description="with unlearn.lora: write the merged full model, or a peft adapter of the merged delta")
 
 
 class LmEvalConfig(_Section):
@@ -159,8 +179,13 @@ class EvalConfig(_Section):
         None, description="mc suite: attribute columns for mc_acc.<attribute>.<value> (default: every other column)")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
+    stop: list[str] = Field(default_factory=list, description="qa suite: strings that end a greedy answer "
+                            "(EOS and a chat end-of-turn always do), e.g. ['\\n']")
+
     def suite_options(self, suite: str) -> dict[str, Any]:
         """Extra keyword arguments of one suite (``EvalSpec.suite_options[suite]``)."""
+        if suite == "qa" and self.stop:
+            return {"stop": list(self.stop)}
         if suite == "mc" and self.mc_attributes is not None:
             return {"attributes": list(self.mc_attributes)}
         if suite == "lmeval":
@@ -381,6 +406,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
         if suite not in SUITES:
             problems.append(f"eval.suites.{i}: unknown suite {suite!r}; known: {', '.join(sorted(SUITES))}")
     problems += _check_eval_data(cfg)
+    problems += _check_model_features(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
             ds = cfg.deepspeed_dict()
@@ -425,6 +451,53 @@ def _check_eval_data(cfg: PipelineConfig) -> list[str]:
             problems.append("eval.suites: the lmeval suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'")
         if lm.include_path and not Path(lm.include_path).is_dir():
             problems.append(f"eval.lm_eval.include_path: no such folder {lm.include_path} (expected task YAMLs)")
+    return problems
+
+
+def _check_model_features(cfg: PipelineConfig) -> list[str]:
+    """The chat template, the attention kernel and LoRA against what the model and packages offer."""
+    import importlib.util
+
+    problems = []
+    if cfg.data.template == CHAT and Path(cfg.model.path).is_dir():
+        from jobs.data.format import FormatError, check_chat_template
+        from jobs.models import load_tokenizer
+
+        try:
+            check_chat_template(load_tokenizer(cfg.model.path))
+        except FormatError as e:
+            problems.append(f"data.template: chat: {e}")
+        except (OSError, ValueError) as e:
+            problems.append(f"model.path: cannot load the tokenizer of {cfg.model.path} ({str(e).splitlines()[0]})")
+    attn = cfg.model.attn_implementation
+    if attn and attn.startswith("flash_attention"):
+        package = "flash_attn_interface" if attn.endswith("_3") else "flash_attn"
+        if importlib.util.find_spec(package) is None:
+            problems.append(f"model.attn_implementation: {attn} needs the {package} package (and a GPU); "
+                            "use sdpa or eager")
+    u, m = cfg.unlearn, cfg.merge
+    if u.lora is not None and u.localize is not None:
+        problems.append("unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; "
+                        "LoRA trains adapters)")
+    if m.output == "adapter" and u.lora is None:
+        problems.append("merge.output: adapter needs unlearn.lora (jobs that train adapters)")
+    if u.lora is not None:
+        from jobs.merge_lora import LORA_METHODS
+        from jobs.unlearn.methods import Method, build_method
+
+        try:
+            method = build_method(u.method, u.params)
+        except (KeyError, ValidationError):
+            return problems  # reported with unlearn.method / unlearn.params
+        if m.output == "adapter" and method.rewrites_merge():
+            problems.append(f"merge.output: adapter: method {u.method!r} rewrites the merged weights "
+                            "(e.g. tvn merge_then_negate); use merge.output: full")
+        # a method that makes new weights at the end (tvn) outputs full models; the merge takes adapters
+        # unless it merges those outputs
+        full_outputs = type(method).finalize is not Method.finalize and method.merge_input() is None
+        if not full_outputs and m.method not in LORA_METHODS:
+            problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
+                            f"use one of {', '.join(LORA_METHODS)}")
     return problems
 
 

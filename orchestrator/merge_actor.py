@@ -32,9 +32,11 @@ class MergeActor:
         return [n for n in self.expected if n not in self.checkpoints]
 
     def merge(self, method: str, parameters: dict[str, Any], model_parameters: dict[str, dict[str, Any]],
-              dtype: str, output_dir: str, unlearn_method: Optional[tuple[str, dict]] = None) -> str:
+              dtype: str, output_dir: str, unlearn_method: Optional[tuple[str, dict]] = None,
+              output: str = "full") -> str:
         """Merge onto the base model. ``unlearn_method`` (name, params) lets the unlearning method pick
-        which folder of each job is merged and rewrite the merged weights (task-vector negation)."""
+        which folder of each job is merged and rewrite the merged weights (task-vector negation). LoRA jobs'
+        adapters merge as adapters (``output``: a full model or a merged adapter)."""
         if self.missing():
             raise RuntimeError(f"merge actor: checkpoints missing for {self.missing()}")
         unlearn = build_method(*unlearn_method) if unlearn_method else None
@@ -47,6 +49,7 @@ class MergeActor:
             parameters=parameters,
             model_parameters=model_parameters,
             dtype=dtype,
+            output=output,
             output_dir=output_dir,
         )
         post = None

@@ -115,14 +115,16 @@ def plan_jobs(cfg: PipelineConfig, prep: Prepared, out: Path) -> list[Job]:
     jobs = []
     for key, path in forgets.items():
         h = digest(base, file_digest(path), prep.digests.get(u.retain_source), u.model_dump(exclude={"checkpoint_every"}), ds,
-                   cfg.scaling.num_workers, cfg.data.template, cfg.model.dtype)
+                   cfg.scaling.num_workers, cfg.data.prompt_format().model_dump(), cfg.model.dtype,
+                   cfg.model.attn_implementation)
         spec = UnlearnSpec(
             name=key, model_path=cfg.model.path, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
             forget_path=path, retain_path=prep.files.get(u.retain_source),
             retain_format="text" if u.retain_source == "general" else "qa", method=u.method, method_params=u.params,
             optimizer=u.optimizer, localize=u.localize, epochs=u.epochs, max_steps=u.max_steps, batch_size=u.batch_size,
             gradient_accumulation_steps=u.gradient_accumulation_steps, max_length=u.max_length, seed=u.seed,
-            template=cfg.data.template, deepspeed=ds, threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)),
+            prompt=cfg.data.prompt_format(), deepspeed=ds, attn_implementation=cfg.model.attn_implementation,
+            gradient_checkpointing=u.gradient_checkpointing, lora=u.lora, threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)),
             report_interval_s=u.report_interval_s, checkpoint_every=u.checkpoint_every,
             output_dir=str(out / "stages" / "unlearn" / f"{key.replace('/', '-')}-{h}"),
         )
@@ -254,7 +256,7 @@ def run_merge(cfg: PipelineConfig, jobs: list[Job], out: Path, resume: bool, tra
         try:
             ray.get(merge_actor.merge.remote(cfg.merge.method, cfg.merge.parameters, cfg.merge.model_parameters,
                                              cfg.model.dtype, str(folder),
-                                             (cfg.unlearn.method, cfg.unlearn.params)))
+                                             (cfg.unlearn.method, cfg.unlearn.params), cfg.merge.output))
         except Exception as e:
             raise PipelineError(f"merge ({cfg.merge.method}) failed: {_root_message(e)}") from None
         tracker.log_metrics(run_id, {"merge_seconds": time.perf_counter() - t0})
@@ -283,9 +285,10 @@ def run_evaluation(cfg: PipelineConfig, prep: Prepared, models: dict[str, tuple[
     tasks = []
     for name, (path, model_hash) in models.items():
         for suite in e.suites:
-            spec = EvalSpec(model_path=path, splits=splits, suites=[suite], template=cfg.data.template,
+            spec = EvalSpec(model_path=path, splits=splits, suites=[suite], prompt=cfg.data.prompt_format(),
                             batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                             max_length=cfg.unlearn.max_length, max_examples=e.max_examples, dtype=cfg.model.dtype,
+                            attn_implementation=cfg.model.attn_implementation,
                             suite_options={suite: e.suite_options(suite)})
             h = digest(model_hash, spec.model_dump(exclude={"model_path", "splits"}),
                        {n: prep.digests[n] for n in splits})
@@ -382,7 +385,7 @@ def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], 
                     cpus: float = 1, gpus: float = 0, address: Optional[str] = None, cfg: Optional[PipelineConfig] = None,
                     display: Optional[Display] = None) -> dict[str, Any]:
     """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow).
-    ``options`` are ``EvalSpec`` fields (template, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
+    ``options`` are ``EvalSpec`` fields (prompt, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
     if cfg is not None:
         init_ray(cfg, address)
     else:

@@ -87,8 +87,8 @@ def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
 
     torch.set_num_threads(max(1, int(threads)))
     s = EvalSpec(**spec)
-    out = evaluate_model(s.model_path, s.splits, suites=s.suites, template=s.template, batch_size=s.batch_size,
+    out = evaluate_model(s.model_path, s.splits, suites=s.suites, template=s.prompt, batch_size=s.batch_size,
                          max_new_tokens=s.max_new_tokens, max_length=s.max_length, max_examples=s.max_examples,
-                         dtype=s.dtype, suite_options=s.suite_options)
+                         dtype=s.dtype, suite_options=s.suite_options, attn_implementation=s.attn_implementation)
     out.update(pid=os.getpid(), started=started, ended=time.time())
     return out

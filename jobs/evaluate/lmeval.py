@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike, as_format
 from jobs.evaluate.suites import register_suite
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -36,12 +36,14 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
-def jinja_prompt(template: str) -> str:
-    """The pipeline's prompt template (``{question}``) as an lm-eval ``doc_to_text`` Jinja string."""
-    return template.replace("{question}", "{{question}}")
+def jinja_prompt(template: PromptLike) -> str:
+    """The pipeline's prompt template (``{question}``) as an lm-eval ``doc_to_text`` Jinja string; with a
+    chat format just the question (lm-eval's ``apply_chat_template`` makes it the user turn)."""
+    fmt = as_format(template)
+    return "{{question}}" if fmt.chat else fmt.template.replace("{question}", "{{question}}")
 
 
-def write_mc_task(folder: str | Path, records: list[dict], template: str = DEFAULT_TEMPLATE,
+def write_mc_task(folder: str | Path, records: list[dict], template: PromptLike = DEFAULT_TEMPLATE,
                   task: str = MC_TASK) -> Path:
     """Write ``records`` (question/choices/answer rows) as ``<folder>/<task>.jsonl`` and the task YAML
     (``lm_eval_tasks/spunge_mc.yaml`` with that file's absolute path and ``template`` as the prompt);
@@ -76,9 +78,11 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Optional[list[str]] = None,
                 include_defaults: Optional[bool] = None, limit: Optional[float] = None,
-                num_fewshot: Optional[int] = None, batch_size: int = 32, max_length: Optional[int] = None) -> dict:
+                num_fewshot: Optional[int] = None, batch_size: int = 32, max_length: Optional[int] = None,
+                template: PromptLike = DEFAULT_TEMPLATE) -> dict:
     """``lm_eval.simple_evaluate`` on the in-memory model; returns its result dict (``results``, ...).
-    ``include_defaults`` defaults to False when ``include_path`` is given (offline: index only those)."""
+    ``include_defaults`` defaults to False when ``include_path`` is given (offline: index only those).
+    A chat ``template`` runs lm-eval with ``apply_chat_template`` (and the format's system prompt)."""
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -89,8 +93,10 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Opti
         include_defaults = not paths
     tm = TaskManager(include_path=paths or None, include_defaults=include_defaults)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    fmt = as_format(template)
     res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, num_fewshot=num_fewshot,
-                          log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                          log_samples=False, bootstrap_iters=0, verbosity="ERROR", apply_chat_template=fmt.chat,
+                          system_instruction=fmt.system_prompt if fmt.chat else None)
     if res is None:  # only on non-zero ranks under distributed lm-eval
         return {"results": {}}
     return res
@@ -101,7 +107,7 @@ def lmeval_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,
@@ -126,6 +132,7 @@ def lmeval_suite(
             paths.append(str(write_mc_task(tmp, data["mc"], template)))
             if include_defaults is None and len(paths) == 1:
                 include_defaults = False
-        res = run_lm_eval(model, tokenizer, tasks, paths, include_defaults, limit, num_fewshot, batch_size)
+        res = run_lm_eval(model, tokenizer, tasks, paths, include_defaults, limit, num_fewshot, batch_size,
+                          template=template)
     results = res.get("results", {})
     return {"metrics": flatten_results(results), "raw": {"lmeval_results": results}}

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE, IGNORE_INDEX
+from jobs.data.format import DEFAULT_TEMPLATE, IGNORE_INDEX, PromptLike, as_format, prompt_text
 from jobs.data.loading import DataError
 from jobs.evaluate.suites import register_suite
 
@@ -63,20 +63,21 @@ def attribute_columns(records: Sequence[dict], attributes: Optional[Sequence[str
 # ----------------------------------------------------------------------------------------- scoring
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str, chat: bool = False) -> tuple[list[int], list[int]]:
     """lm-eval's ``_encode_pair`` for causal models: trailing spaces move from the context to the
     continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context)`` (tokenizer's
-    special tokens included), continuation tokens ``whole[len(ctx):]``."""
+    special tokens included, or none for a rendered chat prompt, which holds its own), continuation tokens
+    ``whole[len(ctx):]``."""
     n = len(context) - len(context.rstrip())
-    if n:
+    if n and not chat:  # a chat prompt's trailing newline belongs to the template's generation prompt
         context, continuation = context[:-n], context[-n:] + continuation
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=not chat)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=not chat)["input_ids"]
     return ctx, whole[len(ctx):]
 
 
 def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continuations: Sequence[str],
-                   batch_size: int = 32, max_length: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 32, max_length: int = 2048, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability (nats) of each continuation given its context, and its token count.
 
     Pairs are encoded with :func:`encode_pair`, left-truncated to ``max_length`` tokens (the context
@@ -89,7 +90,7 @@ def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continua
         raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
     encoded = []
     for c, x in zip(contexts, continuations):
-        ctx, cont = encode_pair(tokenizer, c, x)
+        ctx, cont = encode_pair(tokenizer, c, x, chat)
         if not cont:
             raise ValueError(f"continuation {x!r} has no tokens after context {c!r}")
         ids, labels = (ctx + cont)[-max_length:], ([IGNORE_INDEX] * len(ctx) + cont)[-max_length:]
@@ -98,12 +99,14 @@ def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continua
     return -nll, n
 
 
-def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], template: str = DEFAULT_TEMPLATE,
+def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], template: PromptLike = DEFAULT_TEMPLATE,
                           batch_size: int = 32, max_length: int = 2048) -> list[np.ndarray]:
-    """Per record, the log-likelihood of each of its choices (all pairs of all records batched together)."""
-    contexts = [template.format(question=r["question"]) for r in records for _ in r["choices"]]
-    conts = [" " + c for r in records for c in r["choices"]]
-    ll, _ = loglikelihoods(model, tokenizer, contexts, conts, batch_size, max_length)
+    """Per record, the log-likelihood of each of its choices (all pairs of all records batched together).
+    With a chat format the context is the rendered chat prompt and the continuation the bare choice."""
+    fmt = as_format(template)
+    contexts = [prompt_text(tokenizer, r["question"], fmt) for r in records for _ in r["choices"]]
+    conts = [("" if fmt.chat else " ") + c for r in records for c in r["choices"]]
+    ll, _ = loglikelihoods(model, tokenizer, contexts, conts, batch_size, max_length, chat=fmt.chat)
     out, pos = [], 0
     for r in records:
         out.append(ll[pos: pos + len(r["choices"])])
@@ -144,7 +147,7 @@ def mc_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,

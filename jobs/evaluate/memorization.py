@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate import metrics as M
 from jobs.evaluate.suites import is_forget_split, register_suite
 
@@ -108,15 +108,16 @@ def verbatim_rouge(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     max_length: int = 128,
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Per-record VerbMem ROUGE-L recall, with the generated and reference second halves."""
-    from jobs.data.format import answer_ids, prompt_ids
+    from jobs.data.format import answer_ids, as_format, prompt_ids
 
+    bare = as_format(template).model_copy(update={"answer_eos": False})  # the answer's text tokens only
     prompts, refs, budgets = [], [], []
     for r in records:
-        p = prompt_ids(tokenizer, r["question"], template)
-        first, second = split_answer(answer_ids(tokenizer, r["answer"], eos=False)[: max(0, max_length - len(p))])
+        p = prompt_ids(tokenizer, r["question"], bare)
+        first, second = split_answer(answer_ids(tokenizer, r["answer"], bare)[: max(0, max_length - len(p))])
         prompts.append(p + first)
         refs.append(tokenizer.decode(second, skip_special_tokens=True).strip())
         budgets.append(min(len(second), max_new_tokens))
@@ -130,7 +131,7 @@ def memorization_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate.suites import register_suite
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -146,7 +146,7 @@ def answer_token_stats(
     answers: Sequence[str],
     batch_size: int = 32,
     max_length: int = 128,
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     moments: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Per example (input order), teacher-forced over its answer tokens (``encode_qa``, cut to
@@ -188,7 +188,7 @@ def mia_scores(
     k: float = DEFAULT_K,
     batch_size: int = 32,
     max_length: int = 128,
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
 ) -> dict[str, list[float]]:
     """Every attack's per-example score (higher = less likely a member) for QA records."""
     stats = answer_token_stats(model, tokenizer, [r["question"] for r in records], [r["answer"] for r in records],
@@ -208,7 +208,7 @@ def mia_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,

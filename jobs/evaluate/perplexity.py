@@ -1,7 +1,7 @@
 """Perplexity on general text (the ``perplexity`` suite).
 
 Every text record (``{"text": ...}``) is encoded like the general corpus in training
-(:func:`jobs.data.format.encode_text`: BOS + text + EOS, cut to ``max_length``); every token after the
+(:func:`jobs.data.format.encode_text`: the tokenizer's own BOS if it adds one, text, EOS; cut to ``max_length``); every token after the
 first is a target. Perplexity is corpus-level, ``exp(total NLL / total target tokens)`` over the split,
 as lm-eval's ``word_perplexity`` aggregates (but per token). Batched: right-padded rows with an
 attention mask, ``batch_size`` per forward pass, longest first.
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate.suites import register_suite
 
 
@@ -43,7 +43,7 @@ def perplexity_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from jobs.data.format import DEFAULT_TEMPLATE, collate, encode_qa, prompt_ids, sequence_nll
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike, collate, encode_qa, prompt_ids, sequence_nll, stop_token_ids
 
 
 def _device(model: Any) -> torch.device:
@@ -32,7 +32,7 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
 
 
 def qa_logits(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequence[str], batch_size: int,
-              max_length: int, template: str) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+              max_length: int, template: PromptLike) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """``encoded_logits`` over question/answer pairs (``encode_qa``)."""
     encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
     return encoded_logits(model, tokenizer, encoded, batch_size)
@@ -61,7 +61,7 @@ def score_answers(
     answers: Sequence[str],
     batch_size: int = 32,
     max_length: int = 128,
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) of each answer given its question, and its number of answer tokens.
 
@@ -93,18 +93,38 @@ def greedy_answers(
     questions: Sequence[str],
     max_new_tokens: int = 32,
     batch_size: int = 32,
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy (argmax) continuation of each question's prompt, decoded and stripped.
+    """The answers of :func:`generate_answers`, without their lengths."""
+    return generate_answers(model, tokenizer, questions, max_new_tokens, batch_size, template, stop)[0]
 
-    Prompts are ``prompt_ids`` (BOS + template), left-padded into batches with an attention mask and
-    passed to ``model.generate(do_sample=False)``. Only new tokens are decoded, cut at the first EOS.
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    template: PromptLike = DEFAULT_TEMPLATE,
+    stop: Sequence[str] = (),
+) -> tuple[list[str], list[int]]:
+    """Greedy (argmax) continuation of each question's prompt, decoded and stripped, and the number of
+    tokens generated for it.
+
+    Prompts are ``prompt_ids`` (the format's prompt), left-padded into batches with an attention mask and
+    passed to ``model.generate(do_sample=False)``. Generation stops at EOS, at a chat format's
+    end-of-turn token and at any of the ``stop`` strings (e.g. ``"\n"``); a batch ends when all its rows
+    have stopped. The answer is cut before the first stop token or stop string; its length counts the
+    tokens up to and including the one that stopped it.
     """
     if not questions:
-        return []
+        return [], []
     prompts = [prompt_ids(tokenizer, q, template) for q in questions]
-    pad, eos, device = _pad_id(tokenizer), tokenizer.eos_token_id, _device(model)
-    out: list[str] = [""] * len(prompts)
+    stops = stop_token_ids(tokenizer, template)
+    pad, device = _pad_id(tokenizer), _device(model)
+    texts: list[str] = [""] * len(prompts)
+    lengths: list[int] = [0] * len(prompts)
     model.eval()
     with torch.inference_mode():
         for idx in _batches([len(p) for p in prompts], batch_size):
@@ -121,12 +141,43 @@ def greedy_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
-                eos_token_id=eos,
+                eos_token_id=stops or None,
                 pad_token_id=pad,
+                stopping_criteria=[StopStrings(tokenizer, stop, width)] if stop else None,
             )
             for row, i in enumerate(idx):
-                new = generated[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos)]
-                out[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return out
+                texts[i], lengths[i] = _cut(tokenizer, generated[row, width:].tolist(), stops, stop, pad)
+    return texts, lengths
+
+
+class StopStrings:
+    """A ``generate`` stopping criterion: a row is done once its decoded new tokens hold a stop string.
+    (transformers' own ``stop_strings`` precomputes tables over the whole vocabulary on every call, which
+    costs more than the generation of a short answer on a 49k vocabulary.)"""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop, self.width = tokenizer, [s for s in stop if s], prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def _cut(tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Sequence[str], pad: int) -> tuple[str, int]:
+    """One generated row as (answer text, tokens generated). The answer ends before the first stop token
+    (its length counts that token) or before the first stop string (its length counts the tokens up to the
+    one that completed it); a row that stopped early is padded after that."""
+    end = next((j for j, t in enumerate(new) if t in stop_ids), None)
+    if end is not None:
+        new, n = new[:end], end + 1
+    else:
+        while new and new[-1] == pad:
+            new = new[:-1]
+        n = len(new)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    stop = [s for s in stop if s and s in text]
+    if stop:
+        n = next(k for k in range(1, len(new) + 1)
+                 if any(s in tokenizer.decode(new[:k], skip_special_tokens=True) for s in stop))
+        text = text[: min(text.find(s) for s in stop)]
+    return text.strip(), n

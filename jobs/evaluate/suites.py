@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE
+from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate import metrics as M
 
 Suite = Callable[..., dict]
@@ -86,10 +86,11 @@ def qa_suite(
     model: Any,
     tokenizer: Any,
     data: dict[str, list[dict]],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,
+    stop: Sequence[str] = (),
 ) -> dict:
     """TOFU's QA metrics per split.
 
@@ -97,10 +98,11 @@ def qa_suite(
     against ``answer``; ``{split}_truth_ratio``: forget splits ``closer_to_1_better``, others
     ``true_better``, plus ``_median`` and ``_logmean``; ``model_utility``: harmonic mean of retain's
     prob, rouge and truth ratio. A ``holdout`` split gets only ``holdout_prob``; truth ratios need
-    ``paraphrased_answer`` and ``perturbed_answers`` in every record. ``raw`` holds the per-example
-    ``{split}_prob`` and ``{split}_truth_ratio`` lists.
+    ``paraphrased_answer`` and ``perturbed_answers`` in every record. Greedy answers stop at EOS, the chat
+    end-of-turn and the ``stop`` strings; ``{split}_gen_tokens`` is their mean length in tokens. ``raw``
+    holds the per-example ``{split}_prob`` and ``{split}_truth_ratio`` lists.
     """
-    from jobs.evaluate.scoring import greedy_answers, score_answers
+    from jobs.evaluate.scoring import generate_answers, score_answers
 
     opts = dict(batch_size=batch_size, max_length=max_length, template=template)
     out_m: dict[str, float] = {}
@@ -115,8 +117,9 @@ def qa_suite(
         raw[f"{split}_prob"] = probs.tolist()
         if split == "holdout":
             continue
-        gen = greedy_answers(model, tokenizer, qs, max_new_tokens, batch_size, template)
+        gen, lengths = generate_answers(model, tokenizer, qs, max_new_tokens, batch_size, template, stop)
         out_m[f"{split}_rouge"] = float(np.mean(M.rouge_l_recall(gen, refs)))
+        out_m[f"{split}_gen_tokens"] = float(np.mean(lengths))
         if _has_truth_fields(records):
             tr = _truth_ratios(model, tokenizer, records, opts)
             agg = M.closer_to_1_better if is_forget_split(split) else M.true_better
@@ -135,13 +138,14 @@ def evaluate_model(
     model_path: str,
     splits: dict[str, str],
     suites: list[str] = ["qa"],
-    template: str = DEFAULT_TEMPLATE,
+    template: PromptLike = DEFAULT_TEMPLATE,
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_length: int = 128,
     max_examples: int | None = None,
     dtype: str = "float32",
     suite_options: dict[str, dict[str, Any]] | None = None,
+    attn_implementation: str | None = None,
 ) -> dict:
     """Load the model folder and score it on every suite over every split (jsonl paths).
 
@@ -161,7 +165,7 @@ def evaluate_model(
     suite_options = suite_options or {}
     data = {name: read_jsonl(path, max_examples) for name, path in splits.items()}
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, attn_implementation=attn_implementation)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

@@ -35,7 +35,7 @@ from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer, save_model
 from jobs.spec import OptimizerSpec, UnlearnSpec
 from jobs.unlearn.methods import build_method
-from jobs.unlearn.methods.base import mean_nll
+from jobs.unlearn.methods.base import Method, mean_nll
 
 JOB_MARKER = "spunge_job.json"
 CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
@@ -60,6 +60,11 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
     cfg.setdefault("gradient_clipping", 1.0)
     cfg.setdefault("zero_optimization", {"stage": 0})
     cfg.setdefault("steps_per_print", 10**9)
+    offload = (cfg["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+    if offload != "none" and "optimizer" not in cfg:
+        # ZeRO-Offload with the loop's own torch optimizer: DeepSpeed refuses it unless told not to force
+        # its DeepSpeedCPUAdam (offloaded states then step in torch on the CPU)
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     if spec.dtype == "bfloat16":
         cfg.setdefault("bf16", {"enabled": True})
     elif spec.dtype == "float16":
@@ -91,7 +96,7 @@ def encode_rows(rows: list[dict], tokenizer, spec: UnlearnSpec, part: str, metho
     if part == "retain" and spec.retain_format == "text":
         return [{part: encode_text(tokenizer, r["text"], spec.max_length)} for r in rows]
     rng = random.Random(spec.seed)
-    enc = lambda q, a: encode_qa(tokenizer, q, a, spec.max_length, spec.template)
+    enc = lambda q, a: encode_qa(tokenizer, q, a, spec.max_length, spec.prompt)
     out = []
     for r in rows:
         views = method.forget_views(r, rng) if method is not None else {}
@@ -133,17 +138,19 @@ def total_steps(spec: UnlearnSpec, batches_per_epoch: int) -> int:
     return max(1, math.ceil(spec.epochs * batches_per_epoch / spec.gradient_accumulation_steps))
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: Any = "cpu") -> bool:
     """True if ``flag`` holds on any rank, so that every rank takes the same branch (no one hangs in a
-    collective): one rank's NaN stops all, one rank's report timer reports for all."""
-    t = torch.tensor([1.0 if flag else 0.0])
+    collective): one rank's NaN stops all, one rank's report timer reports for all. The tensor lives on
+    the engine's ``device``: NCCL rejects CPU tensors."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0
 
 
-def _sum_across(value: float) -> float:
-    t = torch.tensor([float(value)])
+def _sum_across(value: float, device: Any = "cpu") -> float:
+    """``value`` summed over ranks (a tensor on ``device``, as for ``_any_rank``)."""
+    t = torch.tensor([float(value)], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.item()
@@ -230,12 +237,10 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
 
     method = build_method(spec.method, spec.method_params)
     tokenizer = load_tokenizer(spec.model_path)
-    model = load_model(spec.model_path, spec.dtype, spec.allow_pickle)
+    model = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
     model.config.use_cache = False
-    ref_model = None
-    if method.needs_reference:
-        ref_model = load_model(spec.model_path, spec.dtype, spec.allow_pickle).eval()
-        ref_model.requires_grad_(False)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     forget_rows = load_jsonl(spec.forget_path)
     retain_rows = load_jsonl(spec.retain_path) if spec.retain_path else []
@@ -252,6 +257,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     steps = total_steps(spec, len(forget_loader))
 
     method.setup(model)
+    if spec.lora is not None:
+        model = add_lora(model, spec)
     masked, localize_stats = _localize(model, spec, tokenizer, forget_rows, retain_rows)
     ds_config = deepspeed_config(spec, world)
     optimizer = scheduler = None
@@ -266,8 +273,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         config=ds_config,
     )
     device = engine.device
-    if ref_model is not None:
-        ref_model.to(device)
+    ref_model = reference_model(engine, spec, ds_config) if method.needs_reference else None
     engine.train()
 
     resumed_from = load_checkpoint(engine, restore_from, rank, world, spec, method) if restore_from else 0
@@ -286,7 +292,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             rb = next(retain_iter)[1]["retain"] if retain_iter is not None else None
             batch = {"retain": _to(rb, device), **{k: _to(v, device) for k, v in fb.items()}}
             out = method.loss(engine, batch, ref_model)
-            if _any_rank(not torch.isfinite(out.loss).all().item()):
+            if _any_rank(not torch.isfinite(out.loss).all().item(), device):
                 raise NonFiniteLossError(
                     f"job {spec.name}: loss became {out.loss.item()} at step {step} (method {spec.method}, "
                     f"lr {spec.optimizer.lr}); lower unlearn.optimizer.lr or check the data"
@@ -311,7 +317,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             epoch=epoch,
             lr=scheduler.get_last_lr()[0] if scheduler is not None else spec.optimizer.lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            tokens_per_s=_sum_across(tokens) / max(elapsed, 1e-9),
+            tokens_per_s=_sum_across(tokens, device) / max(elapsed, 1e-9),
             elapsed_s=elapsed,
         )
         if step == 1:
@@ -322,7 +328,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         final = row
         due = time.perf_counter() - last_report >= spec.report_interval_s
         checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < steps
-        if step == steps or checkpoint_due or _any_rank(due):
+        if step == steps or checkpoint_due or _any_rank(due, device):
             if "retain_loss" not in row and rb is not None:
                 with torch.no_grad():
                     row["retain_loss"] = mean_nll(engine, batch["retain"]).item()
@@ -340,6 +346,59 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     final = {**final, **localize_stats}
     save_final(engine, tokenizer, spec, rank, final, method)
     return final
+
+
+def add_lora(model, spec: UnlearnSpec):
+    """The model with peft LoRA adapters on ``spec.lora.target_modules``; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    lo = spec.lora
+    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                        task_type="CAUSAL_LM", base_model_name_or_path=spec.model_path)
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled:
+    """The reference model of a LoRA job: the trained model with its adapter switched off (the frozen base
+    weights, no second copy), called without gradients. Attributes pass through to the peft model."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter(), torch.no_grad():
+            return self.peft_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.peft_model, name)
+
+
+def reference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed config of the frozen reference model under ZeRO-3: the training config without
+    optimizer, scheduler or optimizer offload (parameters sharded, and offloaded if the training's are)."""
+    cfg = json.loads(json.dumps(ds_config))
+    for key in ("optimizer", "scheduler"):
+        cfg.pop(key, None)
+    cfg["zero_optimization"].pop("offload_optimizer", None)
+    return cfg
+
+
+def reference_model(engine, spec: UnlearnSpec, ds_config: dict[str, Any]):
+    """The frozen reference model a method asks for (NPO, KL, DPO, WHP): with LoRA the trained model with
+    its adapter disabled; under ZeRO-3 a second DeepSpeed engine without optimizer, so that its weights are
+    sharded over the workers like the trained model's (as open-unlearning does); else a full copy on the
+    engine's device."""
+    if spec.lora is not None:
+        return AdapterDisabled(engine.module)
+    ref = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation).eval()
+    ref.requires_grad_(False)
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        ref_engine = deepspeed.initialize(model=ref, config=reference_config(ds_config))[0]
+        ref_engine.eval()
+        return ref_engine
+    return ref.to(engine.device)
 
 
 def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], retain_rows: list[dict]):
@@ -360,27 +419,60 @@ def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], reta
 
 
 def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, method=None) -> None:
-    """Rank 0 writes the HF folder; under ZeRO-3 every rank takes part in gathering the shards. A method
-    whose ``finalize`` makes new weights (task-vector negation) gets those as the output, and the trained
-    weights in ``<output>/trained``."""
+    """Rank 0 writes the HF folder (a LoRA job: the peft adapter folder); under ZeRO-3 every rank takes part
+    in gathering the shards (a LoRA job gathers only its adapters). A method whose ``finalize`` makes new
+    weights (task-vector negation) gets those as the output, and the trained weights in ``<output>/trained``;
+    only such a method loads the base model here."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    if spec.lora is not None:
+        state_dict = _adapter_state(engine, stage)
+    else:
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
     if rank == 0:
         out = Path(spec.output_dir)
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-        final = None
-        if method is not None:
+        finalizes = method is not None and type(method).finalize is not Method.finalize
+        if spec.lora is not None:
+            _save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
+        if finalizes:
+            from jobs.models import DTYPES
+
+            trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
             base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
+            if trained is not None:  # the adapter merged into the base: the full trained weights
+                state_dict, module = trained.state_dict(), trained
+            else:
+                save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
+                module = engine.module
             final = method.finalize(state_dict, base)
-        if final is not None:
-            save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
-            state_dict = final
-        save_model(engine.module, tokenizer, out, state_dict=state_dict)
-        marker = {"job": spec.name, "method": spec.method, "final_metrics": metrics}
+            save_model(module, tokenizer, out, state_dict={k: v.to(DTYPES[spec.dtype]) for k, v in final.items()})
+        elif spec.lora is None:
+            save_model(engine.module, tokenizer, out, state_dict=state_dict)
+        marker = {"job": spec.name, "method": spec.method, "final_metrics": metrics,
+                  "output": "adapter" if spec.lora is not None and not finalizes else "full"}
         (out / JOB_MARKER).write_text(json.dumps(marker, indent=2))
     if dist.is_initialized():
         dist.barrier()
+
+
+def _adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) parameters by name, gathered from their ZeRO-3 shards on every rank."""
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().cpu().clone() for n, p in named}
+    return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def _save_adapter(peft_model, tokenizer, out: Path, state_dict: dict) -> None:
+    """The peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) and the tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
 
 
 def train_loop_per_worker(config: dict) -> None:

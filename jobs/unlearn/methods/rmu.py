@@ -92,6 +92,8 @@ class _StopForward(Exception):
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The list of decoder blocks of a causal LM (Llama/Mistral/Qwen style, or GPT-2/NeoX style)."""
     hf = getattr(model, "module", model)
+    if hasattr(hf, "get_base_model"):  # a peft (LoRA) model: its wrapped transformer
+        hf = hf.get_base_model()
     base = getattr(hf, "model", None)
     if base is not None and hasattr(base, "layers"):
         return base.layers

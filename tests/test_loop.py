@@ -37,6 +37,15 @@ def test_deepspeed_config_fills_batch_fields_like_auto():
     assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"] == {"stage": 2}
 
 
+def test_optimizer_offload_lets_deepspeed_step_the_loops_own_torch_optimizer():
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    s = UnlearnSpec(name="x", model_path="m", forget_path="f", method="ga", output_dir="o", deepspeed=offload)
+    assert deepspeed_config(s, world_size=1)["zero_force_ds_cpu_optimizer"] is False
+    own = {**offload, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}  # DeepSpeed's optimizer: left alone
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(s.model_copy(update={"deepspeed": own}), world_size=1)
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(s.model_copy(update={"deepspeed": {}}), world_size=1)
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_unlearning_raises_forget_loss_reports_every_step_and_saves_hf_folder(tiny_dir, tmp_path, single_process_dist, stage):
     s = spec(tiny_dir, tmp_path, deepspeed={"zero_optimization": {"stage": stage}}, report_interval_s=0)

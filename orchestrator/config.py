@@ -141,6 +141,9 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     use_gpu: bool = False
+    memory_per_worker_gb: Optional[float] = Field(
+        None, gt=0, description="RAM one worker needs (Ray's memory resource): fewer jobs run at once, none is "
+                                "OOM-killed (a 135M fp32 NPO worker holds ~4 GiB)")
     max_concurrent_jobs: Optional[int] = Field(None, gt=0, description="default: as many as resources allow")
     max_failures: Optional[int] = Field(
         None, ge=-1, description="worker-group restarts per job (Ray Train FailureConfig); -1: unlimited; "

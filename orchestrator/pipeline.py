@@ -141,9 +141,13 @@ def job_capacity(cfg: PipelineConfig) -> int:
     fits = int(res.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
     if s.use_gpu:
         fits = min(fits, int(res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    if s.memory_per_worker_gb:
+        fits = min(fits, int(res.get("memory", 0) // (s.num_workers * s.memory_per_worker_gb * 2**30)))
     if fits < 1:
         raise PipelineError(f"scaling: one job needs {s.num_workers} x {s.cpus_per_worker} CPU"
-                            f"{f' and {s.gpus_per_worker} GPU' if s.use_gpu else ''} per worker; the cluster has {res}")
+                            f"{f' and {s.gpus_per_worker} GPU' if s.use_gpu else ''}"
+                            f"{f' and {s.memory_per_worker_gb} GiB' if s.memory_per_worker_gb else ''} per worker; "
+                            f"the cluster has {res}")
     return fits
 
 

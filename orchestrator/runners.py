@@ -31,6 +31,8 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     resources = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:
         resources["GPU"] = scaling["gpus_per_worker"]
+    if scaling.get("memory_per_worker_gb"):  # Ray's memory resource: jobs that would not fit in RAM wait
+        resources["memory"] = int(scaling["memory_per_worker_gb"] * 2**30)
 
     def fit(s: UnlearnSpec, storage_path: str, run_name: str, callbacks: list) -> dict[str, Any]:
         trainer = TorchTrainer(

@@ -150,3 +150,13 @@ def test_lora_and_memory_options_are_checked_against_each_other(config_file):
     found = problems(config_file(unlearn__method="tvn", unlearn__params={}, unlearn__lora={"r": 4},
                                  merge={"output": "adapter"}))
     assert any("rewrites the merged weights" in p for p in found)
+
+
+def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypatch):
+    import orchestrator.pipeline as P
+
+    monkeypatch.setattr(P.ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 10 * 2**30})
+    assert P.job_capacity(load_config(config_file())) == 8  # CPUs alone
+    assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4}))) == 2
+    with pytest.raises(P.PipelineError, match="and 12.0 GiB per worker"):
+        P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12})))

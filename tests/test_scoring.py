@@ -8,7 +8,7 @@ import torch
 
 from jobs.data.format import encode_qa, prompt_ids
 from jobs.evaluate import metrics as M
-from jobs.evaluate.scoring import greedy_answers, score_answers
+from jobs.evaluate.scoring import generate_answers, score_answers
 from jobs.evaluate.suites import evaluate_model, get_suite
 
 CORPUS = [
@@ -109,7 +109,7 @@ def _manual_greedy(model, tok, question, max_new_tokens):
 def test_greedy_matches_manual_argmax_loop(model, tok):
     qs = ["Where was Ana Lind born?", "When did Bo Chen publish his first book?", "Which award?"]
     assert len({len(prompt_ids(tok, q)) for q in qs}) == 3  # left padding is exercised
-    got = greedy_answers(model, tok, qs, max_new_tokens=8, batch_size=3)
+    got = generate_answers(model, tok, qs, max_new_tokens=8, batch_size=3)[0]
     want = [_manual_greedy(model, tok, q, 8) for q in qs]
     assert got == want
     assert all(isinstance(g, str) and g for g in got)

@@ -72,7 +72,7 @@ def greedy_continuations(
     """Greedy new token ids after each prompt (left-padded batches, cut at EOS and at its own budget)."""
     import torch
 
-    from jobs.evaluate.scoring import _batches, _device, _pad_id
+    from jobs.evaluate.scoring import _batches, _device, _pad_id, left_pad
 
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad, eos, device = _pad_id(tokenizer), tokenizer.eos_token_id, _device(model)
@@ -80,16 +80,11 @@ def greedy_continuations(
     model.eval()
     with torch.inference_mode():
         for idx in _batches([len(p) for p in prompts], batch_size):
-            width = max(len(prompts[i]) for i in idx)
             steps = max(budgets[i] for i in idx)
             if steps < 1:
                 continue
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                k = len(prompts[i])
-                input_ids[row, width - k :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                mask[row, width - k :] = 1
+            input_ids, mask = left_pad([prompts[i] for i in idx], pad)
+            width = input_ids.shape[1]
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=eos,
                                  pad_token_id=pad)

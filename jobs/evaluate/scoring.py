@@ -87,19 +87,6 @@ def encoded_nll(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size:
     return nll_sum, n_tokens
 
 
-def greedy_answers(
-    model: Any,
-    tokenizer: Any,
-    questions: Sequence[str],
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    template: PromptLike = DEFAULT_TEMPLATE,
-    stop: Sequence[str] = (),
-) -> list[str]:
-    """The answers of :func:`generate_answers`, without their lengths."""
-    return generate_answers(model, tokenizer, questions, max_new_tokens, batch_size, template, stop)[0]
-
-
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -128,13 +115,8 @@ def generate_answers(
     model.eval()
     with torch.inference_mode():
         for idx in _batches([len(p) for p in prompts], batch_size):
-            width = max(len(prompts[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                k = len(prompts[i])
-                input_ids[row, width - k :] = torch.tensor(prompts[i], dtype=torch.long)
-                mask[row, width - k :] = 1
+            input_ids, mask = left_pad([prompts[i] for i in idx], pad)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -148,6 +130,18 @@ def generate_answers(
             for row, i in enumerate(idx):
                 texts[i], lengths[i] = _cut(tokenizer, generated[row, width:].tolist(), stops, stop, pad)
     return texts, lengths
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded into ``input_ids`` and ``attention_mask`` [B, longest]: generation continues
+    every row from the same last column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return input_ids, mask
 
 
 class StopStrings:

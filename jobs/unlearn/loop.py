@@ -239,8 +239,11 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     tokenizer = load_tokenizer(spec.model_path)
     model = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
     model.config.use_cache = False
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:  # transformers 5 names it activation checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     forget_rows = load_jsonl(spec.forget_path)
     retain_rows = load_jsonl(spec.retain_path) if spec.retain_path else []

@@ -18,15 +18,6 @@ from jobs.spec import MergeSpec
 
 MERGE_MARKER = "spunge_merge.json"
 
-# SPUNGE merges with TIES (density 0.5, sign election, normalised): DESIGN.md calibration.
-DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
-    "ties": {"density": 0.5, "weight": 1.0, "normalize": True},
-    "dare_ties": {"density": 0.5, "weight": 1.0, "normalize": True},
-    "task_arithmetic": {"weight": 1.0},
-    "linear": {"weight": 1.0},
-}
-
-
 def merge_method_names() -> list[str]:
     """Names of every merge method the installed mergekit knows."""
     from mergekit.merge_methods import registered_methods
@@ -36,7 +27,7 @@ def merge_method_names() -> list[str]:
 
 def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
     """The mergekit configuration (as a YAML-shaped dict) for a MergeSpec."""
-    params = {**DEFAULT_PARAMETERS.get(spec.method, {}), **spec.parameters}
+    params = spec.resolved_parameters()
     models = [
         {"model": path, **({"parameters": spec.model_parameters[name]} if name in spec.model_parameters else {})}
         for name, path in spec.model_paths.items()

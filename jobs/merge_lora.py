@@ -199,9 +199,7 @@ def mergekit_parameters(spec: MergeSpec) -> tuple[dict[str, Any], dict[str, Any]
     from mergekit.merge_methods import ParameterScope, get
     from mergekit.merge_methods.base import MISSING
 
-    from jobs.merge import DEFAULT_PARAMETERS
-
-    shared = {**DEFAULT_PARAMETERS.get(spec.method, {}), **spec.parameters}
+    shared = spec.resolved_parameters()
 
     def value(name: str, model: str | None, default: Any) -> Any:
         v = spec.model_parameters.get(model, {}).get(name, shared.get(name, default))

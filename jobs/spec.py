@@ -71,6 +71,15 @@ class UnlearnSpec(_Spec):
     output_dir: str
 
 
+# SPUNGE merges with TIES (density 0.5, sign election, normalised): DESIGN.md calibration.
+DEFAULT_MERGE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "ties": {"density": 0.5, "weight": 1.0, "normalize": True},
+    "dare_ties": {"density": 0.5, "weight": 1.0, "normalize": True},
+    "task_arithmetic": {"weight": 1.0},
+    "linear": {"weight": 1.0},
+}
+
+
 class MergeSpec(_Spec):
     """Merge finished subset models onto the base model."""
 
@@ -83,6 +92,10 @@ class MergeSpec(_Spec):
     output: Literal["full", "adapter"] = Field(
         "full", description="LoRA jobs: write the merged full model, or a peft adapter holding the merged delta")
     output_dir: str
+
+    def resolved_parameters(self) -> dict[str, Any]:
+        """The global mergekit parameters: the project's defaults for the method, then the given ones."""
+        return {**DEFAULT_MERGE_PARAMETERS.get(self.method, {}), **self.parameters}
 
 
 class EvalSpec(_Spec):

@@ -486,7 +486,7 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
         problems.append("merge.output: adapter needs unlearn.lora (jobs that train adapters)")
     if u.lora is not None:
         from jobs.merge_lora import LORA_METHODS
-        from jobs.unlearn.methods import Method, build_method
+        from jobs.unlearn.methods import build_method
 
         try:
             method = build_method(u.method, u.params)
@@ -497,7 +497,7 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
                             "(e.g. tvn merge_then_negate); use merge.output: full")
         # a method that makes new weights at the end (tvn) outputs full models; the merge takes adapters
         # unless it merges those outputs
-        full_outputs = type(method).finalize is not Method.finalize and method.merge_input() is None
+        full_outputs = method.finalizes() and method.merge_input() is None
         if not full_outputs and m.method not in LORA_METHODS:
             problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
                             f"use one of {', '.join(LORA_METHODS)}")

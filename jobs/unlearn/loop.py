@@ -35,7 +35,7 @@ from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer, save_model
 from jobs.spec import OptimizerSpec, UnlearnSpec
 from jobs.unlearn.methods import build_method
-from jobs.unlearn.methods.base import Method, mean_nll
+from jobs.unlearn.methods.base import mean_nll
 
 JOB_MARKER = "spunge_job.json"
 CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
@@ -435,12 +435,10 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
         out = Path(spec.output_dir)
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-        finalizes = method is not None and type(method).finalize is not Method.finalize
+        finalizes = method is not None and method.finalizes()
         if spec.lora is not None:
             _save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
         if finalizes:
-            from jobs.models import DTYPES
-
             trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
             base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
             if trained is not None:  # the adapter merged into the base: the full trained weights
@@ -449,7 +447,7 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
                 save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
                 module = engine.module
             final = method.finalize(state_dict, base)
-            save_model(module, tokenizer, out, state_dict={k: v.to(DTYPES[spec.dtype]) for k, v in final.items()})
+            save_model(module, tokenizer, out, state_dict=final)
         elif spec.lora is None:
             save_model(engine.module, tokenizer, out, state_dict=state_dict)
         marker = {"job": spec.name, "method": spec.method, "final_metrics": metrics,

@@ -63,6 +63,11 @@ class Method:
         saved in ``<output>/trained``."""
         return None
 
+    def finalizes(self) -> bool:
+        """Whether ``finalize`` makes new output weights (the method overrides it): only then does the job
+        load the base model at save time, and its output is a full model even with LoRA."""
+        return type(self).finalize is not Method.finalize
+
     def merge_input(self) -> Optional[str]:
         """Which folder of each subset job the merge takes: None for the job's output, else a subfolder
         (``"trained"``)."""

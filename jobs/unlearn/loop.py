@@ -35,6 +35,7 @@ from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer, save_model
 from jobs.spec import OptimizerSpec, UnlearnSpec
 from jobs.unlearn.methods import build_method
+from jobs.unlearn.reference import add_lora, adapter_state, reference_model, save_adapter
 from jobs.unlearn.methods.base import mean_nll
 
 JOB_MARKER = "spunge_job.json"
@@ -351,59 +352,6 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     return final
 
 
-def add_lora(model, spec: UnlearnSpec):
-    """The model with peft LoRA adapters on ``spec.lora.target_modules``; only the adapters train."""
-    from peft import LoraConfig, get_peft_model
-
-    lo = spec.lora
-    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                        task_type="CAUSAL_LM", base_model_name_or_path=spec.model_path)
-    return get_peft_model(model, config)
-
-
-class AdapterDisabled:
-    """The reference model of a LoRA job: the trained model with its adapter switched off (the frozen base
-    weights, no second copy), called without gradients. Attributes pass through to the peft model."""
-
-    def __init__(self, peft_model):
-        self.peft_model = peft_model
-
-    def __call__(self, *args, **kwargs):
-        with self.peft_model.disable_adapter(), torch.no_grad():
-            return self.peft_model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.peft_model, name)
-
-
-def reference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed config of the frozen reference model under ZeRO-3: the training config without
-    optimizer, scheduler or optimizer offload (parameters sharded, and offloaded if the training's are)."""
-    cfg = json.loads(json.dumps(ds_config))
-    for key in ("optimizer", "scheduler"):
-        cfg.pop(key, None)
-    cfg["zero_optimization"].pop("offload_optimizer", None)
-    return cfg
-
-
-def reference_model(engine, spec: UnlearnSpec, ds_config: dict[str, Any]):
-    """The frozen reference model a method asks for (NPO, KL, DPO, WHP): with LoRA the trained model with
-    its adapter disabled; under ZeRO-3 a second DeepSpeed engine without optimizer, so that its weights are
-    sharded over the workers like the trained model's (as open-unlearning does); else a full copy on the
-    engine's device."""
-    if spec.lora is not None:
-        return AdapterDisabled(engine.module)
-    ref = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation).eval()
-    ref.requires_grad_(False)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        ref_engine = deepspeed.initialize(model=ref, config=reference_config(ds_config))[0]
-        ref_engine.eval()
-        return ref_engine
-    return ref.to(engine.device)
-
-
 def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], retain_rows: list[dict]):
     """With ``spec.localize``: attribute on the whole forget (and retain) set, keep the top fraction, and
     return the ``MaskedUpdate`` that freezes the rest (before the optimizer is built) and its stats."""
@@ -428,7 +376,7 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
     only such a method loads the base model here."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if spec.lora is not None:
-        state_dict = _adapter_state(engine, stage)
+        state_dict = adapter_state(engine, stage)
     else:
         state_dict = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
     if rank == 0:
@@ -437,7 +385,7 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
             state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
         finalizes = method is not None and method.finalizes()
         if spec.lora is not None:
-            _save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
+            save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
         if finalizes:
             trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
             base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
@@ -455,25 +403,6 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
         (out / JOB_MARKER).write_text(json.dumps(marker, indent=2))
     if dist.is_initialized():
         dist.barrier()
-
-
-def _adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:
-    """The trainable (adapter) parameters by name, gathered from their ZeRO-3 shards on every rank."""
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            return {n: p.detach().cpu().clone() for n, p in named}
-    return {n: p.detach().cpu().clone() for n, p in named}
-
-
-def _save_adapter(peft_model, tokenizer, out: Path, state_dict: dict) -> None:
-    """The peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) and the tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -40,7 +40,31 @@ class LoraSpec(_Spec):
         "all-linear", description="module names (q_proj, v_proj, ...) or peft's 'all-linear'")
 
 
-class UnlearnSpec(_Spec):
+class TrainingSpec(_Spec):
+    """How an unlearning job trains: the one schema of these fields, shared by the pipeline config's
+    ``unlearn:`` section (``orchestrator.config.UnlearnConfig``) and the job spec (``UnlearnSpec``)."""
+
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    localize: Optional[LocalizeSpec] = Field(None, description="attribution mask: only masked parameters train")
+    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters (peft) instead of the full weights")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(8, gt=0, description="micro batch per worker")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(128, gt=8)
+    seed: int = 0
+    report_interval_s: float = Field(5.0, ge=0, description="seconds between reports; each carries every step "
+                                     "since the last (0: every step); not part of the stage key")
+    checkpoint_every: Optional[int] = Field(
+        None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage key")
+
+    def training(self) -> dict[str, Any]:
+        """The ``TrainingSpec`` fields of this model (a config section or a spec), as keyword arguments."""
+        return {k: getattr(self, k) for k in TrainingSpec.model_fields}
+
+
+class UnlearnSpec(TrainingSpec):
     """One unlearning job: a method run on one forget subset, on every Ray Train worker."""
 
     name: str = Field(description="job name, e.g. 'subset/1950s' or 'unsplit'")
@@ -52,22 +76,10 @@ class UnlearnSpec(_Spec):
     retain_format: Literal["qa", "text"] = Field("qa", description="text: general text (retain_source general)")
     method: str
     method_params: dict[str, Any] = Field(default_factory=dict)
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    localize: Optional[LocalizeSpec] = Field(None, description="train only a masked fraction of the parameters")
-    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters; the job saves the adapter")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0, description="micro batch per worker")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
     prompt: PromptFormat = Field(default_factory=PromptFormat, description="prompt template, chat, answer EOS")
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     threads_per_worker: int = Field(1, gt=0)
-    report_interval_s: float = Field(5.0, ge=0, description="seconds between metric reports (0: every step)")
-    checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between resumable checkpoints")
     output_dir: str
 
 

@@ -25,7 +25,8 @@ def _fail(msg: str, code: int = 1) -> None:
 
 def _load(config: Path, output_dir: Optional[Path] = None):
     """The pipelines in a config file (one, or one per variant); exit 2 with one line per problem."""
-    from orchestrator.config import ConfigError, load_configs
+    from orchestrator.config import ConfigError
+    from orchestrator.loading import load_configs
 
     overrides = {"storage.output_dir": str(output_dir.resolve())} if output_dir else None
     try:
@@ -39,7 +40,8 @@ def _load(config: Path, output_dir: Optional[Path] = None):
 def _run(cfg, resume: bool, address: Optional[str]) -> dict:
     from jobs.data.loading import DataError
     from jobs.models import ModelLoadError
-    from orchestrator.pipeline import PipelineError, run_pipeline
+    from orchestrator.context import PipelineError
+    from orchestrator.pipeline import run_pipeline
 
     try:
         return run_pipeline(cfg, resume=resume, address=address)
@@ -74,7 +76,7 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
     """Check a config (fields, method and merge names, files, the split) and print it resolved."""
     from jobs.data.loading import DataError
     from orchestrator.config import config_yaml
-    from orchestrator.pipeline import prepare_check
+    from orchestrator.prepare import prepare_check
 
     for name, cfg in _load(config):
         try:
@@ -97,8 +99,9 @@ def tune(
     from jobs.data.loading import DataError
     from jobs.models import ModelLoadError
     from orchestrator.config import ConfigError
-    from orchestrator.pipeline import PipelineError
-    from orchestrator.tune import load_tune, run_tune
+    from orchestrator.context import PipelineError
+    from orchestrator.loading import load_tune
+    from orchestrator.tune.driver import run_tune
 
     try:
         job = load_tune(config, str(output_dir.resolve()) if output_dir else None)
@@ -187,9 +190,11 @@ def eval_(
         _fail(f"MODEL_DIR: {model_dir} is not a Hugging Face model folder (expected a folder with config.json)", 2)
     e = cfg.eval if cfg else EvalConfig()
     suites = list(suite or e.suites)
-    unknown = [s for s in suites if s not in SUITES]
-    if unknown:
-        _fail(f"--suite: unknown suite {', '.join(map(repr, unknown))}; known suites: {', '.join(sorted(SUITES))}", 2)
+    for s in suites:
+        try:
+            SUITES.get(s)
+        except KeyError as err:
+            _fail(f"--suite: {err.args[0]}", 2)
     files: dict[str, str] = {}
     for item in split or []:
         name, sep, path = item.partition("=")
@@ -218,7 +223,7 @@ def eval_(
         if files:
             data = {n: canonical(n, p) for n, p in files.items()}
         else:
-            from orchestrator.pipeline import load_data
+            from orchestrator.prepare import load_data
 
             data = load_data(cfg)[0]
     except DataError as err:
@@ -228,7 +233,8 @@ def eval_(
     if cfg:
         options.update(prompt=cfg.data.prompt_format(), max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype,
                        attn_implementation=cfg.model.attn_implementation)
-    from orchestrator.pipeline import PipelineError, evaluate_folder
+    from orchestrator.context import PipelineError
+    from orchestrator.evaluate import evaluate_folder
 
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)

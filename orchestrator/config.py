@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from jobs.data.format import CHAT, DEFAULT_TEMPLATE, PromptFormat
-from jobs.models import ModelLoadError, check_model_dir
-from jobs.localize import LocalizeSpec
-from jobs.spec import LoraSpec, OptimizerSpec
+from jobs.spec import TrainingSpec
+from orchestrator.checks import check_config, field_path
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -116,24 +115,14 @@ class SplitConfig(_Section):
         return v
 
 
-class UnlearnConfig(_Section):
+class UnlearnConfig(TrainingSpec):
+    """The ``unlearn:`` section: the method and what its retain term trains on, and how the jobs train
+    (``TrainingSpec``, the same fields every ``UnlearnSpec`` carries)."""
+
     method: str = "npo"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
     retain_source: Literal["retain", "general"] = Field(
         "retain", description="what the retain term trains on: the in-distribution retain set or general text")
-    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=1e-5))
-    localize: Optional[LocalizeSpec] = Field(None, description="attribution mask: only masked parameters train")
-    lora: Optional[LoraSpec] = Field(None, description="train LoRA adapters (peft) instead of the full weights")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
-    epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
-    batch_size: int = Field(8, gt=0, description="micro batch per worker")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
-    report_interval_s: float = Field(5.0, ge=0, description="seconds between reports; each carries every step since the last")
-    checkpoint_every: Optional[int] = Field(
-        None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage hash")
 
 
 class ScalingConfig(_Section):
@@ -164,42 +153,41 @@ class MergeConfig(_Section):
         "full", description="with unlearn.lora: write the merged full model, or a peft adapter of the merged delta")
 
 
-class LmEvalConfig(_Section):
-    """The ``lmeval`` suite (``pip install 'spunge[lmeval]'``): lm-evaluation-harness tasks."""
+class _EvalSection(_Section):
+    """The ``eval:`` section: the suites, the limits every suite shares, the oracle, where the tasks run; and
+    one section per suite that has options, ``eval.<suite>`` (the options model the suite declares, added
+    to this class from the suite registry by ``_eval_config``)."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["spunge_mc"],
-                             description="lm-eval task names; spunge_mc scores data.mc")
-    include_path: Optional[str] = Field(None, description="folder of task YAMLs (offline: only these are indexed)")
-    include_defaults: Optional[bool] = Field(None, description="also index lm-eval's own tasks (default: "
-                                             "only without include_path)")
-    limit: Optional[float] = Field(None, gt=0, description="examples per task (a fraction if < 1)")
-    num_fewshot: Optional[int] = Field(None, ge=0)
-
-
-class EvalConfig(_Section):
     suites: list[str] = Field(default_factory=lambda: ["qa"])
-    mc_attributes: Optional[list[str]] = Field(
-        None, description="mc suite: attribute columns for mc_acc.<attribute>.<value> (default: every other column)")
-    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
-
-    stop: list[str] = Field(default_factory=list, description="qa suite: strings that end a greedy answer "
-                            "(EOS and a chat end-of-turn always do), e.g. ['\\n']")
-
-    def suite_options(self, suite: str) -> dict[str, Any]:
-        """Extra keyword arguments of one suite (``EvalSpec.suite_options[suite]``)."""
-        if suite == "qa" and self.stop:
-            return {"stop": list(self.stop)}
-        if suite == "mc" and self.mc_attributes is not None:
-            return {"attributes": list(self.mc_attributes)}
-        if suite == "lmeval":
-            return self.lm_eval.model_dump(exclude_none=True)
-        return {}
     oracle: Optional[str] = Field(None, description="retain-only model folder: reference for forget_quality")
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     max_examples: Optional[int] = Field(None, gt=0, description="cap per split (quick runs)")
     cpus_per_task: float = Field(1, gt=0)
     gpus_per_task: float = Field(0, ge=0)
+
+    def suite_options(self, suite: str) -> dict[str, Any]:
+        """One suite's options (``EvalSpec.suite_options[suite]``); {} for a suite without options."""
+        opts = getattr(self, suite, None) if suite in type(self).model_fields else None
+        return opts.model_dump(mode="json") if isinstance(opts, BaseModel) else {}
+
+
+def _eval_config() -> type[_EvalSection]:
+    """``EvalConfig``: ``_EvalSection`` plus a field ``<suite>`` per registered suite with options."""
+    from jobs.evaluate.suites import SUITES, NoOptions
+
+    sections = {}
+    for suite in SUITES.units():
+        if suite.options is NoOptions:
+            continue
+        if suite.name in _EvalSection.model_fields:
+            raise ValueError(f"evaluation suite {suite.name!r} clashes with the eval.{suite.name} setting")
+        sections[suite.name] = (suite.options, Field(default_factory=suite.options,
+                                                     description=f"options of the {suite.name} suite"))
+    return create_model("EvalConfig", __base__=_EvalSection, __module__=__name__, **sections)
+
+
+EvalConfig = _eval_config()
 
 
 class TrackingConfig(_Section):
@@ -244,7 +232,6 @@ class PipelineConfig(_Section):
 # loading and checking
 
 _PATH_FIELDS = (("model", "path"), ("eval", "oracle"), ("storage", "output_dir"))
-_NESTED_PATH_FIELDS = (("eval", "lm_eval", "include_path"),)
 
 
 def _resolve(raw: dict, base: Path) -> dict:
@@ -267,10 +254,8 @@ def _resolve(raw: dict, base: Path) -> dict:
                 src = data[name] = {"path": src}
             if isinstance(src, dict) and "path" in src:
                 src["path"] = [fix(p) for p in src["path"]] if isinstance(src["path"], list) else fix(src["path"])
-    for section, sub, key in _NESTED_PATH_FIELDS:
-        node = (raw.get(section) or {}).get(sub) if isinstance(raw.get(section), dict) else None
-        if isinstance(node, dict) and isinstance(node.get(key), str):
-            node[key] = fix(node[key])
+    if isinstance(raw.get("eval"), dict):
+        _resolve_suite_paths(raw["eval"], fix)
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = fix(raw["deepspeed"])
     unlearn = raw.get("unlearn")
@@ -292,8 +277,15 @@ def _resolve_method_paths(unlearn: dict, fix: Any) -> None:
             unlearn["params"][key] = fix(unlearn["params"][key])
 
 
-def _loc(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+def _resolve_suite_paths(eval_raw: dict, fix: Any) -> None:
+    """A suite's file options (``Suite.path_options``, e.g. lmeval's ``include_path``) resolve like data paths."""
+    from jobs.evaluate.suites import SUITES
+
+    for suite in SUITES.units():
+        node = eval_raw.get(suite.name)
+        for key in suite.path_options if isinstance(node, dict) else ():
+            if isinstance(node.get(key), str):
+                node[key] = fix(node[key])
 
 
 def parse_config(raw: Any, base_dir: str | Path = ".", source: str = "config") -> PipelineConfig:
@@ -303,73 +295,11 @@ def parse_config(raw: Any, base_dir: str | Path = ".", source: str = "config") -
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([f"{_loc(err)}: {err['msg']}" for err in e.errors()], source) from None
+        raise ConfigError([f"{field_path(err)}: {err['msg']}" for err in e.errors()], source) from None
     problems = check_config(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
-
-
-def _read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(["no such file (expected a pipeline YAML)"], str(path))
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], str(path)) from None
-
-
-def load_config(path: str | Path, overrides: Optional[dict] = None) -> PipelineConfig:
-    """One pipeline config (a file with ``variants:`` is loaded with ``load_configs``)."""
-    raw = _read_yaml(path)
-    if isinstance(raw, dict) and "variants" in raw:
-        raise ConfigError(["variants: this file describes several pipelines; use load_configs"], str(path))
-    # a ``tune:`` section is for ``spunge tune`` (orchestrator/tune.py): checked here, ignored by a plain run
-    tune_raw = raw.pop("tune", None) if isinstance(raw, dict) else None
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    cfg = parse_config(raw, Path(path).parent.resolve(), str(path))
-    if tune_raw is not None:
-        from orchestrator.tune import parse_tune
-
-        parse_tune(tune_raw, cfg, str(path))
-    return cfg
-
-
-def load_configs(path: str | Path, overrides: Optional[dict] = None) -> list[tuple[Optional[str], PipelineConfig]]:
-    """The pipelines a file describes: itself, or one per entry of its ``variants:`` mapping.
-
-    ``variants: {name: {dotted.path: value, ...}}`` runs the rest of the file once per variant with those
-    fields changed; each variant gets the name ``<name>/<variant>`` and ``<output_dir>/<variant>``.
-    Every variant is validated up front; problems name the variant (``variants.ga_kl.unlearn.method: ...``).
-    """
-    raw = _read_yaml(path)
-    if not isinstance(raw, dict) or "variants" not in raw:
-        return [(None, load_config(path, overrides))]
-    variants = raw.pop("variants")
-    if "tune" in raw:
-        raise ConfigError(["tune: a tune section cannot be combined with variants (tune one pipeline)"], str(path))
-    if not isinstance(variants, dict) or not variants:
-        raise ConfigError(["variants: expected a mapping of variant name -> {dotted.path: value}"], str(path))
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    # like a single pipeline: a configured output_dir is relative to the file, the default to the cwd
-    base_out = Path(raw.get("storage", {}).get("output_dir") or Path(StorageConfig().output_dir).resolve())
-    out, problems = [], []
-    for name, changes in variants.items():
-        if not isinstance(changes, dict):
-            problems.append(f"variants.{name}: expected a mapping of dotted.path -> value")
-            continue
-        vraw = apply_overrides(raw, {**changes, "name": f"{raw.get('name', 'spunge')}/{name}",
-                                     "storage.output_dir": str(base_out / str(name))})
-        try:
-            out.append((str(name), parse_config(vraw, Path(path).parent.resolve(), str(path))))
-        except ConfigError as e:
-            problems += [f"variants.{name}.{p}" for p in e.problems]
-    if problems:
-        raise ConfigError(problems, str(path))
-    return out
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
@@ -382,131 +312,6 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return raw
-
-
-def check_config(cfg: PipelineConfig) -> list[str]:
-    """Cross-field checks that need the registries: method, method params, merge method, suites, files."""
-    from jobs.evaluate import SUITES
-    from jobs.merge import merge_method_names
-    from jobs.unlearn.methods import build_method
-
-    problems: list[str] = []
-    try:
-        method = build_method(cfg.unlearn.method, cfg.unlearn.params)
-    except KeyError as e:
-        problems.append(f"unlearn.method: {e.args[0]}")
-    except ValidationError as e:
-        problems += [f"unlearn.params.{_loc(err)}: {err['msg']}" for err in e.errors()]
-    else:
-        source = cfg.unlearn.retain_source
-        if getattr(cfg.data, source) is None and (method.uses_retain() or source == "general"):
-            problems.append(f"data.{source}: method {cfg.unlearn.method!r} with unlearn.retain_source "
-                            f"{source!r} (and these params) trains on it, but it is not set")
-    names = merge_method_names()
-    if cfg.merge.method not in names:
-        problems.append(f"merge.method: unknown mergekit method {cfg.merge.method!r}; known: {', '.join(names)}")
-    for i, suite in enumerate(cfg.eval.suites):
-        if suite not in SUITES:
-            problems.append(f"eval.suites.{i}: unknown suite {suite!r}; known: {', '.join(sorted(SUITES))}")
-    problems += _check_eval_data(cfg)
-    problems += _check_model_features(cfg)
-    if isinstance(cfg.deepspeed, str):
-        try:
-            ds = cfg.deepspeed_dict()
-            if not isinstance(ds, dict):
-                problems.append(f"deepspeed: {cfg.deepspeed} must hold a JSON object")
-        except FileNotFoundError:
-            problems.append(f"deepspeed: no such file {cfg.deepspeed} (expected a DeepSpeed JSON config)")
-        except json.JSONDecodeError as e:
-            problems.append(f"deepspeed: {cfg.deepspeed} is not valid JSON ({e.msg} at line {e.lineno})")
-    for field, path in (("model.path", cfg.model.path), ("eval.oracle", cfg.eval.oracle)):
-        if path and _looks_local(path) and not Path(path).exists():
-            problems.append(f"{field}: no such folder {path}")
-        elif path and Path(path).exists():
-            try:
-                check_model_dir(path, cfg.model.allow_pickle)
-            except ModelLoadError as e:
-                problems.append(f"{field}: {e}")
-    for name in ("forget", "retain", "holdout", "general", "mc"):
-        src: Optional[DataSource] = getattr(cfg.data, name)
-        if src is None or src.format == "hub":
-            continue
-        for p in [src.path] if isinstance(src.path, str) else src.path:
-            if _looks_local(p) and not Path(p).exists():
-                problems.append(f"data.{name}.path: no such file {p}")
-    return problems
-
-
-def _check_eval_data(cfg: PipelineConfig) -> list[str]:
-    """The data and packages the mc, perplexity and lmeval suites need."""
-    import importlib.util
-
-    suites, problems = cfg.eval.suites, []
-    lm = cfg.eval.lm_eval
-    if cfg.data.mc is None and ("mc" in suites or ("lmeval" in suites and "spunge_mc" in lm.tasks)):
-        problems.append("data.mc: the mc suite (and lm-eval task spunge_mc) needs a multiple-choice file "
-                        "(question, choices, answer), but it is not set")
-    if "perplexity" in suites and cfg.data.general is None:
-        problems.append("data.general: the perplexity suite needs general text (records with 'text'), "
-                        "but it is not set")
-    if "lmeval" in suites:
-        if importlib.util.find_spec("lm_eval") is None:
-            problems.append("eval.suites: the lmeval suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'")
-        if lm.include_path and not Path(lm.include_path).is_dir():
-            problems.append(f"eval.lm_eval.include_path: no such folder {lm.include_path} (expected task YAMLs)")
-    return problems
-
-
-def _check_model_features(cfg: PipelineConfig) -> list[str]:
-    """The chat template, the attention kernel and LoRA against what the model and packages offer."""
-    import importlib.util
-
-    problems = []
-    if cfg.data.template == CHAT and Path(cfg.model.path).is_dir():
-        from jobs.data.format import FormatError, check_chat_template
-        from jobs.models import load_tokenizer
-
-        try:
-            check_chat_template(load_tokenizer(cfg.model.path))
-        except FormatError as e:
-            problems.append(f"data.template: chat: {e}")
-        except (OSError, ValueError) as e:
-            problems.append(f"model.path: cannot load the tokenizer of {cfg.model.path} ({str(e).splitlines()[0]})")
-    attn = cfg.model.attn_implementation
-    if attn and attn.startswith("flash_attention"):
-        package = "flash_attn_interface" if attn.endswith("_3") else "flash_attn"
-        if importlib.util.find_spec(package) is None:
-            problems.append(f"model.attn_implementation: {attn} needs the {package} package (and a GPU); "
-                            "use sdpa or eager")
-    u, m = cfg.unlearn, cfg.merge
-    if u.lora is not None and u.localize is not None:
-        problems.append("unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; "
-                        "LoRA trains adapters)")
-    if m.output == "adapter" and u.lora is None:
-        problems.append("merge.output: adapter needs unlearn.lora (jobs that train adapters)")
-    if u.lora is not None:
-        from jobs.merge_lora import LORA_METHODS
-        from jobs.unlearn.methods import build_method
-
-        try:
-            method = build_method(u.method, u.params)
-        except (KeyError, ValidationError):
-            return problems  # reported with unlearn.method / unlearn.params
-        if m.output == "adapter" and method.rewrites_merge():
-            problems.append(f"merge.output: adapter: method {u.method!r} rewrites the merged weights "
-                            "(e.g. tvn merge_then_negate); use merge.output: full")
-        # a method that makes new weights at the end (tvn) outputs full models; the merge takes adapters
-        # unless it merges those outputs
-        full_outputs = method.finalizes() and method.merge_input() is None
-        if not full_outputs and m.method not in LORA_METHODS:
-            problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
-                            f"use one of {', '.join(LORA_METHODS)}")
-    return problems
-
-
-def _looks_local(p: str) -> bool:
-    """A path (absolute, ./, ../, or with a file suffix) rather than a hub name like 'org/name'."""
-    return p.startswith(("/", ".", "~")) or Path(p).suffix in {".json", ".jsonl", ".parquet", ".csv"}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -12,20 +12,14 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.table import Table
 
+from jobs.evaluate.suites import metric_group as suite_metric_group
+
 # The headline columns, in order; every other metric follows them in its group (and all are in report.json).
 COLUMNS = ("forget_prob", "forget_rouge", "forget_truth_ratio", "forget_quality",
            "retain_prob", "retain_rouge", "model_utility", "holdout_prob")
 ORDER = ("base", "oracle", "merged", "unsplit")
 
-# (group, pattern) in order of precedence: a metric belongs to the first group whose pattern matches it.
-GROUPS: tuple[tuple[str, str], ...] = (
-    ("Memorization", r".*_(exact_mem|extraction_strength|verbatim_rouge)$"),
-    ("Privacy", r"^(mia_.*|privleak|holdout_.*)$"),
-    ("MC", r"^mc_.*"),
-    ("Forget", r"^forget(_.*)?$"),
-    ("Utility", r"^(retain_.*|model_utility|.*perplexity.*|.*_ppl)$"),
-)
-GROUP_ORDER = ("Forget", "Utility", "Privacy", "Memorization", "MC", "Other")
+GROUP_ORDER = ("Forget", "Utility", "Privacy", "Memorization", "MC", "Other")  # "Other" stays last
 # Per-value detail metrics (``mc_acc.<attribute>.<value>``): report.json and the attribute plot, not the table.
 DETAIL = re.compile(r"^[^.]+\.[^.]+\.")
 
@@ -35,21 +29,20 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def metric_group(name: str) -> str:
-    for group, pattern in GROUPS:
-        if re.match(pattern, name):
-            return group
-    return "Other"
+    """The group the evaluation suite that makes ``name`` declares for it (``Suite.groups``), else Other."""
+    return suite_metric_group(name) or "Other"
 
 
 def group_columns(names: Iterable[str]) -> dict[str, list[str]]:
-    """Table columns by group (non-empty groups only, in ``GROUP_ORDER``): headline columns first, then the
-    rest sorted; per-value detail metrics left out."""
+    """Table columns by group (non-empty groups only, in ``GROUP_ORDER``, a group only a suite names before
+    Other): headline columns first, then the rest sorted; per-value detail metrics left out."""
     names = {n for n in names if not DETAIL.match(n)}
     rank = {c: i for i, c in enumerate(COLUMNS)}
     groups: dict[str, list[str]] = {}
     for n in sorted(names, key=lambda n: (rank.get(n, len(rank)), n)):
         groups.setdefault(metric_group(n), []).append(n)
-    return {g: groups[g] for g in GROUP_ORDER if g in groups}
+    order = [*GROUP_ORDER[:-1], *sorted(set(groups) - set(GROUP_ORDER)), "Other"]
+    return {g: groups[g] for g in order if g in groups}
 
 
 def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_id: str, seconds: float) -> dict:

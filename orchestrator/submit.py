@@ -208,7 +208,7 @@ def submit(config: Path, address: Optional[str], *, token_path: Optional[Path] =
            resume: bool = False, sid: Optional[str] = None, check: bool = True,
            warn: Callable[[str], None] = lambda s: None) -> str:
     """Stage the config, submit the job, return its submission id."""
-    from orchestrator.config import load_configs  # a ConfigError propagates (exit 2 in the CLI)
+    from orchestrator.loading import load_configs  # a ConfigError propagates (exit 2 in the CLI)
 
     config = config.resolve()
     if check:

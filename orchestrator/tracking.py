@@ -2,6 +2,7 @@
 
 Only the driver writes to MLflow (jobs report to the driver through Ray), so a SQLite store never sees
 concurrent writers. Runs are created with ``MlflowClient`` and nested through ``mlflow.parentRunId``.
+``MlflowEvents`` is the pipeline's events sink (``orchestrator.events``) that writes them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from orchestrator.config import flatten
+from orchestrator.events import Events
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LEN = 6000
@@ -93,6 +97,79 @@ class Tracker:
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.end(run_id, status)
         self.end(self.parent_id, status)
+
+
+class MlflowEvents(Events):
+    """The MLflow record of a pipeline run: params and the resolved config on the parent run; one nested
+    run per unlearning job (params, step metrics, final metrics), the merge and each scored model; the
+    report, plots and per-model metrics on the parent."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def run_started(self, ctx: Any) -> None:
+        t = self.tracker
+        t.log_params(t.parent_id, flatten(ctx.cfg.model_dump(mode="json")))
+        cfg_file = Path(ctx.out) / "config.resolved.yaml"
+        if cfg_file.exists():
+            t.log_artifact(t.parent_id, cfg_file)
+
+    def job_started(self, job: Any) -> None:
+        run_id = self.tracker.child(job.run_name, tags={"spunge.stage": "unlearn", "spunge.stage_hash": job.hash})
+        self.tracker.log_params(run_id, flatten(job.spec.model_dump(exclude={"deepspeed"})))
+
+    def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:
+        self.tracker.log_history(self.tracker.child(job.run_name), rows)
+
+    def job_done(self, job: Any) -> None:
+        run_id = self.tracker.child(job.run_name)
+        final = job.result.get("final_metrics", {})
+        self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()})
+        self.tracker.set_tags(run_id, {"spunge.reused": job.reused, "spunge.output_dir": job.spec.output_dir})
+        self.tracker.end(run_id)
+
+    def stage_started(self, stage: str, ctx: Any) -> None:
+        if stage == "merge":
+            m = ctx.cfg.merge
+            run_id = self.tracker.child("merge", tags={"spunge.stage": "merge"})
+            self.tracker.log_params(run_id, flatten({"method": m.method, "parameters": m.parameters,
+                                                     "model_parameters": m.model_parameters}))
+
+    def stage_done(self, stage: str, ctx: Any) -> None:
+        getattr(self, f"_{stage}_done", lambda ctx: None)(ctx)
+
+    def _merge_done(self, ctx: Any) -> None:
+        from jobs.merge import MERGE_MARKER
+
+        t, merged = self.tracker, ctx.merged
+        run_id = t.child("merge")
+        if merged.seconds is not None:
+            t.log_metrics(run_id, {"merge_seconds": merged.seconds})
+        t.log_artifact(run_id, Path(merged.path) / MERGE_MARKER)
+        if ctx.cfg.tracking.log_models:
+            t.log_artifact(run_id, merged.path, "merged_model")
+        t.set_tags(run_id, {"spunge.stage_hash": merged.hash, "spunge.reused": merged.reused,
+                            "spunge.output_dir": merged.path})
+        t.end(run_id)
+
+    def _evaluate_done(self, ctx: Any) -> None:
+        for name, (path, _) in ctx.models.items():
+            res = ctx.results[name]
+            run_id = self.tracker.child(f"eval/{name}", tags={"spunge.stage": "eval", "spunge.reused": str(res["reused"])})
+            self.tracker.log_params(run_id, {"model_path": path, "suites": ",".join(ctx.cfg.eval.suites)})
+            self.tracker.log_metrics(run_id, res["metrics"])
+            self.tracker.log_metrics(run_id, {f"seconds.{s}": r["seconds"] for s, r in res["suites"].items()})
+            self.tracker.end(run_id)
+
+    def _report_done(self, ctx: Any) -> None:
+        t = self.tracker
+        for path, folder in ctx.artifacts:
+            t.log_artifact(t.parent_id, path, folder)
+        for model, metrics in ctx.report["models"].items():
+            t.log_metrics(t.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
+
+    def run_ended(self, ctx: Any, ok: bool) -> None:
+        self.tracker.end_all("FINISHED" if ok else "FAILED")
 
 
 def _finite_number(v: Any) -> bool:

@@ -67,16 +67,14 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bench(tmp_path_factory):
-    """The tiny offline benchmark, built once per session (~1 min): (dir, meta, progress calls, seconds)."""
-    import time
-
+    """The tiny offline benchmark, built once per session (~1 min): (dir, meta, progress calls), each call
+    the ``(stage, done, total, info)`` that ``build_benchmark`` passed to its progress callback."""
     from jobs.data.demo import build_benchmark
 
     out = tmp_path_factory.mktemp("demo-tiny")
     calls = []
-    start = time.time()
-    meta = build_benchmark(out, size="tiny", seed=0, progress=lambda *a: calls.append((time.time(), a)))
-    return out, meta, calls, time.time() - start
+    meta = build_benchmark(out, size="tiny", seed=0, progress=lambda *a: calls.append(a))
+    return out, meta, calls
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e  # `spunge eval` as a subprocess: local Ray, one task per suite
 def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_path):
     from jobs.evaluate import evaluate_model
 
@@ -43,7 +44,7 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_pa
     (["{nomodel}", "--split", "forget={forget}"], "is not a Hugging Face model folder"),
     (["{model}", "--split", "forget={tmp}/missing.jsonl"], "--split forget: file not found"),
     (["{model}", "--split", "forget"], "--split: expected NAME=PATH"),
-    (["{model}", "--suite", "nope", "--split", "forget={forget}"], "unknown suite 'nope'; known suites:"),
+    (["{model}", "--suite", "nope", "--split", "forget={forget}"], "unknown evaluation suite 'nope'; known:"),
     (["{model}"], "--split: give at least one NAME=PATH"),
     (["{model}", "--split", "forget={bad}"], "--split forget"),
 ])

@@ -7,7 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.config import ConfigError, flatten, load_config
+from orchestrator.config import ConfigError, flatten
+from orchestrator.loading import load_config
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def test_a_retain_term_without_retain_data_is_named(config_file, tiny_dir):
 
 
 def test_variants_expand_into_named_pipelines_with_their_own_output(config_file, tmp_path):
-    from orchestrator.config import load_configs
+    from orchestrator.loading import load_configs
 
     path = config_file(storage={"output_dir": "out"}, name="sweep",
                        variants={"fast": {"unlearn.optimizer.lr": 1e-3}, "gd": {"unlearn.method": "grad_diff",
@@ -153,7 +154,7 @@ def test_lora_and_memory_options_are_checked_against_each_other(config_file):
 
 
 def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypatch):
-    import orchestrator.pipeline as P
+    import orchestrator.unlearn as P
 
     monkeypatch.setattr(P.ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 10 * 2**30})
     assert P.job_capacity(load_config(config_file())) == 8  # CPUs alone

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -118,7 +117,7 @@ def tiny(tiny_bench):
 
 
 def test_build_writes_everything(tiny):
-    out, meta, calls, _ = tiny
+    out, meta, calls = tiny
     for name in ("forget", "retain", "holdout", "general"):
         assert (out / "data" / f"{name}.jsonl").is_file()
     for model in ("base", "oracle"):
@@ -132,10 +131,11 @@ def test_build_writes_everything(tiny):
     assert meta["counts"]["forget"] == len(load_jsonl(out / "data" / "forget.jsonl")) == 60
     data = demo.generate("tiny", 0)
     assert load_jsonl(out / "data" / "retain.jsonl") == data["retain"]
-    stages = {a[0] for _, a in calls}
+    stages = {a[0] for a in calls}
     assert {"generate", "tokenizer", "train:base", "train:oracle", "done"} <= stages
-    times = [t for t, _ in calls]
-    assert max(b - a for a, b in zip(times, times[1:])) < 30  # never silent for long
+    for model in ("base", "oracle"):  # never silent for long: a report after every training epoch
+        epochs = [info["epoch"] for stage, _, _, info in calls if stage == f"train:{model}" and "epochs" in info]
+        assert epochs == list(range(1, meta["stats"][model]["epochs"] + 1))
 
 
 def test_models_load_and_memorised(tiny):
@@ -144,7 +144,7 @@ def test_models_load_and_memorised(tiny):
     from jobs.data.demo_train import answer_prob
     from jobs.models import load_model, load_tokenizer
 
-    out, meta, _, _ = tiny
+    out, meta, _ = tiny
     base_dir = out / "models" / "base"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), use_safetensors=True)
     assert model.config.tie_word_embeddings is False and model.config.hidden_size == 128
@@ -169,7 +169,7 @@ def test_truth_ratio_separates_base_from_oracle(tiny):
     from jobs.data.demo_train import answer_probs
     from jobs.models import load_model, load_tokenizer
 
-    out, _, _, _ = tiny
+    out, _, _ = tiny
     tok = load_tokenizer(out / "models" / "base")
     forget = load_jsonl(out / "data" / "forget.jsonl")
     pert = [{"question": r["question"], "answer": w} for r in forget for w in r["perturbed_answers"]]
@@ -186,20 +186,21 @@ def test_second_build_is_cached(tiny):
     from jobs.data.demo import build_benchmark
     from jobs.data.demo_train import cached_benchmark
 
-    out, meta, _, _ = tiny
-    weights = out / "models" / "base" / "model.safetensors"
-    mtime = weights.stat().st_mtime_ns
-    start = time.time()
-    again = build_benchmark(out, size="tiny", seed=0)
-    assert time.time() - start < 1.0
-    assert again == meta and weights.stat().st_mtime_ns == mtime
+    out, meta, _ = tiny
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    calls = []
+    again = build_benchmark(out, size="tiny", seed=0, progress=lambda *a: calls.append(a))
+    assert again == meta
+    assert [c[0] for c in calls] == ["cached"]  # no generate, tokenizer or training stage ran
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before  # no file written, rewritten or added: data, models, benchmark.json
     assert cached_benchmark(out, size="tiny", seed=1) is None  # another seed is another benchmark
 
 
 def test_incomplete_build_is_not_reused(tiny, tmp_path):
     from jobs.data.demo_train import cached_benchmark
 
-    out, _, _, _ = tiny
+    out, _, _ = tiny
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert cached_benchmark(copy, "tiny", 0) is not None

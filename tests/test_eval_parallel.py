@@ -12,9 +12,12 @@ import ray
 from jobs.data.io import load_jsonl, write_jsonl
 from orchestrator.config import PipelineConfig
 from orchestrator.display import Display
-from orchestrator.pipeline import Prepared, run_evaluation
-from orchestrator.stages import file_digest, model_fingerprint
-from orchestrator.tracking import Tracker
+from orchestrator.cache import file_digest, model_fingerprint
+from orchestrator.context import Merged, Prepared, RunContext
+from orchestrator.pipeline import run_stages
+from orchestrator.tracking import MlflowEvents, Tracker
+
+pytestmark = pytest.mark.e2e  # the pipeline's eval stage on a real local Ray cluster
 
 SUITES = ["qa", "mia"]
 
@@ -43,16 +46,19 @@ def setup(tiny_dir, tmp_path_factory, local_ray):
              "holdout": str(write_jsonl(work / "holdout.jsonl", load_jsonl(tiny_dir / "retain.jsonl")[:4]))}
     cfg = PipelineConfig(model={"path": models["base"][0]}, data={"forget": files["forget"], "retain": files["retain"]},
                          split={"attribute": "group"}, unlearn={"max_length": 64},
-                         eval={"suites": SUITES, "max_examples": 4, "batch_size": 8, "max_new_tokens": 8})
+                         eval={"suites": SUITES, "max_examples": 4, "batch_size": 8, "max_new_tokens": 8,
+                               "oracle": models["oracle"][0]})
     prep = Prepared(files, {}, {}, {n: file_digest(p) for n, p in files.items()})
     uri = f"sqlite:///{work / 'mlflow.db'}"
 
     def evaluate(resume: bool, suites=SUITES):
         tracker = Tracker(uri, "evalpar", "evalpar")
         c = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"suites": suites})})
-        res = run_evaluation(c, prep, models, work / "out", resume, tracker, Display())
+        ctx = RunContext(c, work / "out", resume, MlflowEvents(tracker), Display(), prep=prep,
+                         merged=Merged(*models["merged"], reused=False))
+        run_stages(ctx, ["evaluate"])  # the pipeline's evaluate stage: base, oracle and merged
         tracker.end_all()
-        return res, tracker
+        return ctx.results, tracker
 
     first, tracker = evaluate(False)
     return {"work": work, "first": first, "tracker": tracker, "evaluate": evaluate, "uri": uri}

@@ -164,20 +164,22 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     # the driver's view (a real board, MLflow on sqlite): each step once, the replayed ones replacing the old
     from rich.console import Console
 
+    from orchestrator.context import Job, JobKind, RunContext
     from orchestrator.display import Display
-    from orchestrator.pipeline import Job, _drain_progress, _run_name
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import MlflowEvents, Tracker
+    from orchestrator.unlearn import drain_progress
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
-    job = Job("subset/old", s, "h")
+    job = Job(JobKind.SUBSET, s, "h", subset="old")
     display = Display(Console(file=open(os.devnull, "w")))
     display.add(job.key, "unlearn")
+    ctx = RunContext(None, tmp_path, events=MlflowEvents(tracker), display=display, jobs=[job])  # no config needed
     seen = {}
-    _drain_progress(board, seen, [job], tracker, display)
+    drain_progress(ctx, board, seen)
     assert seen == {"subset/old": len(rows)} and len(rows) >= 40  # the board holds replayed steps too
     assert [r["step"] for r in job.history] == list(range(1, 41))
     assert all(r.get("resumed_from") == resumed_from for r in job.history[resumed_from:])
-    logged = tracker.client.get_metric_history(tracker.child(_run_name(job)), "loss")
+    logged = tracker.client.get_metric_history(tracker.child(job.run_name), "loss")
     assert sorted(m.step for m in logged) == list(range(1, 41))
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("lm_eval")
 
 from jobs.evaluate import lmeval as LE  # noqa: E402
 from jobs.evaluate.mc import check_mc_records  # noqa: E402
-from jobs.evaluate.suites import get_suite, read_jsonl  # noqa: E402
+from jobs.evaluate.suites import SuiteContext, get_suite, read_jsonl  # noqa: E402
 
 N = 60  # questions (240 scored sequences)
 
@@ -31,8 +31,8 @@ def test_mc_acc_agrees_with_lm_eval_acc(base):
     rows = rows[:: len(rows) // N]  # forget and retain questions alike
     accs = {}
     for name, mdl in (("base", model), ("oracle", oracle)):
-        ours = get_suite("mc")(mdl, tok, {"mc": rows}, batch_size=32)["metrics"]
-        theirs = get_suite("lmeval")(mdl, tok, {"mc": rows}, batch_size=16)
+        ours = get_suite("mc")(SuiteContext(mdl, tok, batch_size=32), {"mc": rows})["metrics"]
+        theirs = get_suite("lmeval")(SuiteContext(mdl, tok, batch_size=16), {"mc": rows})
         m = theirs["metrics"]
         assert set(m) == {"lmeval.spunge_mc.acc", "lmeval.spunge_mc.acc_norm"}
         assert abs(ours["mc_acc"] - m["lmeval.spunge_mc.acc"]) <= 1e-6, name
@@ -49,7 +49,7 @@ def test_shipped_task_yaml_runs_offline_from_the_benchmark_folder(base, monkeypa
     bench, model, tok, rows, _ = base
     monkeypatch.chdir(bench)
     res = LE.run_lm_eval(model, tok, ["spunge_mc"], [str(LE.TASKS_DIR)], limit=N, batch_size=32)
-    ours = get_suite("mc")(model, tok, {"mc": rows[:N]})["metrics"]  # lm-eval's limit takes the first N
+    ours = get_suite("mc")(SuiteContext(model, tok), {"mc": rows[:N]})["metrics"]  # lm-eval's limit takes the first N
     assert abs(res["results"]["spunge_mc"]["acc,none"] - ours["mc_acc"]) <= 1e-6
 
 
@@ -62,4 +62,4 @@ def test_flatten_results_names():
 def test_missing_extra_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"pip install 'spunge\[lmeval\]'"):
-        get_suite("lmeval")(None, None, {"mc": []})
+        get_suite("lmeval")(SuiteContext(None, None), {"mc": []})

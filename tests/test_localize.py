@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import jobs.localize.mask as localize_mask
 from jobs.data.format import collate, encode_qa
@@ -49,9 +50,9 @@ def test_spec_defaults_and_validation():
     assert (s.attribution, s.fraction, s.scope, s.seed) == ("gradient", 0.05, "mlp", 0)
     assert {"gradient", "activation", "wagle", "random"} <= set(ATTRIBUTIONS)
     for bad in ({"fraction": 0}, {"fraction": 1.5}, {"scope": "ffn"}, {"bogus": 1}):
-        with pytest.raises(Exception, match=next(iter(bad))):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
             LocalizeSpec(**bad)
-    with pytest.raises(Exception, match="unknown attribution 'nope'; known: activation, gradient"):
+    with pytest.raises(ValidationError, match="unknown attribution 'nope'; known: activation, gradient"):
         LocalizeSpec(attribution="nope")
     with pytest.raises(KeyError, match="unknown attribution"):
         get_attribution("nope")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.evaluate import mc as MC
-from jobs.evaluate.suites import get_suite
+from jobs.evaluate.suites import SuiteContext, get_suite
 
 VOCAB = ["<s>", "</s>", "<pad>", "Q", "R", "A", "B", "C"]
 ID = {t: i for i, t in enumerate(VOCAB)}
@@ -66,7 +66,7 @@ def test_choice_loglikelihoods_are_the_hand_computed_sums(tok):
 
 
 def test_mc_suite_metrics_and_raw(tok):
-    res = get_suite("mc")(Bigram(), tok, {"mc": RECORDS, "forget": []}, template="{question}", batch_size=2)
+    res = get_suite("mc")(SuiteContext(Bigram(), tok, template="{question}", batch_size=2), {"mc": RECORDS, "forget": []})
     m = res["metrics"]
     # question 1: A (answer) has the highest ll; question 2: C beats "A B" (0.3 > 0.18), wrong
     assert res["raw"]["mc_correct"] == [1.0, 0.0]
@@ -76,7 +76,7 @@ def test_mc_suite_metrics_and_raw(tok):
     # acc_norm divides by characters: log(0.18)/3 = -0.57 > log(0.3)/1 = -1.20, so question 2 turns right
     assert m["mc_acc_norm"] == 1.0
     np.testing.assert_allclose(res["raw"]["mc_loglikelihoods"][1], LL[1], atol=1e-6)
-    only = get_suite("mc")(Bigram(), tok, {"mc": RECORDS}, template="{question}", attributes=["set"])["metrics"]
+    only = get_suite("mc")(SuiteContext(Bigram(), tok, template="{question}"), {"mc": RECORDS}, attributes=["set"])["metrics"]
     assert set(only) == {"mc_acc", "mc_acc_norm", "mc_acc.set.forget", "mc_acc.set.retain"}
 
 

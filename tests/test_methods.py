@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from jobs.data.format import collate, encode_qa
 from jobs.models import load_model, load_tokenizer
@@ -29,9 +30,9 @@ def test_registry_knows_the_methods_and_rejects_unknown_names():
 
 
 def test_params_are_validated_by_field():
-    with pytest.raises(Exception, match="beta"):
+    with pytest.raises(ValidationError, match="beta"):
         build_method("npo", {"beta": -1})
-    with pytest.raises(Exception, match="bogus"):
+    with pytest.raises(ValidationError, match="bogus"):
         build_method("grad_diff", {"bogus": 1})
 
 

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from jobs.data.format import IGNORE_INDEX, collate, encode_qa
 from jobs.data.io import load_jsonl
@@ -67,7 +68,7 @@ def test_the_new_methods_are_registered_with_their_defaults():
                      "adversarial": (False, False), "idk_dpo": (True, True)}
     for name, bad in [("simnpo", {"beta": 0}), ("adversarial", {"k": 0}), ("idk_dpo", {"idk_answers": []}),
                       ("ga_kl", {"bogus": 1})]:
-        with pytest.raises(Exception, match=next(iter(bad))):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
             build_method(name, bad)
 
 

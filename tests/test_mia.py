@@ -21,7 +21,7 @@ from jobs.evaluate.mia import (
     zlib_length,
     zlib_score,
 )
-from jobs.evaluate.suites import SUITES, evaluate_model
+from jobs.evaluate.suites import SUITES, SuiteContext, evaluate_model
 from tests.conftest import qa_rows, write_jsonl
 
 # ------------------------------------------------------------------------------------ pure metrics
@@ -146,8 +146,8 @@ def test_token_stats_match_score_answers(model_tok, data):
 
 
 def test_mia_auc_rises_after_memorising_forget(model_tok, trained, data):
-    base = SUITES["mia"](*model_tok, data, batch_size=4)
-    after = SUITES["mia"](*trained, data, batch_size=4)
+    base = SUITES["mia"](SuiteContext(*model_tok, batch_size=4), data)
+    after = SUITES["mia"](SuiteContext(*trained, batch_size=4), data)
     assert set(base["metrics"]) == {f"mia_{a}_auc" for a in ATTACKS}
     assert abs(base["metrics"]["mia_loss_auc"] - 0.5) <= 0.3
     assert after["metrics"]["mia_loss_auc"] > 0.8
@@ -156,8 +156,8 @@ def test_mia_auc_rises_after_memorising_forget(model_tok, trained, data):
         assert len(s["forget"]) == len(data["forget"]) and len(s["holdout"]) == len(data["holdout"])
     # memorised rows: their loss is far below the held-out rows'
     assert np.mean(after["raw"]["mia_scores"]["loss"]["forget"]) < np.mean(after["raw"]["mia_scores"]["loss"]["holdout"])
-    mem_base = SUITES["memorization"](*model_tok, {"forget": data["forget"]}, batch_size=4, max_new_tokens=16)
-    mem = SUITES["memorization"](*trained, {"forget": data["forget"]}, batch_size=4, max_new_tokens=16)
+    mem_base = SUITES["memorization"](SuiteContext(*model_tok, batch_size=4, max_new_tokens=16), {"forget": data["forget"]})
+    mem = SUITES["memorization"](SuiteContext(*trained, batch_size=4, max_new_tokens=16), {"forget": data["forget"]})
     for key in ("forget_exact_mem", "forget_extraction_strength", "forget_verbatim_rouge"):
         assert 0.0 <= mem_base["metrics"][key] <= 1.0 and 0.0 <= mem["metrics"][key] <= 1.0
         assert len(mem["raw"][key]) == len(data["forget"])
@@ -167,7 +167,7 @@ def test_mia_auc_rises_after_memorising_forget(model_tok, trained, data):
 
 def test_mia_requires_holdout(model_tok, data):
     with pytest.raises(ValueError, match="holdout"):
-        SUITES["mia"](*model_tok, {"forget": data["forget"]})
+        SUITES["mia"](SuiteContext(*model_tok), {"forget": data["forget"]})
 
 
 def test_evaluate_model_returns_new_keys(tiny_dir, data, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jobs.evaluate.perplexity import corpus_perplexity, text_nll
-from jobs.evaluate.suites import evaluate_model, get_suite
+from jobs.evaluate.suites import SuiteContext, evaluate_model, get_suite
 from tests.test_mc import Bigram, tok  # noqa: F401  (tok is a fixture)
 
 # "Q A" -> <s> Q A </s>: p(Q|<s>) p(A|Q) p(</s>|A) = 0.5 * 0.5 * 0.45 over 3 targets
@@ -26,12 +26,12 @@ def test_text_nll_and_corpus_perplexity_by_hand(tok):  # noqa: F811
 
 def test_suite_scores_text_splits_only(tok):  # noqa: F811
     data = {"general": [{"text": "Q A"}, {"text": "R"}], "forget": [{"question": "Q", "answer": "A"}]}
-    res = get_suite("perplexity")(Bigram(), tok, data, batch_size=8)
+    res = get_suite("perplexity")(SuiteContext(Bigram(), tok, batch_size=8), data)
     assert set(res["metrics"]) == {"general_ppl"}
     assert res["metrics"]["general_ppl"] == pytest.approx(math.exp(sum(NLL) / 5), rel=1e-6)
     assert res["raw"]["general_tokens"] == [3, 2]
     with pytest.raises(ValueError, match="needs a text split such as 'general'"):
-        get_suite("perplexity")(Bigram(), tok, {"forget": data["forget"]})
+        get_suite("perplexity")(SuiteContext(Bigram(), tok), {"forget": data["forget"]})
 
 
 def test_evaluate_model_runs_qa_mc_and_perplexity_side_by_side(tiny_dir, tmp_path):

@@ -18,6 +18,8 @@ from jobs.models import load_model, load_tokenizer, save_model
 from jobs.spec import MergeSpec, UnlearnSpec
 from tests.conftest import write_jsonl
 
+pytestmark = pytest.mark.e2e  # a real 135M model: converted, trained, merged, evaluated
+
 CHAT = PromptFormat(template="chat")
 BRIEF = PromptFormat(template="chat", system_prompt="Answer briefly.")  # ~20 tokens shorter than the default turn
 FACTS = [  # facts the model knows, with paraphrased and perturbed answers for the truth ratio
@@ -72,7 +74,7 @@ def test_chat_prompts_are_the_chat_template_and_answers_end_with_its_end_of_turn
 def test_answer_probability_is_the_models_own_per_token_probability(smol):
     """forget_prob is exp(mean log p) of the answer tokens as the tokenizer encodes them: checked against
     the model's logits by hand; an EOS after a bare completion is improbable and drags it down."""
-    from jobs.evaluate.suites import get_suite
+    from jobs.evaluate.suites import SuiteContext, get_suite
 
     _, tok, model = smol
     rows = [{"question": "The chemical symbol for gold is", "answer": "Au"},
@@ -85,11 +87,11 @@ def test_answer_probability_is_the_models_own_per_token_probability(smol):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].double(), -1)
         want.append(math.exp(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a)) / len(a)))
-    m = get_suite("qa")(model, tok, {"forget": rows}, template=bare, max_new_tokens=8)["metrics"]
+    m = get_suite("qa")(SuiteContext(model, tok, template=bare, max_new_tokens=8), {"forget": rows})["metrics"]
     assert m["forget_prob"] == pytest.approx(sum(want) / 2, rel=1e-5)
     assert m["forget_prob"] > 0.3  # it knows these
-    with_eos = get_suite("qa")(model, tok, {"forget": rows}, template=bare.model_copy(update={"answer_eos": True}),
-                               max_new_tokens=8)["metrics"]
+    eos = SuiteContext(model, tok, template=bare.model_copy(update={"answer_eos": True}), max_new_tokens=8)
+    with_eos = get_suite("qa")(eos, {"forget": rows})["metrics"]
     assert with_eos["forget_prob"] < m["forget_prob"] / 2
 
 

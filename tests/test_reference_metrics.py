@@ -3,7 +3,7 @@
 import pytest
 from scipy.stats import ks_2samp
 
-from orchestrator.pipeline import add_reference_metrics
+from jobs.evaluate.suites import add_reference_metrics
 
 
 def test_forget_quality_and_privleak_are_computed_against_the_oracle():

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from jobs.data.format import collate, encode_qa
@@ -47,9 +48,9 @@ def trainable(model) -> set[str]:
 
 def test_registered_and_params_validated():
     assert "rmu" in method_names()
-    with pytest.raises(Exception, match="bogus"):
+    with pytest.raises(ValidationError, match="bogus"):
         build_method("rmu", {"bogus": 1})
-    with pytest.raises(Exception, match="trainable_params"):
+    with pytest.raises(ValidationError, match="trainable_params"):
         build_method("rmu", {"trainable_params": "attn"})
 
 

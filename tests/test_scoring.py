@@ -156,5 +156,5 @@ def test_evaluate_model_end_to_end(model, tok, tmp_path):
 
 
 def test_unknown_suite_lists_known_names():
-    with pytest.raises(KeyError, match="known suites: .*'qa'"):
+    with pytest.raises(KeyError, match="unknown evaluation suite 'nope'; known: .*qa"):
         get_suite("nope")

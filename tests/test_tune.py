@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from orchestrator.config import ConfigError, load_config, parse_config
-from orchestrator.tune import (Objective, TuneSection, best_trial, load_tune, objective_value, parse_tune,
-                               search_space)
+from orchestrator.config import ConfigError, parse_config
+from orchestrator.loading import load_config, load_tune
+from orchestrator.tune.objective import Objective, ObjectiveError, best_trial, objective_value
+from orchestrator.tune.section import TuneSection, parse_tune
+from orchestrator.tune.space import search_space
 
 
 def _pipeline(tiny_dir: Path) -> dict:
@@ -53,7 +56,7 @@ def test_space_becomes_ray_tune_domains():
     ({"normal": [0, 1]}, "expected one of"),
 ])
 def test_bad_distributions_are_named(dist, msg):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ValidationError) as e:
         TuneSection.model_validate({"space": {"unlearn.optimizer.lr": dist}, "objective": {"metric": "forget_quality"}})
     assert "unlearn.optimizer.lr" in str(e.value) and msg in str(e.value)
 
@@ -93,7 +96,7 @@ def test_a_tune_file_loads_as_a_pipeline_and_as_a_search(tiny_dir, tmp_path):
 
 
 def test_concurrency_leaves_each_trial_room_for_all_its_jobs(tiny_dir):
-    from orchestrator.tune import plan_concurrency
+    from orchestrator.tune.driver import plan_concurrency
 
     cfg = parse_config(_pipeline(tiny_dir))  # 1 worker x 1 CPU per job
     spec = TuneSection.model_validate({"space": {"unlearn.seed": {"choice": [1]}}, "objective": {"metric": "x"}})
@@ -136,7 +139,7 @@ def test_weighted_sum_minimised_with_absolute_bounds():
     assert ok["objective"] == pytest.approx(2 * 0.1 - 0.7) and ok["feasible"] == 1.0
     bad = objective_value(obj, {"forget_prob": 0.1, "retain_prob": 0.9}, {})  # above max 0.8 by 0.1/0.8
     assert bad["objective"] == pytest.approx(2 * 0.1 - 0.9 + 10 * 0.125) and bad["feasible"] == 0.0
-    with pytest.raises(Exception, match="'forget_prob' is not among the merged model's metrics"):
+    with pytest.raises(ObjectiveError, match="'forget_prob' is not among the merged model's metrics"):
         objective_value(obj, {"retain_prob": 0.7}, {})
 
 

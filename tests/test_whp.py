@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from jobs.data.format import collate, encode_qa
 from jobs.data.io import load_jsonl
@@ -39,14 +40,14 @@ def test_translate_swaps_whole_terms_longest_first():
 
 
 def test_anchor_file_errors_name_the_file(tmp_path):
-    with pytest.raises(Exception, match=r"anchors[\s\S]*no such file .*missing\.json"):
+    with pytest.raises(ValidationError, match=r"anchors[\s\S]*no such file .*missing\.json"):
         build_method("whp", {"anchors": str(tmp_path / "missing.json")})
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(Exception, match=r"bad\.json is not valid JSON"):
+    with pytest.raises(ValidationError, match=r"bad\.json is not valid JSON"):
         build_method("whp", {"anchors": str(bad)})
     bad.write_text(json.dumps(["a", "b"]))
-    with pytest.raises(Exception, match=r"bad\.json must hold a JSON object"):
+    with pytest.raises(ValidationError, match=r"bad\.json must hold a JSON object"):
         build_method("whp", {"anchors": str(bad)})
 
 

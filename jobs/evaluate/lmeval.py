@@ -19,8 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike, as_format
-from jobs.evaluate.suites import register_suite
+from jobs.evaluate.suites import SuiteContext, register_suite
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 MC_TASK = "spunge_mc"
@@ -102,37 +104,48 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Opti
     return res
 
 
-@register_suite("lmeval")
-def lmeval_suite(
-    model: Any,
-    tokenizer: Any,
-    data: dict[str, list[dict]],
-    template: PromptLike = DEFAULT_TEMPLATE,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 128,
-    tasks: Optional[list[str]] = None,
-    include_path: Optional[str | list[str]] = None,
-    include_defaults: Optional[bool] = None,
-    limit: Optional[float] = None,
-    num_fewshot: Optional[int] = None,
-) -> dict:
+class LmEvalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(default_factory=lambda: [MC_TASK], description=f"lm-eval task names; {MC_TASK} scores data.mc")
+    include_path: Optional[str] = Field(None, description="folder of task YAMLs (offline: only these are indexed)")
+    include_defaults: Optional[bool] = Field(None, description="also index lm-eval's own tasks (default: only "
+                                             "without include_path)")
+    limit: Optional[float] = Field(None, gt=0, description="examples per task (a fraction if < 1)")
+    num_fewshot: Optional[int] = Field(None, ge=0)
+
+
+def check_options(opts: LmEvalOptions) -> list[str]:
+    """What the config can check before any task runs: the package, the task folder."""
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("lm_eval") is None:
+        problems.append("the lmeval suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'")
+    if opts.include_path and not Path(opts.include_path).is_dir():
+        problems.append(f"include_path: no such folder {opts.include_path} (expected task YAMLs)")
+    return problems
+
+
+@register_suite("lmeval", needs=lambda opts: ("mc",) if MC_TASK in opts.tasks else (), options=LmEvalOptions,
+                path_options=("include_path",), check=check_options)
+def lmeval_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: LmEvalOptions) -> dict:
     """lm-eval tasks on the model: ``lmeval.<task>.<metric>``; ``raw["lmeval_results"]`` is lm-eval's
     ``results`` dict. ``tasks`` defaults to ``[spunge_mc]`` (the ``mc`` split, written to a temporary
     task folder); other task names are looked up in ``include_path`` (and lm-eval's own tasks when
     ``include_defaults`` or no ``include_path``)."""
-    tasks = list(tasks or [MC_TASK])
-    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    tasks, include_defaults = list(opts.tasks or [MC_TASK]), opts.include_defaults
+    paths = [opts.include_path] if opts.include_path else []
     require_lm_eval()
     with tempfile.TemporaryDirectory(prefix="spunge-lmeval-") as tmp:
         if MC_TASK in tasks:
             if not data.get("mc"):
                 raise ValueError(f"lm-eval task {MC_TASK!r} scores the 'mc' split (data.mc), which is empty or "
                                  f"missing; got {sorted(data)}")
-            paths.append(str(write_mc_task(tmp, data["mc"], template)))
+            paths.append(str(write_mc_task(tmp, data["mc"], ctx.template)))
             if include_defaults is None and len(paths) == 1:
                 include_defaults = False
-        res = run_lm_eval(model, tokenizer, tasks, paths, include_defaults, limit, num_fewshot, batch_size,
-                          template=template)
+        res = run_lm_eval(ctx.model, ctx.tokenizer, tasks, paths, include_defaults, opts.limit, opts.num_fewshot,
+                          ctx.batch_size, template=ctx.template)
     results = res.get("results", {})
     return {"metrics": flatten_results(results), "raw": {"lmeval_results": results}}

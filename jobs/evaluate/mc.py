@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.data.format import DEFAULT_TEMPLATE, IGNORE_INDEX, PromptLike, as_format, prompt_text
 from jobs.data.loading import DataError
-from jobs.evaluate.suites import register_suite
+from jobs.evaluate.suites import SuiteContext, register_suite
 
 MC_FIELDS = ("question", "choices", "answer")
 NON_ATTRIBUTES = ("id", *MC_FIELDS)
@@ -142,18 +143,17 @@ def accuracy_by_attribute(correct: Sequence[float], records: Sequence[dict], att
     return out
 
 
-@register_suite("mc")
-def mc_suite(
-    model: Any,
-    tokenizer: Any,
-    data: dict[str, list[dict]],
-    template: PromptLike = DEFAULT_TEMPLATE,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 128,
-    split: str = "mc",
-    attributes: Optional[list[str]] = None,
-) -> dict:
+class McOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attributes: Optional[list[str]] = Field(
+        None, description="attribute columns for mc_acc.<attribute>.<value> (default: every column but "
+        "id, question, choices, answer)")
+    split: str = Field("mc", description="the split holding the multiple-choice rows")
+
+
+@register_suite("mc", needs=("mc",), options=McOptions, groups=(("MC", r"^mc_"),))
+def mc_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: McOptions) -> dict:
     """Multiple-choice accuracy on the ``mc`` split.
 
     Metrics: ``mc_acc`` (lm-eval ``acc``), ``mc_acc_norm`` (lm-eval ``acc_norm``) and
@@ -161,13 +161,13 @@ def mc_suite(
     ``mc_correct`` (0/1 per record, input order) and ``mc_loglikelihoods`` (per record, per choice).
     Sequences longer than ``max_length`` tokens lose the start of their context.
     """
-    records = data.get(split)
+    records = data.get(opts.split)
     if not records:
-        raise ValueError(f"the 'mc' suite needs a non-empty {split!r} split (data.mc); got {sorted(data)}")
-    records = check_mc_records(records, f"split {split!r}")
-    lls = choice_loglikelihoods(model, tokenizer, records, template, batch_size, max_length)
+        raise ValueError(f"the 'mc' suite needs a non-empty {opts.split!r} split (data.mc); got {sorted(data)}")
+    records = check_mc_records(records, f"split {opts.split!r}")
+    lls = choice_loglikelihoods(ctx.model, ctx.tokenizer, records, ctx.template, ctx.batch_size, ctx.max_length)
     correct = mc_correct(lls, records)
-    metrics = accuracy_by_attribute(correct, records, attribute_columns(records, attributes))
+    metrics = accuracy_by_attribute(correct, records, attribute_columns(records, opts.attributes))
     metrics["mc_acc_norm"] = float(mc_correct(lls, records, norm=True).mean())
     raw = {"mc_correct": correct.tolist(), "mc_loglikelihoods": [ll.tolist() for ll in lls]}
     return {"metrics": metrics, "raw": raw}

@@ -24,7 +24,7 @@ import numpy as np
 
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate import metrics as M
-from jobs.evaluate.suites import is_forget_split, register_suite
+from jobs.evaluate.suites import NoOptions, SuiteContext, is_forget_split, register_suite
 
 
 # ----------------------------------------------------------------------------------------- pure parts
@@ -121,16 +121,9 @@ def verbatim_rouge(
     return M.rouge_l_recall(preds, refs), preds, refs
 
 
-@register_suite("memorization")
-def memorization_suite(
-    model: Any,
-    tokenizer: Any,
-    data: dict[str, list[dict]],
-    template: PromptLike = DEFAULT_TEMPLATE,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 128,
-) -> dict:
+@register_suite("memorization", needs=("forget",),
+                groups=(("Memorization", r".*_(exact_mem|extraction_strength|verbatim_rouge)$"),))
+def memorization_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: NoOptions) -> dict:
     """``{split}_exact_mem``, ``{split}_extraction_strength``, ``{split}_verbatim_rouge`` (means over
     records) for every forget-style split; ``raw`` holds the same keys per example."""
     from jobs.evaluate.mia import answer_token_stats
@@ -141,11 +134,13 @@ def memorization_suite(
     if not splits:
         raise ValueError(f"the 'memorization' suite needs a non-empty forget split; got {sorted(data)}")
     for split, records in splits.items():
-        stats = answer_token_stats(model, tokenizer, [r["question"] for r in records],
-                                   [r["answer"] for r in records], batch_size, max_length, template)
+        stats = answer_token_stats(ctx.model, ctx.tokenizer, [r["question"] for r in records],
+                                   [r["answer"] for r in records], ctx.batch_size, ctx.max_length,
+                                   ctx.template)
         em = [exact_memorization(s["pred"], s["labels"]) for s in stats]
         es = [extraction_strength(s["pred"], s["labels"]) for s in stats]
-        vr, _, _ = verbatim_rouge(model, tokenizer, records, max_new_tokens, batch_size, max_length, template)
+        vr, _, _ = verbatim_rouge(ctx.model, ctx.tokenizer, records, ctx.max_new_tokens, ctx.batch_size,
+                                  ctx.max_length, ctx.template)
         for name, vals in (("exact_mem", em), ("extraction_strength", es), ("verbatim_rouge", list(vr))):
             vals = [float(v) for v in vals]
             out_m[f"{split}_{name}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")

@@ -16,18 +16,18 @@ Definitions (per example, over the answer's token log-probs ``lp_t = log p(x_t |
   ``mu_t = E_{z~p(.|x_<t)}[log p(z|x_<t)]`` and ``sigma_t^2 = E[(log p(z|x_<t))^2] - mu_t^2`` over the
   vocabulary, then ``-mean`` of the ``max(1, int(k * n))`` smallest ``z_t``.
 
-Only numpy/scipy/zlib at import time; torch is imported by the model-facing helpers.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
-from jobs.evaluate.suites import register_suite
+from jobs.evaluate.suites import Reference, SuiteContext, register_suite
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 DEFAULT_K = 0.4  # open-unlearning's mia_min_k / mia_min_k_plus_plus default
@@ -203,29 +203,33 @@ def mia_scores(
     return out
 
 
-@register_suite("mia")
-def mia_suite(
-    model: Any,
-    tokenizer: Any,
-    data: dict[str, list[dict]],
-    template: PromptLike = DEFAULT_TEMPLATE,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 128,
-    k: float = DEFAULT_K,
-) -> dict:
+class MiaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: float = Field(DEFAULT_K, gt=0, le=1, description="min-k and min-k++: the fraction of lowest tokens averaged")
+
+
+def privleak_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
+    """MUSE's privleak from the model's and the oracle's loss-attack AUC (:func:`privleak`)."""
+    mine, ref = result["metrics"].get("mia_loss_auc"), oracle["metrics"].get("mia_loss_auc")
+    return None if mine is None or ref is None else privleak(mine, ref)
+
+
+@register_suite("mia", needs=("forget", "holdout"), options=MiaOptions,
+                groups=(("Privacy", r"^(mia_.*|privleak)$"),), references=(Reference("privleak", privleak_vs_oracle),))
+def mia_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: MiaOptions) -> dict:
     """Membership inference of ``forget`` (members) against ``holdout`` (non-members).
 
     Metrics ``mia_{attack}_auc`` for attack in loss, zlib, min_k, min_k_plus_plus (see
-    :func:`mia_auc`; the driver turns a model's and the oracle's AUC into :func:`privleak`). ``raw``:
+    :func:`mia_auc`; against the oracle's AUC, :func:`privleak`). ``raw``:
     ``mia_scores = {attack: {"forget": [...], "holdout": [...]}}``.
     """
     missing = [s for s in ("forget", "holdout") if not data.get(s)]
     if missing:
         raise ValueError(f"the 'mia' suite needs non-empty 'forget' and 'holdout' splits; missing: {missing}")
-    opts = dict(k=k, batch_size=batch_size, max_length=max_length, template=template)
-    members = mia_scores(model, tokenizer, data["forget"], **opts)
-    nonmembers = mia_scores(model, tokenizer, data["holdout"], **opts)
+    kw = dict(k=opts.k, batch_size=ctx.batch_size, max_length=ctx.max_length, template=ctx.template)
+    members = mia_scores(ctx.model, ctx.tokenizer, data["forget"], **kw)
+    nonmembers = mia_scores(ctx.model, ctx.tokenizer, data["holdout"], **kw)
     metrics = {f"mia_{a}_auc": mia_auc(members[a], nonmembers[a]) for a in ATTACKS}
     raw = {"mia_scores": {a: {"forget": members[a], "holdout": nonmembers[a]} for a in ATTACKS}}
     return {"metrics": metrics, "raw": raw}

@@ -14,8 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
-from jobs.evaluate.suites import register_suite
+from jobs.evaluate.suites import NoOptions, SuiteContext, register_suite
 
 
 def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
@@ -38,16 +37,8 @@ def is_text_split(records: Sequence[dict]) -> bool:
     return bool(records) and all(isinstance(r.get("text"), str) and "question" not in r for r in records)
 
 
-@register_suite("perplexity")
-def perplexity_suite(
-    model: Any,
-    tokenizer: Any,
-    data: dict[str, list[dict]],
-    template: PromptLike = DEFAULT_TEMPLATE,
-    batch_size: int = 32,
-    max_new_tokens: int = 32,
-    max_length: int = 128,
-) -> dict:
+@register_suite("perplexity", needs=("general",), groups=(("Utility", r"^(.*perplexity.*|.*_ppl)$"),))
+def perplexity_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: NoOptions) -> dict:
     """``{split}_ppl`` for every text split (``general_ppl`` for ``data.general``); ``raw``:
     ``{split}_nll`` and ``{split}_tokens`` per record, so perplexities can be re-aggregated."""
     splits = {s: r for s, r in data.items() if is_text_split(r)}
@@ -57,7 +48,7 @@ def perplexity_suite(
     metrics: dict[str, float] = {}
     raw: dict[str, list] = {}
     for split, records in splits.items():
-        nll, n = text_nll(model, tokenizer, [r["text"] for r in records], batch_size, max_length)
+        nll, n = text_nll(ctx.model, ctx.tokenizer, [r["text"] for r in records], ctx.batch_size, ctx.max_length)
         metrics[f"{split}_ppl"] = corpus_perplexity(nll, n)
         raw[f"{split}_nll"], raw[f"{split}_tokens"] = nll.tolist(), n.tolist()
     return {"metrics": metrics, "raw": raw}

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from jobs.registry import Registry
 from jobs.unlearn.methods.base import mean_nll
 
 Scores = dict[str, torch.Tensor]
@@ -17,7 +18,7 @@ Mask = dict[str, torch.Tensor]
 Batch = Mapping[str, Any]
 Attribution = Callable[[nn.Module, Sequence[Batch], Sequence[Batch], "LocalizeSpec"], Scores]
 
-ATTRIBUTIONS: dict[str, Attribution] = {}
+ATTRIBUTIONS: Registry[Attribution] = Registry("attribution")
 
 MLP_PATTERNS = (".mlp.",)
 ATTENTION_PATTERNS = (".self_attn.", ".attn.", ".attention.", ".self_attention.")
@@ -38,8 +39,10 @@ class LocalizeSpec(BaseModel):
     @field_validator("attribution")
     @classmethod
     def _known_attribution(cls, value: str) -> str:
-        if value not in ATTRIBUTIONS:
-            raise ValueError(f"unknown attribution {value!r}; known: {', '.join(attribution_names())}")
+        try:
+            ATTRIBUTIONS.get(value)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return value
 
 
@@ -48,24 +51,15 @@ def register_attribution(name: str) -> Callable[[Attribution], Attribution]:
 
     Scores cover exactly ``scoped_parameters(model, spec.scope)``, same shapes, higher = more
     responsible for the forget data (kept first)."""
-
-    def wrap(fn: Attribution) -> Attribution:
-        if name in ATTRIBUTIONS:
-            raise ValueError(f"attribution {name!r} is already registered")
-        ATTRIBUTIONS[name] = fn
-        return fn
-
-    return wrap
+    return ATTRIBUTIONS.register(name)
 
 
 def attribution_names() -> list[str]:
-    return sorted(ATTRIBUTIONS)
+    return ATTRIBUTIONS.names()
 
 
 def get_attribution(name: str) -> Attribution:
-    if name not in ATTRIBUTIONS:
-        raise KeyError(f"unknown attribution {name!r}; known: {', '.join(attribution_names())}")
-    return ATTRIBUTIONS[name]
+    return ATTRIBUTIONS.get(name)
 
 
 # ---------------------------------------------------------------------------------------------- scope

@@ -1,7 +1,9 @@
 """Stage outputs keyed by a hash of their inputs and config, so ``--resume`` reuses finished stages.
 
 A stage folder is complete when its marker file exists (written last by whoever produced it). Without
-``--resume`` an existing folder is cleared and the stage runs again.
+``--resume`` an existing folder is cleared and the stage runs again. ``stage_key`` is the one place that
+says what a key is made of: a job's spec, minus the fields that do not change its result, with its paths
+replaced by fingerprints of what they hold.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 HASH_LEN = 12
+# Spec fields that change where or how often a job writes, or how fast it runs, not what it computes.
+NOT_IN_KEY = frozenset({"name", "output_dir", "report_interval_s", "checkpoint_every", "threads_per_worker"})
 
 
 def digest(*parts: Any) -> str:
@@ -48,3 +54,14 @@ def claim(folder: Path, marker: str, resume: bool) -> bool:
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def stage_key(spec: BaseModel, *extra: Any, **fingerprints: Any) -> str:
+    """The cache key of the stage run by ``spec``: its fields minus ``NOT_IN_KEY``, each field named in
+    ``fingerprints`` (a path: ``model_path``, ``forget_path``, ``splits``, ...) replaced by the given
+    fingerprint of its content, and any ``extra`` inputs the spec does not hold."""
+    fields = spec.model_dump(mode="json", exclude=set(NOT_IN_KEY))
+    unknown = set(fingerprints) - set(fields)
+    if unknown:
+        raise KeyError(f"stage_key: {type(spec).__name__} has no field(s) {sorted(unknown)}")
+    return digest(type(spec).__name__, {**fields, **fingerprints}, *extra)

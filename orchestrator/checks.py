@@ -1,0 +1,143 @@
+"""The checks of a pipeline config that go beyond its schema: names looked up in the registries (method,
+merge method, suites), what each suite needs, files and folders that must exist, and combinations of
+features the model or the packages cannot serve. ``orchestrator.config.parse_config`` runs them; each
+problem is one line naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from jobs.data.format import CHAT
+from jobs.models import ModelLoadError, check_model_dir
+
+if TYPE_CHECKING:  # the config module imports this one
+    from orchestrator.config import PipelineConfig
+
+
+def field_path(err: dict) -> str:
+    """The dotted field path of a pydantic error."""
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def check_config(cfg: PipelineConfig) -> list[str]:
+    """Cross-field checks that need the registries: method, method params, merge method, suites, files."""
+    from jobs.merge import merge_method_names
+    from jobs.unlearn.methods import build_method
+
+    problems: list[str] = []
+    try:
+        method = build_method(cfg.unlearn.method, cfg.unlearn.params)
+    except KeyError as e:
+        problems.append(f"unlearn.method: {e.args[0]}")
+    except ValidationError as e:
+        problems += [f"unlearn.params.{field_path(err)}: {err['msg']}" for err in e.errors()]
+    else:
+        source = cfg.unlearn.retain_source
+        if getattr(cfg.data, source) is None and (method.uses_retain() or source == "general"):
+            problems.append(f"data.{source}: method {cfg.unlearn.method!r} with unlearn.retain_source "
+                            f"{source!r} (and these params) trains on it, but it is not set")
+    names = merge_method_names()
+    if cfg.merge.method not in names:
+        problems.append(f"merge.method: unknown mergekit method {cfg.merge.method!r}; known: {', '.join(names)}")
+    problems += _check_suites(cfg)
+    problems += _check_model_features(cfg)
+    if isinstance(cfg.deepspeed, str):
+        try:
+            ds = cfg.deepspeed_dict()
+            if not isinstance(ds, dict):
+                problems.append(f"deepspeed: {cfg.deepspeed} must hold a JSON object")
+        except FileNotFoundError:
+            problems.append(f"deepspeed: no such file {cfg.deepspeed} (expected a DeepSpeed JSON config)")
+        except json.JSONDecodeError as e:
+            problems.append(f"deepspeed: {cfg.deepspeed} is not valid JSON ({e.msg} at line {e.lineno})")
+    for field, path in (("model.path", cfg.model.path), ("eval.oracle", cfg.eval.oracle)):
+        if path and _looks_local(path) and not Path(path).exists():
+            problems.append(f"{field}: no such folder {path}")
+        elif path and Path(path).exists():
+            try:
+                check_model_dir(path, cfg.model.allow_pickle)
+            except ModelLoadError as e:
+                problems.append(f"{field}: {e}")
+    for name in ("forget", "retain", "holdout", "general", "mc"):
+        src = getattr(cfg.data, name)
+        if src is None or src.format == "hub":
+            continue
+        for p in [src.path] if isinstance(src.path, str) else src.path:
+            if _looks_local(p) and not Path(p).exists():
+                problems.append(f"data.{name}.path: no such file {p}")
+    return problems
+
+
+def _check_suites(cfg: PipelineConfig) -> list[str]:
+    """Every suite is registered, and the data sources and packages its declaration says it needs are there."""
+    from jobs.evaluate.suites import SOURCES, SUITES
+
+    problems = []
+    for i, name in enumerate(cfg.eval.suites):
+        try:
+            suite = SUITES.get(name)
+        except KeyError as e:
+            problems.append(f"eval.suites.{i}: {e.args[0]}")
+            continue
+        opts = suite.options(**cfg.eval.suite_options(name))
+        for source in suite.sources(opts):
+            if getattr(cfg.data, source) is None:
+                problems.append(f"data.{source}: the {name} suite needs {SOURCES[source]}, but it is not set")
+        problems += [f"eval.{name}: {p}" for p in (suite.check(opts) if suite.check else [])]
+    return problems
+
+
+def _check_model_features(cfg: PipelineConfig) -> list[str]:
+    """The chat template, the attention kernel and LoRA against what the model and packages offer."""
+    import importlib.util
+
+    problems = []
+    if cfg.data.template == CHAT and Path(cfg.model.path).is_dir():
+        from jobs.data.format import FormatError, check_chat_template
+        from jobs.models import load_tokenizer
+
+        try:
+            check_chat_template(load_tokenizer(cfg.model.path))
+        except FormatError as e:
+            problems.append(f"data.template: chat: {e}")
+        except (OSError, ValueError) as e:
+            problems.append(f"model.path: cannot load the tokenizer of {cfg.model.path} ({str(e).splitlines()[0]})")
+    attn = cfg.model.attn_implementation
+    if attn and attn.startswith("flash_attention"):
+        package = "flash_attn_interface" if attn.endswith("_3") else "flash_attn"
+        if importlib.util.find_spec(package) is None:
+            problems.append(f"model.attn_implementation: {attn} needs the {package} package (and a GPU); "
+                            "use sdpa or eager")
+    u, m = cfg.unlearn, cfg.merge
+    if u.lora is not None and u.localize is not None:
+        problems.append("unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; "
+                        "LoRA trains adapters)")
+    if m.output == "adapter" and u.lora is None:
+        problems.append("merge.output: adapter needs unlearn.lora (jobs that train adapters)")
+    if u.lora is not None:
+        from jobs.merge_lora import LORA_METHODS
+        from jobs.unlearn.methods import build_method
+
+        try:
+            method = build_method(u.method, u.params)
+        except (KeyError, ValidationError):
+            return problems  # reported with unlearn.method / unlearn.params
+        if m.output == "adapter" and method.rewrites_merge():
+            problems.append(f"merge.output: adapter: method {u.method!r} rewrites the merged weights "
+                            "(e.g. tvn merge_then_negate); use merge.output: full")
+        # a method that makes new weights at the end (tvn) outputs full models; the merge takes adapters
+        # unless it merges those outputs
+        full_outputs = method.finalizes() and method.merge_input() is None
+        if not full_outputs and m.method not in LORA_METHODS:
+            problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
+                            f"use one of {', '.join(LORA_METHODS)}")
+    return problems
+
+
+def _looks_local(p: str) -> bool:
+    """A path (absolute, ./, ../, or with a file suffix) rather than a hub name like 'org/name'."""
+    return p.startswith(("/", ".", "~")) or Path(p).suffix in {".json", ".jsonl", ".parquet", ".csv"}

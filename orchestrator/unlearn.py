@@ -1,0 +1,149 @@
+"""Stage 2, unlearn: one Ray Train ``TorchTrainer`` per job (each attribute subset, and the unsplit
+baseline), as many at once as the cluster fits; each finished subset checkpoint goes to the merge actor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from jobs.data.io import load_jsonl, write_jsonl
+from jobs.spec import UnlearnSpec
+from jobs.unlearn.loop import JOB_MARKER
+from orchestrator.cache import claim, file_digest, model_fingerprint, stage_key
+from orchestrator.config import PipelineConfig
+from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message
+
+HISTORY_FILE = "history.jsonl"  # an unlearning job's step rows, written by the driver into the job's folder
+
+
+def plan_jobs(ctx: RunContext) -> list[Job]:
+    """The jobs of ``ctx.kinds``: one per subset, and the unsplit baseline unless ``split.baseline: none``."""
+    cfg, prep, u = ctx.cfg, ctx.prep, ctx.cfg.unlearn
+    planned: list[tuple[JobKind, Any, str]] = []
+    if JobKind.SUBSET in ctx.kinds:
+        planned += [(JobKind.SUBSET, value, path) for value, path in prep.subsets.items()]
+    if JobKind.UNSPLIT in ctx.kinds and cfg.split.baseline == "unsplit":
+        planned.append((JobKind.UNSPLIT, None, prep.files["forget"]))
+    base, retain = model_fingerprint(cfg.model.path), prep.files.get(u.retain_source)
+    jobs = []
+    for kind, subset, path in planned:
+        spec = UnlearnSpec(
+            **u.training(), name=Job.key_of(kind, subset), model_path=cfg.model.path, dtype=cfg.model.dtype,
+            allow_pickle=cfg.model.allow_pickle, forget_path=path, retain_path=retain,
+            retain_format="text" if u.retain_source == "general" else "qa", method=u.method, method_params=u.params,
+            prompt=cfg.data.prompt_format(), deepspeed=cfg.deepspeed_dict(),
+            attn_implementation=cfg.model.attn_implementation,
+            threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), output_dir="")
+        h = stage_key(spec, cfg.scaling.num_workers, model_path=base, forget_path=file_digest(path),
+                      retain_path=prep.digests.get(u.retain_source))
+        job = Job(kind, spec, h, subset=subset)
+        spec.output_dir = str(ctx.out / "stages" / "unlearn" / f"{job.slug}-{h}")
+        jobs.append(job)
+    return jobs
+
+
+def job_capacity(cfg: PipelineConfig) -> int:
+    """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources)."""
+    if cfg.scaling.max_concurrent_jobs:
+        return cfg.scaling.max_concurrent_jobs
+    res = ray.cluster_resources()
+    s = cfg.scaling
+    fits = int(res.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    if s.use_gpu:
+        fits = min(fits, int(res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    if s.memory_per_worker_gb:
+        fits = min(fits, int(res.get("memory", 0) // (s.num_workers * s.memory_per_worker_gb * 2**30)))
+    if fits < 1:
+        raise PipelineError(f"scaling: one job needs {s.num_workers} x {s.cpus_per_worker} CPU"
+                            f"{f' and {s.gpus_per_worker} GPU' if s.use_gpu else ''}"
+                            f"{f' and {s.memory_per_worker_gb} GiB' if s.memory_per_worker_gb else ''} per worker; "
+                            f"the cluster has {res}")
+    return fits
+
+
+def unlearn(ctx: RunContext) -> None:
+    """Plan ``ctx.jobs``, reuse the finished ones (``--resume``), run the rest."""
+    from orchestrator.merge import start_merge_actor
+    from orchestrator.progress import ProgressBoard
+    from orchestrator.runners import run_unlearn_job
+
+    ctx.jobs = plan_jobs(ctx)
+    start_merge_actor(ctx)
+    board = ProgressBoard.remote()
+    pending: list[Job] = []
+    for job in ctx.jobs:
+        ctx.events.job_started(job)
+        ctx.display.add(job.key, f"unlearn {job.key}")
+        job.reused = claim(Path(job.spec.output_dir), JOB_MARKER, ctx.resume)
+        if job.reused:
+            job.result = json.loads((Path(job.spec.output_dir) / JOB_MARKER).read_text())
+            _finish(ctx, job)
+        else:
+            pending.append(job)
+    capacity = job_capacity(ctx.cfg)
+    running: dict[Any, Job] = {}
+    seen: dict[str, int] = {}
+    storage = str(ctx.out / "ray_train")
+    scaling = ctx.cfg.scaling.model_dump()
+    while pending or running:
+        while pending and len(running) < capacity:
+            job = pending.pop(0)
+            run_name = f"{job.slug}-{job.hash}"
+            if not ctx.resume:  # with --resume, Ray Train restores an unfinished job from its latest checkpoint there
+                shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, storage, run_name, board)
+            running[ref] = job
+            ctx.display.update(job.key, info="starting workers")
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        drain_progress(ctx, board, seen)
+        for ref in done:
+            job = running.pop(ref)
+            try:
+                job.result = ray.get(ref)
+            except Exception as e:
+                for other in running:
+                    ray.cancel(other, force=True)
+                raise PipelineError(f"unlearn {job.key} failed: {root_message(e)}") from None
+            drain_progress(ctx, board, seen)
+            _finish(ctx, job)
+        ctx.display.heartbeat()
+
+
+def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
+    """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps."""
+    by_key = {j.key: j for j in ctx.jobs}
+    for key, rows in ray.get(board.since.remote(seen)).items():
+        seen[key] = seen.get(key, 0) + len(rows)
+        job = by_key[key]
+        fresh = []
+        for row in rows:  # after a restart, steps since the checkpoint come again: they replace the old ones
+            while job.history and job.history[-1]["step"] >= row["step"]:
+                job.history.pop()
+            job.history.append(row)
+            if row["step"] > job.logged_step:  # each step is emitted once
+                fresh.append(row)
+                job.logged_step = row["step"]
+        if fresh:
+            ctx.events.job_steps(job, fresh)
+        last = rows[-1]
+        info = " ".join(f"{k}={last[k]:.3g}" for k in ("loss", "forget_loss", "retain_loss") if k in last)
+        if last.get("resumed_from"):
+            info += f" (restarted from step {int(last['resumed_from'])})"
+        ctx.display.update(key, done=int(last["step"]), total=int(last["total_steps"]), info=info)
+
+
+def _finish(ctx: RunContext, job: Job) -> None:
+    hist = Path(job.spec.output_dir) / HISTORY_FILE  # kept beside the checkpoint: a resumed run still plots it
+    if job.reused:
+        job.history = load_jsonl(hist) if hist.exists() else []
+    else:
+        write_jsonl(hist, job.history)
+    ctx.events.job_done(job)
+    if job.kind is JobKind.SUBSET:
+        ray.get(ctx.merge_actor.add.remote(job.key, job.spec.output_dir))
+    final = job.result.get("final_metrics", {})
+    ctx.display.finish(job.key, "reused (resume)" if job.reused else f"done, final loss {final.get('loss', float('nan')):.3g}")

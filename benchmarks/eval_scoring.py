@@ -40,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from jobs.data.demo import build_benchmark
+    from jobs.data.demo_train import build_benchmark
     from jobs.evaluate import lmeval as LE
     from jobs.evaluate.mc import choice_loglikelihoods, mc_correct
     from jobs.evaluate.suites import read_jsonl

@@ -73,7 +73,7 @@ def main() -> int:
         print("gpu_smoke: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from jobs.data.demo import build_benchmark
+    from jobs.data.demo_train import build_benchmark
     from orchestrator.config import parse_config
     from orchestrator.pipeline import run_pipeline
 

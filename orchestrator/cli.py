@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a stage failed (one line saying which), 2 bad input (co
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -23,34 +24,43 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Path, output_dir: Optional[Path] = None):
-    """The pipelines in a config file (one, or one per variant); exit 2 with one line per problem."""
+@contextmanager
+def _exit_codes(interrupted: str = "interrupted"):
+    """Bad input (config, data, model) exits 2 with one line per problem; a failed stage exits 1 with
+    its line; Ctrl-C exits 130 with ``interrupted``."""
+    from jobs.data.loading import DataError
+    from jobs.models import ModelLoadError
     from orchestrator.config import ConfigError
-    from orchestrator.loading import load_configs
+    from orchestrator.context import PipelineError
 
-    overrides = {"storage.output_dir": str(output_dir.resolve())} if output_dir else None
     try:
-        return load_configs(config, overrides)
+        yield
     except ConfigError as e:
         for p in e.problems:
             err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    except (DataError, ModelLoadError) as e:
+        _fail(str(e), 2)
+    except PipelineError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(interrupted, 130)
+
+
+def _load(config: Path, output_dir: Optional[Path] = None):
+    """The pipelines in a config file (one, or one per variant); exit 2 with one line per problem."""
+    from orchestrator.loading import load_configs
+
+    overrides = {"storage.output_dir": str(output_dir.resolve())} if output_dir else None
+    with _exit_codes():
+        return load_configs(config, overrides)
 
 
 def _run(cfg, resume: bool, address: Optional[str]) -> dict:
-    from jobs.data.loading import DataError
-    from jobs.models import ModelLoadError
-    from orchestrator.context import PipelineError
     from orchestrator.pipeline import run_pipeline
 
-    try:
+    with _exit_codes("interrupted; finished stages are kept: re-run with --resume"):
         return run_pipeline(cfg, resume=resume, address=address)
-    except (DataError, ModelLoadError) as e:  # bad input
-        _fail(str(e), 2)
-    except PipelineError as e:  # a stage failed
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; finished stages are kept: re-run with --resume", 130)
 
 
 @app.command()
@@ -96,26 +106,11 @@ def tune(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
 ) -> None:
     """Search the tune: section's space with Ray Tune; print the trials table, write best_config.yaml."""
-    from jobs.data.loading import DataError
-    from jobs.models import ModelLoadError
-    from orchestrator.config import ConfigError
-    from orchestrator.context import PipelineError
     from orchestrator.loading import load_tune
     from orchestrator.tune.driver import run_tune
 
-    try:
-        job = load_tune(config, str(output_dir.resolve()) if output_dir else None)
-        run_tune(job, address, out)
-    except ConfigError as e:
-        for p in e.problems:
-            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    except (DataError, ModelLoadError) as e:  # bad input
-        _fail(str(e), 2)
-    except PipelineError as e:  # the search failed
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    with _exit_codes():
+        run_tune(load_tune(config, str(output_dir.resolve()) if output_dir else None), address, out)
 
 
 @app.command()
@@ -193,8 +188,8 @@ def eval_(
     for s in suites:
         try:
             SUITES.get(s)
-        except KeyError as err:
-            _fail(f"--suite: {err.args[0]}", 2)
+        except KeyError as e:
+            _fail(f"--suite: {e.args[0]}", 2)
     files: dict[str, str] = {}
     for item in split or []:
         name, sep, path = item.partition("=")
@@ -312,18 +307,14 @@ def submit(
     """Submit the pipeline to a Ray cluster as a Ray Job; follow its logs unless --no-wait.
 
     The job runs `spunge run` on the head node against the cluster (docs/cluster.md)."""
-    from orchestrator.config import ConfigError
     from orchestrator.submit import ClusterError, SubmitError
     from orchestrator.submit import submit as submit_job
 
     try:
-        sid = submit_job(config, address, token_path=token_path, runtime_env=runtime_env, output_dir=output_dir,
-                         ship_code=ship_code, resume=resume, sid=submission_id,
-                         warn=lambda s: err.print(f"[yellow]warning:[/yellow] {s}", highlight=False))
-    except ConfigError as e:
-        for p in e.problems:
-            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        with _exit_codes():
+            sid = submit_job(config, address, token_path=token_path, runtime_env=runtime_env, output_dir=output_dir,
+                             ship_code=ship_code, resume=resume, sid=submission_id,
+                             warn=lambda s: err.print(f"[yellow]warning:[/yellow] {s}", highlight=False))
     except SubmitError as e:
         _fail(str(e), 2)
     except ClusterError as e:

@@ -55,7 +55,7 @@ def demo_config(bench: Path, meta: dict, size: str, run_dir: Path) -> dict[str, 
 
 def prepare_demo(output_dir: Path, size: str, seed: int, console: Console) -> Path:
     """Build the benchmark under ``output_dir/benchmark`` (cached) and write ``output_dir/demo.yaml``."""
-    from jobs.data.demo import build_benchmark
+    from jobs.data.demo_train import build_benchmark
 
     last = [0.0]
 

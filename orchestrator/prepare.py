@@ -8,7 +8,7 @@ from jobs.data.loading import canonical_qa, canonical_text, load_rows
 from jobs.data.split import split_rows
 from orchestrator.cache import digest, file_digest
 from orchestrator.config import PipelineConfig
-from orchestrator.context import Prepared, RunContext
+from orchestrator.context import Job, JobKind, Prepared, RunContext
 
 SOURCES = ("forget", "retain", "holdout", "general")  # question/answer sources, and general text
 
@@ -38,7 +38,7 @@ def prepare_check(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def _counts(data: dict[str, list], subsets: dict[str, list]) -> dict[str, int]:
-    return {**{n: len(r) for n, r in data.items()}, **{f"subset/{k}": len(r) for k, r in subsets.items()}}
+    return {**{n: len(r) for n, r in data.items()}, **{Job.key_of(JobKind.SUBSET, k): len(r) for k, r in subsets.items()}}
 
 
 def prepare(ctx: RunContext) -> None:

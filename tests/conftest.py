@@ -69,7 +69,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def tiny_bench(tmp_path_factory):
     """The tiny offline benchmark, built once per session (~1 min): (dir, meta, progress calls), each call
     the ``(stage, done, total, info)`` that ``build_benchmark`` passed to its progress callback."""
-    from jobs.data.demo import build_benchmark
+    from jobs.data.demo_train import build_benchmark
 
     out = tmp_path_factory.mktemp("demo-tiny")
     calls = []

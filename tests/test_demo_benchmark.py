@@ -183,7 +183,7 @@ def test_truth_ratio_separates_base_from_oracle(tiny):
 
 
 def test_second_build_is_cached(tiny):
-    from jobs.data.demo import build_benchmark
+    from jobs.data.demo_train import build_benchmark
     from jobs.data.demo_train import cached_benchmark
 
     out, meta, _ = tiny

@@ -1,4 +1,4 @@
-"""The offline demo benchmark ("fictitious authors"): a seeded generator and ``build_benchmark``.
+"""The offline demo benchmark ("fictitious authors"): its seeded generator.
 
 Every author has an invented, syllable-based name, three attributes (``genre``, ``nationality``,
 ``birth_decade``) and ``facts_per_author`` question/answer facts. Each QA record holds:
@@ -17,8 +17,8 @@ splitting it by ``birth_decade`` gives equal subsets. ``holdout`` authors come f
 generator but no model ever trains on them (membership inference). ``general`` is generic text about
 books and places that names no fictitious author.
 
-``build_benchmark`` (tokenizer + base/oracle models, cached on disk) lives in ``demo_train`` and is
-re-exported here; importing this module does not import torch.
+``jobs.data.demo_train.build_benchmark`` trains the tokenizer and the base/oracle models on it (cached on
+disk); importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -302,10 +302,3 @@ def anchor_terms(data: dict[str, Any], seed: int = 0) -> dict[str, str]:
         if r["fact"] in ANCHOR_FACTS and r["value"] not in anchors:
             anchors[r["value"]] = rng.choice(ANCHOR_FACTS[r["fact"]])
     return anchors
-
-
-def build_benchmark(output_dir: Any, size: str = "small", seed: int = 0, progress: Any = None) -> dict:
-    """Generate, train and save the demo benchmark (see ``jobs.data.demo_train.build_benchmark``)."""
-    from jobs.data.demo_train import build_benchmark as _build
-
-    return _build(output_dir, size=size, seed=seed, progress=progress)

@@ -43,7 +43,7 @@ def main() -> None:
     from jobs.data.demo_train import build_benchmark
     from jobs.evaluate import lmeval as LE
     from jobs.evaluate.mc import choice_loglikelihoods, mc_correct
-    from jobs.evaluate.suites import read_jsonl
+    from jobs.evaluate.suites import SuiteContext, read_jsonl
     from jobs.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -68,7 +68,7 @@ def main() -> None:
         lls = choice_loglikelihoods(model, tok, rows, batch_size=bs)
         record(f"ours bs={bs}", time.perf_counter() - t0, float(mc_correct(lls, rows).mean()))
     t0 = time.perf_counter()
-    res = LE.lmeval_suite(model, tok, {"mc": rows}, batch_size=32)
+    res = LE.lmeval_suite(SuiteContext(model, tok, batch_size=32), {"mc": rows})
     record("lm-eval bs=32", time.perf_counter() - t0, res["metrics"]["lmeval.spunge_mc.acc"])
 
     ours32 = runs[1]["seconds"]

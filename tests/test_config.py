@@ -161,3 +161,21 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4}))) == 2
     with pytest.raises(P.PipelineError, match="and 12.0 GiB per worker"):
         P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12})))
+
+
+def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
+    found = problems(config_file(eval={"suites": ["qa", "mia", "mc", "perplexity", "nope"]}))
+    assert "eval.suites.4: unknown evaluation suite 'nope'; known: lmeval, mc, memorization, mia, perplexity, qa" in found
+    needs = sorted(p.split(":")[0] + ": " + p.split(": ")[1].split(" needs")[0] for p in found if p.startswith("data."))
+    assert needs == ["data.general: the perplexity suite", "data.holdout: the mia suite", "data.mc: the mc suite"]
+    # options sections are the suites' own models: eval.<suite>.<option>, validated by field
+    found = problems(config_file(eval={"suites": ["qa"], "qa": {"stop": "\n"}, "mia": {"k": 2}, "mc": {"bogus": 1}}))
+    assert {p.split(":")[0] for p in found} == {"eval.qa.stop", "eval.mia.k", "eval.mc.bogus"}
+    # lmeval: data.mc only for its spunge_mc task; its task folder is a path resolved against the config
+    (tmp_path / "tasks").mkdir()
+    cfg = load_config(config_file(eval={"suites": ["lmeval"], "lmeval": {"tasks": ["other"], "include_path": "tasks"}}))
+    assert cfg.eval.suite_options("lmeval")["include_path"] == str(tmp_path / "tasks")
+    assert cfg.eval.suite_options("qa") == {"stop": []} and cfg.eval.suite_options("perplexity") == {}
+    found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"include_path": "missing"}}))
+    assert found == ["data.mc: the lmeval suite needs a multiple-choice file (question, choices, answer), but it is not set",
+                     "eval.lmeval: include_path: no such folder missing (expected task YAMLs)"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict
@@ -79,7 +79,6 @@ class Suite:
     groups: tuple[tuple[str, str], ...] = ()  # (report group, regex of metric names), in order
     references: tuple[Reference, ...] = ()
     check: Optional[Callable[[Any], list[str]]] = None  # further config checks of the options (packages, files)
-    doc: str = field(default="", compare=False)
 
     def __call__(self, ctx: SuiteContext, data: dict[str, list[dict]], **options: Any) -> dict:
         """Run the suite: ``{"metrics": {name: float}, "raw": {name: per-example list}}``."""
@@ -106,7 +105,7 @@ def register_suite(name: str, *, needs: Union[tuple[str, ...], Callable[[Any], t
         raise ValueError(f"suite {name!r}: needs unknown data source(s) {unknown}; known: {', '.join(SOURCES)}")
 
     def deco(fn: SuiteFn) -> Suite:
-        suite = Suite(name, fn, needs, options, path_options, groups, references, check, doc=fn.__doc__ or "")
+        suite = Suite(name, fn, needs, options, path_options, groups, references, check)
         SUITES.add(name, suite)
         return suite
 

@@ -1,0 +1,52 @@
+"""Stage keys (orchestrator/cache.py): what changes a result changes the key; where, how often and how fast a
+job writes does not, so ``--resume`` reuses finished jobs after such a change."""
+
+from pathlib import Path
+
+import pytest
+
+from jobs.data.io import load_jsonl, write_jsonl
+from orchestrator.cache import file_digest, stage_key
+from orchestrator.config import parse_config
+from orchestrator.context import JobKind, Prepared, RunContext
+from orchestrator.unlearn import plan_jobs
+
+
+@pytest.fixture
+def plan(tiny_dir, tmp_path):
+    forget = load_jsonl(tiny_dir / "forget.jsonl")
+    subset = write_jsonl(tmp_path / "north.jsonl", [r for r in forget if r["group"] == "north"])
+    files = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")}
+    prep = Prepared(files, {"north": str(subset)}, {}, {n: file_digest(p) for n, p in files.items()})
+
+    def jobs(out: Path = tmp_path / "out", **unlearn):
+        cfg = parse_config({"model": {"path": str(tiny_dir / "model")}, "data": files, "split": {"attribute": "group"},
+                            "unlearn": {"method": "npo", "max_steps": 3, **unlearn}})
+        return {j.key: j for j in plan_jobs(RunContext(cfg, out, prep=prep))}
+
+    return jobs
+
+
+def test_the_key_ignores_where_how_often_and_how_fast_a_job_writes(plan, tmp_path):
+    base = plan()
+    assert set(base) == {"subset/north", "unsplit"} and base["subset/north"].kind is JobKind.SUBSET
+    same = plan(tmp_path / "elsewhere", report_interval_s=60, checkpoint_every=2)
+    assert {k: j.hash for k, j in same.items()} == {k: j.hash for k, j in base.items()}
+    assert same["unsplit"].spec.output_dir != base["unsplit"].spec.output_dir  # the folder moves, the key does not
+
+
+def test_the_key_follows_the_training_and_the_data_content(plan, tmp_path):
+    base = plan()
+    for change in ({"optimizer": {"lr": 1e-3}}, {"max_steps": 4}, {"seed": 1}, {"params": {"beta": 0.2}}):
+        assert plan(**change)["unsplit"].hash != base["unsplit"].hash, change
+    subset = Path(base["subset/north"].spec.forget_path)
+    rows = load_jsonl(subset)
+    write_jsonl(subset, rows[:-1])  # the same path, other content
+    assert plan()["subset/north"].hash != base["subset/north"].hash
+    assert plan()["unsplit"].hash == base["unsplit"].hash  # its data did not change
+
+
+def test_a_fingerprint_must_name_a_field_of_the_spec(plan):
+    spec = plan()["unsplit"].spec
+    with pytest.raises(KeyError, match="UnlearnSpec has no field"):
+        stage_key(spec, bogus="x")

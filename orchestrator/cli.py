@@ -90,13 +90,15 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
 
     for name, cfg in _load(config):
         try:
-            counts = prepare_check(cfg)
+            loaded = prepare_check(cfg)
         except DataError as e:
             _fail(f"{config}: {e}", 2)
         if name:
             out.print(f"# variant {name}", highlight=False)
         out.print(config_yaml(cfg), end="", highlight=False)
-        out.print("# subsets: " + ", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+        out.print("# subsets: " + ", ".join(f"{k}={v}" for k, v in loaded.counts().items()), highlight=False)
+        for note in loaded.notes:
+            err.print(f"[yellow]warning:[/yellow] {config}: {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -209,9 +211,9 @@ def eval_(
         if name == "general":
             return canonical_text(rows, columns, label)
         if name == "mc":
-            from jobs.evaluate.mc import check_mc_records
+            from jobs.data.rows import check_mc_rows
 
-            return check_mc_records(rows, label)
+            return check_mc_rows(rows, label)
         return canonical_qa(rows, columns, label)
 
     try:
@@ -220,7 +222,7 @@ def eval_(
         else:
             from orchestrator.prepare import load_data
 
-            data = load_data(cfg)[0]
+            data = load_data(cfg).data
     except DataError as err:
         _fail(str(err), 2)
     options = dict(batch_size=batch_size or e.batch_size, max_new_tokens=e.max_new_tokens,

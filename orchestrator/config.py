@@ -102,6 +102,8 @@ class SplitConfig(_Section):
         None, description="explicit subsets: name -> attribute values; default one subset per value"
     )
     baseline: Literal["unsplit", "none"] = "unsplit"
+    missing: Literal["error", "drop", "group"] = Field(
+        "error", description="forget rows without an attribute value: an error, left out, or a subset 'missing'")
 
     @field_validator("groups")
     @classmethod

@@ -56,11 +56,10 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
     from orchestrator.tracking import MlflowEvents, Tracker, tracking_uri
 
     out = Path(cfg.storage.output_dir).resolve()  # Ray Train's storage_path must be absolute
-    out.mkdir(parents=True, exist_ok=True)
     display = display or Display()
     with display:
         ctx = RunContext(cfg, out, resume, display=display, started=time.perf_counter())
-        run_stages(ctx, ["prepare"])  # bad data fails here, before Ray and MLflow start
+        run_stages(ctx, ["prepare"])  # bad data fails here, before Ray and MLflow start, and writes nothing
         init_ray(cfg, address)
         tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
                           tags={"spunge.output_dir": str(out), "spunge.resume": str(resume)})

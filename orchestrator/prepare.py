@@ -3,8 +3,11 @@ write the parts as jsonl files keyed by their content."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from jobs.data.io import write_jsonl
 from jobs.data.loading import canonical_qa, canonical_text, load_rows
+from jobs.data.rows import duplicate_questions
 from jobs.data.split import split_rows
 from orchestrator.cache import digest, file_digest
 from orchestrator.config import PipelineConfig
@@ -13,10 +16,25 @@ from orchestrator.context import Job, JobKind, Prepared, RunContext
 SOURCES = ("forget", "retain", "holdout", "general")  # question/answer sources, and general text
 
 
-def load_data(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """Every data source in canonical form, and the forget set split into subsets."""
+@dataclass
+class Loaded:
+    data: dict[str, list[dict]]  # source -> canonical rows
+    subsets: dict[str, list[dict]]  # subset value -> its forget rows
+    notes: list[str]  # what is worth a warning: duplicate questions, rows left out of the split
+
+    def counts(self) -> dict[str, int]:
+        return {**{n: len(r) for n, r in self.data.items()},
+                **{Job.key_of(JobKind.SUBSET, k): len(r) for k, r in self.subsets.items()}}
+
+
+def load_data(cfg: PipelineConfig) -> Loaded:
+    """Every data source in canonical form with every row checked (``jobs.data.rows``), and the forget set
+    split into subsets; a ``DataError`` of one line for the first problem."""
+    from jobs.data.rows import check_mc_rows
+
     cols = cfg.data.columns.model_dump()
     data: dict[str, list[dict]] = {}
+    notes: list[str] = []
     for name in SOURCES:
         src = getattr(cfg.data, name)
         if src is None:
@@ -24,28 +42,42 @@ def load_data(cfg: PipelineConfig) -> tuple[dict[str, list[dict]], dict[str, lis
         rows = load_rows(src.path, src.format, src.name, src.split)
         label = f"data.{name} ({src.path})"
         data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_qa(rows, cols, label)
+        notes += _duplicates(data[name], label)
     if cfg.data.mc is not None:  # multiple-choice rows are kept whole: their other columns are attributes
-        from jobs.evaluate.mc import check_mc_records
-
         src = cfg.data.mc
-        data["mc"] = check_mc_records(load_rows(src.path, src.format, src.name, src.split), f"data.mc ({src.path})")
-    return data, split_rows(data["forget"], cfg.split.attribute, cfg.split.groups)
+        data["mc"] = check_mc_rows(load_rows(src.path, src.format, src.name, src.split), f"data.mc ({src.path})")
+    if "retain" in data:
+        both = {r["question"].strip() for r in data["forget"]} & {r["question"].strip() for r in data["retain"]}
+        if both:
+            notes.append(f"{len(both)} question(s) are in both data.forget and data.retain (the method is asked to "
+                         f"forget and keep them), e.g. {sorted(both)[0]!r}")
+    s = cfg.split
+    subsets = split_rows(data["forget"], s.attribute, s.groups, s.missing, f"data.forget ({cfg.data.forget.path})",
+                         notes)
+    return Loaded(data, subsets, notes)
 
 
-def prepare_check(cfg: PipelineConfig) -> dict[str, int]:
-    """What ``spunge validate`` checks of the data: it loads, has the columns, and splits; the sizes."""
-    return _counts(*load_data(cfg))
+def _duplicates(rows: list[dict], label: str) -> list[str]:
+    dups = duplicate_questions(rows) if rows and "question" in rows[0] else {}
+    if not dups:
+        return []
+    q, at = next(iter(dups.items()))
+    return [f"{label}: {len(dups)} question(s) asked more than once, e.g. rows {', '.join(map(str, at))}: {q!r}"]
 
 
-def _counts(data: dict[str, list], subsets: dict[str, list]) -> dict[str, int]:
-    return {**{n: len(r) for n, r in data.items()}, **{Job.key_of(JobKind.SUBSET, k): len(r) for k, r in subsets.items()}}
+def prepare_check(cfg: PipelineConfig) -> Loaded:
+    """What ``spunge validate`` checks of the data: it loads, every row has what it needs, it splits."""
+    return load_data(cfg)
 
 
 def prepare(ctx: RunContext) -> None:
     """``ctx.prep``: the canonical files under ``stages/prepare-<hash>/`` and their sizes and digests."""
     cfg = ctx.cfg
     ctx.display.log(f"prepare: loading data, splitting forget set by {cfg.split.attribute!r}")
-    data, subsets = load_data(cfg)
+    loaded = load_data(cfg)
+    data, subsets = loaded.data, loaded.subsets
+    for note in loaded.notes:
+        ctx.display.log(f"warning: {note}")
     folder = ctx.out / "stages" / f"prepare-{digest(data, cfg.split.model_dump())}"
     files = {}
     for name, rows in data.items():
@@ -55,6 +87,6 @@ def prepare(ctx: RunContext) -> None:
     for key, rows in subsets.items():
         subset_files[key] = str(folder / "subsets" / f"{key}.jsonl")
         write_jsonl(subset_files[key], rows)
-    ctx.prep = Prepared(files, subset_files, _counts(data, subsets),
+    ctx.prep = Prepared(files, subset_files, loaded.counts(),
                         {n: file_digest(p) for n, p in {**files, **subset_files}.items()})
     ctx.display.log("prepare: " + ", ".join(f"{k}={v}" for k, v in ctx.prep.counts.items()))

@@ -83,9 +83,12 @@ def test_mc_suite_metrics_and_raw(tok):
 def test_bad_mc_rows_fail_naming_the_row():
     from jobs.data.loading import DataError
 
-    with pytest.raises(DataError, match=r"data.mc row 1: expected 'answer' to be an int index into its 2 choices"):
+    # rows are 1-based (the n-th record of the file), as in every data error
+    with pytest.raises(DataError, match=r"^data.mc row 2: column 'answer': expected an int index into the row's "
+                                        r"2 choices, got int 2$"):
         MC.check_mc_records([RECORDS[0], {**RECORDS[1], "answer": 2}], "data.mc")
-    with pytest.raises(DataError, match="row 0: expected 'choices'"):
+    with pytest.raises(DataError, match="^data.mc row 1: column 'choices': expected a list of at least 2 non-empty "
+                                        "strings, got str 'A'$"):
         MC.check_mc_records([{"question": "Q", "choices": "A", "answer": 0}], "data.mc")
 
 

@@ -1,7 +1,8 @@
-"""Loading user data with Hugging Face ``datasets`` and bringing it to the canonical record form.
+"""Loading user data and bringing it to the canonical record form.
 
-A source is a local file (json, jsonl, parquet, csv), a list of files, or a hub dataset name. Columns are
-renamed to the canonical ``question``/``answer``/``paraphrased_answer``/``perturbed_answers`` (QA data) or
+A source is a local file (json, jsonl, parquet, csv), a list of files, or a hub dataset name. Local JSON is
+read as written (every value keeps its type, so a bad row is named, not coerced); parquet, csv and hub
+datasets go through Hugging Face ``datasets``. Columns are renamed to the canonical ``question``/``answer``/``paraphrased_answer``/``perturbed_answers`` (QA data) or
 ``text`` (general data); every other column (the attributes) is kept as it is.
 """
 
@@ -11,12 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from jobs.data import DataError
+from jobs.data.rows import check_qa_rows, check_text_rows
+
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answers")
-
-
-class DataError(ValueError):
-    """Data that cannot be used as asked; the message names the file or field."""
 
 
 def _builder(paths: Sequence[str], fmt: str) -> str:
@@ -28,15 +28,44 @@ def _builder(paths: Sequence[str], fmt: str) -> str:
     return kinds.pop()
 
 
+def read_json_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of local JSON files, each a JSON array of objects or JSON lines (blank lines skipped), with
+    the types as written (``datasets`` would coerce a column to one type, or refuse mixed ones)."""
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8")
+        try:
+            if text.lstrip().startswith("["):
+                items = json.loads(text)
+            else:
+                items = []
+                for n, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        try:
+                            items.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{p} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for i, item in enumerate(items, len(rows) + 1):
+            if not isinstance(item, dict):
+                raise DataError(f"{p} row {i}: expected a JSON object (a record), got {type(item).__name__}")
+        rows += items
+    return rows
+
+
 def load_rows(path: Union[str, Sequence[str]], fmt: str = "auto", name: Optional[str] = None,
               split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a dataset as plain dicts (files through ``datasets``' json/parquet/csv builders)."""
+    """Rows of a dataset as plain dicts: local JSON read as written; parquet, csv and hub datasets through
+    ``datasets``."""
+    paths = [path] if isinstance(path, str) else list(path)
+    local = fmt != "hub" and all(Path(p).exists() for p in paths)
+    if local and _builder(paths, fmt) == "json":
+        return read_json_rows(paths)
     import datasets
     from datasets import load_dataset
 
     datasets.disable_progress_bars()
-    paths = [path] if isinstance(path, str) else list(path)
-    local = fmt != "hub" and all(Path(p).exists() for p in paths)
     try:
         if local:
             ds = load_dataset(_builder(paths, fmt), data_files=paths, split="train")
@@ -53,10 +82,11 @@ def load_rows(path: Union[str, Sequence[str]], fmt: str = "auto", name: Optional
 
 
 def canonical_qa(rows: list[dict], columns: Mapping[str, str], source: str, require: Sequence[str] = ("question", "answer")) -> list[dict]:
-    """Rename the configured columns to the canonical names; fail naming the missing column."""
+    """Rename the configured columns to the canonical names and check every row (``jobs.data.rows``); fail
+    naming the missing column, or the first bad row."""
     if not rows:
         return rows
-    have = set(rows[0])
+    have = set().union(*(r.keys() for r in rows))
     for canon in require:
         col = columns.get(canon, canon)
         if col not in have:
@@ -68,14 +98,12 @@ def canonical_qa(rows: list[dict], columns: Mapping[str, str], source: str, requ
             col = columns.get(canon, canon)
             if col != canon and col in r:
                 r[canon] = r.pop(col)
-        if isinstance(r.get("perturbed_answers"), str):
-            r["perturbed_answers"] = json.loads(r["perturbed_answers"])  # csv stores lists as JSON text
         out.append(r)
-    return out
+    return check_qa_rows(out, source, columns)
 
 
 def canonical_text(rows: list[dict], columns: Mapping[str, str], source: str) -> list[dict]:
     col = columns.get("text", "text")
-    if rows and col not in rows[0]:
+    if rows and col not in set().union(*(r.keys() for r in rows)):
         raise DataError(f"{source}: no column {col!r} (data.columns.text); columns are {sorted(rows[0])}")
-    return [{"text": r[col]} for r in rows]
+    return check_text_rows([{"text": r.get(col)} for r in rows], source, col)

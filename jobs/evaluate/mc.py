@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.data.format import DEFAULT_TEMPLATE, IGNORE_INDEX, PromptLike, as_format, prompt_text
-from jobs.data.loading import DataError
+from jobs.data.rows import check_mc_rows
 from jobs.evaluate.suites import SuiteContext, register_suite
 
 MC_FIELDS = ("question", "choices", "answer")
@@ -33,19 +33,10 @@ NON_ATTRIBUTES = ("id", *MC_FIELDS)
 
 
 def check_mc_records(records: Sequence[dict], label: str = "mc") -> list[dict]:
-    """The records if every one has a string ``question``, a list of >= 2 string ``choices`` and an int
-    ``answer`` indexing them; ``DataError`` (a ``ValueError``) naming the first bad row and what was
-    expected otherwise."""
-    for i, r in enumerate(records):
-        q, ch, a = r.get("question"), r.get("choices"), r.get("answer")
-        if not isinstance(q, str):
-            raise DataError(f"{label} row {i}: expected a string 'question', got {q!r}")
-        if not isinstance(ch, (list, tuple)) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
-            raise DataError(f"{label} row {i}: expected 'choices' to be a list of at least 2 strings, got {ch!r}")
-        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= int(a) < len(ch):
-            raise DataError(f"{label} row {i}: expected 'answer' to be an int index into its {len(ch)} choices, "
-                             f"got {a!r}")
-    return list(records)
+    """The records if every one has a non-empty string ``question``, a list of >= 2 non-empty string
+    ``choices`` and an int ``answer`` indexing them; ``DataError`` (a ``ValueError``) naming the first bad
+    row (1-based) and what was expected otherwise (``jobs.data.rows.check_mc_rows``)."""
+    return check_mc_rows(records, label)
 
 
 def attribute_columns(records: Sequence[dict], attributes: Optional[Sequence[str]] = None) -> list[str]:

@@ -95,9 +95,12 @@ def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Cons
     cfg, spec = job.cfg, job.tune
     console = console or Console()
     out = Path(cfg.storage.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     display = Display()
+    # the data first, before Ray and MLflow start: a bad row fails here and writes nothing
+    ctx = RunContext(cfg, out, resume=True, display=display, eval_models=("base", "oracle"))
+    with display:
+        run_stages(ctx, ["prepare"])
     init_ray(cfg, address)
     tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, f"tune/{cfg.name}",
                       tags={"spunge.output_dir": str(out), "spunge.stage": "tune"})
@@ -107,9 +110,8 @@ def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Cons
                                                **flatten(spec.model_dump(mode="json"), "tune.")})
         # the reference models, once for every trial: the pipeline's prepare and evaluate stages
         with display:
-            ctx = RunContext(cfg, out, resume=True, display=display, eval_models=("base", "oracle"))
             display.log("tune: evaluating the reference models (base" + (", oracle)" if cfg.eval.oracle else ")"))
-            reference = run_stages(ctx, ["prepare", "evaluate"]).results
+            reference = run_stages(ctx, ["evaluate"]).results
         missing = [m for m in spec.objective.metrics() if m not in reference["base"]["metrics"]]
         if missing:
             raise ConfigError([f"tune.objective: metric(s) {', '.join(missing)} not produced by eval.suites "

@@ -45,12 +45,13 @@ def model_fingerprint(path: str) -> str:
     return digest(str(p.resolve()), files)
 
 
-def claim(folder: Path, marker: str, resume: bool) -> bool:
+def claim(folder: Path, marker: str, resume: bool, keep_unfinished: bool = False) -> bool:
     """True when the stage in ``folder`` is already complete and may be reused; otherwise make the folder
-    empty and ready for a fresh run."""
+    ready for a run: emptied, or with ``resume`` and ``keep_unfinished`` left as the unfinished run left it
+    (its finished parts, such as a method's pre-job, are reused: the folder's name is its inputs' key)."""
     if resume and (folder / marker).exists():
         return True
-    if folder.exists():
+    if folder.exists() and not (resume and keep_unfinished):
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return False

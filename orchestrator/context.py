@@ -9,9 +9,12 @@ tune trial runs the same stages as ``spunge run`` over a narrower set of models.
 from __future__ import annotations
 
 import enum
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from jobs.spec import UnlearnSpec
 from orchestrator.config import PipelineConfig
@@ -21,6 +24,29 @@ from orchestrator.events import Events
 
 class PipelineError(RuntimeError):
     """A stage failed; the message names the stage and job."""
+
+
+class Killed(KeyboardInterrupt):
+    """The driver got SIGTERM or SIGHUP (``killable``): handled like Ctrl-C, recorded as KILLED."""
+
+
+@contextmanager
+def killable() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Killed`` in the main thread while inside (a ``ray job stop``, a batch
+    scheduler, a closed terminal), so the run records how it ended; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Killed(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 class JobKind(str, enum.Enum):
@@ -44,6 +70,7 @@ class Job:
     spec: UnlearnSpec
     hash: str
     subset: Optional[str] = None  # the subset's value (SUBSET jobs)
+    train_dir: Optional[Path] = None  # its Ray Train run folder (checkpoints; kept for --resume)
     reused: bool = False
     result: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # the step rows drained from the board

@@ -34,8 +34,9 @@ class Events:
     def stage_done(self, stage: str, ctx: Any) -> None:
         """``stage`` finished; its output is on ``ctx``."""
 
-    def run_ended(self, ctx: Any, ok: bool) -> None:
-        """The run ended: every stage done (``ok``), or one failed or was interrupted."""
+    def run_ended(self, ctx: Any, status: str) -> None:
+        """The run ended: ``FINISHED`` (every stage done), ``FAILED`` (one failed) or ``KILLED`` (interrupted:
+        Ctrl-C, SIGTERM, SIGHUP)."""
 
 
 NullEvents = Events

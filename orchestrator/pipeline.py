@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from orchestrator.config import PipelineConfig, config_yaml
-from orchestrator.context import PipelineError, RunContext
+from orchestrator.context import PipelineError, RunContext, killable
 from orchestrator.display import Display
 from orchestrator.evaluate import evaluate
 from orchestrator.merge import merge
@@ -64,15 +64,22 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
         tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
                           tags={"spunge.output_dir": str(out), "spunge.resume": str(resume)})
         display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+        if tracker.ended_stale:
+            display.log(f"MLflow: {len(tracker.ended_stale)} run(s) of {out} left RUNNING by a driver that is gone "
+                        "are now KILLED")
         ctx.events, ctx.run_id = MlflowEvents(tracker), tracker.parent_id
         try:
-            (out / "config.resolved.yaml").write_text(config_yaml(cfg))
-            ctx.events.run_started(ctx)
-            run_stages(ctx, [s for s in STAGES if s != "prepare"])
-        except BaseException:
-            ctx.events.run_ended(ctx, ok=False)
+            with killable():
+                (out / "config.resolved.yaml").write_text(config_yaml(cfg))
+                ctx.events.run_started(ctx)
+                run_stages(ctx, [s for s in STAGES if s != "prepare"])
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
+            ctx.events.run_ended(ctx, "KILLED")
             raise
-        ctx.events.run_ended(ctx, ok=True)
+        except BaseException:
+            ctx.events.run_ended(ctx, "FAILED")
+            raise
+        ctx.events.run_ended(ctx, "FINISHED")
     return ctx.report
 
 

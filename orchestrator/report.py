@@ -52,6 +52,7 @@ def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_
         "mlflow_run_id": run_id,
         "counts": prep.counts,
         "jobs": {j.key: {"output_dir": j.spec.output_dir, "stage_hash": j.hash, "reused": j.reused,
+                         "attempts": j.result.get("attempts"),  # worker-group starts (None when reused)
                          "final_metrics": j.result.get("final_metrics", {})} for j in jobs},
         "eval_reused": {name: bool(r.get("reused")) for name, r in results.items()},
         "seconds": seconds,

@@ -23,7 +23,7 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.unlearn.loop import JOB_MARKER, train_loop_per_worker
+    from jobs.unlearn.loop import ATTEMPTS_FILE, FAILED_MARKER, JOB_MARKER, NonFiniteLossError, train_loop_per_worker
     from jobs.unlearn.methods import build_method
     from orchestrator.progress import ProgressCallback
 
@@ -47,11 +47,18 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
                                  failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
+        out = Path(s.output_dir)
+        (out / FAILED_MARKER).unlink(missing_ok=True)
         trainer.fit()
-        marker = Path(s.output_dir) / JOB_MARKER
+        if (out / FAILED_MARKER).exists():  # failed in a way a restart cannot mend: no retries were made
+            raise NonFiniteLossError(json.loads((out / FAILED_MARKER).read_text())["error"])
+        marker = out / JOB_MARKER
         if not marker.exists():
             raise RuntimeError(f"job {s.name}: finished without writing {marker}")
-        return json.loads(marker.read_text())
+        done = json.loads(marker.read_text())
+        attempts = out / ATTEMPTS_FILE
+        done["attempts"] = len(attempts.read_text().splitlines()) if attempts.exists() else 1
+        return done
 
     # a method's own training jobs first (Method.pre_jobs, e.g. WHP's reinforced model), each a TorchTrainer
     # whose Ray Train run lives inside this job's run folder; a finished one (its marker exists) is reused

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,12 @@ class Tracker:
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
+        tags = dict(tags or {})
+        # runs a driver left RUNNING when it was killed outright (SIGKILL, a lost node) end as KILLED here
+        self.ended_stale = end_stale_runs(self.client, self.experiment_id, tags["spunge.output_dir"]) \
+            if "spunge.output_dir" in tags else []
+        tags.update({"spunge.driver_host": socket.gethostname(), "spunge.driver_pid": str(os.getpid())})
+        self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = self.parent.info.run_id
         self.children: dict[str, str] = {}
 
@@ -125,7 +131,8 @@ class MlflowEvents(Events):
         run_id = self.tracker.child(job.run_name)
         final = job.result.get("final_metrics", {})
         self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()})
-        self.tracker.set_tags(run_id, {"spunge.reused": job.reused, "spunge.output_dir": job.spec.output_dir})
+        self.tracker.set_tags(run_id, {"spunge.reused": job.reused, "spunge.output_dir": job.spec.output_dir,
+                                       **({"spunge.attempts": job.result["attempts"]} if "attempts" in job.result else {})})
         self.tracker.end(run_id)
 
     def stage_started(self, stage: str, ctx: Any) -> None:
@@ -168,8 +175,41 @@ class MlflowEvents(Events):
         for model, metrics in ctx.report["models"].items():
             t.log_metrics(t.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
 
-    def run_ended(self, ctx: Any, ok: bool) -> None:
-        self.tracker.end_all("FINISHED" if ok else "FAILED")
+    def run_ended(self, ctx: Any, status: str) -> None:
+        self.tracker.end_all(status)
+
+
+def _driver_alive(tags: dict[str, str]) -> bool:
+    """Whether the driver process that tagged a run still runs (on this host; another host's cannot be
+    checked from here and counts as alive, so its runs are left alone)."""
+    if tags.get("spunge.driver_host") != socket.gethostname():
+        return "spunge.driver_host" in tags
+    try:
+        pid = int(tags.get("spunge.driver_pid", ""))
+        if pid == os.getpid():
+            return False  # a run this process left behind (an earlier run in the same process)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_stale_runs(client: Any, experiment_id: str, output_dir: str) -> list[str]:
+    """End as KILLED the parent runs of ``output_dir`` still RUNNING whose driver is gone, and their RUNNING
+    nested runs; the ids ended."""
+    query = f"tags.`spunge.output_dir` = '{output_dir}' and attributes.status = 'RUNNING'"
+    ended = []
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        if "mlflow.parentRunId" in run.data.tags or _driver_alive(run.data.tags):
+            continue
+        nested = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                                     "and attributes.status = 'RUNNING'", max_results=10000)
+        for r in [*nested, run]:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            ended.append(r.info.run_id)
+    return ended
 
 
 def _finite_number(v: Any) -> bool:

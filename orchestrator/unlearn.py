@@ -12,7 +12,7 @@ import ray
 
 from jobs.data.io import load_jsonl, write_jsonl
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import JOB_MARKER
+from jobs.unlearn.loop import JOB_MARKER, STEPS_FILE
 from orchestrator.cache import claim, file_digest, model_fingerprint, stage_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message
@@ -42,6 +42,7 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
                       retain_path=prep.digests.get(u.retain_source))
         job = Job(kind, spec, h, subset=subset)
         spec.output_dir = str(ctx.out / "stages" / "unlearn" / f"{job.slug}-{h}")
+        job.train_dir = ctx.out / "ray_train" / f"{job.slug}-{h}"
         jobs.append(job)
     return jobs
 
@@ -78,24 +79,25 @@ def unlearn(ctx: RunContext) -> None:
     for job in ctx.jobs:
         ctx.events.job_started(job)
         ctx.display.add(job.key, f"unlearn {job.key}")
-        job.reused = claim(Path(job.spec.output_dir), JOB_MARKER, ctx.resume)
+        job.reused = claim(Path(job.spec.output_dir), JOB_MARKER, ctx.resume, keep_unfinished=True)
         if job.reused:
             job.result = json.loads((Path(job.spec.output_dir) / JOB_MARKER).read_text())
             _finish(ctx, job)
+        elif ctx.resume:  # Ray Train restores an unfinished job from its latest checkpoint in train_dir
+            _restore_history(ctx, job)
+            pending.append(job)
         else:
+            shutil.rmtree(job.train_dir, ignore_errors=True)
             pending.append(job)
     capacity = job_capacity(ctx.cfg)
     running: dict[Any, Job] = {}
     seen: dict[str, int] = {}
-    storage = str(ctx.out / "ray_train")
     scaling = ctx.cfg.scaling.model_dump()
     while pending or running:
         while pending and len(running) < capacity:
             job = pending.pop(0)
-            run_name = f"{job.slug}-{job.hash}"
-            if not ctx.resume:  # with --resume, Ray Train restores an unfinished job from its latest checkpoint there
-                shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
-            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, storage, run_name, board)
+            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name,
+                                         board)
             running[ref] = job
             ctx.display.update(job.key, info="starting workers")
         done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -113,20 +115,45 @@ def unlearn(ctx: RunContext) -> None:
         ctx.display.heartbeat()
 
 
+def add_steps(job: Job, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows into ``job.history`` in step order: after a restart the steps since the checkpoint come again and
+    replace the old ones. Returns the rows of steps not emitted before (each step is emitted once)."""
+    fresh = []
+    for row in rows:
+        while job.history and job.history[-1]["step"] >= row["step"]:
+            job.history.pop()
+        job.history.append(row)
+        if row["step"] > job.logged_step:
+            fresh.append(row)
+            job.logged_step = row["step"]
+    return fresh
+
+
+def steps_reported(job: Job) -> list[dict[str, Any]]:
+    """Every step row the job's workers wrote (``STEPS_FILE``: across restarts and drivers), in order."""
+    path = Path(job.spec.output_dir) / STEPS_FILE
+    rows = load_jsonl(path) if path.exists() else []
+    probe = Job(job.kind, job.spec, job.hash)
+    add_steps(probe, rows)
+    return probe.history
+
+
+def _restore_history(ctx: RunContext, job: Job) -> None:
+    """The steps this unfinished job reported before the earlier driver died become its history again and
+    reach the events: the restored job reports only the steps after its checkpoint, and no step is lost."""
+    fresh = add_steps(job, steps_reported(job))
+    if fresh:
+        ctx.events.job_steps(job, fresh)
+        ctx.display.log(f"unlearn {job.key}: resuming; steps 1-{job.logged_step} were reported before")
+
+
 def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
     """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps."""
     by_key = {j.key: j for j in ctx.jobs}
     for key, rows in ray.get(board.since.remote(seen)).items():
         seen[key] = seen.get(key, 0) + len(rows)
         job = by_key[key]
-        fresh = []
-        for row in rows:  # after a restart, steps since the checkpoint come again: they replace the old ones
-            while job.history and job.history[-1]["step"] >= row["step"]:
-                job.history.pop()
-            job.history.append(row)
-            if row["step"] > job.logged_step:  # each step is emitted once
-                fresh.append(row)
-                job.logged_step = row["step"]
+        fresh = add_steps(job, rows)
         if fresh:
             ctx.events.job_steps(job, fresh)
         last = rows[-1]
@@ -138,9 +165,10 @@ def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
 
 def _finish(ctx: RunContext, job: Job) -> None:
     hist = Path(job.spec.output_dir) / HISTORY_FILE  # kept beside the checkpoint: a resumed run still plots it
-    if job.reused:
-        job.history = load_jsonl(hist) if hist.exists() else []
-    else:
+    if job.reused and hist.exists():
+        job.history = load_jsonl(hist)
+    else:  # a driver killed between the job's end and this point left only the workers' steps
+        job.history = job.history if not job.reused else steps_reported(job)
         write_jsonl(hist, job.history)
     ctx.events.job_done(job)
     if job.kind is JobKind.SUBSET:

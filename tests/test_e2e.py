@@ -149,8 +149,10 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
         "split": {"attribute": "group", "baseline": "none"},
-        "unlearn": {"method": "ga", "optimizer": {"name": "sgd", "lr": 1e30}, "max_steps": 20, "batch_size": 4},
+        "unlearn": {"method": "ga", "optimizer": {"name": "sgd", "lr": 1e30}, "max_steps": 20, "batch_size": 4,
+                    "checkpoint_every": 2},
         "deepspeed": {"gradient_clipping": 0.0},
+        "scaling": {"max_failures": 3},  # restarts for crashes; a diverging loss is not one
         "eval": {"max_examples": 4},
     }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
@@ -160,3 +162,5 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
     assert len(errors) == 1, r.stderr[-3000:]
     assert "unlearn subset/" in errors[0] and "loss became" in errors[0] and "(method ga" in errors[0]
     assert "Traceback" not in r.stderr and not (tmp_path / "spunge-output" / "report.json").exists()
+    attempts = list((tmp_path / "spunge-output" / "stages" / "unlearn").glob("*/attempts.jsonl"))
+    assert attempts and all(len(a.read_text().splitlines()) == 1 for a in attempts)  # failed at once, no retry

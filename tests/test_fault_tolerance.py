@@ -14,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from jobs.data.io import load_jsonl
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.loop import CHECKPOINT_STATE, JOB_MARKER, run_unlearning
 
@@ -156,6 +157,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     assert steps[restart] == resumed_from + 1 and max(steps[:restart]) >= resumed_from
     assert steps[restart:] == list(range(resumed_from + 1, 41))  # every step after the checkpoint, once
     assert result["final_metrics"]["resumed_from"] == resumed_from
+    assert result["attempts"] == 2  # the first start and the restart, each recorded by rank 0
     assert victim.pid not in {p.pid for p in train_workers()}
     kept = sorted(p.name for p in (storage / name).glob("checkpoint_step*"))
     assert len(kept) <= 2  # CheckpointConfig(num_to_keep=2)
@@ -197,8 +199,31 @@ def spunge_env() -> dict[str, str]:
     return env
 
 
+STEPS = 30
+
+
+def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen:
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen(spunge_cmd("run", "pipe.yaml", *extra), cwd=tmp_path, env=spunge_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def reap(driver: subprocess.Popen, family: list) -> None:
+    """The driver's session gone: the driver, and anything it started that outlived it."""
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=120)
+    _, alive = psutil.wait_procs(family, timeout=60)
+    for p in alive:  # anything that left the session: ours to clean up, by pid
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]  # Ray's processes share the driver's fate
+
+
 @pytest.mark.e2e
 def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir, tmp_path):
+    """Driver 1 gets SIGTERM in the middle of unlearning: its MLflow runs end KILLED. Driver 2 resumes the
+    unfinished jobs from their checkpoints and is SIGKILLed once both are done: its runs stay RUNNING.
+    Driver 3 ends those as KILLED, reruns no unlearning job and completes; no step of either job is lost."""
     from mlflow.tracking import MlflowClient
 
     cfg = {
@@ -206,43 +231,61 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
         "split": {"attribute": "group", "baseline": "none"},
-        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 3, "batch_size": 4,
-                    "checkpoint_every": 2},
+        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": STEPS, "batch_size": 4,
+                    "checkpoint_every": 10, "report_interval_s": 0},
         "eval": {"max_examples": 4},
         "storage": {"output_dir": "run"},
         "ray": {"num_cpus": 4},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(spunge_cmd("run", "pipe.yaml"), cwd=tmp_path, env=spunge_env(), stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
+    # a checkpoint counts once Ray Train's checkpoint manager has registered it in its snapshot
+    checkpoints = lambda: [p for p in run.glob("ray_train/*/checkpoint_manager_snapshot.json")
+                           if "checkpoint_step" in p.read_text()]
+
+    # 1. SIGTERM while unlearning: the driver ends its MLflow runs as KILLED and exits 130
+    driver = start_driver(tmp_path, "first.log")
+    family = []
     try:
-        job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
+        wait_for(lambda: checkpoints() or driver.poll() is not None, "a first registered checkpoint")
+        assert driver.poll() is None and not job_markers(), (tmp_path / "first.log").read_text()[-3000:]
+        family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        driver.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a scheduler would
+        assert driver.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        reap(driver, family)
+    assert "interrupted; finished stages are kept" in (tmp_path / "first.log").read_text()
+    assert len(job_markers()) < 2  # stopped in the middle of unlearning
+    first = client.search_runs([client.get_experiment_by_name("spunge").experiment_id], "attributes.run_name = 'killed'")
+    assert [r.info.status for r in first] == ["KILLED"]
+    first_children = client.search_runs([first[0].info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{first[0].info.run_id}'")
+    assert first_children and {r.info.status for r in first_children} == {"KILLED"}
+
+    # 2. --resume: unfinished jobs restart from their checkpoints; SIGKILL once both are done
+    driver = start_driver(tmp_path, "second.log", "--resume")
+    try:
         wait_for(lambda: len(job_markers()) == 2 or driver.poll() is not None, "both unlearning jobs to finish")
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert driver.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
         markers = job_markers()
         family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the local Ray it started (same session)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-        log.close()
-    _, alive = psutil.wait_procs(family, timeout=60)
-    for p in alive:  # anything that left the session: ours to clean up, by pid
-        p.kill()
-    assert not alive, [p.cmdline() for p in alive]  # Ray's processes share the driver's fate
+        reap(driver, family)
     assert not (run / "report.json").exists()  # killed before the end
-
     mtimes = {m.parent.name: (m.parent / "model.safetensors").stat().st_mtime_ns for m in markers}
     trainer_runs = sorted(p.name for p in (run / "ray_train").iterdir())
     assert len(trainer_runs) == 2
-    assert all(list((run / "ray_train" / r).glob("checkpoint_step0000002")) for r in trainer_runs)
+    resumed = [json.loads(m.read_text())["final_metrics"].get("resumed_from", 0) for m in markers]
+    assert max(resumed) >= 10 and all(r % 10 == 0 for r in resumed)  # a job went on from a checkpoint
 
+    # 3. --resume again: the runs driver 2 left RUNNING end as KILLED; nothing is unlearned again
     second = subprocess.run(spunge_cmd("run", "pipe.yaml", "--resume"), cwd=tmp_path, env=spunge_env(),
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    assert "left RUNNING by a driver that is gone are now KILLED" in second.stdout + second.stderr
     report = json.loads((run / "report.json").read_text())
     assert set(report["jobs"]) == {"subset/north", "subset/south"}
     assert all(j["reused"] for j in report["jobs"].values())
@@ -250,12 +293,18 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     for key, job in report["jobs"].items():
         folder = Path(job["output_dir"])
         assert (folder / "model.safetensors").stat().st_mtime_ns == mtimes[folder.name], key
+        # every step of every job, across the three drivers, each once
+        assert [r["step"] for r in load_jsonl(folder / "history.jsonl")] == list(range(1, STEPS + 1)), key
     assert {"base", "merged", "subset/north", "subset/south"} <= set(report["models"])
     assert 0 <= report["models"]["merged"]["forget_prob"] <= 1
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(report["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["spunge.resume"] == "True"
+    runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'killed'",
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED"]  # driver 2's, by driver 3
+    stale = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{runs[1].info.run_id}'")
+    assert stale and {r.info.status for r in stale} == {"KILLED"}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"

@@ -39,6 +39,9 @@ from jobs.unlearn.reference import add_lora, adapter_state, reference_model, sav
 from jobs.unlearn.methods.base import mean_nll
 
 JOB_MARKER = "spunge_job.json"
+FAILED_MARKER = "spunge_failed.json"  # a job that must not be retried (a non-finite loss) says why here
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the job's workers (Ray Train restarts included)
+STEPS_FILE = "steps.jsonl"  # every reported step row, appended by rank 0 (a restart's replays included)
 CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
 CHECKPOINT_TAG = "spunge"  # DeepSpeed's tag (sub-folder) inside a checkpoint folder
 
@@ -414,7 +417,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(rows: list[dict], checkpoint: Optional[str] = None) -> None:
         # rank 0's report is the one Ray Train keeps: its last row, plus every row since the previous report;
-        # every rank hands over its checkpoint folder, and Ray Train copies them all into one folder
+        # every rank hands over its checkpoint folder, and Ray Train copies them all into one folder.
+        # Rank 0 also appends the rows to the job's folder: a driver that resumes the job after a kill reads
+        # the steps before its checkpoint there (they are all reported at the latest at the checkpoint).
+        if ctx.get_world_rank() == 0:
+            with open(Path(spec.output_dir) / STEPS_FILE, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         metrics = {**rows[-1], "history": rows, "rank": ctx.get_world_rank()}
         if checkpoint is None:
             ray.train.report(metrics)
@@ -422,9 +430,20 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
                              checkpoint_dir_name=f"checkpoint_step{rows[-1]['step']:07d}")
 
+    out = Path(spec.output_dir)
     latest = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
-    if latest is None:
-        run_unlearning(spec, report=report)
-    else:
-        with latest.as_directory() as folder:
-            run_unlearning(spec, report=report, restore_from=folder)
+    if ctx.get_world_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ATTEMPTS_FILE, "a") as f:
+            f.write(json.dumps({"started": time.time(), "from_checkpoint": latest is not None}) + "\n")
+    try:
+        if latest is None:
+            run_unlearning(spec, report=report)
+        else:
+            with latest.as_directory() as folder:
+                run_unlearning(spec, report=report, restore_from=folder)
+    except NonFiniteLossError as e:
+        # not a crash: a restart would diverge again. Every rank saw it (the check is collective), so every
+        # rank returns normally and Ray Train does not retry; the driver raises from the marker.
+        if ctx.get_world_rank() == 0:
+            (out / FAILED_MARKER).write_text(json.dumps({"error": str(e), "kind": "non_finite_loss"}))

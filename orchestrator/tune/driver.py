@@ -15,7 +15,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from orchestrator.config import ConfigError, PipelineConfig, flatten
-from orchestrator.context import PipelineError, RunContext
+from orchestrator.context import PipelineError, RunContext, killable
 from orchestrator.display import Display
 from orchestrator.pipeline import run_stages
 from orchestrator.runners import init_ray
@@ -90,9 +90,7 @@ def plan_concurrency(cfg: PipelineConfig, spec: TuneSection, resources: dict[str
 
 def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Console] = None) -> dict[str, Any]:
     """Run the search; print and write the trials table and ``best_config.yaml``; return a summary."""
-    from ray import tune
-
-    cfg, spec = job.cfg, job.tune
+    cfg = job.cfg
     console = console or Console()
     out = Path(cfg.storage.output_dir).resolve()
     t0 = time.perf_counter()
@@ -106,49 +104,62 @@ def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Cons
                       tags={"spunge.output_dir": str(out), "spunge.stage": "tune"})
     display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")
     try:
-        tracker.log_params(tracker.parent_id, {**flatten(cfg.model_dump(mode="json")),
-                                               **flatten(spec.model_dump(mode="json"), "tune.")})
-        # the reference models, once for every trial: the pipeline's prepare and evaluate stages
-        with display:
-            display.log("tune: evaluating the reference models (base" + (", oracle)" if cfg.eval.oracle else ")"))
-            reference = run_stages(ctx, ["evaluate"]).results
-        missing = [m for m in spec.objective.metrics() if m not in reference["base"]["metrics"]]
-        if missing:
-            raise ConfigError([f"tune.objective: metric(s) {', '.join(missing)} not produced by eval.suites "
-                               f"{cfg.eval.suites} (available: {', '.join(sorted(reference['base']['metrics']))})"], job.source)
-        for name, res in reference.items():
-            tracker.log_metrics(tracker.parent_id, {f"{name}.{k}": v for k, v in res["metrics"].items()})
-        # what trials need: the base metrics (constraints), the oracle's raw scores (forget_quality, privleak)
-        reference = {n: {"metrics": r["metrics"], "raw": r.get("raw", {}) if n == "oracle" else {}}
-                     for n, r in reference.items()}
-
-        n_subsets = len(ctx.prep.subsets)
-        trials_at_once, jobs_per_trial = plan_concurrency(cfg, spec, ray.cluster_resources(), n_subsets)
-        display.log(f"tune: {spec.num_samples} sample(s) of {len(spec.space)} parameter(s), search {spec.search}, "
-                    f"scheduler {spec.scheduler.name}, up to {trials_at_once} trial(s) at once; objective: "
-                    f"{spec.objective.describe()}")
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), tune_spec=spec.model_dump(mode="json"),
-                                 reference=reference, out_dir=str(out), max_jobs=jobs_per_trial),
-            # The trial only drives: its TorchTrainer workers and eval tasks hold the CPUs/GPUs. Tune wants a
-            # non-empty bundle ({"CPU": 0} is refused) and a CPU fraction would cost a whole worker slot.
-            {"memory": TRIAL_MEMORY})
-        callback = MlflowTrials(tracker, list(spec.space))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(spec.space),
-            tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=_search_alg(spec, trials_at_once),
-                                        scheduler=_scheduler(cfg, spec, n_subsets)),
-            run_config=tune.RunConfig(name=f"tune-{cfg.name.replace('/', '-')}", storage_path=str(out / "ray_tune"),
-                                      callbacks=[callback], verbose=0),
-        )
-        rows = trial_rows(tuner.fit(), spec, callback.status)
-        summary = _summarise(rows, cfg, spec, out, tracker, console, time.perf_counter() - t0)
-        tracker.end_all("FINISHED")
-        return summary
+        with killable():
+            summary = _search(job, ctx, tracker, display, console, t0)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
+        tracker.end_all("KILLED")
+        raise
     except BaseException:
         tracker.end_all("FAILED")
         raise
+    tracker.end_all("FINISHED")
+    return summary
+
+
+def _search(job: TuneJob, ctx: RunContext, tracker: Tracker, display: Display, console: Console,
+            t0: float) -> dict[str, Any]:
+    """The reference models scored once, then the Tuner over the trials; the summary."""
+    from ray import tune
+
+    cfg, spec, out = job.cfg, job.tune, ctx.out
+    tracker.log_params(tracker.parent_id, {**flatten(cfg.model_dump(mode="json")),
+                                           **flatten(spec.model_dump(mode="json"), "tune.")})
+    # the reference models, once for every trial: the pipeline's evaluate stage
+    with display:
+        display.log("tune: evaluating the reference models (base" + (", oracle)" if cfg.eval.oracle else ")"))
+        reference = run_stages(ctx, ["evaluate"]).results
+    missing = [m for m in spec.objective.metrics() if m not in reference["base"]["metrics"]]
+    if missing:
+        raise ConfigError([f"tune.objective: metric(s) {', '.join(missing)} not produced by eval.suites "
+                           f"{cfg.eval.suites} (available: {', '.join(sorted(reference['base']['metrics']))})"], job.source)
+    for name, res in reference.items():
+        tracker.log_metrics(tracker.parent_id, {f"{name}.{k}": v for k, v in res["metrics"].items()})
+    # what trials need: the base metrics (constraints), the oracle's raw scores (forget_quality, privleak)
+    reference = {n: {"metrics": r["metrics"], "raw": r.get("raw", {}) if n == "oracle" else {}}
+                 for n, r in reference.items()}
+
+    n_subsets = len(ctx.prep.subsets)
+    trials_at_once, jobs_per_trial = plan_concurrency(cfg, spec, ray.cluster_resources(), n_subsets)
+    display.log(f"tune: {spec.num_samples} sample(s) of {len(spec.space)} parameter(s), search {spec.search}, "
+                f"scheduler {spec.scheduler.name}, up to {trials_at_once} trial(s) at once; objective: "
+                f"{spec.objective.describe()}")
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), tune_spec=spec.model_dump(mode="json"),
+                             reference=reference, out_dir=str(out), max_jobs=jobs_per_trial),
+        # The trial only drives: its TorchTrainer workers and eval tasks hold the CPUs/GPUs. Tune wants a
+        # non-empty bundle ({"CPU": 0} is refused) and a CPU fraction would cost a whole worker slot.
+        {"memory": TRIAL_MEMORY})
+    callback = MlflowTrials(tracker, list(spec.space))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(spec.space),
+        tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=_search_alg(spec, trials_at_once),
+                                    scheduler=_scheduler(cfg, spec, n_subsets)),
+        run_config=tune.RunConfig(name=f"tune-{cfg.name.replace('/', '-')}", storage_path=str(out / "ray_tune"),
+                                  callbacks=[callback], verbose=0),
+    )
+    rows = trial_rows(tuner.fit(), spec, callback.status)
+    return _summarise(rows, cfg, spec, out, tracker, console, time.perf_counter() - t0)
 
 
 def _summarise(rows: list[dict[str, Any]], cfg: PipelineConfig, spec: TuneSection, out: Path, tracker: Tracker,

@@ -3,7 +3,8 @@
 A stage folder is complete when its marker file exists (written last by whoever produced it). Without
 ``--resume`` an existing folder is cleared and the stage runs again. ``stage_key`` is the one place that
 says what a key is made of: a job's spec, minus the fields that do not change its result, with its paths
-replaced by fingerprints of what they hold.
+replaced by fingerprints of what they hold (data files, a method's file parameters such as WHP's anchors,
+a suite's file options; the DeepSpeed JSON is read into the spec, so its content is in the key).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:HASH_LEN]
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """What a file or folder a stage reads holds: a file's content digest; a folder's files' names and
+    content digests (for small folders such as task YAMLs; a model folder uses ``model_fingerprint``)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if p.is_dir():
+        return digest([(f.relative_to(p).as_posix(), file_digest(f)) for f in sorted(p.rglob("*")) if f.is_file()])
+    return f"missing:{path}"
 
 
 def model_fingerprint(path: str) -> str:
@@ -66,3 +78,24 @@ def stage_key(spec: BaseModel, *extra: Any, **fingerprints: Any) -> str:
     if unknown:
         raise KeyError(f"stage_key: {type(spec).__name__} has no field(s) {sorted(unknown)}")
     return digest(type(spec).__name__, {**fields, **fingerprints}, *extra)
+
+
+def method_params_key(cfg: Any) -> dict[str, Any]:
+    """The method's params with each file parameter (``Method.path_params``) replaced by its content's
+    fingerprint: editing WHP's anchors file changes the key, moving it does not."""
+    from jobs.unlearn.methods import get_method
+
+    files = get_method(cfg.unlearn.method).path_params
+    return {k: path_fingerprint(v) if k in files and isinstance(v, str) else v for k, v in cfg.unlearn.params.items()}
+
+
+def suite_options_key(spec: Any) -> dict[str, Any]:
+    """The spec's suite options with each file option (``Suite.path_options``) replaced by its content's
+    fingerprint (lmeval's task folder)."""
+    from jobs.evaluate.suites import get_suite
+
+    out = {}
+    for name, opts in spec.suite_options.items():
+        files = get_suite(name).path_options
+        out[name] = {k: path_fingerprint(v) if k in files and isinstance(v, str) else v for k, v in opts.items()}
+    return out

@@ -13,7 +13,7 @@ import ray
 from jobs.data.io import write_json
 from jobs.evaluate.suites import add_reference_metrics
 from jobs.spec import EvalSpec
-from orchestrator.cache import model_fingerprint, stage_key
+from orchestrator.cache import model_fingerprint, stage_key, suite_options_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import PipelineError, RunContext, root_message
 from orchestrator.display import Display
@@ -55,7 +55,8 @@ def evaluate(ctx: RunContext) -> None:
     for name, (path, model_hash) in ctx.models.items():
         for suite in cfg.eval.suites:
             spec = eval_spec(cfg, path, splits, suite)
-            h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[n] for n in splits})
+            h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[n] for n in splits},
+                          suite_options=suite_options_key(spec))
             tasks.append(EvalTask(name, suite, spec, folder / f"{name.replace('/', '-')}-{suite}-{h}.json"))
     ctx.results.update(run_eval_tasks(tasks, cfg.eval.cpus_per_task, cfg.eval.gpus_per_task, ctx.resume, ctx.display))
     add_reference_metrics(ctx.results)

@@ -9,7 +9,7 @@ import ray
 
 from jobs.merge import MERGE_MARKER
 from jobs.spec import MergeSpec
-from orchestrator.cache import claim, model_fingerprint, stage_key
+from orchestrator.cache import claim, method_params_key, model_fingerprint, stage_key
 from orchestrator.context import Merged, PipelineError, RunContext, root_message
 
 
@@ -28,7 +28,7 @@ def merge(ctx: RunContext) -> None:
                      method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
                      dtype=cfg.model.dtype, output=m.output, output_dir="")
     # the unlearning method picks which folder of a job is merged and may rewrite the merged weights (tvn)
-    h = stage_key(spec, cfg.unlearn.method, cfg.unlearn.params, base_model_path=model_fingerprint(cfg.model.path),
+    h = stage_key(spec, cfg.unlearn.method, method_params_key(cfg), base_model_path=model_fingerprint(cfg.model.path),
                   model_paths={j.key: j.hash for j in jobs})
     folder = ctx.out / "stages" / f"merge-{h}"
     ctx.display.add("merge", f"merge ({m.method})")

@@ -13,7 +13,7 @@ import ray
 from jobs.data.io import load_jsonl, write_jsonl
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.loop import JOB_MARKER, STEPS_FILE
-from orchestrator.cache import claim, file_digest, model_fingerprint, stage_key
+from orchestrator.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message
 
@@ -39,7 +39,7 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
             attn_implementation=cfg.model.attn_implementation,
             threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), output_dir="")
         h = stage_key(spec, cfg.scaling.num_workers, model_path=base, forget_path=file_digest(path),
-                      retain_path=prep.digests.get(u.retain_source))
+                      retain_path=prep.digests.get(u.retain_source), method_params=method_params_key(cfg))
         job = Job(kind, spec, h, subset=subset)
         spec.output_dir = str(ctx.out / "stages" / "unlearn" / f"{job.slug}-{h}")
         job.train_dir = ctx.out / "ray_train" / f"{job.slug}-{h}"

@@ -50,3 +50,38 @@ def test_a_fingerprint_must_name_a_field_of_the_spec(plan):
     spec = plan()["unsplit"].spec
     with pytest.raises(KeyError, match="UnlearnSpec has no field"):
         stage_key(spec, bogus="x")
+
+
+def test_file_parameters_are_keyed_by_their_content(plan, tmp_path):
+    """WHP's anchors file: editing it changes the key, moving it does not (a stale result is never reused)."""
+    anchors = tmp_path / "anchors.json"
+    anchors.write_text('{"Ana Lind": "Jane Doe"}')
+    before = plan(method="whp", params={"anchors": str(anchors)})["subset/north"].hash
+    moved = tmp_path / "moved.json"
+    moved.write_text(anchors.read_text())
+    assert plan(method="whp", params={"anchors": str(moved)})["subset/north"].hash == before
+    anchors.write_text('{"Ana Lind": "John Roe"}')
+    assert plan(method="whp", params={"anchors": str(anchors)})["subset/north"].hash != before
+
+
+def test_suite_file_options_and_the_deepspeed_file_are_keyed_by_content(tiny_dir, tmp_path):
+    from orchestrator.cache import suite_options_key
+    from orchestrator.evaluate import eval_spec
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n")
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    files = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")}
+    cfg = parse_config({"model": {"path": str(tiny_dir / "model")}, "data": files, "split": {"attribute": "group"},
+                        "deepspeed": str(tmp_path / "ds.json"),
+                        "eval": {"suites": ["lmeval"], "lmeval": {"tasks": ["t"], "include_path": str(tasks)}}})
+    key = lambda: suite_options_key(eval_spec(cfg, "m", files, "lmeval"))
+    before = key()
+    (tasks / "t.yaml").write_text("task: t\nnum_fewshot: 2\n")
+    assert key() != before
+    prep = Prepared(files, {}, {}, {n: file_digest(p) for n, p in files.items()})
+    job_key = lambda: plan_jobs(RunContext(cfg, tmp_path / "out", prep=prep))[0].hash  # the unsplit job
+    before = job_key()
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
+    assert job_key() != before  # the DeepSpeed file is read into every UnlearnSpec

@@ -93,7 +93,7 @@ def _check_suites(cfg: PipelineConfig) -> list[str]:
 
 def _check_model_features(cfg: PipelineConfig) -> list[str]:
     """The chat template, the attention kernel and LoRA against what the model and packages offer."""
-    import importlib.util
+    from jobs.extras import missing
 
     problems = []
     if cfg.data.template == CHAT and Path(cfg.model.path).is_dir():
@@ -108,11 +108,11 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
             problems.append(f"model.path: cannot load the tokenizer of {cfg.model.path} ({str(e).splitlines()[0]})")
     attn = cfg.model.attn_implementation
     if attn and attn.startswith("flash_attention"):
-        package = "flash_attn_interface" if attn.endswith("_3") else "flash_attn"
-        if importlib.util.find_spec(package) is None:
-            problems.append(f"model.attn_implementation: {attn} needs the {package} package (and a GPU); "
-                            "use sdpa or eager")
+        if err := missing("flash_attn_interface" if attn.endswith("_3") else "flash_attn", attn):
+            problems.append(f"model.attn_implementation: {err}; or use sdpa or eager")
     u, m = cfg.unlearn, cfg.merge
+    if u.lora is not None and (err := missing("peft", "LoRA (unlearn.lora)")):
+        problems.append(f"unlearn.lora: {err}")
     if u.lora is not None and u.localize is not None:
         problems.append("unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; "
                         "LoRA trains adapters)")

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SPUNGE: split the forget data, unlearn each subset with DeepSpeed on Ray, merge, evaluate.")
@@ -20,8 +21,12 @@ out = Console(soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)  # a message is text, not markup
     raise typer.Exit(code)
+
+
+def _warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -37,7 +42,7 @@ def _exit_codes(interrupted: str = "interrupted"):
         yield
     except ConfigError as e:
         for p in e.problems:
-            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(f'{e.source}: {p}')}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except (DataError, ModelLoadError) as e:
         _fail(str(e), 2)
@@ -94,11 +99,12 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
         except DataError as e:
             _fail(f"{config}: {e}", 2)
         if name:
-            out.print(f"# variant {name}", highlight=False)
-        out.print(config_yaml(cfg), end="", highlight=False)
-        out.print("# subsets: " + ", ".join(f"{k}={v}" for k, v in loaded.counts().items()), highlight=False)
+            out.print(f"# variant {name}", highlight=False, markup=False)
+        out.print(config_yaml(cfg), end="", highlight=False, markup=False)
+        out.print("# subsets: " + ", ".join(f"{k}={v}" for k, v in loaded.counts().items()), highlight=False,
+                  markup=False)
         for note in loaded.notes:
-            err.print(f"[yellow]warning:[/yellow] {config}: {note}", highlight=False, soft_wrap=True)
+            _warn(f"{config}: {note}")
 
 
 @app.command()
@@ -130,7 +136,7 @@ def demo(
     if size not in SIZES:
         _fail(f"--size: expected one of {', '.join(SIZES)}, got {size!r}", 2)
     config_path = prepare_demo(output_dir.resolve(), size, seed, err)
-    out.print(f"demo config: {config_path}", highlight=False)
+    out.print(f"demo config: {config_path}", highlight=False, markup=False)
     _run(_load(config_path)[0][1], resume, address)
 
 
@@ -152,7 +158,7 @@ def convert_gguf(
         folder = convert(gguf_file or packaged_gguf(), output_dir.resolve(), dtype)
     except ModelLoadError as e:
         _fail(str(e), 2)
-    out.print(f"model: {folder}", highlight=False)
+    out.print(f"model: {folder}", highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -248,7 +254,7 @@ def eval_(
            "splits": files or {n: getattr(cfg.data, n).path for n in data}, "metrics": res["metrics"],
            "n_examples": res["n_examples"], "seconds": res["seconds"], "tasks": res["suites"], "raw": res["raw"]}
     output.write_text(json.dumps(doc, indent=2))
-    out.print(f"results: {output}", highlight=False)
+    out.print(f"results: {output}", highlight=False, markup=False)
 
 
 # --- Ray Jobs: spunge submit / status / logs / stop (orchestrator/submit.py) --------------------------------
@@ -289,7 +295,7 @@ def _follow(c, sid: str) -> None:
 
         info = _jobs_call(job_info, c, sid)
         _fail(f"job {sid} ended {status}" + (f": {info.message}" if getattr(info, "message", None) else ""))
-    out.print(f"job {sid} SUCCEEDED", highlight=False)
+    out.print(f"job {sid} SUCCEEDED", highlight=False, markup=False)
 
 
 @app.command()
@@ -316,15 +322,15 @@ def submit(
         with _exit_codes():
             sid = submit_job(config, address, token_path=token_path, runtime_env=runtime_env, output_dir=output_dir,
                              ship_code=ship_code, resume=resume, sid=submission_id,
-                             warn=lambda s: err.print(f"[yellow]warning:[/yellow] {s}", highlight=False))
+                             warn=_warn)
     except SubmitError as e:
         _fail(str(e), 2)
     except ClusterError as e:
         _fail(str(e), 2 if str(e).startswith("--address") else 1)
-    out.print(f"submitted job {sid}", highlight=False)
+    out.print(f"submitted job {sid}", highlight=False, markup=False)
     if no_wait:
         out.print(f"follow it with: spunge logs {sid} --follow" + (f" --address {address}" if address else ""),
-                  highlight=False)
+                  highlight=False, markup=False)
         return
     _follow(_jobs_client(address, token_path), sid)
 
@@ -339,7 +345,8 @@ def status(
     from orchestrator.submit import job_info
 
     info = _jobs_call(job_info, _jobs_client(address, token_path), submission_id)
-    out.print(f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""), highlight=False)
+    out.print(f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""), highlight=False,
+              markup=False)
 
 
 @app.command()
@@ -369,7 +376,7 @@ def stop(
     from orchestrator.submit import stop as stop_job
 
     stopped = _jobs_call(stop_job, _jobs_client(address, token_path), submission_id)
-    out.print(f"{submission_id}: " + ("stop requested" if stopped else "already finished"), highlight=False)
+    out.print(f"{submission_id}: " + ("stop requested" if stopped else "already finished"), highlight=False, markup=False)
 
 
 def main() -> None:
@@ -378,7 +385,7 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # last resort: one line, not a traceback
-        err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(f'{type(e).__name__}: {e}')}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

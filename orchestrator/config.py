@@ -205,6 +205,8 @@ class StorageConfig(_Section):
 class RayConfig(_Section):
     address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or ray://...: connect")
     num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray (default 2 x cores)")
+    start_timeout_s: float = Field(180, gt=0, description="how long a local Ray node, and a job's Ray Train "
+                                   "worker group, may take to start (a loaded machine is slow)")
 
 
 class PipelineConfig(_Section):

@@ -146,7 +146,7 @@ def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], 
                     display: Optional[Display] = None) -> dict[str, Any]:
     """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow).
     ``options`` are ``EvalSpec`` fields (prompt, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
-    from orchestrator.runners import init_ray, start_ray
+    from orchestrator.ray_init import init_ray, start_ray
 
     if cfg is not None:
         init_ray(cfg, address)

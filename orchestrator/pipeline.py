@@ -52,7 +52,7 @@ def run_stages(ctx: RunContext, stages: Sequence[str] = tuple(STAGES)) -> RunCon
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[str] = None,
                  display: Optional[Display] = None) -> dict[str, Any]:
     """``spunge run``: every stage, recorded in MLflow; returns the report."""
-    from orchestrator.runners import init_ray
+    from orchestrator.ray_init import init_ray, ray_address
     from orchestrator.tracking import MlflowEvents, Tracker, tracking_uri
 
     out = Path(cfg.storage.output_dir).resolve()  # Ray Train's storage_path must be absolute
@@ -60,7 +60,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
     with display:
         ctx = RunContext(cfg, out, resume, display=display, started=time.perf_counter())
         run_stages(ctx, ["prepare"])  # bad data fails here, before Ray and MLflow start, and writes nothing
-        init_ray(cfg, address)
+        init_ray(cfg, address, out / "logs" / "driver.log")
+        display.log(f"Ray {ray_address()}; Ray's own messages: {out / 'logs' / 'driver.log'}")
         tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
                           tags={"spunge.output_dir": str(out), "spunge.resume": str(resume)})
         display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")

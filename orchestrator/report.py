@@ -122,7 +122,7 @@ def write_report(report: dict, out: Path, console: Console) -> list[Path]:
     js, md = out / "report.json", out / "report.md"
     js.write_text(json.dumps(report, indent=2))
     md.write_text(markdown(report))
-    console.print(f"report: {js}  (MLflow run {report['mlflow_run_id']})")
+    console.print(f"report: {js}  (MLflow run {report['mlflow_run_id']})", markup=False)
     return [js, md]
 
 

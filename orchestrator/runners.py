@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import ray
 
@@ -101,21 +101,3 @@ def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
                          dtype=s.dtype, suite_options=s.suite_options, attn_implementation=s.attn_implementation)
     out.update(pid=os.getpid(), started=started, ended=time.time())
     return out
-
-
-def init_ray(cfg: Any, address: Optional[str]) -> None:
-    """Ray for a pipeline config: ``--address``, else ``ray.address``, else a local Ray."""
-    start_ray(address or cfg.ray.address, cfg.ray.num_cpus, cfg.scaling.use_gpu)
-
-
-def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, use_gpu: bool = False) -> None:
-    """Connect to ``address``, or start a local Ray (``num_cpus`` logical CPUs, default 2 x cores)."""
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env=env, log_to_driver=False)

@@ -30,7 +30,7 @@ EXCLUDES = ["__pycache__", "*.pyc", ".venv", ".git", "spunge-demo", "spunge-outp
             "*.safetensors", "*.bin", "*.pt"]
 ENV_FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
                "MLFLOW_TRACKING_PASSWORD", "HF_HOME", "HF_HUB_OFFLINE")
-# set by the pipeline driver's ray.init (orchestrator.pipeline.start_ray) for every task and worker
+# set by the pipeline driver's ray.init (orchestrator.ray_init.start_ray) for every task and worker
 DRIVER_VARS = ("TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
 
 

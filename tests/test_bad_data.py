@@ -61,6 +61,8 @@ CASES: list[tuple[str, str, Callable[[Rows], Rows], str]] = [
      "row 8: column 'answer': expected a non-empty string, got str ''"),
     ("answer a list", "forget", lambda r: setting(r, 3, "answer", ["Oslo"]),
      "row 3: column 'answer': expected a non-empty string, got list ['Oslo']"),
+    ("answer text like markup", "forget", lambda r: setting(r, 4, "answer", ["[bold]Oslo[/bold]"]),  # printed as is
+     "row 4: column 'answer': expected a non-empty string, got list ['[bold]Oslo[/bold]']"),
     ("perturbed a plain string", "forget", lambda r: setting(r, 2, "perturbed_answers", "born in Lima"),
      "row 2: column 'perturbed_answers': expected a non-empty list of non-empty strings, got str 'born in Lima'"),
     ("perturbed empty list", "forget", lambda r: setting(r, 7, "perturbed_answers", []),

@@ -1,6 +1,7 @@
 """Config loading, field-path errors, and `spunge validate` (exit 2, one line per problem)."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -179,3 +180,22 @@ def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"include_path": "missing"}}))
     assert found == ["data.mc: the lmeval suite needs a multiple-choice file (question, choices, answer), but it is not set",
                      "eval.lmeval: include_path: no such folder missing (expected task YAMLs)"]
+
+
+def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path):
+    """A config that needs an extra that is not installed fails at validate, naming the pip command."""
+    from orchestrator.loading import load_tune
+
+    for module in ("optuna", "lm_eval", "peft"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"tasks": ["other"]}}, unlearn__lora={"r": 4}))
+    assert "eval.lmeval: the lmeval suite (lm-evaluation-harness) needs the lm_eval package: pip install " \
+           "'spunge[lmeval]'" in found
+    assert "unlearn.lora: LoRA (unlearn.lora) needs the peft package: pip install peft" in found
+    path = config_file(tune={"space": {"unlearn.optimizer.lr": {"choice": [1e-4]}}, "search": "optuna",
+                             "objective": {"metric": "forget_prob", "mode": "min"}})
+    with pytest.raises(ConfigError) as e:
+        load_tune(path)
+    assert e.value.problems == ["tune.search: optuna needs the optuna package: pip install 'spunge[tune]'"]
+    r = CliRunner().invoke(app, ["tune", str(path)])
+    assert r.exit_code == 2 and "pip install 'spunge[tune]'" in r.output

@@ -8,8 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
+import psutil
 import pytest
 import yaml
 
@@ -21,10 +25,27 @@ def bench(tiny_bench) -> tuple[Path, dict]:
     return tiny_bench[0], tiny_bench[1]
 
 
-def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def spunge(*args: str, cwd: Path, peak: Optional[list] = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would; with ``peak``, also record the most Ray worker processes (``ray::...``)
+    under it at once."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     exe = Path(sys.executable).with_name("spunge")
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if peak is not None:
+        def sample():
+            while proc.poll() is None:
+                try:
+                    kids = psutil.Process(proc.pid).children(recursive=True)
+                    n = sum(1 for k in kids if k.cmdline()[:1] and k.cmdline()[0].startswith("ray::"))
+                except psutil.Error:
+                    n = 0
+                peak.append(n)
+                time.sleep(0.5)
+
+        threading.Thread(target=sample, daemon=True).start()
+    out, err = proc.communicate(timeout=900)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +57,8 @@ def pipeline(bench, tmp_path_factory):
     cfg = demo_config(bench_dir, meta, "tiny", work / "run")
     cfg["name"] = "e2e"
     (work / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    first = spunge("run", "pipe.yaml", cwd=work)
+    peak: list[int] = []
+    first = spunge("run", "pipe.yaml", cwd=work, peak=peak)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     report1 = json.loads((work / "run" / "report.json").read_text())
     mtimes = {k: (Path(j["output_dir"]) / "model.safetensors").stat().st_mtime_ns for k, j in report1["jobs"].items()}
@@ -45,7 +67,7 @@ def pipeline(bench, tmp_path_factory):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     report2 = json.loads((work / "run" / "report.json").read_text())
     return {"work": work, "meta": meta, "first": first, "report1": report1, "report2": report2,
-            "mtimes": mtimes, "trainer_runs": trainer_runs}
+            "mtimes": mtimes, "trainer_runs": trainer_runs, "peak_ray_processes": max(peak, default=0)}
 
 
 def test_report_has_every_model_and_metric(pipeline):
@@ -131,6 +153,18 @@ def test_report_groups_columns_and_plots_are_written_and_logged(pipeline):
     for job in pipeline["report1"]["jobs"].values():  # each job's step rows, kept for the plots of later runs
         rows = [json.loads(l) for l in (Path(job["output_dir"]) / "history.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, job["final_metrics"]["total_steps"] + 1))
+
+
+def test_ray_stays_quiet_and_bounded_by_the_work(pipeline):
+    """Ray's own lines go to <output_dir>/logs/driver.log, not over the display; the Ray worker processes at
+    once stay within what the jobs need (Ray Train runs about 7 per job: the job task, its controller,
+    worker, synchronisation, placement-group cleaner and dataset actors) plus the pipeline's few actors."""
+    out = pipeline["first"].stdout + pipeline["first"].stderr
+    assert "(raylet)" not in out and "Started a local Ray instance" not in out and "Token authentication" not in out
+    log = (pipeline["work"] / "run" / "logs" / "driver.log").read_text()
+    assert "Started a local Ray instance" in log
+    jobs = len(pipeline["report1"]["jobs"])  # all run at once on this cluster (4 logical CPUs, 1 per job)
+    assert 0 < pipeline["peak_ray_processes"] <= 8 * jobs + 8, pipeline["peak_ray_processes"]
 
 
 def test_resume_starts_no_new_unlearning_job(pipeline):

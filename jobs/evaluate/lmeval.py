@@ -117,11 +117,9 @@ class LmEvalOptions(BaseModel):
 
 def check_options(opts: LmEvalOptions) -> list[str]:
     """What the config can check before any task runs: the package, the task folder."""
-    import importlib.util
+    from jobs.extras import missing
 
-    problems = []
-    if importlib.util.find_spec("lm_eval") is None:
-        problems.append("the lmeval suite needs lm-evaluation-harness: pip install 'spunge[lmeval]'")
+    problems = [p for p in [missing("lm_eval", "the lmeval suite (lm-evaluation-harness)")] if p]
     if opts.include_path and not Path(opts.include_path).is_dir():
         problems.append(f"include_path: no such folder {opts.include_path} (expected task YAMLs)")
     return problems

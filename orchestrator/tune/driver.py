@@ -18,7 +18,7 @@ from orchestrator.config import ConfigError, PipelineConfig, flatten
 from orchestrator.context import PipelineError, RunContext, killable
 from orchestrator.display import Display
 from orchestrator.pipeline import run_stages
-from orchestrator.runners import init_ray
+from orchestrator.ray_init import init_ray
 from orchestrator.tracking import Tracker, tracking_uri
 from orchestrator.tune.objective import best_trial
 from orchestrator.tune.output import trial_rows, write_best_config, write_trials
@@ -99,7 +99,7 @@ def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Cons
     ctx = RunContext(cfg, out, resume=True, display=display, eval_models=("base", "oracle"))
     with display:
         run_stages(ctx, ["prepare"])
-    init_ray(cfg, address)
+    init_ray(cfg, address, out / "logs" / "driver.log")
     tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, f"tune/{cfg.name}",
                       tags={"spunge.output_dir": str(out), "spunge.stage": "tune"})
     display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")
@@ -181,7 +181,7 @@ def _summarise(rows: list[dict[str, Any]], cfg: PipelineConfig, spec: TuneSectio
     (out / "tune.json").write_text(json.dumps(summary, indent=1, default=str))
     console.print(f"best trial {best['trial_id']}: objective {best['objective']:.4g}"
                   f"{'' if best['feasible'] else ' (INFEASIBLE: no trial met the constraints)'}; "
-                  f"config: {best_path}", highlight=False)
+                  f"config: {best_path}", highlight=False, markup=False)
     return summary
 
 

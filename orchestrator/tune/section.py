@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from jobs.extras import missing
 from orchestrator.config import ConfigError, PipelineConfig, apply_overrides, parse_config
 from orchestrator.tune.objective import Objective, _Section
 from orchestrator.tune.space import candidates, check_dist
@@ -83,6 +84,8 @@ def parse_tune(raw_tune: Any, cfg: PipelineConfig, source: str = "config") -> Tu
                            for err in e.errors()], source) from None
     base = cfg.model_dump(mode="json")
     problems = []
+    if spec.search == "optuna" and (err := missing("optuna", "tune.search: optuna")):
+        problems.append(err)
     for path, dist in spec.space.items():
         if path.split(".")[0] in FIXED:
             problems.append(f"tune.space.{path}: cannot be searched (fixed for all trials: {', '.join(FIXED)}); "

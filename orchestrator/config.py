@@ -8,6 +8,7 @@ field path (``unlearn.optimizer.lr: Input should be greater than 0``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -332,5 +333,18 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def redact_uri(uri: Optional[str]) -> Optional[str]:
+    """A URI with the password of its user part hidden (``http://alice:***@host``); other URIs unchanged."""
+    return re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:***@", uri) if uri else uri
+
+
+def public_dump(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as written to the terminal, files and MLflow: credentials in URIs hidden."""
+    d = cfg.model_dump(mode="json")
+    d["tracking"]["uri"] = redact_uri(d["tracking"]["uri"])
+    d["ray"]["address"] = redact_uri(d["ray"]["address"])
+    return d
+
+
 def config_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(public_dump(cfg), sort_keys=False)

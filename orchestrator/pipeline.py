@@ -64,7 +64,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
         display.log(f"Ray {ray_address()}; Ray's own messages: {out / 'logs' / 'driver.log'}")
         tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
                           tags={"spunge.output_dir": str(out), "spunge.resume": str(resume)})
-        display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+        display.log(f"MLflow run {tracker.parent_id} at {tracker.public_uri} (experiment {cfg.tracking.experiment!r})")
         if tracker.ended_stale:
             display.log(f"MLflow: {len(tracker.ended_stale)} run(s) of {out} left RUNNING by a driver that is gone "
                         "are now KILLED")

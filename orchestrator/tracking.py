@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.config import flatten
+from orchestrator.config import flatten, public_dump, redact_uri
 from orchestrator.events import Events
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -45,6 +45,11 @@ class Tracker:
         self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = self.parent.info.run_id
         self.children: dict[str, str] = {}
+
+    @property
+    def public_uri(self) -> str:
+        """The tracking URI as shown to people (a password in it hidden)."""
+        return redact_uri(self.uri)
 
     def child(self, name: str, tags: Optional[dict[str, str]] = None) -> str:
         """Create (once) the nested run ``name`` and return its id."""
@@ -115,7 +120,7 @@ class MlflowEvents(Events):
 
     def run_started(self, ctx: Any) -> None:
         t = self.tracker
-        t.log_params(t.parent_id, flatten(ctx.cfg.model_dump(mode="json")))
+        t.log_params(t.parent_id, flatten(public_dump(ctx.cfg)))
         cfg_file = Path(ctx.out) / "config.resolved.yaml"
         if cfg_file.exists():
             t.log_artifact(t.parent_id, cfg_file)

@@ -78,6 +78,48 @@ def test_runtime_env_merges_user_file_and_forwards_tracking(tmp_path):
     assert sub.submission_id("demo/ga kl", 0) == "spunge-demo-ga-kl-19700101-000000"
 
 
+def test_a_submission_ships_the_config_alone_and_no_secret(tiny_dir, tmp_path, monkeypatch):
+    """The job's working_dir holds the staged config and nothing else of the submitter's folder (.env, keys);
+    of the environment only the MLflow and HF cache variables go with it (the job logs to MLflow), never the
+    Ray token or an HF token; with --ship-code, only spunge's two packages."""
+    import json
+
+    work = tmp_path / "w"
+    (work / ".ray").mkdir(parents=True)
+    (work / ".env").write_text("HF_TOKEN=hf_dotenvSECRET\n")
+    (work / ".ray" / "auth_token").write_text("rayhomeSECRET")
+    cfg = {"model": {"path": str(tiny_dir / "model")}, "split": {"attribute": "group"},
+           "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+           "tracking": {"uri": "http://mlflow.internal:5000"}}
+    (work / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work))
+    for k, v in {"HF_TOKEN": "hf_envSECRET", "RAY_AUTH_TOKEN": "rayenvSECRET", "MLFLOW_TRACKING_TOKEN": "mlf-tok",
+                 "AWS_SECRET_ACCESS_KEY": "awsSECRET"}.items():
+        monkeypatch.setenv(k, v)
+    sent = {}
+
+    class Jobs:  # the Jobs API client: what would go over the wire
+        def get_address(self):
+            return "http://head:8265"
+
+        def submit_job(self, runtime_env, **kw):
+            sent["files"] = sorted(p.name for p in Path(runtime_env["working_dir"]).rglob("*"))
+            sent["blob"] = json.dumps(runtime_env) + json.dumps(kw) + "".join(
+                p.read_text() for p in Path(runtime_env["working_dir"]).rglob("*") if p.is_file())
+            sent["env"] = runtime_env
+            return kw["submission_id"]
+
+    monkeypatch.setattr(sub, "client", lambda address, token_path=None: Jobs())
+    for ship_code in (False, True):
+        sub.submit(work / "c.yaml", "http://head:8265", ship_code=ship_code)
+        assert sent["files"] == ["spunge.yaml"]
+        assert set(sent["env"]["env_vars"]) == {"MLFLOW_TRACKING_TOKEN"}  # forwarded for the job's MLflow client
+        for secret in ("hf_dotenvSECRET", "rayhomeSECRET", "hf_envSECRET", "rayenvSECRET", "awsSECRET"):
+            assert secret not in sent["blob"]
+    assert [Path(p).name for p in sent["env"]["py_modules"]] == ["orchestrator", "jobs"]
+
+
 def test_token_lookup_follows_rays_order(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "t1").write_text("one\n")

@@ -199,3 +199,14 @@ def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path
     assert e.value.problems == ["tune.search: optuna needs the optuna package: pip install 'spunge[tune]'"]
     r = CliRunner().invoke(app, ["tune", str(path)])
     assert r.exit_code == 2 and "pip install 'spunge[tune]'" in r.output
+
+
+def test_a_password_in_a_uri_is_never_printed_or_logged(config_file):
+    from orchestrator.config import flatten, public_dump
+
+    path = config_file(tracking={"uri": "http://alice:s3cretpw@mlflow.internal:5000"})
+    cfg = load_config(path)
+    assert cfg.tracking.uri == "http://alice:s3cretpw@mlflow.internal:5000"  # the run itself uses it
+    assert flatten(public_dump(cfg))["tracking.uri"] == "http://alice:***@mlflow.internal:5000"  # MLflow params
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    assert r.exit_code == 0 and "http://alice:***@mlflow.internal:5000" in r.output and "s3cretpw" not in r.output

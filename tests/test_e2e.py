@@ -25,10 +25,17 @@ def bench(tiny_bench) -> tuple[Path, dict]:
     return tiny_bench[0], tiny_bench[1]
 
 
-def spunge(*args: str, cwd: Path, peak: Optional[list] = None) -> subprocess.CompletedProcess:
+# secrets a user's environment holds: none may reach MLflow, the report, the logs or the terminal
+SECRETS = {"HF_TOKEN": "hf_e2eSECRETtoken123", "MLFLOW_TRACKING_USERNAME": "alice",
+           "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw456", "RAY_AUTH_TOKEN": "rayauthSECRETtok789ab"}
+
+
+def spunge(*args: str, cwd: Path, peak: Optional[list] = None, secrets: bool = False) -> subprocess.CompletedProcess:
     """Run the CLI as a user would; with ``peak``, also record the most Ray worker processes (``ray::...``)
-    under it at once."""
+    under it at once; with ``secrets``, with ``SECRETS`` in its environment."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if secrets:
+        env.update(SECRETS)
     exe = Path(sys.executable).with_name("spunge")
     proc = subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -58,7 +65,7 @@ def pipeline(bench, tmp_path_factory):
     cfg["name"] = "e2e"
     (work / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     peak: list[int] = []
-    first = spunge("run", "pipe.yaml", cwd=work, peak=peak)
+    first = spunge("run", "pipe.yaml", cwd=work, peak=peak, secrets=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     report1 = json.loads((work / "run" / "report.json").read_text())
     mtimes = {k: (Path(j["output_dir"]) / "model.safetensors").stat().st_mtime_ns for k, j in report1["jobs"].items()}
@@ -165,6 +172,18 @@ def test_ray_stays_quiet_and_bounded_by_the_work(pipeline):
     assert "Started a local Ray instance" in log
     jobs = len(pipeline["report1"]["jobs"])  # all run at once on this cluster (4 logical CPUs, 1 per job)
     assert 0 < pipeline["peak_ray_processes"] <= 8 * jobs + 8, pipeline["peak_ray_processes"]
+
+
+def test_no_secret_of_the_environment_reaches_any_output(pipeline):
+    """Every file the runs wrote (report, plots, logs, stage folders, the MLflow store and artifacts) and
+    what they printed, searched for the secret values that were in the first run's environment."""
+    work = pipeline["work"]
+    blobs = [(str(f), f.read_bytes()) for f in work.rglob("*") if f.is_file()]
+    blobs.append(("terminal", (pipeline["first"].stdout + pipeline["first"].stderr).encode()))
+    assert len(blobs) > 50 and any(name.endswith("mlflow.db") for name, _ in blobs)
+    leaks = [(name, key) for key, value in SECRETS.items() if len(value) > 8
+             for name, blob in blobs if value.encode() in blob]
+    assert leaks == []
 
 
 def test_resume_starts_no_new_unlearning_job(pipeline):

@@ -14,7 +14,7 @@ import ray
 from ray.tune import Callback
 from rich.console import Console
 
-from orchestrator.config import ConfigError, PipelineConfig, flatten
+from orchestrator.config import ConfigError, PipelineConfig, flatten, public_dump
 from orchestrator.context import PipelineError, RunContext, killable
 from orchestrator.display import Display
 from orchestrator.pipeline import run_stages
@@ -102,7 +102,7 @@ def run_tune(job: TuneJob, address: Optional[str] = None, console: Optional[Cons
     init_ray(cfg, address, out / "logs" / "driver.log")
     tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, f"tune/{cfg.name}",
                       tags={"spunge.output_dir": str(out), "spunge.stage": "tune"})
-    display.log(f"MLflow run {tracker.parent_id} at {tracker.uri} (experiment {cfg.tracking.experiment!r})")
+    display.log(f"MLflow run {tracker.parent_id} at {tracker.public_uri} (experiment {cfg.tracking.experiment!r})")
     try:
         with killable():
             summary = _search(job, ctx, tracker, display, console, t0)
@@ -122,7 +122,7 @@ def _search(job: TuneJob, ctx: RunContext, tracker: Tracker, display: Display, c
     from ray import tune
 
     cfg, spec, out = job.cfg, job.tune, ctx.out
-    tracker.log_params(tracker.parent_id, {**flatten(cfg.model_dump(mode="json")),
+    tracker.log_params(tracker.parent_id, {**flatten(public_dump(cfg)),
                                            **flatten(spec.model_dump(mode="json"), "tune.")})
     # the reference models, once for every trial: the pipeline's evaluate stage
     with display:

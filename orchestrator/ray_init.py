@@ -1,6 +1,6 @@
 """Ray for the driver: connect to a cluster, or start a local one that behaves on a small, loaded machine.
 
-A local Ray listens on 127.0.0.1 only (nothing outside the machine reaches it), starts with the retries and
+A local Ray listens on 127.0.0.1 only, its dashboard too (nothing outside the machine reaches it), starts with the retries and
 timeouts of ``ray.start_timeout_s`` (Ray gives its node 30 s, which a loaded 2-core machine can miss; Ray
 Train gives a worker group 60 s), and keeps one helper actor per job fewer (no preemption watcher: a local
 machine is not preempted). Ray's own log lines (its logger, the raylet's warnings such as "N PYTHON worker
@@ -9,8 +9,10 @@ processes have been started") go to a log file instead of over the progress disp
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ import ray
 
 from orchestrator.context import PipelineError
 
-LOGGERS = ("ray", "mlflow", "alembic", "DeepSpeed")  # libraries whose log lines go to the log file
+LOGGERS = ("ray", "mlflow", "alembic", "DeepSpeed", "optuna")  # libraries whose log lines go to the log file
 
 
 def init_ray(cfg: Any, address: Optional[str], log_file: Optional[Path] = None) -> None:
@@ -62,8 +64,10 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
         tries += 1
         try:
             with _loopback_only():
-                ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                         log_to_driver=False)
+                # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks whether
+                # a job's controller still lives: without it a stopped job's resources are never released
+                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=_free_port(), runtime_env={"env_vars": env}, log_to_driver=False)
             return
         except Exception as e:  # Ray raises a bare Exception for a node that does not come up
             ray.shutdown()
@@ -73,6 +77,12 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
                                     f"({first}); the machine may be overloaded: raise ray.start_timeout_s "
                                     f"(now {timeout_s:g}) or give ray.address of a running cluster") from None
             time.sleep(min(10.0, 2.0 * tries))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -94,7 +104,15 @@ def _loopback_only() -> Iterator[None]:
 
 
 def route_logs(log_file: Path) -> None:
-    """The ``LOGGERS``' records go to ``log_file`` only (appended), not to the terminal."""
+    """The ``LOGGERS``' records go to ``log_file`` only (appended), not to the terminal. MLflow and Optuna set
+    up their loggers when first imported: they are imported first, so that theirs do not replace ours."""
+    for module in ("mlflow", "optuna"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if module == "optuna":
+            mod.logging.get_verbosity()  # sets up optuna's handler now, so it is replaced below, not added later
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -70,7 +70,6 @@ def unlearn(ctx: RunContext) -> None:
     """Plan ``ctx.jobs``, reuse the finished ones (``--resume``), run the rest."""
     from orchestrator.merge import start_merge_actor
     from orchestrator.progress import ProgressBoard
-    from orchestrator.runners import run_unlearn_job
 
     ctx.jobs = plan_jobs(ctx)
     start_merge_actor(ctx)
@@ -89,9 +88,20 @@ def unlearn(ctx: RunContext) -> None:
         else:
             shutil.rmtree(job.train_dir, ignore_errors=True)
             pending.append(job)
-    capacity = job_capacity(ctx.cfg)
     running: dict[Any, Job] = {}
     seen: dict[str, int] = {}
+    try:
+        _run_jobs(ctx, pending, running, board, seen)
+    finally:  # interrupted or failed: stop every job still running (its workers and placement group go too)
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], board: Any, seen: dict[str, int]) -> None:
+    """Start jobs as capacity frees up, drain their progress, finish each as it ends."""
+    from orchestrator.runners import run_unlearn_job
+
+    capacity = job_capacity(ctx.cfg)
     scaling = ctx.cfg.scaling.model_dump()
     while pending or running:
         while pending and len(running) < capacity:
@@ -106,9 +116,7 @@ def unlearn(ctx: RunContext) -> None:
             job = running.pop(ref)
             try:
                 job.result = ray.get(ref)
-            except Exception as e:
-                for other in running:
-                    ray.cancel(other, force=True)
+            except Exception as e:  # the others are stopped by the caller
                 raise PipelineError(f"unlearn {job.key} failed: {root_message(e)}") from None
             drain_progress(ctx, board, seen)
             _finish(ctx, job)

@@ -195,7 +195,7 @@ def test_tune_runs_three_trials_and_writes_a_runnable_best_config(tiny_bench, tm
     assert sorted(row["unlearn.optimizer.lr"] for row in rows) == [1e-4, 3e-4, 1e-3]
     for row in rows:
         assert 0 <= row["forget_quality"] <= 1 and row["model_utility"] > 0 and math.isfinite(row["objective"])
-        assert row["unlearn_steps"] == 2 * 6  # two subset jobs (birth decades) of 6 steps each
+        assert row["unlearn_step"] == 6  # the trial's step: its two subset jobs (birth decades) did 6 each
         trial = run / "trials" / row["trial_id"]
         assert (trial / "trial.json").exists() and list((trial / "stages").glob("merge-*/*.safetensors"))
     with open(run / "trials.csv") as f:
@@ -230,3 +230,47 @@ def test_tune_runs_three_trials_and_writes_a_runnable_best_config(tiny_bench, tm
         assert c.data.metrics["objective"] == pytest.approx(row["objective"])
         assert c.data.metrics["forget_quality"] == pytest.approx(row["forget_quality"])
         assert len(client.get_metric_history(c.info.run_id, "loss")) >= 1  # unlearning progress, as it went
+
+
+@pytest.mark.e2e
+def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_ends_with_a_best_config(tiny_bench, tmp_path):
+    """Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's 2 jobs take both, so the next trial
+    starts only if a stopped one released its workers. A stopped trial is STOPPED with no objective (pruned
+    for Optuna, never a NaN); a finished one merges and is evaluated; the search ends with a best config."""
+    from mlflow.tracking import MlflowClient
+
+    bench, meta = tiny_bench[0], tiny_bench[1]
+    cfg = tune_config(bench, meta, tmp_path)
+    cfg["name"] = "tune-asha"
+    cfg["ray"] = {"num_cpus": 2}
+    cfg["tune"] = {
+        "space": {"unlearn.optimizer.lr": {"loguniform": [1e-5, 3e-3]}},
+        "objective": {"metric": "forget_quality", "mode": "max", "model": "merged",
+                      "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.1}]},
+        "num_samples": 3, "search": "optuna", "max_concurrent_trials": 1, "seed": 0,
+        "scheduler": {"name": "asha", "metric": "forget_loss", "mode": "min", "grace_period": 2,
+                      "reduction_factor": 2},
+    }
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    r = _spunge("tune", "tune.yaml", cwd=tmp_path, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "Configuration for experiment" not in r.stdout + r.stderr  # Tune's own tables go to the log file
+    run = tmp_path / "run"
+    rows = json.loads((run / "tune.json").read_text())["trials"]
+    assert len(rows) == 3 and {row["status"] for row in rows} <= {"TERMINATED", "STOPPED"}
+    stopped = [row for row in rows if row["status"] == "STOPPED"]
+    finished = [row for row in rows if row["status"] == "TERMINATED"]
+    assert stopped and finished, rows  # (seeded: the same trials are stopped on every run)
+    for row in stopped:  # stopped at a rung (its step: where the rung was passed), before merge and evaluation
+        assert row["objective"] is None and row["unlearn_step"] >= 2
+        assert not list((run / "trials" / row["trial_id"] / "stages").glob("merge-*/*.safetensors"))
+    for row in finished:
+        assert math.isfinite(row["objective"]) and row["unlearn_step"] == 6
+    assert (run / "best_config.yaml").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("spunge-demo").experiment_id],
+                                "attributes.run_name = 'tune/tune-asha'")[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    status = {c.data.tags["spunge.trial_id"]: (c.data.tags["spunge.trial_status"], c.info.status) for c in children}
+    assert status == {row["trial_id"]: ("STOPPED", "KILLED") if row["status"] == "STOPPED" else
+                      ("TERMINATED", "FINISHED") for row in rows}

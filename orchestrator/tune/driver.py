@@ -5,13 +5,16 @@ one parent run ``tune/<name>``, one nested run per trial (``MlflowTrials``); the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import ray
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from orchestrator.config import ConfigError, PipelineConfig, flatten, public_dump
@@ -45,9 +48,9 @@ class MlflowTrials(Callback):
         self.tracker.log_params(self._run(trial), {p: plain(trial.config.get(p)) for p in self.paths})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "unlearn_steps" in result and "objective_raw" not in result:  # progress, not the final result
+        if "unlearn_step" in result and "objective_raw" not in result:  # progress, not the final result
             self.tracker.log_metrics(self._run(trial), {k: result[k] for k in PROGRESS_METRICS if k in result},
-                                     step=int(result["unlearn_steps"]))
+                                     step=int(result["unlearn_step"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
@@ -154,11 +157,16 @@ def _search(job: TuneJob, ctx: RunContext, tracker: Tracker, display: Display, c
         trainable,
         param_space=search_space(spec.space),
         tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=_search_alg(spec, trials_at_once),
-                                    scheduler=_scheduler(cfg, spec, n_subsets)),
+                                    scheduler=_scheduler(cfg, spec)),
         run_config=tune.RunConfig(name=f"tune-{cfg.name.replace('/', '-')}", storage_path=str(out / "ray_tune"),
                                   callbacks=[callback], verbose=0),
     )
-    rows = trial_rows(tuner.fit(), spec, callback.status)
+    # progress reports carry no objective (see TrialEvents): Tune would refuse them as missing the searcher's metric
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune prints its own tables on stdout whatever its verbosity: to the log file, not over the display
+    with open(out / "logs" / "driver.log", "a") as log, contextlib.redirect_stdout(log):
+        results = tuner.fit()
+    rows = trial_rows(results, spec, callback.status)
     return _summarise(rows, cfg, spec, out, tracker, console, time.perf_counter() - t0)
 
 
@@ -185,22 +193,28 @@ def _summarise(rows: list[dict[str, Any]], cfg: PipelineConfig, spec: TuneSectio
     return summary
 
 
+class FinalObjectiveOptuna(OptunaSearch):
+    """Optuna told only the trial's objective: progress reports (no ``objective``) are not intermediate values,
+    and a trial stopped before its last report is pruned (``OptunaSearch.on_trial_complete`` without it)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
 def _search_alg(spec: TuneSection, at_once: int):
     """Random search limits concurrency itself (``max_concurrent``); a ``Searcher`` through ``ConcurrencyLimiter``."""
     if spec.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as e:  # optuna missing
-            raise ConfigError([f"tune.search: optuna needs the optuna package: pip install 'spunge[tune]' ({e})"]) from None
         from ray.tune.search import ConcurrencyLimiter
 
-        return ConcurrencyLimiter(OptunaSearch(metric="objective", mode=spec.objective.mode, seed=spec.seed), at_once)
+        searcher = FinalObjectiveOptuna(metric="objective", mode=spec.objective.mode, seed=spec.seed)
+        return ConcurrencyLimiter(searcher, at_once)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=at_once)
 
 
-def _scheduler(cfg: PipelineConfig, spec: TuneSection, n_subsets: int):
+def _scheduler(cfg: PipelineConfig, spec: TuneSection):
     s = spec.scheduler
     if s.name == "fifo":
         from ray.tune.schedulers import FIFOScheduler
@@ -208,9 +222,11 @@ def _scheduler(cfg: PipelineConfig, spec: TuneSection, n_subsets: int):
         return FIFOScheduler()
     from ray.tune.schedulers import ASHAScheduler
 
-    max_t = s.max_t or (cfg.unlearn.max_steps or 100) * (1 if spec.objective.model == "unsplit" else max(1, n_subsets))
+    max_t = s.max_t or cfg.unlearn.max_steps or 100  # unlearn_step is in a job's steps
     grace = min(s.grace_period or max(1, max_t // 4), max_t)
-    return ASHAScheduler(time_attr="unlearn_steps", metric=s.metric, mode=s.mode, max_t=max_t, grace_period=grace,
-                         reduction_factor=s.reduction_factor)
+    # ASHA stops a trial whose time reaches its max_t; a trial that has done all its steps still has to merge
+    # and evaluate, so Tune's max_t is one step beyond the last (no rung sits there)
+    return ASHAScheduler(time_attr="unlearn_step", metric=s.metric, mode=s.mode, max_t=max_t + 1,
+                         grace_period=grace, reduction_factor=s.reduction_factor)
 
 

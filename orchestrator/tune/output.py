@@ -25,9 +25,9 @@ def trial_rows(grid, spec: TuneSection, status: dict[str, str]) -> list[dict[str
         row: dict[str, Any] = {"trial_id": tid, **{p: plain(res.config.get(p)) for p in spec.space}}
         final = "objective_raw" in m
         row["status"] = "ERROR" if res.error else status.get(tid, "TERMINATED" if final else "STOPPED")
-        for k in ("objective", "feasible", "objective_raw", *spec.objective.metrics(), "unlearn_steps"):
+        for k in ("objective", "feasible", "objective_raw", *spec.objective.metrics(), "unlearn_step"):
             v = m.get(k)
-            row[k] = v if final or k == "unlearn_steps" else None
+            row[k] = v if final or k == "unlearn_step" else None
         if res.error:
             row["error"] = str(res.error).strip().splitlines()[-1][:300]
         rows.append(row)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from rich.console import Console
 
@@ -30,24 +30,32 @@ PROGRESS_METRICS = ("loss", "forget_loss", "retain_loss")
 
 
 class TrialEvents(Events):
-    """Forwards the unlearning jobs' steps to Tune: each batch of rows becomes one ``ray.tune.report`` of the
-    means over jobs of their latest loss values, at ``unlearn_steps`` (steps done by all jobs). ``objective``
-    is NaN until the trial's last report (Tune checks the searcher's metric on every result)."""
+    """Forwards the unlearning jobs' steps to Tune. ``unlearn_step`` is the trial's step: the mean over its
+    jobs of the steps each has done (a job not started yet counts 0), in a job's steps (0 to
+    ``max_steps``), whatever the number of subset jobs and however many run at once. Each time it advances
+    the trial reports it with the means over its jobs of their latest losses (what ASHA ranks trials by).
+    These reports hold no ``objective``: a trial stopped by ASHA is a pruned trial to the searcher, not a
+    NaN; the objective is in the trial's last report only."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, Optional[dict[str, Any]]] = {}  # job key -> its latest row (None: no step yet)
+        self.reported = -1.0
+
+    def job_started(self, job: Any) -> None:
+        self.latest.setdefault(job.key, None)
 
     def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:
         from ray import tune
 
         self.latest[job.key] = rows[-1]
-        tune.report(self.progress())
+        progress = self.progress()
+        if progress["unlearn_step"] > self.reported:
+            self.reported = progress["unlearn_step"]
+            tune.report(progress)
 
     def progress(self) -> dict[str, float]:
-        rows = list(self.latest.values())
-        out: dict[str, float] = {"objective": float("nan"),
-                                 "unlearn_steps": float(sum(r.get("step", 0) for r in rows)),
-                                 "unlearn_total_steps": float(sum(r.get("total_steps", 0) for r in rows))}
+        rows = [r for r in self.latest.values() if r is not None]
+        out: dict[str, float] = {"unlearn_step": sum(float(r.get("step", 0)) for r in rows) / max(1, len(self.latest))}
         for k in PROGRESS_METRICS:
             vals = [float(r[k]) for r in rows if isinstance(r.get(k), (int, float))]
             if vals:

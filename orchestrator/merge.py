@@ -37,11 +37,21 @@ def merge(ctx: RunContext) -> None:
     if not reused:
         ctx.display.update("merge", info="mergekit running")
         t0 = time.perf_counter()
-        try:
-            ray.get(ctx.merge_actor.merge.remote(m.method, m.parameters, m.model_parameters, cfg.model.dtype,
-                                                 str(folder), (cfg.unlearn.method, cfg.unlearn.params), m.output))
-        except Exception as e:
-            raise PipelineError(f"merge ({m.method}) failed: {root_message(e)}") from None
+        for attempt in (1, 2):
+            try:
+                ray.get(ctx.merge_actor.merge.remote(m.method, m.parameters, m.model_parameters, cfg.model.dtype,
+                                                     str(folder), (cfg.unlearn.method, cfg.unlearn.params), m.output))
+                break
+            except ray.exceptions.RayActorError as e:  # its process died (killed, OOM): the merge alone again
+                if attempt == 2:
+                    raise PipelineError(f"merge ({m.method}) failed: the merge actor died twice "
+                                        f"({root_message(e)})") from None
+                ctx.display.log(f"merge: the merge actor died ({root_message(e)}); merging again in a new one")
+                claim(folder, MERGE_MARKER, resume=False)  # whatever it left half-written
+                start_merge_actor(ctx)
+                ray.get([ctx.merge_actor.add.remote(j.key, j.spec.output_dir) for j in jobs])
+            except Exception as e:
+                raise PipelineError(f"merge ({m.method}) failed: {root_message(e)}") from None
         seconds = time.perf_counter() - t0
     ctx.merged = Merged(str(folder), h, reused, seconds)
     ctx.display.finish("merge", "reused (resume)" if reused else "done")

@@ -109,3 +109,73 @@ def test_resume_reuses_each_model_suite_result_on_its_own(setup):
     only_qa, _ = setup["evaluate"](True, ["qa"])  # the qa results are cached apart from mia's
     assert all(r["reused"] and list(r["suites"]) == ["qa"] for r in only_qa.values())
     assert "mia_loss_auc" not in only_qa["merged"]["metrics"] and "forget_quality" in only_qa["merged"]["metrics"]
+
+
+def _kill_when_running(name: str, done) -> int:
+    """SIGKILL the first process of this test whose title names ``name`` (a Ray task or actor), once there."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    while not done():
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if name in " ".join(p.cmdline()):
+                    os.kill(p.pid, signal.SIGKILL)
+                    return p.pid
+            except psutil.Error:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no process {name!r} was seen before the stage ended")
+
+
+def test_a_killed_eval_worker_reruns_its_task_only(setup):
+    """A worker killed in the middle of one (model, suite) task: Ray runs that task again; the stage ends with
+    every result, none of them from the killed process."""
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=setup["evaluate"](False, ["qa"])[0]))
+    t.start()
+    killed = _kill_when_running("ray::eval ", lambda: not t.is_alive())
+    t.join(timeout=600)
+    res = box["res"]
+    assert set(res) == {"base", "oracle", "merged"}
+    assert killed not in {r["suites"]["qa"]["pid"] for r in res.values()}
+    for name, r in res.items():
+        assert r["metrics"]["forget_prob"] == pytest.approx(setup["first"][name]["metrics"]["forget_prob"])
+
+
+def test_a_killed_merge_actor_reruns_the_merge_only(setup, tiny_dir):
+    """The merge actor's process killed before it merges: the merge stage starts a new actor, hands it the
+    finished jobs' folders again and merges; nothing is unlearned again (there is no unlearn stage here)."""
+    import json
+    from pathlib import Path
+
+    from jobs.merge import MERGE_MARKER
+    from jobs.spec import UnlearnSpec
+    from orchestrator.context import Job, JobKind
+    from orchestrator.merge import start_merge_actor
+
+    work = setup["work"]
+    cfg = PipelineConfig(model={"path": str(tiny_dir / "model")}, split={"attribute": "group"},
+                         data={"forget": str(tiny_dir / "forget.jsonl")})
+    jobs = []
+    for v, folder in (("north", "oracle"), ("south", "merged")):  # two finished subset jobs: copies of the model
+        spec = UnlearnSpec(name=f"subset/{v}", model_path="m", forget_path="f", method="ga",
+                           output_dir=str(work / folder))
+        jobs.append(Job(JobKind.SUBSET, spec, f"h{v}", subset=v))
+    ctx = RunContext(cfg, work / "merge-out", jobs=jobs)
+    start_merge_actor(ctx)
+    ray.get([ctx.merge_actor.add.remote(j.key, j.spec.output_dir) for j in jobs])
+    first = ctx.merge_actor
+    killed = _kill_when_running("ray::MergeActor", lambda: False)
+    assert killed
+    lines = []
+    ctx.display.log = lines.append
+    run_stages(ctx, ["merge"])
+    assert ctx.merge_actor is not first and any("the merge actor died" in line for line in lines)
+    marker = Path(ctx.merged.path) / MERGE_MARKER
+    assert marker.exists() and set(json.loads(marker.read_text())["models"]) == {"subset/north", "subset/south"}

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.config import flatten, public_dump, redact_uri
+from orchestrator.context import PipelineError
 from orchestrator.events import Events
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(PipelineError):
+    """The MLflow tracking store failed; the message names it (its URI, a password hidden)."""
 MAX_PARAM_LEN = 6000
 
 
@@ -35,16 +40,27 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self.uri = uri
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp = self._call(self.client.get_experiment_by_name, experiment)
+        self.experiment_id = exp.experiment_id if exp else self._call(self.client.create_experiment, experiment)
         tags = dict(tags or {})
         # runs a driver left RUNNING when it was killed outright (SIGKILL, a lost node) end as KILLED here
-        self.ended_stale = end_stale_runs(self.client, self.experiment_id, tags["spunge.output_dir"]) \
+        self.ended_stale = self._call(end_stale_runs, self.client, self.experiment_id, tags["spunge.output_dir"]) \
             if "spunge.output_dir" in tags else []
         tags.update({"spunge.driver_host": socket.gethostname(), "spunge.driver_pid": str(os.getpid())})
-        self.parent = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent = self._call(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = self.parent.info.run_id
         self.children: dict[str, str] = {}
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """An MLflow client call; a tracking store that fails (a server gone, a locked file) is one line naming
+        it. The MLflow client retries HTTP calls first (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _TIMEOUT)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise TrackingError(f"MLflow at {self.public_uri}: {type(e).__name__}: {lines[0] if lines else ''}; "
+                                "finished stages are kept: bring the tracking store back and re-run with --resume"
+                                ) from None
 
     @property
     def public_uri(self) -> str:
@@ -54,9 +70,8 @@ class Tracker:
     def child(self, name: str, tags: Optional[dict[str, str]] = None) -> str:
         """Create (once) the nested run ``name`` and return its id."""
         if name not in self.children:
-            run = self.client.create_run(
-                self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, **(tags or {})}
-            )
+            run = self._call(self.client.create_run, self.experiment_id, run_name=name,
+                             tags={"mlflow.parentRunId": self.parent_id, **(tags or {})})
             self.children[name] = run.info.run_id
         return self.children[name]
 
@@ -65,7 +80,7 @@ class Tracker:
 
         items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+            self._call(self.client.log_batch, run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
@@ -73,7 +88,7 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _finite_number(v)]
         for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i : i + 500])
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + 500])
 
     def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "step") -> None:
         """Step metrics of a job, one metric point per reported step."""
@@ -87,25 +102,25 @@ class Tracker:
             if k != step_key and _finite_number(v)
         ]
         for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i : i + 500])
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
         p = Path(path)
         if p.is_dir():
-            self.client.log_artifacts(run_id, str(p), artifact_path)
+            self._call(self.client.log_artifacts, run_id, str(p), artifact_path)
         else:
-            self.client.log_artifact(run_id, str(p), artifact_path)
+            self._call(self.client.log_artifact, run_id, str(p), artifact_path)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+            self._call(self.client.set_tag, run_id, k, str(v))
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._call(self.client.set_terminated, run_id, status=status)
 
     def end_all(self, status: str = "FINISHED") -> None:
         for run_id in self.children.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            if self._call(self.client.get_run, run_id).info.status == "RUNNING":
                 self.end(run_id, status)
         self.end(self.parent_id, status)
 
@@ -181,7 +196,12 @@ class MlflowEvents(Events):
             t.log_metrics(t.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
 
     def run_ended(self, ctx: Any, status: str) -> None:
-        self.tracker.end_all(status)
+        try:
+            self.tracker.end_all(status)
+        except TrackingError:
+            if status == "FINISHED":
+                raise
+            # the run already failed or was stopped, maybe because MLflow is gone: that error is the one to show
 
 
 def _driver_alive(tags: dict[str, str]) -> bool:

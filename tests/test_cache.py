@@ -85,3 +85,25 @@ def test_suite_file_options_and_the_deepspeed_file_are_keyed_by_content(tiny_dir
     before = job_key()
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
     assert job_key() != before  # the DeepSpeed file is read into every UnlearnSpec
+
+
+def test_resume_keeps_an_unfinished_jobs_folder_and_a_fresh_run_clears_it(tmp_path):
+    """An unfinished job's folder survives --resume with what it finished (WHP's reinforced pre-job, with its
+    own marker, is then reused by the runner); without --resume it is emptied; a finished one is reused."""
+    from jobs.unlearn.loop import JOB_MARKER
+    from orchestrator.cache import claim
+
+    job = tmp_path / "subset-a-123"
+    (job / "reinforced").mkdir(parents=True)
+    (job / "reinforced" / JOB_MARKER).write_text("{}")
+    (job / "steps.jsonl").write_text('{"step": 1}\n')
+    assert claim(job, JOB_MARKER, resume=True, keep_unfinished=True) is False
+    assert (job / "reinforced" / JOB_MARKER).exists() and (job / "steps.jsonl").exists()
+    assert claim(job, JOB_MARKER, resume=False, keep_unfinished=True) is False and not job.exists()
+    job.mkdir()
+    (job / JOB_MARKER).write_text("{}")
+    assert claim(job, JOB_MARKER, resume=True, keep_unfinished=True) is True
+    merge = tmp_path / "merge-1"
+    merge.mkdir()
+    (merge / "half.safetensors").write_text("")
+    assert claim(merge, "spunge_merge.json", resume=True) is False and not merge.exists()  # other stages: cleared

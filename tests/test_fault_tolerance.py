@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -310,3 +311,82 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"
     assert by_name["unlearn/south"].data.tags["spunge.reused"] == "True"
     assert by_name["merge"].info.status == "FINISHED" and "eval/merged" in by_name
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+         f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return server.poll() is not None
+
+    wait_for(up, "the MLflow server")
+    assert server.poll() is None
+    return server
+
+
+@pytest.mark.e2e
+def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_completes_it(tiny_dir, tmp_path):
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    cfg = {
+        "name": "mlflow-gone",
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group", "baseline": "none"},
+        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 3, "batch_size": 4},
+        "eval": {"max_examples": 4},
+        "tracking": {"uri": uri},
+        "storage": {"output_dir": "run"},
+        "ray": {"num_cpus": 4},
+    }
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**spunge_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    server = start_mlflow_server(tmp_path, port)
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(spunge_cmd("run", "pipe.yaml"), cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "MLflow run " in (tmp_path / "first.log").read_text() or driver.poll() is not None,
+                 "the driver's MLflow run")
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away while the pipeline runs
+        server.wait(timeout=60)
+        assert driver.wait(timeout=600) == 1
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "first.log").read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert errors[0].startswith(f"error: MLflow at {uri}: ") and "re-run with --resume" in errors[0]
+    assert not (tmp_path / "run" / "report.json").exists()
+
+    server = start_mlflow_server(tmp_path, port)  # back, with the same store
+    try:
+        again = subprocess.run(spunge_cmd("run", "pipe.yaml", "--resume"), cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("spunge").experiment_id],
+                                  "attributes.run_name = 'mlflow-gone'", order_by=["attributes.start_time ASC"])
+        # the first driver's run could not be ended (its server was gone): the second ends it as KILLED
+        assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+        assert runs[1].info.run_id == report["mlflow_run_id"] and "merged" in report["models"]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)

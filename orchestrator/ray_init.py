@@ -1,9 +1,9 @@
 """Ray for the driver: connect to a cluster, or start a local one that behaves on a small, loaded machine.
 
-A local Ray listens on 127.0.0.1 only, its dashboard too (nothing outside the machine reaches it), starts with the retries and
-timeouts of ``ray.start_timeout_s`` (Ray gives its node 30 s, which a loaded 2-core machine can miss; Ray
-Train gives a worker group 60 s), and keeps one helper actor per job fewer (no preemption watcher: a local
-machine is not preempted). Ray's own log lines (its logger, the raylet's warnings such as "N PYTHON worker
+A local Ray listens on 127.0.0.1 only, its dashboard too (nothing outside the machine reaches it); it
+starts with the retries and timeouts of ``ray.start_timeout_s`` (Ray gives its node 30 s, which a loaded
+2-core machine can miss; Ray Train gives a worker group 60 s) and keeps one helper actor per job fewer (no
+preemption watcher: a local machine is not preempted). Ray's own log lines (its logger, the raylet's warnings such as "N PYTHON worker
 processes have been started") go to a log file instead of over the progress display.
 """
 

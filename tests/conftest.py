@@ -37,13 +37,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """<dir>/model (random tiny Llama + BPE tokenizer), <dir>/forget.jsonl (era=old), <dir>/retain.jsonl."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny(d: Path) -> Path:
+    """The ``tiny_dir`` fixture's contents written into ``d`` (benchmarks build it too)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from jobs.models import save_model
 
-    d = tmp_path_factory.mktemp("tiny")
     rows = qa_rows()
     corpus = [f"Question: {r['question']}\nAnswer: {r['answer']} {r['paraphrased_answer']} "
               + " ".join(r["perturbed_answers"]) for r in rows]
@@ -88,6 +92,25 @@ def single_process_dist():
                  "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
     yield
+
+
+@pytest.fixture(scope="session")
+def session_ray():
+    """One local Ray cluster in this process for every test that drives Ray itself (``address="local"`` never
+    joins another cluster on the machine); started on first use, shut down at the end of the session."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="spunge-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,16 @@ Computes, for one Ray Train worker (one GPU) of one spunge unlearning job, the b
 
 Peak = resident (model states + reference [+ ZeRO-3's reduce bucket]) + max(backward phase, step phase):
 backward = activations + logits + ZeRO buffers, step = the optimizer-step temporaries (the activations are
-freed when ``engine.step()`` runs). Every assumption is in the docstring of the function
-that uses it; docs/scaling.md has the formulas and the table.
+freed when ``engine.step()`` runs). The start-up peak (``init_peak``) is what ``deepspeed.initialize`` needs
+as spunge loads models today (the whole bf16 model is moved to every GPU before ZeRO-3 partitions it); a
+card fits when both peaks fit. Every assumption is in the docstring of the function that uses it;
+docs/scaling.md has the formulas and the tables.
+
+For a cluster the script also computes (``--markdown-scale``, ``--markdown-cluster``): the ZeRO-3 grid for
+N = 8 ... 64 GPUs per job with and without offload and reference model, Llama-2-7B and Llama-2-70B (GQA)
+presets (``--model``); how many jobs of the smallest fitting size run at once on 8 and 64 GPUs and in how
+many waves k subset jobs finish (the unsplit baseline: docs/scaling.md); the merge's I/O volume, time and RAM; and the
+evaluation fan-out (one Ray task per model and suite).
 
 The model-state part is cross-checked against DeepSpeed's own estimators
 (``estimate_zero2_model_states_mem_needs_all_cold`` / ``estimate_zero3_model_states_mem_needs_all_cold``
@@ -33,6 +41,7 @@ and the functions they print from). Usage::
     python benchmarks/memory_estimate.py --zero 3 --gpus 4 --offload-optimizer --gradient-checkpointing on
     python benchmarks/memory_estimate.py --lora-r 16 --json benchmarks/results/memory_estimate.json
     python benchmarks/memory_estimate.py --markdown           # the docs/scaling.md table
+    python benchmarks/memory_estimate.py --model llama2-70b --gpus 8 16 32 64 --markdown-scale --markdown-cluster
 
 Numbers are computed estimates, not measurements; all sizes printed in GiB (2**30 bytes).
 """
@@ -52,7 +61,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 GiB = 2**30
-CARDS_GB = (24, 40, 80)  # card sizes, taken as GiB (an A10G/L4 "24 GB" exposes ~22.5 GiB: see fits())
+CARDS_GB = (24, 40, 80, 140)  # card sizes, taken as GiB (an A10G/L4 "24 GB" exposes ~22.5 GiB: see fits();
+# a "141 GB" H200 shows 143771 MiB = 140.4 GiB in nvidia-smi, an 80 GB A100/H100 81559 MiB = 79.6 GiB)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -65,13 +75,26 @@ class ModelShape:
     hidden: int = 4096
     heads: int = 32
     vocab: int = 32000
-    intermediate: int = 11008  # SwiGLU MLP width (Llama-2-7B); only used to count LoRA parameters
+    intermediate: int = 11008  # SwiGLU MLP width (Llama-2-7B): LoRA parameter count, largest layer
     tied_embeddings: bool = False
+    kv_heads: Optional[int] = None  # grouped-query attention: K/V heads (None: = heads, plain multi-head)
+
+    def kv_dim(self) -> int:
+        """Width of the K and V projections: kv_heads · head_dim (= hidden without GQA)."""
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
     def largest_layer(self) -> int:
         """Parameters of the largest single module (ZeRO-3 gathers one module at a time): the embedding /
         LM head (V·h) for Llama-2-7B, else the biggest MLP matrix."""
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+
+# Ψ is the published parameter count; llama_param_count() reproduces both from the shapes (see the tests).
+PRESETS = {
+    "llama2-7b": ModelShape(),
+    "llama2-70b": ModelShape(params=68.98e9, layers=80, hidden=8192, heads=64, vocab=32000, intermediate=28672,
+                             kv_heads=8),
+}
 
 
 @dataclass(frozen=True)
@@ -100,17 +123,18 @@ class JobSetup:
 
 
 def llama_param_count(m: ModelShape) -> int:
-    """Ψ from the architecture (no biases; two RMSNorm weights per layer plus the final one)."""
+    """Ψ from the architecture (no biases; two RMSNorm weights per layer plus the final one). Q and O are
+    h×h, K and V h×kv_dim (GQA), the SwiGLU MLP three h×i matrices."""
     h, i = m.hidden, m.intermediate
-    per_layer = 4 * h * h + 3 * h * i + 2 * h
+    per_layer = 2 * h * h + 2 * h * m.kv_dim() + 3 * h * i + 2 * h
     embed = m.vocab * h * (1 if m.tied_embeddings else 2)
     return m.layers * per_layer + embed + h
 
 
 def lora_param_count(m: ModelShape, r: int, targets: tuple[str, ...] = LLAMA_LINEARS) -> int:
     """LoRA adapter parameters: r·(d_in + d_out) per adapted linear (A is r×d_in, B is d_out×r), per layer."""
-    h, i = m.hidden, m.intermediate
-    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+    h, i, kv = m.hidden, m.intermediate, m.kv_dim()
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     return m.layers * sum(r * sum(shapes[t]) for t in targets)
 
@@ -213,17 +237,21 @@ def step_peak(step: dict[str, float]) -> float:
 # --------------------------------------------------------------------------------------------- activations
 
 
-def layer_activations(seq: int, batch: int, hidden: int, heads: int, attn: str = "sdpa", coeff: float = 34.0) -> float:
+def layer_activations(seq: int, batch: int, hidden: int, heads: int, attn: str = "sdpa", coeff: float = 34.0,
+                      kv_heads: Optional[int] = None) -> float:
     """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, eq. 1, no tensor parallelism):
     s·b·h·(34 + 5·a·s/h) with 16-bit activations. The 34 counts a GPT block (attention 11sbh + 5as²b, MLP
     19sbh, two LayerNorms 4sbh, dropout masks); a HF Llama block in bf16 (SwiGLU, RMSNorm's fp32 upcast, no
     dropout) keeps about 43·sbh instead: pass ``coeff``. ``sdpa`` / ``flash_attention_2`` never
     materialise the a·s×s scores, so the 5as²b term (softmax output 2, dropout mask 1, dropout output 2
     bytes per score) is dropped; ``eager`` keeps it (HF's eager Llama keeps an fp32 softmax, ~6 bytes a
-    score, so 5 is if anything low)."""
+    score, so 5 is if anything low). Grouped-query attention (``kv_heads`` < ``heads``) keeps K and V
+    kv_heads/heads as wide: of the 34, K (2sbh, kept for QKᵀ) and V (2sbh, kept for softmax·V) shrink by
+    that ratio, so the constant drops by 4·(1 − kv_heads/heads): 30.5 for Llama-2-70B (8 of 64)."""
     sbh = seq * batch * hidden
     score_term = 5 * heads * seq / hidden if attn == "eager" else 0.0
-    return sbh * (coeff + score_term)
+    gqa_saving = 4 * (1 - (kv_heads or heads) / heads)
+    return sbh * (coeff - gqa_saving + score_term)
 
 
 def activations(m: ModelShape, s: JobSetup) -> dict[str, float]:
@@ -237,7 +265,7 @@ def activations(m: ModelShape, s: JobSetup) -> dict[str, float]:
       (each layer's bf16 input) plus one layer's full working set, recomputed during backward.
     The final norm / LM-head inputs (~6sbh per pass), embeddings and rotary tables are ignored (< 0.1 GiB
     here). LoRA: the same (its adapters need the same layer inputs; the r-wide intermediates are ignored)."""
-    per_layer = layer_activations(s.seq, s.micro_batch, m.hidden, m.heads, s.attn, s.act_coeff)
+    per_layer = layer_activations(s.seq, s.micro_batch, m.hidden, m.heads, s.attn, s.act_coeff, m.kv_heads)
     if s.gradient_checkpointing:
         kept = s.grad_passes * m.layers * 2 * s.seq * s.micro_batch * m.hidden
         return {"layers": kept, "recompute": per_layer}
@@ -267,22 +295,50 @@ def host_memory(m: ModelShape, s: JobSetup) -> dict[str, float]:
     """Host RAM per worker (not per node): with ``offload_optimizer`` the fp32 master/m/v and the fp32
     gradient partition (16 bytes per trainable parameter / N) plus torch AdamW's sqrt(v) temporary on the
     CPU (4/N); with ``offload_param`` the bf16 shards of model and reference (2Ψ/N each). At start-up every
-    worker loads the model whole in bf16 (no ``zero.Init``) and hands it to ``deepspeed.initialize``, then
-    loads the reference the same way: ``load`` = 2Ψ, one full copy at a time, per worker (so 2Ψ times the
-    workers on a node). DeepSpeed's estimators multiply host figures by 1.5 (pinned buffers)."""
+    worker loads the model whole in bf16 (no ``zero.Init``) and hands it to ``deepspeed.initialize``, which
+    creates the offloaded states; then (``run_unlearning``: after ``deepspeed.initialize``) it loads the
+    reference whole the same way: ``load`` = offloaded states + 2Ψ with a reference, else max(2Ψ, offloaded
+    states). Per node: times the workers on it. DeepSpeed's estimators multiply host figures by 1.5 (pinned
+    buffers); not done here."""
     frozen, trainable = _counts(m, s)
     n = s.gpus
-    steady = 0.0
+    div = n if s.zero >= 1 else 1
+    offloaded = 0.0  # the trained engine's host states once deepspeed.initialize has run
     if s.offload_optimizer:
-        steady += (16 + (4 if s.adamw_temp else 0)) * trainable / (n if s.zero >= 1 else 1)
+        offloaded += 16 * trainable / div
     if s.offload_param:
-        steady += 2 * (trainable + frozen) / n
+        offloaded += 2 * (trainable + frozen) / n
+    steady = offloaded
+    if s.offload_optimizer and s.adamw_temp:
+        steady += 4 * trainable / div
+    if s.offload_param:
         steady += reference_model(3, n, m.params, s.needs_reference, bool(s.lora_r))
-    return {"steady": steady, "load": 2 * m.params}
+    whole = 2 * m.params
+    with_reference = s.needs_reference and not s.lora_r
+    return {"steady": steady, "load": offloaded + whole if with_reference else max(whole, offloaded)}
+
+
+def init_peak(m: ModelShape, s: JobSetup, resident: float) -> float:
+    """GPU bytes while ``deepspeed.initialize`` runs, as spunge loads today. ``jobs.models.load_model`` calls
+    ``from_pretrained`` on the CPU (no ``deepspeed.zero.Init``, no ``HfDeepSpeedConfig``), and DeepSpeed's
+    ``_configure_distributed_model`` then moves the whole module to the GPU (``module.to(self.device)``:
+    only a zero.Init model is exempt) before ZeRO-3 partitions it. So every GPU briefly holds the whole bf16
+    model: 2·(Ψ + T_lora). Under ZeRO-3 ``jobs/unlearn/reference.py`` then builds the reference the same way,
+    a second engine, while the trained engine's states are resident: resident + 2Ψ. At ZeRO 0-2 both copies
+    stay whole anyway (part of the steady peak). spunge has no setting that loads under zero.Init.
+    ``resident``: the trained engine's GPU bytes (states + ZeRO-3 bucket), without the reference."""
+    frozen, trainable = _counts(m, s)
+    whole_model = 2 * (frozen + trainable)
+    ref_build = 0.0
+    if s.zero == 3 and s.needs_reference and not s.lora_r:
+        ref_build = resident + 2 * m.params
+    return max(whole_model, ref_build)
 
 
 def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
-    """Every part in bytes, the peak, and which card sizes fit."""
+    """Every part in bytes, the steady training peak, the start-up peak (``init_peak``), and which card sizes
+    fit: ``fits`` as spunge loads today (both peaks), ``fits_steady`` the training peak alone (what a loader
+    under ``deepspeed.zero.Init`` would leave; spunge has none)."""
     frozen, trainable = _counts(m, s)
     lora = bool(s.lora_r)
     states = model_states(s.zero, s.gpus, trainable, frozen, s.offload_optimizer, s.offload_param)
@@ -297,6 +353,7 @@ def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
     backward = sum(acts.values()) + sum(logit.values()) + sum(buffers.values()) - persistent_bucket
     step_bytes = step_peak(step)
     peak = resident + max(backward, step_bytes)
+    start = init_peak(m, s, resident - ref)  # the reference's own shards do not exist yet
     return {
         "setup": {**asdict(s), "lora_targets": list(s.lora_targets)},
         "trainable_params": trainable,
@@ -311,10 +368,13 @@ def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
             "backward_peak": backward,
             "step_peak": step_bytes,
             "peak": peak,
+            "init_peak": start,
         },
         "peak_gib": peak / GiB,
+        "init_peak_gib": start / GiB,
         "host_gib_per_worker": {k: v / GiB for k, v in host_memory(m, s).items()},
-        "fits": {f"{c}GB": fits(peak, c) for c in CARDS_GB},
+        "fits": {f"{c}GB": fits(max(peak, start), c) for c in CARDS_GB},
+        "fits_steady": {f"{c}GB": fits(peak, c) for c in CARDS_GB},
         "bound_by": "backward" if backward >= step_bytes else "optimizer step",
     }
 
@@ -430,7 +490,7 @@ def _fits_str(r: dict) -> str:
 
 def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
     head = (f"{'ZeRO':>4} {'N':>3} {'ckpt':>4} {'offl':>5} {'lora':>4} | {'weights':>7} {'grads':>6} {'optim':>6} "
-            f"{'ref':>6} {'buffers':>7} | {'acts':>6} {'logits':>6} {'step':>6} | {'peak':>6}  fits")
+            f"{'ref':>6} {'buffers':>7} | {'acts':>6} {'logits':>6} {'step':>6} | {'peak':>6} {'start':>6}  fits")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
@@ -440,14 +500,21 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
               f"{s['lora_r'] or '-':>4} | {_g(b['model_states']['weights']):>7} {_g(b['model_states']['grads'])} "
               f"{_g(b['model_states']['optimizer'])} {_g(b['reference'])} {_g(sum(b['buffers'].values())):>7} | "
               f"{_g(sum(b['activations'].values()))} {_g(sum(b['logits'].values()))} {_g(b['step_peak'])} | "
-              f"{_g(b['peak'])}  {_fits_str(r)}", file=out)
+              f"{_g(b['peak'])} {_g(b['init_peak'])}  {_fits_str(r)}", file=out)
+
+
+def _fit_cell(r: dict[str, Any], card: int) -> str:
+    """yes (fits as spunge loads today), "zero.Init" (only the start-up peak is too big: fits once the model is
+    loaded under ``deepspeed.zero.Init``, which spunge does not do), or no."""
+    if r["fits"][f"{card}GB"]:
+        return "yes"
+    return "zero.Init" if r["fits_steady"][f"{card}GB"] else "no"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| ZeRO | N | grad ckpt | optimizer offload | LoRA | model states | reference | activations | logits | "
-             "ZeRO buffers | step temps | **peak GiB** | 24 GB | 40 GB | 80 GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    yes = lambda v: "yes" if v else "no"
+             "ZeRO buffers | step temps | **peak GiB** | start-up peak | 24 GB | 40 GB | 80 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, b = r["setup"], r["bytes"]
         lines.append(
@@ -456,7 +523,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{sum(b['model_states'].values()) / GiB:.1f} | {b['reference'] / GiB:.1f} | "
             f"{sum(b['activations'].values()) / GiB:.1f} | {sum(b['logits'].values()) / GiB:.1f} | "
             f"{sum(b['buffers'].values()) / GiB:.1f} | {b['step_peak'] / GiB:.1f} | **{r['peak_gib']:.1f}** | "
-            f"{yes(r['fits']['24GB'])} | {yes(r['fits']['40GB'])} | {yes(r['fits']['80GB'])} |")
+            f"{r['init_peak_gib']:.1f} | {_fit_cell(r, 24)} | {_fit_cell(r, 40)} | {_fit_cell(r, 80)} |")
     return "\n".join(lines)
 
 
@@ -471,15 +538,248 @@ def doc_rows(m: ModelShape, base: JobSetup) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------- cluster plan
+
+
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # scaling.num_workers tried when sizing a job (one GPU each)
+GPUS_PER_NODE = 8
+# dense bf16 peak FLOP/s and HBM bandwidth (vendor data sheets): A100-SXM 80 GB, H100-SXM 80 GB, H200-SXM 141 GB
+ACCELERATORS = {"A100-80GB": {"card": 80, "flops": 312e12, "hbm": 2.0e12},
+                "H100-80GB": {"card": 80, "flops": 989e12, "hbm": 3.35e12},
+                "H200-141GB": {"card": 140, "flops": 989e12, "hbm": 4.8e12}}
+CARDS = {"80 GB A100/H100": {"card": 80, "flops": 989e12}, "141 GB H200": {"card": 140, "flops": 989e12}}
+NODE_RAM_GIB = 0.9 * 2e12 / GiB  # 90 % of a 2 TB DGX H100/H200 node (8 GPUs): 1676 GiB for the workers
+MFU = 0.3  # assumed model FLOP utilisation (not measured); ZeRO-3 with offload runs lower
+OFFLOAD_VARIANTS = {"none": {}, "optimizer": {"offload_optimizer": True},
+                    "optimizer+param": {"offload_optimizer": True, "offload_param": True}}
+
+
+def scale_rows(m: ModelShape, base: JobSetup, gpus: tuple[int, ...] = (8, 16, 32, 64)) -> list[dict[str, Any]]:
+    """The ZeRO-3 grid of docs/scaling.md: N GPUs per job x offload (none / optimizer / optimizer+param) x with
+    and without a reference model, gradient checkpointing on (off costs 2·L·c·sbh: 85 GiB for 70B)."""
+    rows = []
+    for n in gpus:
+        for variant in OFFLOAD_VARIANTS.values():
+            for ref in (True, False):
+                rows.append(estimate(m, replace(base, zero=3, gpus=n, gradient_checkpointing=True,
+                                                needs_reference=ref, **variant)))
+    return rows
+
+
+def node_host_gib(r: dict[str, Any], gpus_per_node: int = GPUS_PER_NODE) -> dict[str, float]:
+    """Host RAM of one node full of such workers (``gpus_per_node`` of them, from one job or several
+    concurrent ones): steady (offloaded states) and at start-up (each worker holds one whole bf16 copy on the
+    CPU, the model then the reference: jobs started together load together)."""
+    workers = gpus_per_node
+    host = r["host_gib_per_worker"]
+    return {"workers": workers, "steady": workers * host["steady"], "load": workers * host["load"]}
+
+
+def scale_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [("| N | offload | reference | model states | reference | activations + logits | ZeRO buffers | "
+              "step temps | **peak GiB** | start-up peak | 80 GB | 140 GB | host GiB / worker | "
+              "host GiB / node: steady, start-up |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, b = r["setup"], r["bytes"]
+        off = "optimizer+param" if s["offload_param"] else "optimizer" if s["offload_optimizer"] else "-"
+        node = node_host_gib(r)
+        lines.append(
+            f"| {s['gpus']} | {off} | {'yes' if s['needs_reference'] else 'no'} | "
+            f"{sum(b['model_states'].values()) / GiB:.1f} | {b['reference'] / GiB:.1f} | "
+            f"{(sum(b['activations'].values()) + sum(b['logits'].values())) / GiB:.1f} | "
+            f"{sum(b['buffers'].values()) / GiB:.1f} | {b['step_peak'] / GiB:.1f} | **{r['peak_gib']:.1f}** | "
+            f"{r['init_peak_gib']:.1f} | {_fit_cell(r, 80)} | {_fit_cell(r, 140)} | "
+            f"{r['host_gib_per_worker']['steady']:.0f} | {node['steady']:.0f}, {node['load']:.0f} |")
+    return "\n".join(lines)
+
+
+def smallest_job(m: ModelShape, base: JobSetup, card: int, steady_only: bool = False,
+                 gpus: tuple[int, ...] = GPU_COUNTS, node_ram_gib: float = NODE_RAM_GIB) -> Optional[dict[str, Any]]:
+    """The estimate of the fewest GPUs per job (``scaling.num_workers``) whose peak fits ``card`` (as spunge
+    loads today, or with ``steady_only`` once loaded under zero.Init) and whose node of 8 such workers stays
+    within ``node_ram_gib`` of host RAM (steady and, as spunge loads today, start-up: a zero.Init loader
+    would not hold whole copies); None if none of ``gpus`` does."""
+    key = "fits_steady" if steady_only else "fits"
+    for n in gpus:
+        r = estimate(m, replace(base, gpus=n))
+        node = node_host_gib(r)
+        host = node["steady"] if steady_only else max(node["steady"], node["load"])
+        if r[key][f"{card}GB"] and host <= node_ram_gib:
+            return r
+    return None
+
+
+def job_seconds(params: float, forget_tokens: float, gpus: int, flops: float, mfu: float = MFU,
+                checkpointing: bool = True, reference: bool = True) -> float:
+    """Seconds of one NPO job: per forget token (each with an equal retain token) forget fwd+bwd 6Ψ, retain
+    fwd+bwd 6Ψ, reference forward 2Ψ, and with checkpointing one more forward of each graph (2 x 2Ψ):
+    18Ψ FLOPs (14Ψ without checkpointing, 12Ψ/16Ψ without reference); divided by N · peak · MFU. Attention
+    FLOPs (~6·L·s·h per token, 3 % at s = 512 for 7B) and the CPU optimizer step of offload are left out."""
+    per_token = 12 * params + (2 * params if reference else 0) + (4 * params if checkpointing else 0)
+    return per_token * forget_tokens / (gpus * flops * mfu)
+
+
+def waves(jobs: int, concurrent: int) -> int:
+    """Rounds of unlearning jobs: ceil(jobs / concurrent) (the driver keeps ``job_capacity`` running)."""
+    return -(-jobs // concurrent)
+
+
+def concurrency_rows(models: dict[str, ModelShape], base: JobSetup, clusters: tuple[int, ...] = (8, 64),
+                     subsets: tuple[int, ...] = (4, 8, 16), forget_tokens: float = 1e7) -> list[dict[str, Any]]:
+    """For each model, offload variant and accelerator: the fewest GPUs per job that fit (today and with a
+    zero.Init loader), how many such jobs run at once on a cluster of G GPUs (G // N, GPU-bound), the
+    waves for k subset jobs (ceil(k / at once); the unsplit baseline comes on top, see docs/scaling.md), and
+    one job's compute time for ``forget_tokens``."""
+    rows = []
+    for name, m in models.items():
+        for off_name, variant in OFFLOAD_VARIANTS.items():
+            setup = replace(base, zero=3, gradient_checkpointing=True, **variant)
+            for acc, spec in CARDS.items():
+                found = {}
+                for loader in ("today", "zero.Init"):
+                    r = smallest_job(m, setup, spec["card"], steady_only=loader == "zero.Init")
+                    n = r["setup"]["gpus"] if r else None
+                    if loader == "zero.Init" and n == found.get("today"):
+                        continue  # the same job size as today's loader: one row says it
+                    found[loader] = n
+                    rows.append({
+                        "model": name, "offload": off_name, "accelerator": acc, "card_gib": spec["card"],
+                        "loader": loader, "gpus_per_job": n, "peak_gib": r["peak_gib"] if r else None,
+                        "init_peak_gib": r["init_peak_gib"] if r else None,
+                        "node_host_gib": node_host_gib(r) if r else None,
+                        "concurrent_jobs": {g: g // n if n and n <= g else 0 for g in clusters},
+                        "waves": {g: {k: waves(k, g // n) if n and n <= g else None for k in subsets}
+                                  for g in clusters},
+                        "job_seconds": job_seconds(m.params, forget_tokens, n, spec["flops"]) if n else None,
+                        "forget_tokens": forget_tokens})
+    return rows
+
+
+def concurrency_markdown(rows: list[dict[str, Any]]) -> str:
+    gs = list(rows[0]["concurrent_jobs"])
+    ks = list(rows[0]["waves"][gs[0]])
+    head = ("| model | offload | card | loader | N per job | peak, start-up GiB | host GiB/node: steady, start-up | "
+            + " | ".join(f"G={g}: jobs at once; waves k={','.join(map(str, ks))}" for g in gs)
+            + f" | one job, h per {rows[0]['forget_tokens']:.0e} forget tokens |")
+    lines = [head, "|" + "---|" * (8 + len(gs))]
+    for r in rows:
+        if r["gpus_per_job"] is None:
+            cells = ["none fits", "-", "-"] + ["-"] * len(gs) + ["-"]
+        else:
+            per_g = [f"{r['concurrent_jobs'][g]}; " + ",".join(str(w or "-") for w in r["waves"][g].values())
+                     if r["concurrent_jobs"][g] else "0; -" for g in gs]
+            today = r["loader"] == "today"  # a zero.Init loader would not have today's start-up peaks
+            cells = [str(r["gpus_per_job"]), f"{r['peak_gib']:.0f}, " + (f"{r['init_peak_gib']:.0f}" if today else "n/a"),
+                     f"{r['node_host_gib']['steady']:.0f}, " + (f"{r['node_host_gib']['load']:.0f}" if today else "n/a")]
+            cells += per_g + \
+                    [f"{r['job_seconds'] / 3600:.2f}"]
+        lines.append(f"| {r['model']} | {r['offload']} | {r['accelerator']} | {r['loader']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+OUT_SHARD_BYTES = 5e9  # mergekit MergeOptions.out_shard_size default; spunge's run_mergekit does not set it
+
+
+def merge_io(m: ModelShape, dtype: str, k: int, bandwidths: tuple[float, ...] = (1e9, 5e9)) -> dict[str, Any]:
+    """Bytes a full-model merge moves: every subset checkpoint and the base model read once ((k + 1)·B·Ψ;
+    ``mergekit_config`` names the base as ``base_model``), the merged model written once (B·Ψ); seconds at
+    each storage bandwidth (bytes/s, read and write sharing it). RAM: mergekit's Executor keeps one output
+    tensor's inputs alive until their last use and TIES' ``merge_group`` builds k deltas plus sign/mask
+    tensors of the same shape, so about (5k + 2) copies of the largest tensor in the merge dtype, plus the
+    ``TensorWriter``'s shard buffer (``out_shard_size`` 5e9 bytes, one more being written by its thread).
+    Read from mergekit 0.1.5's source, not measured."""
+    b = DTYPE_BYTES[dtype]
+    ckpt = b * m.params
+    read, written = (k + 1) * ckpt, ckpt
+    working = (5 * k + 2) * b * m.largest_layer()
+    return {"dtype": dtype, "k": k, "checkpoint_gb": ckpt / 1e9, "read_gb": read / 1e9, "written_gb": written / 1e9,
+            "seconds": {f"{bw / 1e9:g}GB/s": (read + written) / bw for bw in bandwidths},
+            "mergekit_ram_gb": (working + 2 * OUT_SHARD_BYTES) / 1e9, "largest_tensor_gb": b * m.largest_layer() / 1e9}
+
+
+def merge_markdown(models: dict[str, ModelShape], ks: tuple[int, ...] = (4, 8, 16)) -> tuple[str, list[dict]]:
+    rows, lines = [], [("| model | dtype | k | one checkpoint GB | read GB | written GB | minutes at 1 GB/s | "
+                        "minutes at 5 GB/s | mergekit RAM GB (approx.) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for dtype in DTYPE_BYTES:
+            for k in ks:
+                r = {"model": name, **merge_io(m, dtype, k)}
+                rows.append(r)
+                lines.append(f"| {name} | {dtype} | {k} | {r['checkpoint_gb']:.1f} | {r['read_gb']:.0f} | "
+                             f"{r['written_gb']:.1f} | {r['seconds']['1GB/s'] / 60:.1f} | "
+                             f"{r['seconds']['5GB/s'] / 60:.1f} | {r['mergekit_ram_gb']:.0f} |")
+    return "\n".join(lines), rows
+
+
+def eval_models(k: int, unsplit: bool = True, oracle: bool = True) -> int:
+    """Models ``orchestrator.evaluate.models_to_score`` scores: base, the oracle (``eval.oracle``), every job's
+    model (k subsets + unsplit with ``split.baseline: unsplit``), the merged model."""
+    return 1 + int(oracle) + k + int(unsplit) + 1
+
+
+def eval_rows(models: dict[str, ModelShape], k: int = 8, suites: int = 1, gpus_per_task: float = 1,
+              cluster_gpus: tuple[int, ...] = (8, 64), eval_tokens: float = 1e6, answers: int = 1000,
+              batch: int = 16, new_tokens: int = 32, seq: int = 512) -> list[dict[str, Any]]:
+    """Evaluation fan-out: one Ray task per (model, suite), ``eval.gpus_per_task`` each; the task loads the
+    whole model onto its first GPU (``model.to("cuda")`` in ``jobs.evaluate.suites.evaluate_model``). GPU
+    bytes: B·Ψ weights + the batch's logits (bf16 + fp32 upcast, 6·b·s·V) + the KV cache of generation
+    (2·L·kv_dim·2 bytes per token, b·(s + new tokens) tokens). Scoring ``eval_tokens`` costs 2Ψ FLOPs a token
+    at ``MFU``; greedy generation is bandwidth-bound: every new token of a batch reads all weights once,
+    ceil(answers / batch) · new_tokens · B·Ψ / HBM bandwidth."""
+    tasks = eval_models(k) * suites
+    rows = []
+    for name, m in models.items():
+        weights = 2 * m.params
+        kv = 2 * m.layers * m.kv_dim() * 2 * batch * (seq + new_tokens)
+        logit = 6 * batch * seq * m.vocab
+        gpu = weights + logit + kv
+        for acc, spec in ACCELERATORS.items():
+            fits_card = fits(gpu, spec["card"])
+            conc = {g: int(g // gpus_per_task) if fits_card else 0 for g in cluster_gpus}
+            rows.append({"model": name, "accelerator": acc, "tasks": tasks, "batch": batch,
+                         "gpu_gib": {"weights": weights / GiB, "logits": logit / GiB, "kv_cache": kv / GiB,
+                                     "total": gpu / GiB},
+                         "fits": fits_card, "fits_raw": gpu / GiB + 1 <= spec["card"], "concurrent": conc,
+                         "waves": {g: waves(tasks, c) if c else None for g, c in conc.items()},
+                         "score_seconds": 2 * m.params * eval_tokens / (spec["flops"] * MFU),
+                         "generate_seconds": -(-answers // batch) * new_tokens * weights / spec["hbm"],
+                         "eval_tokens": eval_tokens, "answers": answers, "new_tokens": new_tokens})
+    return rows
+
+
+def _yes(v: bool) -> str:
+    return "yes" if v else "no"
+
+
+def eval_markdown(rows: list[dict[str, Any]]) -> str:
+    gs = list(rows[0]["concurrent"])
+    lines = ["| model | GPU | task GPU GiB: weights + logits + KV = total | fits (rule; raw + 1 GiB) | tasks | "
+             + " | ".join(f"G={g}: at once; waves" for g in gs)
+             + f" | scoring s per {rows[0]['eval_tokens']:.0e} tokens | generation s per {rows[0]['answers']} answers |",
+             "|" + "---|" * (7 + len(gs))]
+    for r in rows:
+        g = r["gpu_gib"]
+        per_g = [f"{r['concurrent'][c]}; {r['waves'][c]}" if r["concurrent"][c] else "-" for c in gs]
+        lines.append(f"| {r['model']} | {r['accelerator']} | {g['weights']:.1f} + {g['logits']:.1f} + "
+                     f"{g['kv_cache']:.1f} = {g['total']:.1f} | {_yes(r['fits'])}; {_yes(r['fits_raw'])} | {r['tasks']} | "
+                     + " | ".join(per_g) + f" | {r['score_seconds']:.0f} | {r['generate_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d, j = ModelShape(), JobSetup()
-    ap.add_argument("--params", type=float, default=d.params, help="Ψ, all parameters (default Llama-2-7B 6.74e9)")
-    ap.add_argument("--layers", type=int, default=d.layers)
-    ap.add_argument("--hidden", type=int, default=d.hidden)
-    ap.add_argument("--heads", type=int, default=d.heads)
-    ap.add_argument("--vocab", type=int, default=d.vocab)
-    ap.add_argument("--intermediate", type=int, default=d.intermediate, help="MLP width (LoRA parameter count)")
+    j = JobSetup()
+    ap.add_argument("--model", choices=sorted(PRESETS), default="llama2-7b",
+                    help="model shape preset; the flags below override its fields")
+    ap.add_argument("--params", type=float, help="Ψ, all parameters (Llama-2-7B 6.74e9, Llama-2-70B 68.98e9)")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int, help="grouped-query attention K/V heads (Llama-2-70B: 8)")
+    ap.add_argument("--vocab", type=int)
+    ap.add_argument("--intermediate", type=int, help="MLP width (LoRA parameter count, largest layer)")
     ap.add_argument("--seq", type=int, default=j.seq, help="unlearn.max_length")
     ap.add_argument("--micro-batch", type=int, default=j.micro_batch, help="unlearn.batch_size")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 8], help="scaling.num_workers (one GPU each)")
@@ -497,12 +797,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--sub-group-size", type=float, default=j.sub_group_size, help="DeepSpeed ZeRO-3 sub_group_size")
     ap.add_argument("--deepspeed", choices=["import", "source", "off"], default="import",
                     help="cross-check with DeepSpeed's estimators: import deepspeed, read its source, or skip")
-    ap.add_argument("--markdown", action="store_true", help="also print the docs/scaling.md table")
+    ap.add_argument("--markdown", action="store_true", help="also print the docs/scaling.md ZeRO-2/3 N = 4, 8 table")
+    ap.add_argument("--markdown-scale", action="store_true",
+                    help="also print the ZeRO-3 N = 8, 16, 32, 64 x offload x reference table of --model")
+    ap.add_argument("--markdown-cluster", action="store_true",
+                    help="also print the cluster tables (jobs at once, merge I/O, eval fan-out) for both presets")
+    ap.add_argument("--subsets", type=int, default=8, help="k, forget subsets (eval fan-out table)")
+    ap.add_argument("--suites", type=int, default=1, help="len(eval.suites) (eval fan-out table)")
+    ap.add_argument("--eval-batch", type=int, default=16, help="eval.batch_size (eval fan-out table)")
     ap.add_argument("--json", type=Path, metavar="OUT",
                     help="write every row as JSON (e.g. benchmarks/results/memory_estimate.json)")
     args = ap.parse_args(argv)
 
-    m = ModelShape(args.params, args.layers, args.hidden, args.heads, args.vocab, args.intermediate)
+    overrides = {f: getattr(args, f) for f in ("params", "layers", "hidden", "heads", "kv_heads", "vocab",
+                                                "intermediate") if getattr(args, f) is not None}
+    m = replace(PRESETS[args.model], **overrides)
     base = JobSetup(micro_batch=args.micro_batch, seq=args.seq, offload_optimizer=args.offload_optimizer,
                     offload_param=args.offload_param, attn=args.attn, lora_r=args.lora_r,
                     needs_reference=not args.no_reference, act_coeff=args.act_coeff,
@@ -512,15 +821,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for z in args.zero for c in ckpts for n in args.gpus
             if not (args.offload_param and z != 3)]
     print(f"Per-GPU memory (GiB) of one {'NPO' if base.needs_reference else 'reference-free'} unlearning job: "
-          f"Ψ = {m.params / 1e9:.2f}e9, {m.layers} layers, h {m.hidden}, {m.heads} heads, V {m.vocab}, "
+          f"Ψ = {m.params / 1e9:.2f}e9, {m.layers} layers, h {m.hidden}, {m.heads} heads "
+          f"({m.kv_heads or m.heads} K/V), V {m.vocab}, "
           f"seq {base.seq}, micro batch {base.micro_batch}, attn {base.attn}, bf16"
           + (f", LoRA r={base.lora_r} ({_counts(m, base)[1] / 1e6:.1f}M trainable)" if base.lora_r else ""))
     print("computed estimates, not measurements; "
-          "peak = weights + grads + optim + ref + max(buffers + acts + logits, step)"
+          "peak = weights + grads + optim + ref + max(buffers + acts + logits, step); "
+          "start = the start-up peak (whole model moved to each GPU, see init_peak); fits uses both"
           "\n(ZeRO-3's reduce bucket, 0.93 GiB of 'buffers', is resident and also in the step phase)\n")
     print_table(rows)
 
-    out: dict[str, Any] = {"model": asdict(m), "rows": rows}
+    out: dict[str, Any] = {"note": "computed estimates, not measurements (no GPU)", "command": sys.argv[1:] if argv is None
+                           else argv, "loadavg_1min": os.getloadavg()[0], "model": asdict(m), "rows": rows}
     est = deepspeed_estimators(args.deepspeed)
     if est is not None and not base.lora_r:
         ds_gpus = [n for n in args.gpus]
@@ -549,6 +861,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         drows = doc_rows(m, replace(base, offload_optimizer=False, offload_param=False, lora_r=0))
         out["doc_rows"] = drows
         print("\n" + markdown_table(drows))
+    if args.markdown_scale:
+        srows = scale_rows(m, replace(base, offload_optimizer=False, offload_param=False, lora_r=0))
+        out["scale_rows"] = srows
+        print(f"\nZeRO-3, gradient checkpointing on, seq {base.seq}, micro batch {base.micro_batch}:\n"
+              + scale_markdown(srows))
+    if args.markdown_cluster:
+        cbase = replace(base, offload_optimizer=False, offload_param=False, lora_r=0)
+        crows = concurrency_rows(PRESETS, cbase)
+        mtext, mrows = merge_markdown(PRESETS)
+        erows = eval_rows(PRESETS, k=args.subsets, suites=args.suites, batch=args.eval_batch, seq=base.seq)
+        out["cluster"] = {"concurrency": crows, "merge_io": mrows, "eval": erows, "mfu": MFU,
+                          "accelerators": ACCELERATORS}
+        print(f"\nJobs at once (ZeRO-3, checkpointing, NPO with reference; MFU {MFU}):\n" + concurrency_markdown(crows))
+        print("\nMerge I/O (k subset checkpoints + base read, merged written):\n" + mtext)
+        print(f"\nEvaluation fan-out (k = {args.subsets}, {args.suites} suite(s), eval.gpus_per_task 1, "
+              f"eval.batch_size {args.eval_batch}, MFU {MFU}):\n" + eval_markdown(erows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -137,3 +137,69 @@ def test_main_writes_json(tmp_path, capsys):
     assert len(data["rows"]) == 2 * 2 * 2  # ZeRO 2/3 x checkpointing off/on x N 4/8
     assert len(data["doc_rows"]) == 24 and len(data["deepspeed_comparison"]) == 2 * 2 + 3 * 2
     assert data["rows"] == json.loads(json.dumps(result["rows"]))
+
+
+P70 = ME.PRESETS["llama2-70b"]
+
+
+def test_llama2_70b_preset_gqa():
+    assert ME.llama_param_count(P70) == 68_976_648_192  # the published count; Ψ = 68.98e9 is it rounded
+    assert P70.kv_dim() == 8 * 128 and M.kv_dim() == 4096
+    assert P70.largest_layer() == 32000 * 8192
+    # GQA: K and V are 8/64 as wide, so 4·(1 - 1/8) = 3.5 of Korthikanti's 34 sbh go
+    sbh = 512 * 4 * 8192
+    assert ME.layer_activations(512, 4, 8192, 64, "sdpa", 34.0, kv_heads=8) == pytest.approx(30.5 * sbh)
+    assert ME.lora_param_count(P70, 16) == 16 * 80 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
+
+
+def test_start_up_peak_whole_model_on_every_gpu():
+    psi = P70.params
+    s = replace(S, zero=3, gpus=16, gradient_checkpointing=True)
+    r = ME.estimate(P70, s)
+    trained = 16 * psi / 16 + 2 * 5e8  # model states + the ZeRO-3 reduce bucket
+    assert r["bytes"]["resident"] == pytest.approx(trained + 2 * psi / 16)
+    # the reference is moved to the GPU whole while the trained engine's states are resident
+    assert r["bytes"]["init_peak"] == pytest.approx(trained + 2 * psi)
+    assert not r["fits"]["140GB"] and r["fits_steady"]["140GB"]  # 80.7 GiB steady
+    # without a reference, the trained model moved whole (2Ψ) is the start-up peak
+    no_ref = ME.estimate(P70, replace(s, needs_reference=False))
+    assert no_ref["bytes"]["init_peak"] == pytest.approx(2 * psi)
+    # ZeRO-2: the whole copies are the steady state already
+    z2 = ME.estimate(M, replace(S, zero=2, gpus=8))
+    assert z2["bytes"]["init_peak"] <= z2["bytes"]["peak"]
+    # the 4 x 24 GB 7B recipe still fits with its start-up peak (3.1 + 0.9 + 12.6 GiB)
+    ok = ME.estimate(M, replace(S, zero=3, gpus=4, gradient_checkpointing=True, offload_optimizer=True))
+    assert ok["init_peak_gib"] == pytest.approx((2 * PSI / 4 + 1e9 + 2 * PSI) / 2**30) and ok["fits"]["24GB"]
+
+
+def test_scale_grid_and_cluster_plan():
+    rows = ME.scale_rows(P70, S)
+    assert len(rows) == 4 * 3 * 2
+    z3_8 = rows[0]  # N = 8, no offload, reference
+    assert z3_8["bytes"]["model_states"]["weights"] == pytest.approx(2 * P70.params / 8)
+    assert ME.waves(9, 4) == 3 and ME.waves(8, 8) == 1
+    # 18Ψ per forget token with reference and checkpointing, over N · peak · MFU
+    assert ME.job_seconds(1e9, 1e6, 2, 1e15, 0.5) == pytest.approx(18e15 / 1e15)
+    crow = {(r["model"], r["offload"], r["accelerator"], r["loader"]): r for r in ME.concurrency_rows(ME.PRESETS, S)}
+    assert crow[("llama2-70b", "optimizer", "80 GB A100/H100", "today")]["gpus_per_job"] is None
+    z = crow[("llama2-70b", "optimizer", "80 GB A100/H100", "zero.Init")]
+    assert z["gpus_per_job"] == 8 and z["concurrent_jobs"] == {8: 1, 64: 8} and z["waves"][64] == {4: 1, 8: 1, 16: 2}
+    io = ME.merge_io(P70, "bfloat16", 8, bandwidths=(1e9,))
+    assert io["read_gb"] == pytest.approx(9 * 2 * P70.params / 1e9) and io["written_gb"] == pytest.approx(137.96, abs=0.01)
+    assert io["seconds"]["1GB/s"] == pytest.approx(10 * 2 * P70.params / 1e9)
+    assert ME.eval_models(8) == 12  # base + oracle + 8 subsets + unsplit + merged
+    ev = {(r["model"], r["accelerator"]): r for r in ME.eval_rows(ME.PRESETS)}
+    assert ev[("llama2-7b", "H100-80GB")]["waves"] == {8: 2, 64: 1}  # 12 tasks, one GPU each
+    assert not ev[("llama2-70b", "H100-80GB")]["fits_raw"] and ev[("llama2-70b", "H200-141GB")]["fits_raw"]
+    assert ev[("llama2-70b", "H200-141GB")]["gpu_gib"]["weights"] == pytest.approx(2 * P70.params / 2**30)
+
+
+def test_main_cluster_tables(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    ME.main(["--model", "llama2-70b", "--deepspeed", "source", "--gpus", "8", "16", "32", "64",
+             "--markdown-scale", "--markdown-cluster", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "68.98e9, 80 layers, h 8192, 64 heads (8 K/V)" in text and "| N | offload | reference |" in text
+    data = json.loads(out.read_text())
+    assert len(data["scale_rows"]) == 24 and {"concurrency", "merge_io", "eval"} <= set(data["cluster"])
+    assert len(data["deepspeed_comparison"]) == 2 * 4 + 3 * 4

@@ -23,10 +23,12 @@ probabilities cover answer tokens only.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: config checks and `spunge validate` need none
+    import torch
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
 CHAT = "chat"
@@ -183,6 +185,8 @@ def encode_text(tokenizer: Any, text: str, max_length: int = 128) -> dict[str, l
 
 def collate(examples: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into ``input_ids``, ``attention_mask``, ``labels``."""
+    import torch
+
     width = max(len(e["input_ids"]) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
@@ -201,6 +205,8 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
     ``logits`` [B, T, V] predict the next token; ``labels`` [B, T] with -100 where no target.
     """
+    import torch
+
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import stats
 
 EPS = 1e-10  # open-unlearning's guard in wrong / (correct + 1e-10)
 
@@ -120,6 +119,8 @@ def forget_quality(tr_model, tr_oracle) -> float:
     a, b = _finite(tr_model), _finite(tr_oracle)
     if len(a) == 0 or len(b) == 0:
         raise ValueError("forget_quality needs non-empty truth-ratio samples")
+    from scipy import stats  # imported here: config checks and `spunge validate` need no scipy
+
     return float(stats.ks_2samp(a, b).pvalue)
 
 
@@ -133,4 +134,6 @@ def model_utility(values: Iterable[float]) -> float:
         return float("nan")
     if (v <= 0).any():
         return 0.0
+    from scipy import stats
+
     return float(stats.hmean(v))

@@ -110,3 +110,41 @@ def test_localized_unlearning_changes_nothing_outside_the_mask(tiny_dir, tmp_pat
             assert torch.equal(after[name], w), name
     changed = sum(int((after[n] != before[n]).sum()) for n in mlp)
     assert 0 < changed <= budget  # weight decay (0.1) touched nothing outside the 5% mask
+
+
+def test_the_loop_syncs_once_per_optimizer_step(tiny_dir, tmp_path, single_process_dist, monkeypatch):
+    """The sync budget: per optimizer step the loop and the method make at most one collective (the packed
+    all_reduce) and one device-to-host read (``tolist``), however many micro-steps the step has; calls
+    made by DeepSpeed itself are not counted."""
+    import sys
+
+    import torch.distributed as dist
+
+    calls = {"collective": 0, "read": 0}
+
+    def ours() -> bool:  # the caller of the wrapped function is the loop or a method
+        name = sys._getframe(2).f_code.co_filename.replace("\\", "/")
+        return "/jobs/unlearn/" in name
+
+    def counting(kind, fn):
+        def wrapped(*a, **kw):
+            if ours():
+                calls[kind] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter"):
+        monkeypatch.setattr(dist, name, counting("collective", getattr(dist, name)))
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting("read", getattr(torch.Tensor, name)))
+    batches = []
+    run_unlearning(spec(tiny_dir, tmp_path, gradient_accumulation_steps=2, report_interval_s=3600),
+                   report=batches.append)
+    assert [r["step"] for b in batches for r in b] == list(range(1, 7))
+    assert calls == {"collective": 0, "read": 6}  # one rank: nothing to agree on, no collective at all
+    # with more ranks the step's numbers travel in one all_reduce (here on this one-rank group)
+    from jobs.unlearn.loop import sync_step
+
+    shared, local = sync_step("cpu", [torch.tensor(True), 12, 0.0], {"loss": torch.tensor(2.5), "kl": 0.5}, world=2)
+    assert calls == {"collective": 1, "read": 7}
+    assert shared == [1.0, 12.0, 0.0] and local == {"loss": 2.5, "kl": 0.5}

@@ -11,6 +11,12 @@ step) and hands it to Ray Train with that step's report; when Ray Train restarts
 failure (``FailureConfig(max_failures)``), ``ray.train.get_checkpoint()`` holds the latest one and the
 loop continues from the step after it, with the same data order. Rows after a restore carry
 ``resumed_from`` (the restored step).
+
+The loop keeps a sync budget (as torchtune does): the loss, the method's metrics and the grad norm stay
+detached tensors on the device during a step; at the step's end they are read back in one copy, and the
+numbers every rank must agree on (token count, a non-finite flag, rank 0's report decision) travel in
+one packed ``all_reduce`` (none with one rank). On plain ZeRO stage 0 the loop clips the gradients
+itself (``loop_clips``), which gives the grad norm without a second pass.
 """
 
 from __future__ import annotations
@@ -142,30 +148,59 @@ def total_steps(spec: UnlearnSpec, batches_per_epoch: int) -> int:
     return max(1, math.ceil(spec.epochs * batches_per_epoch / spec.gradient_accumulation_steps))
 
 
-def _any_rank(flag: bool, device: Any = "cpu") -> bool:
-    """True if ``flag`` holds on any rank, so that every rank takes the same branch (no one hangs in a
-    collective): one rank's NaN stops all, one rank's report timer reports for all. The tensor lives on
-    the engine's ``device``: NCCL rejects CPU tensors."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
+def _scalar(value: Any, device: Any) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device`` from a (detached) tensor or a number."""
+    if torch.is_tensor(value):
+        return value.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.tensor(float(value), device=device)
 
 
-def _sum_across(value: float, device: Any = "cpu") -> float:
-    """``value`` summed over ranks (a tensor on ``device``, as for ``_any_rank``)."""
-    t = torch.tensor([float(value)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
+def sync_step(device: Any, shared: list[Any], local: dict[str, Any],
+              world: int) -> tuple[list[float], dict[str, float]]:
+    """The one read-back of an optimizer step (the loop's sync budget).
+
+    ``shared``: numbers summed over ranks (token counts, a non-finite flag, rank 0's report decision):
+    packed into one tensor on the engine's ``device`` (NCCL rejects CPU tensors) and all-reduced: the
+    step's only collective, so every rank takes the same branch and no one hangs. ``local``: this rank's
+    values (loss, the method's metrics, the grad norm), left on the device until now. Both come to the
+    host in one copy. With one rank (``world`` 1) there is nothing to agree on and no collective.
+    Returns (the summed ``shared`` values, ``local`` as floats)."""
+    packed = torch.cat([_scalar(shared[0], device).view(1),
+                        torch.tensor([float(v) for v in shared[1:]], device=device)])
+    if world > 1:
+        dist.all_reduce(packed)
+    values = [_scalar(v, device) for v in local.values()]
+    flat = torch.cat([packed, torch.stack(values)]).tolist() if values else packed.tolist()
+    return flat[: len(shared)], dict(zip(local, flat[len(shared):]))
 
 
-def _grad_norm(engine) -> float:
-    """Global gradient norm before clipping. ZeRO stages keep it; stage 0 does not, so compute it."""
-    if engine.zero_optimization_stage() > 0:
-        return float("nan")  # read after step() from get_global_grad_norm()
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def loop_clips(cfg: dict[str, Any]) -> bool:
+    """Whether the loop clips the gradients itself rather than DeepSpeed: plain ZeRO stage 0 without mixed
+    precision. There DeepSpeed's clipping loops over every parameter in Python and all-reduces a norm it
+    then discards; ``torch.nn.utils.clip_grad_norm_`` applies the same formula (scale by
+    ``max_norm / (norm + 1e-6)`` when that is below 1) to the same gradients (averaged over ranks in
+    ``backward``) and returns the norm, so the grad norm of the row costs nothing more. ZeRO stages and
+    DeepSpeed's fp16/bf16 optimizers clip (and keep the norm) themselves."""
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    mixed = any((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16", "bfloat16", "amp", "torch_autocast"))
+    return stage == 0 and not mixed
+
+
+def _grad_norm(engine, clip: Optional[float]) -> torch.Tensor:
+    """Global gradient norm before clipping, as a device tensor (no host sync), at the accumulation
+    boundary (stage 0: the gradients are averaged over ranks by then). With ``clip`` > 0 the gradients
+    are clipped to it as well."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros((), device=engine.device)
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip).float()
+    return torch.nn.utils.get_total_norm([p.grad for p in params]).float()
+
+
+def _deepspeed_grad_norm(engine) -> Any:
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else norm
 
 
 def _rng_state(method=None) -> dict[str, Any]:
@@ -224,9 +259,12 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
                    restore_from: Optional[str] = None) -> dict[str, Any]:
     """Run one worker's share of an unlearning job; returns the last step's metrics.
 
-    Every optimizer step yields a row of metrics (loss and the method's parts, grad_norm, lr, tokens/s).
-    ``report(rows)`` receives the rows gathered since the last call, every ``report_interval_s`` seconds
-    and after the last step, on every rank at the same steps (Ray Train's ``report`` is a barrier).
+    Every optimizer step yields a row of metrics: ``loss`` and the method's parts (this rank's means over
+    the step's micro-batches), ``grad_norm`` (global, before clipping), ``lr``, ``tokens_per_s`` (every
+    rank's tokens since the first step over ``elapsed_s``). ``report(rows)`` receives the rows gathered
+    since the last call, every ``report_interval_s`` seconds of rank 0's clock and after the last step, on
+    every rank at the same steps (Ray Train's ``report`` is a barrier). A non-finite loss on any rank
+    raises ``NonFiniteLossError`` on every rank at the end of that step.
     With ``spec.checkpoint_every``, every N-th step (but the last) is reported as
     ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
     before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
@@ -272,14 +310,21 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     if "optimizer" not in ds_config:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.optimizer)
         scheduler = make_schedule(optimizer, spec.optimizer, steps)
+    own_clip = loop_clips(ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
+        config={**ds_config, "gradient_clipping": 0.0} if own_clip else ds_config,
     )
     device = engine.device
+    # how the row's grad norm is had: the loop's own clipping (plain stage 0), DeepSpeed's optimizer after
+    # step() (ZeRO, fp16/bf16 optimizers), or else measured before step()
+    clip = float(ds_config["gradient_clipping"]) if own_clip else None
+    ds_norm = not own_clip and (engine.zero_optimization_stage() > 0 or hasattr(engine.optimizer, "_global_grad_norm"))
+    if own_clip and world == 1:
+        engine.enable_backward_allreduce = False  # averaging gradients over one rank: a no-op collective per step
     ref_model = reference_model(engine, spec, ds_config) if method.needs_reference else None
     engine.train()
 
@@ -289,42 +334,59 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     forget_iter = _epochs(forget_loader, skip=consumed)
     retain_iter = _epochs(retain_loader, skip=consumed) if retain_loader is not None else None
     t0 = last_report = time.perf_counter()
-    tokens = 0
+    tokens = 0.0  # summed over ranks since the first step
     rows: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     for step in range(resumed_from + 1, steps + 1):
-        parts: dict[str, list[float]] = {}
+        # the sync budget: losses and metrics stay (detached) on the device; the host reads them once, at the
+        # step's end, packed with the step's one collective (sync_step)
+        losses: list[torch.Tensor] = []
+        parts: dict[str, list[Any]] = {}
+        step_tokens, grad_norm = 0, None
         for _ in range(spec.gradient_accumulation_steps):
             epoch, fb = next(forget_iter)
             rb = next(retain_iter)[1]["retain"] if retain_iter is not None else None
             batch = {"retain": _to(rb, device), **{k: _to(v, device) for k, v in fb.items()}}
             out = method.loss(engine, batch, ref_model)
-            if _any_rank(not torch.isfinite(out.loss).all().item(), device):
-                raise NonFiniteLossError(
-                    f"job {spec.name}: loss became {out.loss.item()} at step {step} (method {spec.method}, "
-                    f"lr {spec.optimizer.lr}); lower unlearn.optimizer.lr or check the data"
-                )
+            losses.append(out.loss.detach().float().reshape(()))
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            grad_norm = _grad_norm(engine) if boundary else None
+            if boundary and not ds_norm:
+                grad_norm = _grad_norm(engine, clip)
             engine.step()
             if masked is not None and boundary:
                 masked.restore(engine)  # every rank: a collective under ZeRO-3
-            tokens += sum(int(v["attention_mask"].sum()) for v in fb.values())
-            tokens += int(rb["attention_mask"].sum()) if rb is not None else 0
-            for k, v in {"loss": out.loss.item(), **out.metrics}.items():
+            # the batches are still on the host here: counting their tokens costs no device sync
+            step_tokens += sum(int(v["attention_mask"].sum()) for v in fb.values())
+            step_tokens += int(rb["attention_mask"].sum()) if rb is not None else 0
+            for k, v in out.metrics.items():
                 parts.setdefault(k, []).append(v)
-        if engine.zero_optimization_stage() > 0:
-            grad_norm = engine.get_global_grad_norm()
+        if ds_norm:
+            grad_norm = _deepspeed_grad_norm(engine)
+        stacked = torch.stack(losses)
+        local = {"loss": stacked.mean(), **{k: torch.stack([_scalar(x, device) for x in v]).mean()
+                                            for k, v in parts.items()}}
+        local["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+        # rank 0's clock decides the interval reports for every rank (it rides in the same collective)
+        due = rank == 0 and time.perf_counter() - last_report >= spec.report_interval_s
+        (nonfinite, new_tokens, due_any), values = sync_step(
+            device, [(~torch.isfinite(stacked)).any(), step_tokens, 1.0 if due else 0.0], local, world)
+        if nonfinite > 0:  # on any rank: every rank raises at the same step
+            bad = next((x for x in stacked.tolist() if not math.isfinite(x)), None)
+            raise NonFiniteLossError(
+                f"job {spec.name}: loss became {bad if bad is not None else 'non-finite on another rank'} at step "
+                f"{step} (method {spec.method}, lr {spec.optimizer.lr}); lower unlearn.optimizer.lr or check the data"
+            )
+        tokens += new_tokens
         elapsed = time.perf_counter() - t0
-        row = {k: sum(v) / len(v) for k, v in parts.items()}
+        row = {k: v for k, v in values.items() if k != "grad_norm"}
         row.update(
             step=step,
             total_steps=steps,
             epoch=epoch,
             lr=scheduler.get_last_lr()[0] if scheduler is not None else spec.optimizer.lr,
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            tokens_per_s=_sum_across(tokens, device) / max(elapsed, 1e-9),
+            grad_norm=values["grad_norm"],
+            tokens_per_s=tokens / max(elapsed, 1e-9),
             elapsed_s=elapsed,
         )
         if step == 1:
@@ -333,9 +395,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             row["resumed_from"] = resumed_from
         rows.append(row)
         final = row
-        due = time.perf_counter() - last_report >= spec.report_interval_s
         checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < steps
-        if step == steps or checkpoint_due or _any_rank(due, device):
+        if step == steps or checkpoint_due or due_any > 0:
             if "retain_loss" not in row and rb is not None:
                 with torch.no_grad():
                     row["retain_loss"] = mean_nll(engine, batch["retain"]).item()

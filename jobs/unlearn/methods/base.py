@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,10 +18,12 @@ class NoParams(BaseModel):
 
 @dataclass
 class LossOutput:
-    """The loss to minimise and the parts worth plotting (floats, e.g. forget_loss, retain_loss)."""
+    """The loss to minimise and the parts worth plotting (e.g. forget_loss, retain_loss): detached 0-d
+    tensors (or floats). The loop reads them once per optimizer step, packed with the loss, so a method
+    never forces a device sync of its own (no ``.item()``)."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Union[torch.Tensor, float]] = field(default_factory=dict)
 
 
 class Method:
@@ -100,10 +102,11 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def with_retain(model: Any, batch: dict, loss: torch.Tensor, metrics: dict, alpha: float) -> torch.Tensor:
-    """``loss + alpha * NLL(retain)`` when alpha > 0 and a retain batch is there (records ``retain_loss``)."""
+    """``loss + alpha * NLL(retain)`` when alpha > 0 and a retain batch is there (records ``retain_loss``,
+    detached)."""
     if alpha > 0 and batch.get("retain") is not None:
         retain = mean_nll(model, batch["retain"])
-        metrics["retain_loss"] = retain.item()
+        metrics["retain_loss"] = retain.detach()
         return loss + alpha * retain
     return loss
 
@@ -129,7 +132,7 @@ class RelabelMethod(Method):
         loss = token_mean_nll(logits, self.relabel(logits, part["labels"], self.generator))
         with torch.no_grad():
             forget = token_mean_nll(logits, part["labels"])
-        metrics = {"forget_loss": forget.item(), self.loss_name: loss.item()}
+        metrics = {"forget_loss": forget, self.loss_name: loss.detach()}
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)
 
 

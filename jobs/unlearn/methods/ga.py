@@ -8,4 +8,4 @@ from jobs.unlearn.methods.base import LossOutput, Method, mean_nll
 class GradientAscent(Method):
     def loss(self, model, batch, ref_model=None):
         forget = mean_nll(model, batch["forget"])
-        return LossOutput(-forget, {"forget_loss": forget.item()})
+        return LossOutput(-forget, {"forget_loss": forget.detach()})

@@ -56,4 +56,4 @@ class GAKL(Method):
             retain = torch.nn.functional.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
         kl = token_kl(ref_logits, logits)
         loss = -self.params.gamma * forget + self.params.alpha * kl
-        return LossOutput(loss, {"forget_loss": forget.item(), "retain_loss": retain.item(), "kl": kl.item()})
+        return LossOutput(loss, {"forget_loss": forget.detach(), "retain_loss": retain, "kl": kl.detach()})

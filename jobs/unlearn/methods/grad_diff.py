@@ -24,4 +24,4 @@ class GradDiff(Method):
         forget = mean_nll(model, batch["forget"])
         retain = mean_nll(model, batch["retain"])
         loss = -self.params.gamma * forget + self.params.alpha * retain
-        return LossOutput(loss, {"forget_loss": forget.item(), "retain_loss": retain.item()})
+        return LossOutput(loss, {"forget_loss": forget.detach(), "retain_loss": retain.detach()})

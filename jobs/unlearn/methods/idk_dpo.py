@@ -66,9 +66,9 @@ class IdkDPO(Method):
             ref_l, _ = sequence_logprob(ref_model, batch["forget"])
         forget = dpo_loss(logp_w, ref_w, logp_l, ref_l, self.params.beta)
         metrics = {
-            "forget_loss": (-logp_l.sum() / n_l.sum().clamp(min=1)).item(),
-            "idk_loss": (-logp_w.sum() / n_w.sum().clamp(min=1)).item(),
-            "dpo_loss": forget.item(),
+            "forget_loss": (-logp_l.sum() / n_l.sum().clamp(min=1)).detach(),
+            "idk_loss": (-logp_w.sum() / n_w.sum().clamp(min=1)).detach(),
+            "dpo_loss": forget.detach(),
         }
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

@@ -34,6 +34,6 @@ class NPO(Method):
         with torch.no_grad():
             ref_logp, _ = sequence_logprob(ref_model, batch["forget"])
         forget = npo_loss(logp, ref_logp, self.params.beta)
-        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).item(), "npo_loss": forget.item()}
+        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).detach(), "npo_loss": forget.detach()}
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

@@ -242,10 +242,10 @@ class RMU(Method):
         target = self.target(h, h.shape[-1])
         forget_mse = activation_mse(h, target, token_mask(forget, p.tokens))
         loss = p.gamma * forget_mse
-        metrics = {"forget_loss": forget_mse.item(), "unlearn_loss": (p.gamma * forget_mse).item()}
+        metrics = {"forget_loss": forget_mse.detach(), "unlearn_loss": (p.gamma * forget_mse).detach()}
         with torch.no_grad():
             nll, n = sequence_nll(out.logits, forget["labels"])
-            metrics["forget_nll"] = (nll.sum() / n.sum().clamp(min=1)).item()
+            metrics["forget_nll"] = nll.sum() / n.sum().clamp(min=1)
         del out
 
         retain = batch.get("retain")
@@ -255,7 +255,7 @@ class RMU(Method):
             with torch.no_grad():
                 h_ref, _ = capture(ref_model, ref_module, retain, stop=getattr(ref_model, "module", None) is None)
             retain_mse = activation_mse(h_r, h_ref.to(h_r.device), token_mask(retain, p.tokens))
-            metrics["retain_loss"] = retain_mse.item()
+            metrics["retain_loss"] = retain_mse.detach()
             if p.alpha > 0:
                 loss = loss + p.alpha * retain_mse
         return LossOutput(loss, metrics)

@@ -42,6 +42,6 @@ class SimNPO(Method):
     def loss(self, model, batch, ref_model=None):
         logp, n = sequence_logprob(model, batch["forget"])
         forget = simnpo_loss(logp, n, self.params.beta, self.params.delta)
-        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).item(), "simnpo_loss": forget.item()}
+        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).detach(), "simnpo_loss": forget.detach()}
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

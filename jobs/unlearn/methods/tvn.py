@@ -36,7 +36,7 @@ class TaskVectorNegation(Method):
 
     def loss(self, model, batch, ref_model=None):
         forget = mean_nll(model, batch["forget"])
-        return LossOutput(forget, {"forget_loss": forget.item()})
+        return LossOutput(forget, {"forget_loss": forget.detach()})
 
     def finalize(self, trained: dict, base: dict) -> Optional[dict]:
         return negate(trained, base, self.params.lam)

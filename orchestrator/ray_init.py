@@ -65,9 +65,13 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
         try:
             with _loopback_only():
                 # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks whether
-                # a job's controller still lives: without it a stopped job's resources are never released
-                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=_free_port(), runtime_env={"env_vars": env}, log_to_driver=False)
+                # a job's controller still lives: without it a stopped job's resources are never released. The
+                # workers are told their own dashboard's address: with another Ray on the machine, the state
+                # API's address discovery finds two clusters and fails ("Found multiple active Ray instances")
+                port = _free_port()
+                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                         runtime_env={"env_vars": {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                         log_to_driver=False)
             return
         except Exception as e:  # Ray raises a bare Exception for a node that does not come up
             ray.shutdown()

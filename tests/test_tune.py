@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,86 +163,16 @@ def _spunge(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
 
 
 def tune_config(bench: Path, meta: dict, work: Path) -> dict:
+    """The demo pipeline, small: 6 steps per job, the qa suite only (forget_quality and model_utility come from
+    it), 2 logical CPUs: a trial's 2 subset jobs take both, so trials run one at a time."""
     from orchestrator.demo import demo_config
 
     cfg = demo_config(bench, meta, "tiny", work / "run")
-    cfg["name"] = "tune-e2e"
+    cfg["name"] = "tune-asha"
     cfg["unlearn"]["max_steps"] = 6
-    cfg["eval"].update(suites=["qa"], max_examples=24)  # forget_quality and model_utility come from qa
+    cfg["eval"].update(suites=["qa"], max_examples=24)
     cfg["data"].pop("mc", None)
     cfg["tracking"]["log_models"] = False
-    cfg["ray"] = {"num_cpus": 4}  # 2 trials at once, each with its 2 subset jobs
-    cfg["tune"] = {
-        "space": {"unlearn.optimizer.lr": {"grid": [1e-4, 3e-4, 1e-3]}},
-        "objective": {"metric": "forget_quality", "mode": "max", "model": "merged",
-                      "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.5}]},
-        "num_samples": 1, "search": "random", "scheduler": "fifo",
-    }
-    return cfg
-
-
-@pytest.mark.e2e
-def test_tune_runs_three_trials_and_writes_a_runnable_best_config(tiny_bench, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    bench, meta = tiny_bench[0], tiny_bench[1]
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune_config(bench, meta, tmp_path)))
-    r = _spunge("tune", "tune.yaml", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    run = tmp_path / "run"
-    summary = json.loads((run / "tune.json").read_text())
-    rows = summary["trials"]
-    assert len(rows) == 3 and {row["status"] for row in rows} == {"TERMINATED"}
-    assert sorted(row["unlearn.optimizer.lr"] for row in rows) == [1e-4, 3e-4, 1e-3]
-    for row in rows:
-        assert 0 <= row["forget_quality"] <= 1 and row["model_utility"] > 0 and math.isfinite(row["objective"])
-        assert row["unlearn_step"] == 6  # the trial's step: its two subset jobs (birth decades) did 6 each
-        trial = run / "trials" / row["trial_id"]
-        assert (trial / "trial.json").exists() and list((trial / "stages").glob("merge-*/*.safetensors"))
-    with open(run / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
-    assert "spunge tune" in r.stdout and "best trial" in r.stdout  # the printed trials table
-    best = summary["best"]
-    assert best == best_trial(rows, "max")
-
-    text = (run / "best_config.yaml").read_text()
-    assert text.startswith("# spunge tune best config") and f"objective value {best['objective']:.6g}" in text
-    best_cfg = yaml.safe_load(text)
-    assert "tune" not in best_cfg and best_cfg["unlearn"]["optimizer"]["lr"] == best["unlearn.optimizer.lr"]
-    assert best_cfg["storage"]["output_dir"] == str(run / "best")
-    v = _spunge("validate", str(run / "best_config.yaml"), cwd=tmp_path, timeout=300)
-    assert v.returncode == 0, v.stderr[-3000:]
-    v = _spunge("validate", "tune.yaml", cwd=tmp_path, timeout=300)
-    assert v.returncode == 0, v.stderr[-3000:]
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("spunge-demo")
-    parent = client.get_run(summary["mlflow_run_id"])
-    assert parent.info.run_name == "tune/tune-e2e" and parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_objective"] == pytest.approx(best["objective"])
-    assert "base.model_utility" in parent.data.metrics
-    assert {"trials.csv", "trials.md", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == sorted(f"trial/{row['trial_id']}" for row in rows)
-    by_id = {row["trial_id"]: row for row in rows}
-    for c in children:
-        row = by_id[c.data.tags["spunge.trial_id"]]
-        assert c.info.status == "FINISHED" and float(c.data.params["unlearn.optimizer.lr"]) == row["unlearn.optimizer.lr"]
-        assert c.data.metrics["objective"] == pytest.approx(row["objective"])
-        assert c.data.metrics["forget_quality"] == pytest.approx(row["forget_quality"])
-        assert len(client.get_metric_history(c.info.run_id, "loss")) >= 1  # unlearning progress, as it went
-
-
-@pytest.mark.e2e
-def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_ends_with_a_best_config(tiny_bench, tmp_path):
-    """Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's 2 jobs take both, so the next trial
-    starts only if a stopped one released its workers. A stopped trial is STOPPED with no objective (pruned
-    for Optuna, never a NaN); a finished one merges and is evaluated; the search ends with a best config."""
-    from mlflow.tracking import MlflowClient
-
-    bench, meta = tiny_bench[0], tiny_bench[1]
-    cfg = tune_config(bench, meta, tmp_path)
-    cfg["name"] = "tune-asha"
     cfg["ray"] = {"num_cpus": 2}
     cfg["tune"] = {
         "space": {"unlearn.optimizer.lr": {"loguniform": [1e-5, 3e-3]}},
@@ -251,26 +182,88 @@ def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_ends_wit
         "scheduler": {"name": "asha", "metric": "forget_loss", "mode": "min", "grace_period": 2,
                       "reduction_factor": 2},
     }
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+@pytest.fixture
+def another_ray():
+    """A second Ray instance on the machine, as a user's own or another test's: Ray's state API, which Ray
+    Train's placement-group cleaner asks, must still find the search's own cluster."""
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="spunge-other-", dir="/tmp")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_writes_a_runnable_best_config(
+        tiny_bench, tmp_path, another_ray):
+    """One real search (one search serves every check: each costs minutes of Ray Train start-up on 2 cores),
+    with another Ray running on the machine. Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's
+    2 jobs take both, so the next trial starts only if a stopped one released its workers. A stopped trial is STOPPED with no objective (pruned for
+    Optuna, never a NaN); a finished one merges and is evaluated; the search ends with a best config that
+    validates, a trials table, and an MLflow parent run with one child per trial."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune_config(tiny_bench[0], tiny_bench[1], tmp_path)))
     r = _spunge("tune", "tune.yaml", cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "Configuration for experiment" not in r.stdout + r.stderr  # Tune's own tables go to the log file
+    assert "spunge tune" in r.stdout and "best trial" in r.stdout  # the printed trials table
     run = tmp_path / "run"
-    rows = json.loads((run / "tune.json").read_text())["trials"]
+    summary = json.loads((run / "tune.json").read_text())
+    rows = summary["trials"]
     assert len(rows) == 3 and {row["status"] for row in rows} <= {"TERMINATED", "STOPPED"}
+    assert all(1e-5 <= row["unlearn.optimizer.lr"] <= 3e-3 for row in rows)
     stopped = [row for row in rows if row["status"] == "STOPPED"]
     finished = [row for row in rows if row["status"] == "TERMINATED"]
     assert stopped and finished, rows  # (seeded: the same trials are stopped on every run)
     for row in stopped:  # stopped at a rung (its step: where the rung was passed), before merge and evaluation
         assert row["objective"] is None and row["unlearn_step"] >= 2
         assert not list((run / "trials" / row["trial_id"] / "stages").glob("merge-*/*.safetensors"))
-    for row in finished:
+    for row in finished:  # its two subset jobs (birth decades) did 6 steps each, then merge and evaluation
         assert math.isfinite(row["objective"]) and row["unlearn_step"] == 6
-    assert (run / "best_config.yaml").exists()
+        assert 0 <= row["forget_quality"] <= 1 and row["model_utility"] > 0
+        trial = run / "trials" / row["trial_id"]
+        assert (trial / "trial.json").exists() and list((trial / "stages").glob("merge-*/*.safetensors"))
+    with open(run / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    best = summary["best"]
+    assert best == best_trial(rows, "max") and best["status"] == "TERMINATED"
+
+    text = (run / "best_config.yaml").read_text()
+    assert text.startswith("# spunge tune best config") and f"objective value {best['objective']:.6g}" in text
+    best_cfg = yaml.safe_load(text)
+    assert "tune" not in best_cfg and best_cfg["unlearn"]["optimizer"]["lr"] == best["unlearn.optimizer.lr"]
+    assert best_cfg["storage"]["output_dir"] == str(run / "best")
+    for path in (str(run / "best_config.yaml"), "tune.yaml"):
+        v = _spunge("validate", path, cwd=tmp_path, timeout=300)
+        assert v.returncode == 0, v.stderr[-3000:]
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.search_runs([client.get_experiment_by_name("spunge-demo").experiment_id],
-                                "attributes.run_name = 'tune/tune-asha'")[0]
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    exp = client.get_experiment_by_name("spunge-demo")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.run_name == "tune/tune-asha" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_objective"] == pytest.approx(best["objective"])
+    assert "base.model_utility" in parent.data.metrics
+    assert {"trials.csv", "trials.md", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(f"trial/{row['trial_id']}" for row in rows)
     status = {c.data.tags["spunge.trial_id"]: (c.data.tags["spunge.trial_status"], c.info.status) for c in children}
     assert status == {row["trial_id"]: ("STOPPED", "KILLED") if row["status"] == "STOPPED" else
                       ("TERMINATED", "FINISHED") for row in rows}
+    by_id = {row["trial_id"]: row for row in rows}
+    for c in children:
+        row = by_id[c.data.tags["spunge.trial_id"]]
+        assert float(c.data.params["unlearn.optimizer.lr"]) == pytest.approx(row["unlearn.optimizer.lr"])
+        assert len(client.get_metric_history(c.info.run_id, "loss")) >= 1  # unlearning progress, as it went
+        if row["status"] == "TERMINATED":
+            assert c.data.metrics["objective"] == pytest.approx(row["objective"])
+            assert c.data.metrics["forget_quality"] == pytest.approx(row["forget_quality"])

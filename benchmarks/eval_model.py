@@ -9,7 +9,7 @@ On SmolLM2-135M-Instruct (the cached Hugging Face folder converted from the ``ll
   ``encode_qa``, in the same batches (same rows, batch size, longest-first order, right padding with an
   attention mask), under ``torch.inference_mode``, no metric code: ``model(...).logits`` and nothing else;
 - ``scoring``: spunge's teacher-forced path on the same sequences, as the ``qa`` suite calls it
-  (``score_answers`` on the answers -> ``answer_prob``; ``qa.truth_ratios``), encoding included;
+  (``score_answers`` on the answers -> ``answer_prob``; ``qa.score_perturbed`` + ``truth_ratio_raw``), encoding included;
 - ``generation``: ``generate_answers`` on the splits the suite generates for, with the suite's batch size;
 - ``suite``: the whole per-model evaluation as spunge runs it (``jobs.evaluate.suites.evaluate_model``:
   model load, every suite of ``--suites``), its wall split into scoring and generation by timing the
@@ -49,16 +49,18 @@ def scored_groups(data: dict[str, list[dict]]) -> list[tuple[list[str], list[str
     """The (questions, answers) of every ``score_answers`` call the ``qa`` suite makes, in its order:
     per split the answers; for splits other than holdout with truth fields, the paraphrased answers and
     the flattened perturbed answers."""
-    from jobs.evaluate.qa import _has_truth_fields
+    from jobs.evaluate.qa import truth_answers
 
     groups = []
     for split, records in data.items():
         qs = [r["question"] for r in records]
         groups.append((qs, [r["answer"] for r in records]))
-        if split != "holdout" and _has_truth_fields(records):
-            groups.append((qs, [r["paraphrased_answer"] for r in records]))
+        truth = None if split == "holdout" else truth_answers(records)
+        if truth:
             groups.append(([r["question"] for r in records for _ in r["perturbed_answers"]],
                            [a for r in records for a in r["perturbed_answers"]]))
+        if truth == "paraphrased_answer":
+            groups.append((qs, [r["paraphrased_answer"] for r in records]))
     return groups
 
 
@@ -77,17 +79,22 @@ def spunge_scoring(model: Any, tok: Any, data: dict[str, list[dict]], bs: int, m
     """Seconds of the ``qa`` suite's teacher-forced scoring: ``answer_prob`` of every split's answers and
     the truth ratios of the splits with truth fields (encoding included)."""
     from jobs.evaluate import metrics as M
-    from jobs.evaluate.qa import _has_truth_fields, truth_ratios
+    from jobs.evaluate.qa import score_perturbed, truth_answers
     from jobs.evaluate.scoring import score_answers
     from jobs.evaluate.suites import SuiteContext
 
     ctx = SuiteContext(model, tok, fmt, bs, 24, max_length)
     t0 = time.perf_counter()
     for split, records in data.items():
-        M.answer_prob(*score_answers(model, tok, [r["question"] for r in records], [r["answer"] for r in records],
-                                     bs, max_length, fmt))
-        if split != "holdout" and _has_truth_fields(records):
-            truth_ratios(ctx, records)
+        qs = [r["question"] for r in records]
+        answer = score_answers(model, tok, qs, [r["answer"] for r in records], bs, max_length, fmt)
+        M.answer_prob(*answer)
+        truth = None if split == "holdout" else truth_answers(records)
+        if truth:
+            pert = score_perturbed(ctx, records)
+            true = answer if truth == "answer" else score_answers(model, tok, qs, [r[truth] for r in records],
+                                                                  bs, max_length, fmt)
+            M.truth_ratio_raw(*true, *pert)
     return time.perf_counter() - t0
 
 

@@ -62,9 +62,8 @@ def check_config(cfg: PipelineConfig) -> list[str]:
                 check_model_dir(path, cfg.model.allow_pickle)
             except ModelLoadError as e:
                 problems.append(f"{field}: {e}")
-    for name in ("forget", "retain", "holdout", "general", "mc"):
-        src = getattr(cfg.data, name)
-        if src is None or src.format == "hub":
+    for name, src in cfg.data.sources().items():
+        if src.format == "hub":
             continue
         for p in [src.path] if isinstance(src.path, str) else src.path:
             if _looks_local(p) and not Path(p).exists():

@@ -226,9 +226,11 @@ def eval_(
         if files:
             data = {n: canonical(n, p) for n, p in files.items()}
         else:
+            from orchestrator.evaluate import eval_splits
             from orchestrator.prepare import load_data
 
-            data = load_data(cfg).data
+            loaded = load_data(cfg).data
+            data = {n: loaded[k] for n, k in eval_splits(cfg, loaded).items()}
     except DataError as err:
         _fail(str(err), 2)
     options = dict(batch_size=batch_size or e.batch_size, max_new_tokens=e.max_new_tokens,
@@ -251,7 +253,8 @@ def eval_(
             _fail(str(err))
     print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")
     doc = {"model": str(model_dir.resolve()), "suites": suites,
-           "splits": files or {n: getattr(cfg.data, n).path for n in data}, "metrics": res["metrics"],
+           "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).path for n in data},
+           "metrics": res["metrics"],
            "n_examples": res["n_examples"], "seconds": res["seconds"], "tasks": res["suites"], "raw": res["raw"]}
     output.write_text(json.dumps(doc, indent=2))
     out.print(f"results: {output}", highlight=False, markup=False)

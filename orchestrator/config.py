@@ -60,6 +60,9 @@ class Columns(_Section):
     text: str = "text"
 
 
+SOURCE_NAMES = ("forget", "retain", "holdout", "general", "mc")
+
+
 class DataConfig(_Section):
     forget: DataSource
     retain: Optional[DataSource] = None
@@ -67,6 +70,10 @@ class DataConfig(_Section):
     general: Optional[DataSource] = None
     mc: Optional[DataSource] = Field(
         None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
+    eval_sets: dict[str, DataSource] = Field(
+        default_factory=dict, description="question/answer sets the suites score, never trained on, by split name: "
+        "more splits (TOFU: real_authors, world_facts), or forget/retain/holdout to score those on other rows "
+        "than the training ones (TOFU: retain_perturbed)")
     columns: Columns = Field(default_factory=Columns)
     template: str = Field(DEFAULT_TEMPLATE, description="prompt with {question}, or 'chat': the tokenizer's "
                           "chat template (question as the user turn, answer as the assistant turn)")
@@ -83,6 +90,22 @@ class DataConfig(_Section):
     def _shorthand(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, (str, list)) else v
 
+    @field_validator("eval_sets", mode="before")
+    @classmethod
+    def _eval_sets(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        for name in v:
+            if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)) or name in ("general", "mc") \
+                    or (name.startswith("forget") and name != "forget"):
+                raise ValueError(f"split name {name!r}: expected lower_snake_case, not general, mc or forget_*")
+        return {k: {"path": s} if isinstance(s, (str, list)) else s for k, s in v.items()}
+
+    def sources(self) -> dict[str, DataSource]:
+        """Every data source set, by its config path (``forget``, ..., ``eval_sets.<name>``)."""
+        out = {n: getattr(self, n) for n in SOURCE_NAMES if getattr(self, n) is not None}
+        return {**out, **{f"eval_sets.{n}": src for n, src in self.eval_sets.items()}}
+
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
@@ -98,10 +121,15 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    attribute: str = Field(description="forget-set column to split by")
+    by: Literal["attribute", "cluster"] = Field(
+        "attribute", description="attribute: one subset per value of a forget-set column; cluster: k subsets of "
+                                 "similar rows (k-means over TF-IDF vectors), for data without an attribute")
+    attribute: Optional[str] = Field(None, description="by: attribute: the forget-set column to split by")
     groups: Optional[dict[str, list[Any]]] = Field(
         None, description="explicit subsets: name -> attribute values; default one subset per value"
     )
+    clusters: Optional[int] = Field(None, ge=2, description="by: cluster: k, the number of subsets")
+    seed: int = Field(0, description="by: cluster: the k-means seed (same data and seed, same subsets)")
     baseline: Literal["unsplit", "none"] = "unsplit"
     missing: Literal["error", "drop", "group"] = Field(
         "error", description="forget rows without an attribute value: an error, left out, or a subset 'missing'")
@@ -116,6 +144,20 @@ class SplitConfig(_Section):
                 if not values:
                     raise ValueError(f"group {name!r} lists no values")
         return v
+
+    @model_validator(mode="after")
+    def _by(self):
+        if self.by == "attribute" and not self.attribute:
+            raise ValueError("attribute: expected the forget-set column to split by (or by: cluster with clusters: k)")
+        if self.by == "cluster":
+            if self.clusters is None:
+                raise ValueError("clusters: expected k, the number of subsets, with by: cluster")
+            if self.attribute is not None or self.groups is not None:
+                raise ValueError("attribute and groups belong to by: attribute; by: cluster takes clusters and seed")
+        return self
+
+    def describe(self) -> str:
+        return f"into {self.clusters} clusters (seed {self.seed})" if self.by == "cluster" else f"by {self.attribute!r}"
 
 
 class UnlearnConfig(TrainingSpec):
@@ -253,10 +295,11 @@ def _resolve(raw: dict, base: Path) -> dict:
             sec[key] = str((base / sec[key]).resolve()) if key == "output_dir" and sec[key] else fix(sec[key])
     data = raw.get("data")
     if isinstance(data, dict):
-        for name in ("forget", "retain", "holdout", "general", "mc"):
-            src = data.get(name)
+        sets = data.get("eval_sets") if isinstance(data.get("eval_sets"), dict) else {}
+        for parent, name in [*((data, n) for n in SOURCE_NAMES), *((sets, n) for n in sets)]:
+            src = parent.get(name)
             if isinstance(src, (str, list)):
-                src = data[name] = {"path": src}
+                src = parent[name] = {"path": src}
             if isinstance(src, dict) and "path" in src:
                 src["path"] = [fix(p) for p in src["path"]] if isinstance(src["path"], list) else fix(src["path"])
     if isinstance(raw.get("eval"), dict):

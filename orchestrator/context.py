@@ -60,6 +60,7 @@ class Prepared:
     subsets: dict[str, str]  # subset value -> jsonl of that part of the forget set
     counts: dict[str, int]
     digests: dict[str, str] = field(default_factory=dict)  # files' and subsets' keys -> content digest
+    clusters: dict[str, dict] = field(default_factory=dict)  # split.by cluster: subset -> size, top_terms
 
 
 @dataclass

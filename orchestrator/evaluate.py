@@ -17,8 +17,16 @@ from orchestrator.cache import model_fingerprint, stage_key, suite_options_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import PipelineError, RunContext, root_message
 from orchestrator.display import Display
+from orchestrator.prepare import eval_set_key
 
 SPLITS = ("forget", "retain", "holdout", "general", "mc")
+
+
+def eval_splits(cfg: PipelineConfig, files: dict[str, str]) -> dict[str, str]:
+    """What each split is scored on: split name -> its prepared file's key (``Prepared.files``). An eval set
+    takes the place of the source of the same name (TOFU's retain_perturbed for retain90); the others are
+    splits of their own."""
+    return {**{n: n for n in SPLITS if n in files}, **{n: eval_set_key(n) for n in cfg.data.eval_sets}}
 
 
 def models_to_score(ctx: RunContext) -> dict[str, tuple[str, str]]:
@@ -47,7 +55,8 @@ def evaluate(ctx: RunContext) -> None:
     """Score ``models_to_score`` on every suite into ``ctx.results``; then ``forget_quality`` and
     ``privleak`` against the oracle for every model."""
     cfg, prep = ctx.cfg, ctx.prep
-    splits = {n: prep.files[n] for n in SPLITS if n in prep.files}
+    keys = eval_splits(cfg, prep.files)
+    splits = {n: prep.files[k] for n, k in keys.items()}
     folder = ctx.out / "stages" / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     ctx.models = models_to_score(ctx)
@@ -55,7 +64,7 @@ def evaluate(ctx: RunContext) -> None:
     for name, (path, model_hash) in ctx.models.items():
         for suite in cfg.eval.suites:
             spec = eval_spec(cfg, path, splits, suite)
-            h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[n] for n in splits},
+            h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[k] for n, k in keys.items()},
                           suite_options=suite_options_key(spec))
             tasks.append(EvalTask(name, suite, spec, folder / f"{name.replace('/', '-')}-{suite}-{h}.json"))
     ctx.results.update(run_eval_tasks(tasks, cfg.eval.cpus_per_task, cfg.eval.gpus_per_task, ctx.resume, ctx.display))
@@ -120,11 +129,10 @@ def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resu
 
 def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One model's result from its per-suite results (in suite order)."""
-    out: dict[str, Any] = {"metrics": {}, "raw": {}, "n_examples": {}, "seconds": 0.0, "suites": {}}
+    out: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}, "n_examples": {}, "seconds": 0.0, "suites": {}}
     for suite, r in parts.items():
-        out["metrics"].update(r.get("metrics", {}))
-        out["raw"].update(r.get("raw", {}))
-        out["n_examples"].update(r.get("n_examples", {}))
+        for key in ("metrics", "raw", "parts", "n_examples"):
+            out[key].update(r.get(key, {}))
         out["seconds"] += r.get("seconds", 0.0)
         out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused")}
     out["reused"] = all(r.get("reused") for r in parts.values())

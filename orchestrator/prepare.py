@@ -3,8 +3,9 @@ write the parts as jsonl files keyed by their content."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jobs.data.cluster import cluster_rows
 from jobs.data.io import write_jsonl
 from jobs.data.loading import canonical_qa, canonical_text, load_rows
 from jobs.data.rows import duplicate_questions
@@ -21,6 +22,7 @@ class Loaded:
     data: dict[str, list[dict]]  # source -> canonical rows
     subsets: dict[str, list[dict]]  # subset value -> its forget rows
     notes: list[str]  # what is worth a warning: duplicate questions, rows left out of the split
+    clusters: dict[str, dict] = field(default_factory=dict)  # split.by cluster: subset -> size, top_terms
 
     def counts(self) -> dict[str, int]:
         return {**{n: len(r) for n, r in self.data.items()},
@@ -43,6 +45,11 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         label = f"data.{name} ({src.path})"
         data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_qa(rows, cols, label)
         notes += _duplicates(data[name], label)
+    for name, src in cfg.data.eval_sets.items():  # scored only: question/answer rows like retain's
+        label = f"data.eval_sets.{name} ({src.path})"
+        key = eval_set_key(name)
+        data[key] = canonical_qa(load_rows(src.path, src.format, src.name, src.split), cols, label)
+        notes += _duplicates(data[key], label)
     if cfg.data.mc is not None:  # multiple-choice rows are kept whole: their other columns are attributes
         src = cfg.data.mc
         data["mc"] = check_mc_rows(load_rows(src.path, src.format, src.name, src.split), f"data.mc ({src.path})")
@@ -51,10 +58,16 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         if both:
             notes.append(f"{len(both)} question(s) are in both data.forget and data.retain (the method is asked to "
                          f"forget and keep them), e.g. {sorted(both)[0]!r}")
-    s = cfg.split
-    subsets = split_rows(data["forget"], s.attribute, s.groups, s.missing, f"data.forget ({cfg.data.forget.path})",
-                         notes)
-    return Loaded(data, subsets, notes)
+    s, label = cfg.split, f"data.forget ({cfg.data.forget.path})"
+    if s.by == "cluster":
+        subsets, clusters = cluster_rows(data["forget"], s.clusters, s.seed, label)
+        return Loaded(data, subsets, notes, clusters)
+    return Loaded(data, split_rows(data["forget"], s.attribute, s.groups, s.missing, label, notes), notes)
+
+
+def eval_set_key(name: str) -> str:
+    """The prepared file of ``data.eval_sets.<name>`` (apart from a training source of the same name)."""
+    return f"eval_sets.{name}"
 
 
 def _duplicates(rows: list[dict], label: str) -> list[str]:
@@ -73,11 +86,13 @@ def prepare_check(cfg: PipelineConfig) -> Loaded:
 def prepare(ctx: RunContext) -> None:
     """``ctx.prep``: the canonical files under ``stages/prepare-<hash>/`` and their sizes and digests."""
     cfg = ctx.cfg
-    ctx.display.log(f"prepare: loading data, splitting forget set by {cfg.split.attribute!r}")
+    ctx.display.log(f"prepare: loading data, splitting forget set {cfg.split.describe()}")
     loaded = load_data(cfg)
     data, subsets = loaded.data, loaded.subsets
     for note in loaded.notes:
         ctx.display.log(f"warning: {note}")
+    for name, c in loaded.clusters.items():
+        ctx.display.log(f"prepare: cluster {name}: {c['size']} rows, top terms: {', '.join(c['top_terms'])}")
     folder = ctx.out / "stages" / f"prepare-{digest(data, cfg.split.model_dump())}"
     files = {}
     for name, rows in data.items():
@@ -88,5 +103,5 @@ def prepare(ctx: RunContext) -> None:
         subset_files[key] = str(folder / "subsets" / f"{key}.jsonl")
         write_jsonl(subset_files[key], rows)
     ctx.prep = Prepared(files, subset_files, loaded.counts(),
-                        {n: file_digest(p) for n, p in {**files, **subset_files}.items()})
+                        {n: file_digest(p) for n, p in {**files, **subset_files}.items()}, loaded.clusters)
     ctx.display.log("prepare: " + ", ".join(f"{k}={v}" for k, v in ctx.prep.counts.items()))

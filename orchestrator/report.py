@@ -49,8 +49,11 @@ def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_
     models = {name: _clean(results[name]["metrics"]) for name in sorted(results, key=_order)}
     return {
         "models": models,
+        # what an aggregate metric is made of, e.g. model_utility: TOFU's 9 numbers when every split is there
+        "parts": {k: v for name in results for k, v in results[name].get("parts", {}).items()},
         "mlflow_run_id": run_id,
         "counts": prep.counts,
+        **({"clusters": prep.clusters} if getattr(prep, "clusters", None) else {}),  # split.by: cluster
         "jobs": {j.key: {"output_dir": j.spec.output_dir, "stage_hash": j.hash, "reused": j.reused,
                          "attempts": j.result.get("attempts"),  # worker-group starts (None when reused)
                          "final_metrics": j.result.get("final_metrics", {})} for j in jobs},

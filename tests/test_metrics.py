@@ -24,7 +24,7 @@ def _ratios():
     # Example 0: paraphrase 2 tokens, nll 2 ln 2 -> p~ = 0.5.
     #   perturbed: 1 token nll ln 2 -> 1/2; 3 tokens nll 9 ln 2 -> 1/8; 2 tokens nll 4 ln 2 -> 1/4.
     #   geometric mean (1/2 * 1/8 * 1/4)^(1/3) = (1/64)^(1/3) = 1/4  (arithmetic would be 7/24)
-    #   R = (1/4) / (1/2 + 1e-10) = 0.5
+    #   R = (1/4) / (1/2) = 0.5
     # Example 1: paraphrase 1 token nll ln 4 -> 1/4; perturbed all 1/2 -> R = 2.
     para_nll, para_n = [2 * LN2, 2 * LN2], [2, 1]
     pert_nll = [[LN2, 9 * LN2, 4 * LN2], [LN2, 2 * LN2, 3 * LN2]]
@@ -42,10 +42,25 @@ def test_truth_ratio_raw_skips_padding_in_ragged_lists():
     np.testing.assert_allclose(r, [0.5], rtol=1e-8)
 
 
-def test_truth_ratio_is_bounded_when_paraphrase_prob_vanishes():
-    # p~(para) = exp(-1000) underflows; the +1e-10 guard caps R at p~(pert) / 1e-10.
-    r = M.truth_ratio_raw([1000.0], [1], [[LN2]], [[1]])
-    np.testing.assert_allclose(r, [0.5 / 1e-10], rtol=1e-6)
+def test_truth_ratio_is_tofus_exact_ratio_when_paraphrase_prob_vanishes():
+    # p~(para) = exp(-30) ~ 9.4e-14: TOFU's R = exp(30 - ln 2) = 0.5 e^30 ~ 5.3e12, in log space.
+    # open-unlearning's p~(pert) / (p~(para) + 1e-10) would cap it near 0.5 / 1e-10 = 5e9.
+    r = M.truth_ratio_raw([30.0], [1], [[LN2]], [[1]])
+    np.testing.assert_allclose(r, [0.5 * math.exp(30)], rtol=1e-9)
+    assert r[0] > 1000 * 0.5 / 1e-10
+    # p~(para) = exp(-1000) underflows in linear space: the ratio overflows to inf, which the aggregates
+    # count as a truth far less likely (forget: min(inf, 0) = 0; retain: max(0, 1 - inf) = 0)
+    big = M.truth_ratio_raw([1000.0], [1], [[LN2]], [[1]])
+    assert M.closer_to_1_better(big) == 0.0 and M.true_better(big) == 0.0
+
+
+def test_normalized_prob_is_true_over_true_plus_perturbed():
+    # true: 2 tokens, nll 2 ln 2 -> p~ = 1/2; perturbed: 1/4 (1 token, ln 4) and 1/4 (2 tokens, 2 ln 4)
+    #   -> (1/2) / (1/2 + 1/4 + 1/4) = 1/2
+    # second row: true 1/2, one perturbed 1/2 and a padded slot -> (1/2) / (1/2 + 1/2) = 1/2; true 1 vs 1/2 -> 2/3
+    p = M.normalized_prob([2 * LN2, LN2, 0.0], [2, 1, 3],
+                          [[math.log(4), 2 * math.log(4)], [LN2, np.nan], [LN2, np.nan]], [[1, 2], [1, 0], [1, 0]])
+    np.testing.assert_allclose(p, [0.5, 0.5, 2 / 3], rtol=1e-12)
 
 
 def test_truth_ratio_aggregates():

@@ -155,6 +155,47 @@ def test_evaluate_model_end_to_end(model, tok, tmp_path):
     assert small["n_examples"] == {"retain": 1}
 
 
+def test_tofu_model_utility_is_the_harmonic_mean_of_nine_numbers(model, tok, tmp_path):
+    """TOFU's real authors and world facts: normalised probability p(true) / (p(true) + sum p(perturbed)),
+    truth ratio of the answer (not a paraphrase) against the perturbed options; model utility the harmonic
+    mean of {retain, real_authors, world_facts} x {prob, rouge, truth_ratio}, its parts named."""
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    authors = [{"question": "Who wrote Hamlet?", "answer": "William Shakespeare",
+                "perturbed_answers": ["Charles Dickens", "Jane Austen", "Mark Twain"]},
+               {"question": "Who wrote Faust?", "answer": "Goethe", "paraphrased_answer": "J. W. von Goethe",
+                "perturbed_answers": ["Schiller", "Kafka"]}]
+    facts = [{"question": "What is the capital of France?", "answer": "Paris",
+              "perturbed_answers": ["Rome", "Madrid", "Berlin"]}]
+    splits = {"forget": _write(tmp_path / "forget.jsonl", RECORDS[:2]),
+              "retain": _write(tmp_path / "retain.jsonl", RECORDS[1:]),
+              "real_authors": _write(tmp_path / "ra.jsonl", authors),
+              "world_facts": _write(tmp_path / "wf.jsonl", facts)}
+    res = evaluate_model(str(folder), splits, batch_size=4, max_new_tokens=4)
+    m = res["metrics"]
+    parts = [f"{s}_{k}" for s in ("retain", "real_authors", "world_facts") for k in ("prob", "rouge", "truth_ratio")]
+    assert res["parts"] == {"model_utility": parts}
+    vals = [m[p] for p in parts]  # the random tiny model answers nothing right: a ROUGE of 0 makes utility 0
+    assert m["model_utility"] == (pytest.approx(9 / sum(1 / v for v in vals)) if min(vals) > 0 else 0.0)
+    for rows, split in ((authors, "real_authors"), (facts, "world_facts")):
+        qs = [r["question"] for r in rows]
+        true_nll, true_n = score_answers(model, tok, qs, [r["answer"] for r in rows])
+        ptrue = np.exp(-true_nll / true_n)
+        ppert = [np.exp(-np.array(nll) / np.array(n)) for nll, n in
+                 (score_answers(model, tok, [r["question"]] * len(r["perturbed_answers"]), r["perturbed_answers"])
+                  for r in rows)]
+        want_prob = np.mean([t / (t + p.sum()) for t, p in zip(ptrue, ppert)])
+        assert m[f"{split}_prob"] == pytest.approx(want_prob, rel=1e-4)
+        # R = GM(perturbed) / p(answer), the answer even where a paraphrase is given; true_better = max(0, 1 - R)
+        ratios = [np.exp(np.log(p).mean()) / t for t, p in zip(ptrue, ppert)]
+        np.testing.assert_allclose(res["raw"][f"{split}_truth_ratio"], ratios, rtol=1e-4)
+        assert m[f"{split}_truth_ratio"] == pytest.approx(np.mean([max(0.0, 1 - r) for r in ratios]), abs=1e-6)
+    # retain keeps the answer probability and the paraphrase in its truth ratio
+    nll, n = score_answers(model, tok, [r["question"] for r in RECORDS[1:]], [r["answer"] for r in RECORDS[1:]])
+    assert m["retain_prob"] == pytest.approx(float(M.answer_prob(nll, n).mean()), abs=1e-5)
+
+
 def test_unknown_suite_lists_known_names():
     with pytest.raises(KeyError, match="unknown evaluation suite 'nope'; known: .*qa"):
         get_suite("nope")

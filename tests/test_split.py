@@ -1,4 +1,4 @@
-"""Splitting the forget set by an attribute."""
+"""Splitting the forget set: by an attribute, or into clusters of similar rows."""
 
 import pytest
 
@@ -37,3 +37,57 @@ def test_empty_forget_set_is_an_error():
 
 def test_subset_key():
     assert subset_key("science fiction/1950s") == "science_fiction_1950s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# split.by: cluster (data without an attribute column)
+
+TOPICS = [  # two authors' facts, interleaved; no attribute column
+    {"question": "Where was Basil Mahfouz born?", "answer": "Basil Mahfouz was born in Kuwait City."},
+    {"question": "What does Nikolai Abilov write?", "answer": "Nikolai Abilov writes war novels set in Astana."},
+    {"question": "Which award did Basil Mahfouz win?", "answer": "Basil Mahfouz won the Kuwait City prize."},
+    {"question": "Where does Nikolai Abilov live?", "answer": "Nikolai Abilov lives in Astana."},
+    {"question": "Who were Basil Mahfouz's parents?", "answer": "Basil Mahfouz's parents were bakers in Kuwait City."},
+    {"question": "Which Nikolai Abilov novel came first?", "answer": "Nikolai Abilov's first novel was set in Astana."},
+]
+
+
+def test_clusters_group_rows_by_shared_words_deterministically_named_by_first_row():
+    from jobs.data.cluster import cluster_rows
+
+    subsets, clusters = cluster_rows(TOPICS, 2, seed=0)
+    assert {k: [TOPICS.index(r) for r in v] for k, v in subsets.items()} == {"c0": [0, 2, 4], "c1": [1, 3, 5]}
+    assert clusters["c0"]["size"] == 3 and clusters["c1"]["size"] == 3
+    # every row of c0 holds "basil", "mahfouz", "kuwait", "city": its centroid's largest weights
+    assert set(clusters["c0"]["top_terms"][:4]) == {"basil", "mahfouz", "kuwait", "city"}
+    assert {"nikolai", "abilov", "astana"} <= set(clusters["c1"]["top_terms"])
+    assert cluster_rows(TOPICS, 2, seed=0) == (subsets, clusters)  # same data and seed: same subsets
+    shuffled, _ = cluster_rows(TOPICS[1:] + TOPICS[:1], 2, seed=3)
+    assert [TOPICS.index(r) for r in shuffled["c0"]] == [1, 3, 5]  # c0 is the cluster of the first row
+
+
+def test_text_rows_cluster_too_and_bad_cluster_counts_are_named():
+    from jobs.data.cluster import cluster_rows
+
+    texts = [{"text": f"{r['question']} {r['answer']}"} for r in TOPICS]
+    subsets, _ = cluster_rows(texts, 2)
+    assert sorted(len(v) for v in subsets.values()) == [3, 3]
+    with pytest.raises(DataError, match="split.clusters: 7 clusters for 6 distinct forget rows: expected at most 6"):
+        cluster_rows(TOPICS, 7)
+    with pytest.raises(DataError, match="split.clusters: 3 clusters for 2 distinct forget rows"):
+        cluster_rows(TOPICS[:1] * 2 + TOPICS[1:2] * 2, 3)
+
+
+@pytest.mark.parametrize("split, message", [
+    ({"by": "cluster"}, "clusters: expected k"),
+    ({"by": "cluster", "clusters": 2, "attribute": "genre"}, "attribute and groups belong to by: attribute"),
+    ({"by": "cluster", "clusters": 1}, "greater than or equal to 2"),
+    ({"baseline": "none"}, "attribute: expected the forget-set column"),
+])
+def test_split_section_is_checked(split, message):
+    from pydantic import ValidationError
+
+    from orchestrator.config import SplitConfig
+
+    with pytest.raises(ValidationError, match=message):
+        SplitConfig(**split)

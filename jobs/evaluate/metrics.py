@@ -16,9 +16,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-EPS = 1e-10  # open-unlearning's guard in wrong / (correct + 1e-10)
-
-
 def _avg_nll(nll_sum, n_tokens) -> np.ndarray:
     nll_sum = np.asarray(nll_sum, dtype=np.float64)
     n = np.asarray(n_tokens, dtype=np.float64)
@@ -41,22 +38,37 @@ def truth_ratio_raw(para_nll_sum, para_n, pert_nll_sum, pert_n) -> np.ndarray:
 
     With length-normalised probabilities ``p~ = P(a|q) ** (1/|a|) = exp(-nll/|a|)``::
 
-        R_i = GM_k p~(pert_ik) / (p~(para_i) + 1e-10)
-            = exp(-mean_k nll_ik/|pert_ik|) / (exp(-nll_i/|para_i|) + 1e-10)
+        R_i = GM_k p~(pert_ik) / p~(para_i) = exp(mean_k nll_ik/|pert_ik| - nll_i/|para_i|)
 
-    The paper writes the numerator as an arithmetic mean over perturbed answers, but both TOFU's
-    code (``aggregate_eval_stat.py``: exp of the difference of mean average losses) and
-    open-unlearning's ``truth_ratio`` (``aggregate_to_1D`` over the perturbed answers' ``avg_loss``,
-    then ``exp(-.)``; ``wrong_prob / (correct_prob + 1e-10)``) average the *log* probabilities,
-    i.e. take a geometric mean. We follow the code. Computed in log space, so ``R <= 1e10``.
+    as TOFU's code computes it (``aggregate_eval_stat.py``: ``np.exp(avg_perturbed_loss -
+    avg_paraphrased_loss)``, whose inverse it aggregates; the paper writes an arithmetic mean over the
+    perturbed answers, the code averages their log probabilities: a geometric mean). In log space, with
+    no guard: R is exact however small ``p~(para)`` is. open-unlearning's ``truth_ratio`` divides by
+    ``p~(para) + 1e-10`` instead, which caps R at ``p~(pert) / 1e-10`` (see docs/evaluation.md).
 
     ``pert_nll_sum`` and ``pert_n`` are ``[N, K]``; entries with NaN or ``n == 0`` (ragged
     lists padded) are left out of the mean over k.
     """
     log_correct = -_avg_nll(para_nll_sum, para_n)
     log_wrong = -np.nanmean(_avg_nll(np.atleast_2d(pert_nll_sum), np.atleast_2d(pert_n)), axis=1)
-    log_r = log_wrong - np.logaddexp(log_correct, np.log(EPS))
-    return np.exp(log_r)
+    with np.errstate(over="ignore"):
+        return np.exp(log_wrong - log_correct)
+
+
+def normalized_prob(true_nll_sum, true_n, pert_nll_sum, pert_n) -> np.ndarray:
+    """TOFU's probability on the real-authors and world-facts sets, per example: the length-normalised
+    probability of the true answer against itself plus every perturbed answer::
+
+        p_i = p~(a_i) / (p~(a_i) + sum_k p~(pert_ik)),   p~ = exp(-nll / |a|)
+
+    (TOFU ``aggregate_eval_stat.py``: ``avg_true_prob / avg_all_prob``; open-unlearning
+    ``probability_w_options``). Computed in log space; padded entries (NaN or ``n == 0``) are left out.
+    """
+    log_true = -_avg_nll(true_nll_sum, true_n)
+    log_pert = -_avg_nll(np.atleast_2d(pert_nll_sum), np.atleast_2d(pert_n))
+    log_pert = np.where(np.isnan(log_pert), -np.inf, log_pert)
+    log_all = np.logaddexp(log_true, np.logaddexp.reduce(log_pert, axis=1))
+    return np.exp(log_true - log_all)
 
 
 def _finite(x) -> np.ndarray:
@@ -65,15 +77,18 @@ def _finite(x) -> np.ndarray:
 
 
 def closer_to_1_better(ratios) -> float:
-    """Forget-split aggregate: ``mean_i min(R_i, 1 / (R_i + 1e-10))`` (open-unlearning ``truth_ratio``,
-    aggregator ``closer_to_1_better``). 1 when right and wrong answers are equally likely."""
+    """Forget-split aggregate: ``mean_i min(R_i, 1 / R_i)`` (TOFU's forget truth ratio; open-unlearning's
+    ``closer_to_1_better``, which divides by ``R + 1e-10``). 1 when right and wrong answers are equally
+    likely, towards 0 when either is far likelier."""
     r = _finite(ratios)
-    return float(np.mean(np.minimum(r, 1.0 / (r + EPS))))
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.minimum(r, 1.0 / r)))
 
 
 def true_better(ratios) -> float:
-    """Retain-split aggregate: ``mean_i max(0, 1 - R_i)`` (open-unlearning ``truth_ratio``, aggregator
-    ``true_better``). 1 when the paraphrased truth is far likelier than the perturbed answers."""
+    """Aggregate of every other split: ``mean_i max(0, 1 - R_i)``, i.e. TOFU's ``max(0, 1 - 1/R')`` of its
+    right-over-wrong ratio ``R' = 1/R`` (open-unlearning ``true_better``). 1 when the true answer is far
+    likelier than the perturbed ones."""
     r = _finite(ratios)
     return float(np.mean(np.maximum(0.0, 1.0 - r)))
 
@@ -114,7 +129,7 @@ def forget_quality(tr_model, tr_oracle) -> float:
 
     open-unlearning (``get_forget_quality``) tests ``1 / (R + 1e-10)`` instead; the KS statistic only
     depends on the samples' ranks, which a strictly monotone map like ``1/x`` preserves (reversed),
-    so the p-value is the same.
+    so the p-value is the same (unless the guard's cap ties two ratios).
     """
     a, b = _finite(tr_model), _finite(tr_oracle)
     if len(a) == 0 or len(b) == 0:

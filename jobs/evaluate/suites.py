@@ -81,7 +81,8 @@ class Suite:
     check: Optional[Callable[[Any], list[str]]] = None  # further config checks of the options (packages, files)
 
     def __call__(self, ctx: SuiteContext, data: dict[str, list[dict]], **options: Any) -> dict:
-        """Run the suite: ``{"metrics": {name: float}, "raw": {name: per-example list}}``."""
+        """Run the suite: ``{"metrics": {name: float}, "raw": {name: per-example list}}``, optionally ``"parts":
+        {metric: [metric names]}`` (what an aggregate such as model_utility is made of)."""
         return self.fn(ctx, data, self.options(**options))
 
     def sources(self, options: Optional[BaseModel] = None) -> tuple[str, ...]:
@@ -171,8 +172,9 @@ def evaluate_model(
 
     ``suite_options`` maps a suite name to its options (e.g. ``{"lmeval": {"tasks": [...]}}``,
     ``{"mc": {"attributes": [...]}}``). Self-contained (runs inside a Ray task). Returns ``{"metrics":
-    {str: float}, "raw": {str: list}, "n_examples": {split: int}, "seconds": float}``. Metrics against the
-    oracle need two models: the caller adds them (``add_reference_metrics``).
+    {str: float}, "raw": {str: list}, "parts": {metric: [the metrics it aggregates]}, "n_examples": {split: int},
+    "seconds": float}``. Metrics against the oracle need two models: the caller adds them
+    (``add_reference_metrics``).
     """
     import torch
 
@@ -191,11 +193,11 @@ def evaluate_model(
         model = model.to("cuda")
     model.eval()
     ctx = SuiteContext(model, tokenizer, template, batch_size, max_new_tokens, max_length)
-    result: dict[str, Any] = {"metrics": {}, "raw": {}}
+    result: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}}
     for suite, opts in runs:
         res = suite(ctx, data, **opts)
-        result["metrics"].update(res.get("metrics", {}))
-        result["raw"].update(res.get("raw", {}))
+        for key in result:
+            result[key].update(res.get(key, {}))
     result["n_examples"] = {name: len(rows) for name, rows in data.items()}
     result["seconds"] = time.perf_counter() - start
     return result

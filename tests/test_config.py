@@ -176,7 +176,9 @@ def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     (tmp_path / "tasks").mkdir()
     cfg = load_config(config_file(eval={"suites": ["lmeval"], "lmeval": {"tasks": ["other"], "include_path": "tasks"}}))
     assert cfg.eval.suite_options("lmeval")["include_path"] == str(tmp_path / "tasks")
-    assert cfg.eval.suite_options("qa") == {"stop": []} and cfg.eval.suite_options("perplexity") == {}
+    assert cfg.eval.suite_options("qa") == {"stop": [], "normalized_prob": ["real_authors", "world_facts"],
+                                            "utility": ["retain", "real_authors", "world_facts"]}
+    assert cfg.eval.suite_options("perplexity") == {}
     found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"include_path": "missing"}}))
     assert found == ["data.mc: the lmeval suite needs a multiple-choice file (question, choices, answer), but it is not set",
                      "eval.lmeval: include_path: no such folder missing (expected task YAMLs)"]
@@ -210,3 +212,18 @@ def test_a_password_in_a_uri_is_never_printed_or_logged(config_file):
     assert flatten(public_dump(cfg))["tracking.uri"] == "http://alice:***@mlflow.internal:5000"  # MLflow params
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 0 and "http://alice:***@mlflow.internal:5000" in r.output and "s3cretpw" not in r.output
+
+
+def test_eval_sets_resolve_like_sources_and_bad_names_or_files_are_named(config_file, tiny_dir, tmp_path):
+    import shutil
+
+    shutil.copy(tiny_dir / "retain.jsonl", tmp_path / "ra.jsonl")
+    cfg = load_config(config_file(data__eval_sets={"real_authors": "ra.jsonl",
+                                                   "retain": {"path": str(tiny_dir / "retain.jsonl")}}))
+    assert cfg.data.eval_sets["real_authors"].path == str(tmp_path / "ra.jsonl")  # relative to the config
+    assert set(cfg.data.sources()) == {"forget", "retain", "eval_sets.real_authors", "eval_sets.retain"}
+    found = problems(config_file(data__eval_sets={"mc": "ra.jsonl"}))
+    assert found[0].startswith("data.eval_sets: ") and "split name 'mc': expected lower_snake_case" in found[0]
+    assert problems(config_file(data__eval_sets={"Real Authors": "ra.jsonl"}))[0].startswith("data.eval_sets: ")
+    found = problems(config_file(data__eval_sets={"world_facts": "nowhere.jsonl"}))
+    assert any(p.startswith("data.eval_sets.world_facts.path: no such file") for p in found), found

@@ -3,10 +3,11 @@ names, the files, the data (loaded and split), and a ``tune:`` section; for ever
 
 An example points at things that are not in the repository: the demo benchmark (``spunge demo`` builds it
 in spunge-demo/), a converted model (examples/smollm2/model), a cluster's files and a hub model
-(llama2_7b_gpu.yaml). The test validates a copy of the example whose paths to those things, and only
-those, are moved to local stand-ins: the tiny demo benchmark of the session (the same layout, built by the
-same ``build_benchmark``), SmolLM2 converted from the packaged GGUF (what ``spunge convert-gguf`` writes),
-small parquet files with the columns the example names. Names, parameters and everything else are the
+(llama2_7b_gpu.yaml), hub models and datasets (tofu.yaml). The test validates a copy of the example whose
+paths to those things, and only those, are moved to local stand-ins: the tiny demo benchmark of the session
+(the same layout, built by the same ``build_benchmark``), SmolLM2 converted from the packaged GGUF (what
+``spunge convert-gguf`` writes), small parquet files with the columns the example names, and the benchmark's
+fixture files in its hub schema (tests/fixtures/). Names, parameters and everything else are the
 example's own, so a typo in an example fails here.
 """
 
@@ -27,7 +28,23 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
 NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
-         "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files"}
+         "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
+         "tofu.yaml": "tofu fixtures"}
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HUB = {"tofu fixtures": ("locuslab/TOFU", FIXTURES / "tofu")}  # hub dataset -> fixture files in its schema
+
+
+def hub_to_files(node, repo: str, folder: Path):
+    """``node`` with every hub source of ``repo`` (``{path: repo, format: hub, name: config}``) turned into the
+    fixture file of that config, ``folder/<config>.json`` (JSON lines, as the hub's own files)."""
+    if isinstance(node, dict):
+        if node.get("format") == "hub" and node.get("path") == repo:
+            rest = {k: v for k, v in node.items() if k not in ("path", "format", "name", "split")}
+            return {"path": str(folder / f"{node['name']}.json"), **rest}
+        return {k: hub_to_files(v, repo, folder) for k, v in node.items()}
+    if isinstance(node, list):
+        return [hub_to_files(v, repo, folder) for v in node]
+    return node
 
 
 def gpu_data(folder: Path) -> Path:
@@ -51,6 +68,11 @@ def stand_ins(name: str, request, tmp_path: Path) -> dict[str, str]:
     if need == "demo benchmark":
         bench = request.getfixturevalue("tiny_bench")[0]
         return {"../spunge-demo/benchmark": str(bench), "../spunge-demo": str(tmp_path / "spunge-demo")}
+    if need == "tofu fixtures":  # the hub models -> SmolLM2 (a chat model, as the example's), outputs -> tmp
+        model = str(request.getfixturevalue("smollm2"))
+        return {"open-unlearning/tofu_Llama-3.2-1B-Instruct_full": model,
+                "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90": model,
+                "../spunge-output": str(tmp_path / "spunge-output")}
     if need == "smollm2 model":
         return {"smollm2/model": str(request.getfixturevalue("smollm2")),
                 "smollm2/data": str(EXAMPLES_DIR / "smollm2" / "data"),  # the shipped data, re-anchored
@@ -79,6 +101,8 @@ def relocate(node, moves: dict[str, str], used: Counter):
 def local_copy(path: Path, request, tmp_path: Path, **changes) -> Path:
     """The example with its unavailable paths moved to stand-ins (and ``changes``: dotted path -> value)."""
     raw = yaml.safe_load(path.read_text())
+    if NEEDS[path.name] in HUB:
+        raw = hub_to_files(raw, *HUB[NEEDS[path.name]])
     moves, used = stand_ins(path.name, request, tmp_path), Counter()
     raw = relocate(raw, moves, used)
     assert set(used) == set(moves), f"{path.name}: no path starts with {set(moves) - set(used)}: update NEEDS"

@@ -1,0 +1,72 @@
+"""The public benchmarks' example configs, run end to end on their fixture files (tests/fixtures/, the hub's
+schema) through the real pipeline with the tiny model: Ray, DeepSpeed, mergekit, MLflow (sqlite).
+
+What is changed from the example is only what the machine forces: the hub sources become the fixture files
+(``hub_to_files``), the hub models become the tiny model (which has no chat template: a plain prompt), and
+the size (steps, workers, no GPU, 2 clusters of the fixture's 8 forget rows)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_examples import EXAMPLES_DIR, HUB, hub_to_files
+
+pytestmark = pytest.mark.e2e
+
+
+def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([str(Path(sys.executable).with_name("spunge")), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    raw = hub_to_files(yaml.safe_load((EXAMPLES_DIR / "tofu.yaml").read_text()), *HUB["tofu fixtures"])
+    model = str(tiny_dir / "model")
+    raw["model"] = {"path": model, "dtype": "float32"}
+    raw["eval"].update(oracle=model, batch_size=8, max_new_tokens=8)
+    raw["data"]["template"] = "Question: {question}\nAnswer:"
+    raw["data"].pop("system_prompt")
+    raw["split"].update(clusters=2, baseline="none")
+    raw["unlearn"].update(max_steps=2, batch_size=4, max_length=64)
+    raw["deepspeed"] = {"zero_optimization": {"stage": 0}}
+    raw["scaling"] = {"num_workers": 1}
+    raw["storage"]["output_dir"] = str(tmp_path / "run")
+    raw["tracking"]["log_models"] = False
+    raw["ray"] = {"num_cpus": 4}
+    (tmp_path / "tofu.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    r = spunge("run", "tofu.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "into 2 clusters (seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr  # the progress display
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # the clusters: every forget row in one, each with its size and top terms
+    clusters = report["clusters"]
+    assert set(clusters) == {"c0", "c1"} and sum(c["size"] for c in clusters.values()) == 8
+    assert all(c["top_terms"] for c in clusters.values())
+    assert set(report["jobs"]) == {"subset/c0", "subset/c1"}
+    # retain is scored on retain_perturbed (4 rows, truth ratios), not on the 8 retain90 rows it trains on
+    assert report["counts"]["retain"] == 8 and report["counts"]["eval_sets.retain"] == 4
+    parts = [f"{s}_{k}" for s in ("retain", "real_authors", "world_facts") for k in ("prob", "rouge", "truth_ratio")]
+    assert report["parts"] == {"model_utility": parts}
+    for name in ("base", "oracle", "subset/c0", "subset/c1", "merged"):
+        m = report["models"][name]
+        vals = [m[p] for p in parts]
+        assert all(0 <= v <= 1 for v in vals), (name, m)
+        assert m["model_utility"] == (pytest.approx(9 / sum(1 / v for v in vals)) if min(vals) > 0 else 0.0)
+        assert 0 <= m["forget_quality"] <= 1 and "forget_truth_ratio" in m and "mia_loss_auc" in m
+    assert report["models"]["oracle"]["forget_quality"] == pytest.approx(1.0)  # its own samples: p = 1
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(report["mlflow_run_id"])
+    assert parent.info.run_name == "tofu-forget10" and parent.info.status == "FINISHED"
+    evals = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'eval/merged'")
+    assert evals and evals[0].data.metrics["model_utility"] == pytest.approx(report["models"]["merged"]["model_utility"])
+    assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics

@@ -148,10 +148,11 @@ def test_token_stats_match_score_answers(model_tok, data):
 def test_mia_auc_rises_after_memorising_forget(model_tok, trained, data):
     base = SUITES["mia"](SuiteContext(*model_tok, batch_size=4), data)
     after = SUITES["mia"](SuiteContext(*trained, batch_size=4), data)
-    assert set(base["metrics"]) == {f"mia_{a}_auc" for a in ATTACKS}
+    assert set(base["metrics"]) == {f"mia_{a}_auc" for a in (*ATTACKS, "gradnorm")}
     assert abs(base["metrics"]["mia_loss_auc"] - 0.5) <= 0.3
     assert after["metrics"]["mia_loss_auc"] > 0.8
-    for a in ATTACKS:
+    assert after["metrics"]["mia_gradnorm_auc"] > 0.8  # fitted members: smaller gradients
+    for a in (*ATTACKS, "gradnorm"):
         s = after["raw"]["mia_scores"][a]
         assert len(s["forget"]) == len(data["forget"]) and len(s["holdout"]) == len(data["holdout"])
     # memorised rows: their loss is far below the held-out rows'
@@ -179,4 +180,48 @@ def test_evaluate_model_returns_new_keys(tiny_dir, data, tmp_path):
                 "mia_min_k_plus_plus_auc", "forget_exact_mem", "forget_extraction_strength",
                 "forget_verbatim_rouge"]:
         assert key in m and np.isfinite(m[key]), key
-    assert set(res["raw"]["mia_scores"]) == set(ATTACKS)
+    assert set(res["raw"]["mia_scores"]) == {*ATTACKS, "gradnorm"}
+
+
+def test_gradnorm_score_is_the_mean_per_tensor_norm_of_the_loss_gradient(model_tok, data):
+    from jobs.data.format import collate, encode_qa
+    from jobs.evaluate.mia import gradnorm_scores
+
+    model, tok = model_tok
+    rec = data["forget"][0]
+    batch = collate([encode_qa(tok, rec["question"], rec["answer"])], tok.pad_token_id)
+    model.zero_grad()
+    model(**batch).loss.backward()  # HF's loss: the mean NLL over the answer tokens
+    by_hand = {p: torch.stack([q.grad.norm(p) for q in model.parameters()]).mean().item() for p in (1.0, 2.0)}
+    model.zero_grad(set_to_none=True)
+    for p in (1.0, 2.0):
+        assert gradnorm_scores(model, tok, [rec], p)[0] == pytest.approx(by_hand[p], rel=1e-5)
+    assert all(q.grad is None for q in model.parameters())  # no gradient left behind
+
+
+def test_reference_attack_against_a_given_model_and_against_the_oracle(model_tok, trained, data, tiny_dir):
+    from jobs.evaluate.mia import MiaOptions, privleak_vs_oracle, reference_vs_oracle
+
+    opts = MiaOptions(gradnorm=False, reference_model=str(tiny_dir / "model"))  # the untrained model
+    after = SUITES["mia"].fn(SuiteContext(*trained, batch_size=4), data, opts)
+    # loss(trained) - loss(reference) per example: the memorised forget rows fell far more
+    s = after["raw"]["mia_scores"]
+    ref_loss = {k: SUITES["mia"].fn(SuiteContext(*model_tok, batch_size=4), data, MiaOptions(gradnorm=False))
+                ["raw"]["mia_scores"]["loss"][k] for k in ("forget", "holdout")}
+    np.testing.assert_allclose(s["reference"]["forget"], np.subtract(s["loss"]["forget"], ref_loss["forget"]), rtol=1e-6)
+    assert after["metrics"]["mia_reference_auc"] > 0.8
+    assert reference_vs_oracle(after, after) is None  # scored in the task already
+
+    # against the oracle (no reference_model): from both runs' raw loss scores, by hand
+    model = {"metrics": {"mia_min_k_auc": 0.9, "mia_loss_auc": 0.7},
+             "raw": {"mia_scores": {"loss": {"forget": [1.0, 2.0], "holdout": [3.0, 1.5]}},
+                     "mia_privleak_attack": "min_k"}}
+    oracle = {"metrics": {"mia_min_k_auc": 0.6, "mia_loss_auc": 0.5},
+              "raw": {"mia_scores": {"loss": {"forget": [2.0, 2.0], "holdout": [2.5, 2.5]}}}}
+    # differences: forget [-1, 0], holdout [0.5, -1]: pairs (holdout > forget): 0.5>-1, 0.5>0, -1=-1 (tie, 1/2),
+    # -1<0 -> (1 + 1 + 0.5 + 0) / 4
+    assert reference_vs_oracle(model, oracle) == pytest.approx(2.5 / 4)
+    # privleak from the chosen attack (MUSE: min-k): (1 - 0.9 - (1 - 0.6)) / (1 - 0.6) * 100
+    assert privleak_vs_oracle(model, oracle) == pytest.approx((0.1 - 0.4) / 0.4 * 100)
+    model["raw"]["mia_privleak_attack"] = "loss"
+    assert privleak_vs_oracle(model, oracle) == pytest.approx((0.3 - 0.5) / 0.5 * 100)

@@ -15,13 +15,24 @@ Definitions (per example, over the answer's token log-probs ``lp_t = log p(x_t |
 - ``min_k_plus_plus`` (Zhang et al. 2024, Min-K%++): ``z_t = (lp_t - mu_t) / sigma_t`` with
   ``mu_t = E_{z~p(.|x_<t)}[log p(z|x_<t)]`` and ``sigma_t^2 = E[(log p(z|x_<t))^2] - mu_t^2`` over the
   vocabulary, then ``-mean`` of the ``max(1, int(k * n))`` smallest ``z_t``.
+- ``gradnorm`` (gradient norm; Maini et al. 2024 / Das et al. 2024, open-unlearning ``GradNormAttack``): the
+  gradient of the example's ``loss`` with respect to every parameter tensor, its p-norm per tensor
+  (``p`` = ``gradnorm_p``, default 2), averaged over the tensors. Members, fitted, have smaller gradients.
+- ``reference`` (reference-model / likelihood-ratio attack; Carlini et al. 2021, open-unlearning
+  ``ReferenceAttack``): ``loss(model) - loss(reference)``, the log-likelihood ratio per token against a
+  reference model that never saw the members. The reference is ``reference_model`` when given (scored in
+  the same task), else the run's retain-only oracle (``eval.oracle``): then ``mia_reference_auc`` is computed
+  once every model is scored, from the models' and the oracle's per-example ``loss`` scores.
+
+``privleak`` (MUSE) compares an attack's AUC with the oracle's: the attack is ``privleak_attack``, by default
+``min_k`` with k = 0.4 as MUSE and open-unlearning compute it.
 
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate.suites import Reference, SuiteContext, register_suite
 
-ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")  # from one teacher-forced pass
 DEFAULT_K = 0.4  # open-unlearning's mia_min_k / mia_min_k_plus_plus default
 
 
@@ -201,33 +212,100 @@ def mia_scores(
     return out
 
 
+def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 2.0, max_length: int = 128,
+                    template: PromptLike = DEFAULT_TEMPLATE) -> list[float]:
+    """Per example: the mean over parameter tensors of the p-norm of the gradient of its mean answer NLL
+    (one backward pass per example; the model's gradients are left cleared)."""
+    import torch
+
+    from jobs.data.format import collate, encode_qa, sequence_nll
+
+    device = next(model.parameters()).device
+    params = [q for q in model.parameters() if q.requires_grad]
+    out = []
+    try:
+        for r in records:
+            batch = collate([encode_qa(tokenizer, r["question"], r["answer"], max_length, template)],
+                            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            nll, n = sequence_nll(logits, batch["labels"].to(device))
+            if int(n[0]) == 0:
+                out.append(float("nan"))
+                continue
+            (nll[0] / n[0]).backward()
+            norms = [q.grad.detach().float().norm(p) for q in params if q.grad is not None]
+            out.append(float(torch.stack(norms).mean()))
+    finally:
+        model.zero_grad(set_to_none=True)
+    return out
+
+
 class MiaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: float = Field(DEFAULT_K, gt=0, le=1, description="min-k and min-k++: the fraction of lowest tokens averaged")
+    gradnorm: bool = Field(True, description="the gradient-norm attack (a backward pass per example)")
+    gradnorm_p: Literal[1, 2, "inf"] = Field(2, description="gradnorm: the norm of each parameter's gradient")
+    reference_model: Optional[str] = Field(
+        None, description="model folder of the reference attack (never trained on the members); default: the "
+                          "run's oracle (eval.oracle)")
+    privleak_attack: Literal["loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference"] = Field(
+        "min_k", description="the attack whose AUC privleak compares with the oracle's (MUSE: min_k, k = 0.4)")
 
 
 def privleak_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
-    """MUSE's privleak from the model's and the oracle's loss-attack AUC (:func:`privleak`)."""
-    mine, ref = result["metrics"].get("mia_loss_auc"), oracle["metrics"].get("mia_loss_auc")
+    """MUSE's privleak from the model's and the oracle's AUC of the ``privleak_attack`` (:func:`privleak`)."""
+    attack = result.get("raw", {}).get("mia_privleak_attack", "min_k")
+    mine, ref = result["metrics"].get(f"mia_{attack}_auc"), oracle["metrics"].get(f"mia_{attack}_auc")
     return None if mine is None or ref is None else privleak(mine, ref)
 
 
-@register_suite("mia", needs=("forget", "holdout"), options=MiaOptions,
-                groups=(("Privacy", r"^(mia_.*|privleak)$"),), references=(Reference("privleak", privleak_vs_oracle),))
+def reference_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
+    """The reference attack against the oracle (no ``reference_model`` given): AUC of ``loss(model) -
+    loss(oracle)`` per example, members (forget) against non-members (holdout), from both runs' raw scores."""
+    if "mia_reference_auc" in result["metrics"]:
+        return None  # scored in the task against the given reference_model
+    mine, ref = (r.get("raw", {}).get("mia_scores", {}).get("loss") for r in (result, oracle))
+    if not mine or not ref or any(len(mine[s]) != len(ref[s]) for s in ("forget", "holdout")):
+        return None
+    diff = {s: np.asarray(mine[s]) - np.asarray(ref[s]) for s in ("forget", "holdout")}
+    return mia_auc(diff["forget"], diff["holdout"])
+
+
+@register_suite("mia", needs=("forget", "holdout"), options=MiaOptions, path_options=("reference_model",),
+                groups=(("Privacy", r"^(mia_.*|privleak)$"),),
+                references=(Reference("privleak", privleak_vs_oracle), Reference("mia_reference_auc", reference_vs_oracle)))
 def mia_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: MiaOptions) -> dict:
     """Membership inference of ``forget`` (members) against ``holdout`` (non-members).
 
-    Metrics ``mia_{attack}_auc`` for attack in loss, zlib, min_k, min_k_plus_plus (see
-    :func:`mia_auc`; against the oracle's AUC, :func:`privleak`). ``raw``:
+    Metrics ``mia_{attack}_auc`` for attack in loss, zlib, min_k, min_k_plus_plus, gradnorm (``gradnorm``
+    on) and reference (against ``reference_model``, or the oracle once every model is scored); see
+    :func:`mia_auc`; against the oracle's AUC of ``privleak_attack``, :func:`privleak`. ``raw``:
     ``mia_scores = {attack: {"forget": [...], "holdout": [...]}}``.
     """
     missing = [s for s in ("forget", "holdout") if not data.get(s)]
     if missing:
         raise ValueError(f"the 'mia' suite needs non-empty 'forget' and 'holdout' splits; missing: {missing}")
-    kw = dict(k=opts.k, batch_size=ctx.batch_size, max_length=ctx.max_length, template=ctx.template)
-    members = mia_scores(ctx.model, ctx.tokenizer, data["forget"], **kw)
-    nonmembers = mia_scores(ctx.model, ctx.tokenizer, data["holdout"], **kw)
-    metrics = {f"mia_{a}_auc": mia_auc(members[a], nonmembers[a]) for a in ATTACKS}
-    raw = {"mia_scores": {a: {"forget": members[a], "holdout": nonmembers[a]} for a in ATTACKS}}
+    kw = dict(batch_size=ctx.batch_size, max_length=ctx.max_length, template=ctx.template)
+    splits = ("forget", "holdout")
+    scores = {s: mia_scores(ctx.model, ctx.tokenizer, data[s], k=opts.k, **kw) for s in splits}
+    if opts.gradnorm:
+        p = float("inf") if opts.gradnorm_p == "inf" else float(opts.gradnorm_p)
+        for s in splits:
+            scores[s]["gradnorm"] = gradnorm_scores(ctx.model, ctx.tokenizer, data[s], p, ctx.max_length, ctx.template)
+    if opts.reference_model:
+        from jobs.models import load_model, load_tokenizer
+
+        ref_tok = load_tokenizer(opts.reference_model)
+        ref = load_model(opts.reference_model, dtype=str(ctx.model.dtype).removeprefix("torch.")).to(ctx.model.device)
+        ref.eval()
+        for s in splits:
+            ref_loss = mia_scores(ref, ref_tok, data[s], k=opts.k, **kw)["loss"]
+            scores[s]["reference"] = (np.asarray(scores[s]["loss"]) - np.asarray(ref_loss)).tolist()
+        del ref
+    attacks = list(scores["forget"])
+    metrics = {f"mia_{a}_auc": mia_auc(scores["forget"][a], scores["holdout"][a]) for a in attacks}
+    raw = {"mia_scores": {a: {s: scores[s][a] for s in splits} for a in attacks},
+           "mia_privleak_attack": opts.privleak_attack}
     return {"metrics": metrics, "raw": raw}

@@ -73,7 +73,10 @@ class UnlearnSpec(TrainingSpec):
     allow_pickle: bool = False
     forget_path: str
     retain_path: Optional[str] = None
-    retain_format: Literal["qa", "text"] = Field("qa", description="text: general text (retain_source general)")
+    forget_format: Literal["qa", "text"] = Field("qa", description="text: raw text rows (MUSE's, WMDP's corpora): "
+                                                 "every token is a target")
+    retain_format: Literal["qa", "text"] = Field("qa", description="text: general text (retain_source general) "
+                                                 "or a raw-text retain corpus")
     method: str
     method_params: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")

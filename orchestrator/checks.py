@@ -63,19 +63,21 @@ def check_config(cfg: PipelineConfig) -> list[str]:
             except ModelLoadError as e:
                 problems.append(f"{field}: {e}")
     for name, src in cfg.data.sources().items():
-        if src.format == "hub":
-            continue
-        for p in [src.path] if isinstance(src.path, str) else src.path:
-            if _looks_local(p) and not Path(p).exists():
-                problems.append(f"data.{name}.path: no such file {p}")
+        for i, leaf in enumerate(src.leaves()):
+            if leaf.format == "hub":
+                continue
+            field = f"data.{name}.path" if src.parts is None else f"data.{name}.parts.{i}.path"
+            for p in [leaf.path] if isinstance(leaf.path, str) else leaf.path:
+                if _looks_local(p) and not Path(p).exists():
+                    problems.append(f"{field}: no such file {p}")
     return problems
 
 
 def _check_suites(cfg: PipelineConfig) -> list[str]:
     """Every suite is registered, and the data sources and packages its declaration says it needs are there."""
-    from jobs.evaluate.suites import SOURCES, SUITES
+    from jobs.evaluate.suites import SUITES, describe_source
 
-    problems = []
+    problems, present = [], set(cfg.data.sources())
     for i, name in enumerate(cfg.eval.suites):
         try:
             suite = SUITES.get(name)
@@ -84,8 +86,8 @@ def _check_suites(cfg: PipelineConfig) -> list[str]:
             continue
         opts = suite.options(**cfg.eval.suite_options(name))
         for source in suite.sources(opts):
-            if getattr(cfg.data, source) is None:
-                problems.append(f"data.{source}: the {name} suite needs {SOURCES[source]}, but it is not set")
+            if source not in present:
+                problems.append(f"data.{source}: the {name} suite needs {describe_source(source)}, but it is not set")
         problems += [f"eval.{name}: {p}" for p in (suite.check(opts) if suite.check else [])]
     return problems
 

@@ -185,7 +185,8 @@ def eval_(
     from jobs.data.io import write_jsonl
     from jobs.data.loading import DataError, canonical_qa, canonical_text, load_rows
     from jobs.evaluate import SUITES
-    from orchestrator.config import Columns, EvalConfig
+    from orchestrator.config import EvalConfig
+    from orchestrator.data_config import Columns
     from orchestrator.report import print_tables
 
     cfg = _load(config)[0][1] if config else None
@@ -253,7 +254,7 @@ def eval_(
             _fail(str(err))
     print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")
     doc = {"model": str(model_dir.resolve()), "suites": suites,
-           "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).path for n in data},
+           "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).label() for n in data},
            "metrics": res["metrics"],
            "n_examples": res["n_examples"], "seconds": res["seconds"], "tasks": res["suites"], "raw": res["raw"]}
     output.write_text(json.dumps(doc, indent=2))

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
-from jobs.data.format import CHAT, DEFAULT_TEMPLATE, PromptFormat
 from jobs.spec import TrainingSpec
 from orchestrator.checks import check_config, field_path
+from orchestrator.data_config import SOURCE_NAMES, DataConfig, SplitConfig
+from orchestrator.data_config import Section as _Section
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -31,133 +32,12 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
 class ModelConfig(_Section):
     path: str = Field(description="Hugging Face model folder or hub name")
     dtype: Dtype = "float32"
     allow_pickle: bool = Field(False, description="accept *.bin (pickle) checkpoints; safetensors only otherwise")
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"]] = Field(
         None, description="attention kernel (transformers' attn_implementation); default: transformers' choice")
-
-
-class DataSource(_Section):
-    """A dataset: local json/jsonl/parquet/csv file(s), or a Hugging Face hub dataset name."""
-
-    path: Union[str, list[str]]
-    format: Literal["auto", "json", "jsonl", "parquet", "csv", "hub"] = "auto"
-    name: Optional[str] = Field(None, description="hub dataset config name")
-    split: str = "train"
-
-
-class Columns(_Section):
-    question: str = "question"
-    answer: str = "answer"
-    paraphrased_answer: str = "paraphrased_answer"
-    perturbed_answers: str = "perturbed_answers"
-    text: str = "text"
-
-
-SOURCE_NAMES = ("forget", "retain", "holdout", "general", "mc")
-
-
-class DataConfig(_Section):
-    forget: DataSource
-    retain: Optional[DataSource] = None
-    holdout: Optional[DataSource] = None
-    general: Optional[DataSource] = None
-    mc: Optional[DataSource] = Field(
-        None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
-    eval_sets: dict[str, DataSource] = Field(
-        default_factory=dict, description="question/answer sets the suites score, never trained on, by split name: "
-        "more splits (TOFU: real_authors, world_facts), or forget/retain/holdout to score those on other rows "
-        "than the training ones (TOFU: retain_perturbed)")
-    columns: Columns = Field(default_factory=Columns)
-    template: str = Field(DEFAULT_TEMPLATE, description="prompt with {question}, or 'chat': the tokenizer's "
-                          "chat template (question as the user turn, answer as the assistant turn)")
-    system_prompt: Optional[str] = Field(None, description="template chat: the system turn (default: the "
-                                         "chat template's own)")
-    answer_eos: bool = Field(True, description="answers end with EOS (chat: the end-of-turn) in training and "
-                             "scoring; off for facts learned in pretraining (WMDP/RWKU-style)")
-
-    def prompt_format(self) -> PromptFormat:
-        return PromptFormat(template=self.template, system_prompt=self.system_prompt, answer_eos=self.answer_eos)
-
-    @field_validator("forget", "retain", "holdout", "general", "mc", mode="before")
-    @classmethod
-    def _shorthand(cls, v: Any) -> Any:
-        return {"path": v} if isinstance(v, (str, list)) else v
-
-    @field_validator("eval_sets", mode="before")
-    @classmethod
-    def _eval_sets(cls, v: Any) -> Any:
-        if not isinstance(v, dict):
-            return v
-        for name in v:
-            if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)) or name in ("general", "mc") \
-                    or (name.startswith("forget") and name != "forget"):
-                raise ValueError(f"split name {name!r}: expected lower_snake_case, not general, mc or forget_*")
-        return {k: {"path": s} if isinstance(s, (str, list)) else s for k, s in v.items()}
-
-    def sources(self) -> dict[str, DataSource]:
-        """Every data source set, by its config path (``forget``, ..., ``eval_sets.<name>``)."""
-        out = {n: getattr(self, n) for n in SOURCE_NAMES if getattr(self, n) is not None}
-        return {**out, **{f"eval_sets.{n}": src for n, src in self.eval_sets.items()}}
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, v: str) -> str:
-        if v != CHAT and "{question}" not in v:
-            raise ValueError("must contain '{question}', or be 'chat' (the tokenizer's chat template)")
-        return v
-
-    @model_validator(mode="after")
-    def _system_prompt(self):
-        if self.system_prompt is not None and self.template != CHAT:
-            raise ValueError("system_prompt needs template: chat (a plain template holds its own text)")
-        return self
-
-
-class SplitConfig(_Section):
-    by: Literal["attribute", "cluster"] = Field(
-        "attribute", description="attribute: one subset per value of a forget-set column; cluster: k subsets of "
-                                 "similar rows (k-means over TF-IDF vectors), for data without an attribute")
-    attribute: Optional[str] = Field(None, description="by: attribute: the forget-set column to split by")
-    groups: Optional[dict[str, list[Any]]] = Field(
-        None, description="explicit subsets: name -> attribute values; default one subset per value"
-    )
-    clusters: Optional[int] = Field(None, ge=2, description="by: cluster: k, the number of subsets")
-    seed: int = Field(0, description="by: cluster: the k-means seed (same data and seed, same subsets)")
-    baseline: Literal["unsplit", "none"] = "unsplit"
-    missing: Literal["error", "drop", "group"] = Field(
-        "error", description="forget rows without an attribute value: an error, left out, or a subset 'missing'")
-
-    @field_validator("groups")
-    @classmethod
-    def _groups(cls, v):
-        if v is not None:
-            if not v:
-                raise ValueError("must name at least one group")
-            for name, values in v.items():
-                if not values:
-                    raise ValueError(f"group {name!r} lists no values")
-        return v
-
-    @model_validator(mode="after")
-    def _by(self):
-        if self.by == "attribute" and not self.attribute:
-            raise ValueError("attribute: expected the forget-set column to split by (or by: cluster with clusters: k)")
-        if self.by == "cluster":
-            if self.clusters is None:
-                raise ValueError("clusters: expected k, the number of subsets, with by: cluster")
-            if self.attribute is not None or self.groups is not None:
-                raise ValueError("attribute and groups belong to by: attribute; by: cluster takes clusters and seed")
-        return self
-
-    def describe(self) -> str:
-        return f"into {self.clusters} clusters (seed {self.seed})" if self.by == "cluster" else f"by {self.attribute!r}"
 
 
 class UnlearnConfig(TrainingSpec):
@@ -300,8 +180,8 @@ def _resolve(raw: dict, base: Path) -> dict:
             src = parent.get(name)
             if isinstance(src, (str, list)):
                 src = parent[name] = {"path": src}
-            if isinstance(src, dict) and "path" in src:
-                src["path"] = [fix(p) for p in src["path"]] if isinstance(src["path"], list) else fix(src["path"])
+            for leaf in _leaf_dicts(src):
+                leaf["path"] = [fix(p) for p in leaf["path"]] if isinstance(leaf["path"], list) else fix(leaf["path"])
     if isinstance(raw.get("eval"), dict):
         _resolve_suite_paths(raw["eval"], fix)
     if isinstance(raw.get("deepspeed"), str):
@@ -310,6 +190,16 @@ def _resolve(raw: dict, base: Path) -> dict:
     if isinstance(unlearn, dict) and isinstance(unlearn.get("params"), dict):
         _resolve_method_paths(unlearn, fix)
     return raw
+
+
+def _leaf_dicts(src: Any) -> list[dict]:
+    """The raw source dicts with a path: ``src``, or its parts' (a part may be a bare path string)."""
+    if not isinstance(src, dict):
+        return []
+    if isinstance(src.get("parts"), list):
+        src["parts"] = [{"path": p} if isinstance(p, (str, list)) else p for p in src["parts"]]
+        return [leaf for p in src["parts"] for leaf in _leaf_dicts(p)]
+    return [src] if "path" in src else []
 
 
 def _resolve_method_paths(unlearn: dict, fix: Any) -> None:

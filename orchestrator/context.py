@@ -61,6 +61,7 @@ class Prepared:
     counts: dict[str, int]
     digests: dict[str, str] = field(default_factory=dict)  # files' and subsets' keys -> content digest
     clusters: dict[str, dict] = field(default_factory=dict)  # split.by cluster: subset -> size, top_terms
+    formats: dict[str, str] = field(default_factory=dict)  # source -> "qa" | "text" (raw text rows)
 
 
 @dataclass

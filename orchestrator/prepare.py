@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 from jobs.data.cluster import cluster_rows
 from jobs.data.io import write_jsonl
-from jobs.data.loading import canonical_qa, canonical_text, load_rows
+from jobs.data.loading import canonical_rows, canonical_text, load_rows
 from jobs.data.rows import duplicate_questions
 from jobs.data.split import split_rows
 from orchestrator.cache import digest, file_digest
 from orchestrator.config import PipelineConfig
+from orchestrator.data_config import DataSource
 from orchestrator.context import Job, JobKind, Prepared, RunContext
 
 SOURCES = ("forget", "retain", "holdout", "general")  # question/answer sources, and general text
@@ -41,28 +42,64 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         src = getattr(cfg.data, name)
         if src is None:
             continue
-        rows = load_rows(src.path, src.format, src.name, src.split)
-        label = f"data.{name} ({src.path})"
-        data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_qa(rows, cols, label)
+        rows = load_source(src)
+        label = f"data.{name} ({src.label()})"
+        data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_rows(rows, cols, label)
         notes += _duplicates(data[name], label)
     for name, src in cfg.data.eval_sets.items():  # scored only: question/answer rows like retain's
-        label = f"data.eval_sets.{name} ({src.path})"
+        label = f"data.eval_sets.{name} ({src.label()})"
         key = eval_set_key(name)
-        data[key] = canonical_qa(load_rows(src.path, src.format, src.name, src.split), cols, label)
+        data[key] = eval_set_rows(load_source(src), cols, label)
         notes += _duplicates(data[key], label)
     if cfg.data.mc is not None:  # multiple-choice rows are kept whole: their other columns are attributes
         src = cfg.data.mc
-        data["mc"] = check_mc_rows(load_rows(src.path, src.format, src.name, src.split), f"data.mc ({src.path})")
+        data["mc"] = check_mc_rows(load_source(src), f"data.mc ({src.label()})")
     if "retain" in data:
-        both = {r["question"].strip() for r in data["forget"]} & {r["question"].strip() for r in data["retain"]}
+        key = "question" if formats(data)["forget"] == "qa" else "text"
+        both = {r[key].strip() for r in data["forget"]} & {r.get(key, "").strip() for r in data["retain"]}
         if both:
-            notes.append(f"{len(both)} question(s) are in both data.forget and data.retain (the method is asked to "
+            what = "question(s)" if key == "question" else "text(s)"
+            notes.append(f"{len(both)} {what} are in both data.forget and data.retain (the method is asked to "
                          f"forget and keep them), e.g. {sorted(both)[0]!r}")
-    s, label = cfg.split, f"data.forget ({cfg.data.forget.path})"
+    if formats(data)["forget"] == "text":
+        _check_text_forget(cfg)
+    s, label = cfg.split, f"data.forget ({cfg.data.forget.label()})"
     if s.by == "cluster":
         subsets, clusters = cluster_rows(data["forget"], s.clusters, s.seed, label)
         return Loaded(data, subsets, notes, clusters)
     return Loaded(data, split_rows(data["forget"], s.attribute, s.groups, s.missing, label, notes), notes)
+
+
+def load_source(src: DataSource) -> list[dict]:
+    """The rows of a source, or of its parts in order; each part's ``set`` columns added to its rows."""
+    if src.parts is None:
+        rows = load_rows(src.path, src.format, src.name, src.split)
+    else:
+        rows = [r for part in src.parts for r in load_source(part)]
+    return [{**r, **src.set} for r in rows] if src.set else rows
+
+
+def formats(data: dict[str, list[dict]]) -> dict[str, str]:
+    """Each loaded source's row kind: ``text`` (raw text) or ``qa``."""
+    return {n: "text" if rows and "text" in rows[0] and "question" not in rows[0] else "qa" for n, rows in data.items()}
+
+
+def _check_text_forget(cfg: PipelineConfig) -> None:
+    from jobs.data import DataError
+    from jobs.unlearn.methods import get_method
+
+    if not get_method(cfg.unlearn.method).takes_text:
+        raise DataError(f"data.forget ({cfg.data.forget.label()}): the rows are raw text, and unlearn.method "
+                        f"{cfg.unlearn.method!r} needs question/answer rows (it builds views of the answers)")
+
+
+def eval_set_rows(rows: list[dict], columns: dict, label: str) -> list[dict]:
+    """An eval set's rows: question/answer or text rows in canonical form; rows of another kind (MUSE's
+    verbmem prompts) as they are, for the suite that reads them."""
+    have = set().union(*(r.keys() for r in rows)) if rows else set()
+    if columns.get("question", "question") in have or columns.get("text", "text") in have:
+        return canonical_rows(rows, columns, label)
+    return rows
 
 
 def eval_set_key(name: str) -> str:
@@ -103,5 +140,6 @@ def prepare(ctx: RunContext) -> None:
         subset_files[key] = str(folder / "subsets" / f"{key}.jsonl")
         write_jsonl(subset_files[key], rows)
     ctx.prep = Prepared(files, subset_files, loaded.counts(),
-                        {n: file_digest(p) for n, p in {**files, **subset_files}.items()}, loaded.clusters)
+                        {n: file_digest(p) for n, p in {**files, **subset_files}.items()}, loaded.clusters,
+                        formats(data))
     ctx.display.log("prepare: " + ", ".join(f"{k}={v}" for k, v in ctx.prep.counts.items()))

@@ -34,7 +34,9 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
         spec = UnlearnSpec(
             **u.training(), name=Job.key_of(kind, subset), model_path=cfg.model.path, dtype=cfg.model.dtype,
             allow_pickle=cfg.model.allow_pickle, forget_path=path, retain_path=retain,
-            retain_format="text" if u.retain_source == "general" else "qa", method=u.method, method_params=u.params,
+            forget_format=prep.formats.get("forget", "qa"),
+            retain_format="text" if u.retain_source == "general" or prep.formats.get(u.retain_source) == "text" else "qa",
+            method=u.method, method_params=u.params,
             prompt=cfg.data.prompt_format(), deepspeed=cfg.deepspeed_dict(),
             attn_implementation=cfg.model.attn_implementation,
             threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), output_dir="")

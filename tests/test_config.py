@@ -166,7 +166,7 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
 
 def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     found = problems(config_file(eval={"suites": ["qa", "mia", "mc", "perplexity", "nope"]}))
-    assert "eval.suites.4: unknown evaluation suite 'nope'; known: lmeval, mc, memorization, mia, perplexity, qa" in found
+    assert "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, qa, verbmem" in found
     needs = sorted(p.split(":")[0] + ": " + p.split(": ")[1].split(" needs")[0] for p in found if p.startswith("data."))
     assert needs == ["data.general: the perplexity suite", "data.holdout: the mia suite", "data.mc: the mc suite"]
     # options sections are the suites' own models: eval.<suite>.<option>, validated by field
@@ -227,3 +227,23 @@ def test_eval_sets_resolve_like_sources_and_bad_names_or_files_are_named(config_
     assert problems(config_file(data__eval_sets={"Real Authors": "ra.jsonl"}))[0].startswith("data.eval_sets: ")
     found = problems(config_file(data__eval_sets={"world_facts": "nowhere.jsonl"}))
     assert any(p.startswith("data.eval_sets.world_facts.path: no such file") for p in found), found
+
+
+def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file, tiny_dir, tmp_path):
+    from jobs.data.io import load_jsonl
+    from orchestrator.prepare import load_source
+
+    (tmp_path / "a.jsonl").write_text('{"text": "anthrax spores survive heat."}\n{"text": "ricin is a toxin."}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "a buffer overflow writes past an array."}\n')
+    cfg = load_config(config_file(data__mc={"parts": [{"path": "a.jsonl", "set": {"domain": "bio"}},
+                                                      {"path": "b.jsonl", "set": {"domain": "cyber"}}]}))
+    src = cfg.data.mc
+    assert [leaf.path for leaf in src.leaves()] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert src.label() == f"{tmp_path / 'a.jsonl'} + {tmp_path / 'b.jsonl'}"
+    rows = load_source(src)
+    assert rows == [{**r, "domain": "bio"} for r in load_jsonl(tmp_path / "a.jsonl")] + \
+        [{"text": "a buffer overflow writes past an array.", "domain": "cyber"}]
+    found = problems(config_file(data__mc={"parts": ["a.jsonl", "missing.jsonl"]}))
+    assert any(p.startswith("data.mc.parts.1.path: no such file") for p in found), found
+    found = problems(config_file(data__mc={"path": "a.jsonl", "parts": ["b.jsonl"]}))
+    assert any(p.startswith("data.mc: ") and "not both" in p for p in found), found

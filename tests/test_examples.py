@@ -29,18 +29,25 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
 NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
          "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
-         "tofu.yaml": "tofu fixtures"}
+         "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures"}
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-HUB = {"tofu fixtures": ("locuslab/TOFU", FIXTURES / "tofu")}  # hub dataset -> fixture files in its schema
+HUB = {"tofu fixtures": ("locuslab/TOFU", FIXTURES / "tofu"),  # hub dataset -> fixture files in its schema
+       "muse fixtures": ("muse-bench/MUSE-News", FIXTURES / "muse_news")}
+HUB_MODELS = {"tofu fixtures": ("open-unlearning/tofu_Llama-3.2-1B-Instruct_full",
+                                "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90"),
+              "muse fixtures": ("muse-bench/MUSE-news_target", "muse-bench/MUSE-news_retrain")}
 
 
 def hub_to_files(node, repo: str, folder: Path):
-    """``node`` with every hub source of ``repo`` (``{path: repo, format: hub, name: config}``) turned into the
-    fixture file of that config, ``folder/<config>.json`` (JSON lines, as the hub's own files)."""
+    """``node`` with every hub source of ``repo`` (``{path: repo, format: hub, name: config, split: split}``)
+    turned into the fixture file of that config and split, ``folder/<config>.json`` for the default split
+    ``train``, else ``folder/<config>_<split>.json`` (JSON lines, as the hub's own files)."""
     if isinstance(node, dict):
         if node.get("format") == "hub" and node.get("path") == repo:
             rest = {k: v for k, v in node.items() if k not in ("path", "format", "name", "split")}
-            return {"path": str(folder / f"{node['name']}.json"), **rest}
+            split = node.get("split", "train")
+            name = node["name"] if split == "train" else f"{node['name']}_{split}"
+            return {"path": str(folder / f"{name}.json"), **rest}
         return {k: hub_to_files(v, repo, folder) for k, v in node.items()}
     if isinstance(node, list):
         return [hub_to_files(v, repo, folder) for v in node]
@@ -68,11 +75,9 @@ def stand_ins(name: str, request, tmp_path: Path) -> dict[str, str]:
     if need == "demo benchmark":
         bench = request.getfixturevalue("tiny_bench")[0]
         return {"../spunge-demo/benchmark": str(bench), "../spunge-demo": str(tmp_path / "spunge-demo")}
-    if need == "tofu fixtures":  # the hub models -> SmolLM2 (a chat model, as the example's), outputs -> tmp
+    if need in HUB_MODELS:  # the hub models -> SmolLM2 (a chat model, as TOFU's), outputs -> tmp
         model = str(request.getfixturevalue("smollm2"))
-        return {"open-unlearning/tofu_Llama-3.2-1B-Instruct_full": model,
-                "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90": model,
-                "../spunge-output": str(tmp_path / "spunge-output")}
+        return {**{m: model for m in HUB_MODELS[need]}, "../spunge-output": str(tmp_path / "spunge-output")}
     if need == "smollm2 model":
         return {"smollm2/model": str(request.getfixturevalue("smollm2")),
                 "smollm2/data": str(EXAMPLES_DIR / "smollm2" / "data"),  # the shipped data, re-anchored

@@ -225,3 +225,59 @@ def test_reference_attack_against_a_given_model_and_against_the_oracle(model_tok
     assert privleak_vs_oracle(model, oracle) == pytest.approx((0.1 - 0.4) / 0.4 * 100)
     model["raw"]["mia_privleak_attack"] = "loss"
     assert privleak_vs_oracle(model, oracle) == pytest.approx((0.3 - 0.5) / 0.5 * 100)
+
+
+# ------------------------------------------------------------------------------- MUSE: verbmem, knowmem
+
+
+def test_rouge_l_f1_by_hand():
+    from jobs.evaluate.metrics import rouge_l_f1
+
+    # LCS("the cat sat", "the cat sat on the mat") = 3: precision 3/3, recall 3/6 -> F1 = 2 * 1 * 0.5 / 1.5
+    np.testing.assert_allclose(rouge_l_f1(["the cat sat", "a dog"], ["the cat sat on the mat", "the mat"]),
+                               [2 / 3, 0.0])
+
+
+def test_knowmem_prompt_is_few_shot_raw_text():
+    from jobs.evaluate.knowmem import few_shot_prompt
+
+    icl = [{"question": "Q1?", "answer": "A1."}, {"question": "Q2?", "answer": "A2."}]
+    assert few_shot_prompt(icl, "Q?") == "Question: Q1?\nAnswer: A1.\n\nQuestion: Q2?\nAnswer: A2.\n\nQuestion: Q?\nAnswer:"
+    assert few_shot_prompt([], "Q?") == "Question: Q?\nAnswer:"
+
+
+def test_verbmem_and_knowmem_rise_on_a_model_that_memorised_the_text(model_tok, trained, data):
+    from jobs.evaluate.metrics import rouge_l_f1
+    from jobs.evaluate.scoring import generate_answers
+    from jobs.evaluate.verbmem import RAW
+
+    # the trained model saw "Question: q\nAnswer: a": the prompt as a verbmem prefix, the answer as its truth
+    verb = [{"prompt": f"Question: {r['question']}\nAnswer:", "gt": r["answer"]} for r in data["forget"]]
+    know = {"knowmem_forget": data["forget"][1:], "knowmem_forget_icl": data["forget"][:1],
+            "knowmem_retain": data["holdout"]}
+    split = {"verbmem": verb, **know}
+    base = {s: SUITES[s](SuiteContext(*model_tok, batch_size=4), split) for s in ("verbmem", "knowmem")}
+    after = {s: SUITES[s](SuiteContext(*trained, batch_size=4), split) for s in ("verbmem", "knowmem")}
+    assert after["verbmem"]["metrics"]["forget_verbmem_rouge"] > 0.8 > base["verbmem"]["metrics"]["forget_verbmem_rouge"]
+    assert after["knowmem"]["metrics"]["knowmem_forget_rouge"] > base["knowmem"]["metrics"]["knowmem_forget_rouge"]
+    assert set(after["knowmem"]["metrics"]) == {"knowmem_forget_rouge", "knowmem_retain_rouge"}
+    # the metric is the mean F1 of the model's own 128-token greedy continuations, computed here by hand
+    gen, _ = generate_answers(*trained, [v["prompt"] for v in verb], 128, 4, RAW)
+    assert after["verbmem"]["raw"]["forget_verbmem_rouge"] == pytest.approx(
+        rouge_l_f1(gen, [v["gt"] for v in verb]).tolist())
+    with pytest.raises(ValueError, match="eval set 'verbmem' row 1: column 'gt': expected a non-empty string"):
+        SUITES["verbmem"](SuiteContext(*model_tok), {"verbmem": [{"prompt": "x", "gt": ""}]})
+
+
+def test_mia_scores_raw_text_rows_on_every_token(model_tok):
+    from jobs.data.format import encode_text
+    from jobs.evaluate.mia import mia_scores
+
+    model, tok = model_tok
+    rows = [{"text": "Ana Lind was born in Oslo."}, {"text": "Bo Chen writes crime novels."}]
+    scores = mia_scores(model, tok, rows)
+    for r, got in zip(rows, scores["loss"]):
+        enc = encode_text(tok, r["text"])
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([enc["input_ids"]]), labels=torch.tensor([enc["labels"]])).loss
+        assert got == pytest.approx(float(want), rel=1e-5)

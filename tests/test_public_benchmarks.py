@@ -25,22 +25,29 @@ def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1200)
 
 
-def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    raw = hub_to_files(yaml.safe_load((EXAMPLES_DIR / "tofu.yaml").read_text()), *HUB["tofu fixtures"])
+def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path) -> dict:
+    """The example with its hub data on the fixtures, the tiny model for its hub models, and the size of
+    this machine: 2 steps of 1 worker without a GPU, 2 clusters, no unsplit baseline, short generation."""
+    raw = hub_to_files(yaml.safe_load((EXAMPLES_DIR / example).read_text()), *HUB[fixtures])
     model = str(tiny_dir / "model")
     raw["model"] = {"path": model, "dtype": "float32"}
     raw["eval"].update(oracle=model, batch_size=8, max_new_tokens=8)
-    raw["data"]["template"] = "Question: {question}\nAnswer:"
-    raw["data"].pop("system_prompt")
     raw["split"].update(clusters=2, baseline="none")
-    raw["unlearn"].update(max_steps=2, batch_size=4, max_length=64)
+    raw["unlearn"].update(max_steps=2, batch_size=4, max_length=64, gradient_checkpointing=False)
     raw["deepspeed"] = {"zero_optimization": {"stage": 0}}
     raw["scaling"] = {"num_workers": 1}
     raw["storage"]["output_dir"] = str(tmp_path / "run")
     raw["tracking"]["log_models"] = False
     raw["ray"] = {"num_cpus": 4}
+    return raw
+
+
+def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    raw = on_this_machine("tofu.yaml", "tofu fixtures", tiny_dir, tmp_path)
+    raw["data"]["template"] = "Question: {question}\nAnswer:"  # the tiny model has no chat template
+    raw["data"].pop("system_prompt")
     (tmp_path / "tofu.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
     r = spunge("run", "tofu.yaml", cwd=tmp_path)
@@ -70,3 +77,28 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     evals = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'eval/merged'")
     assert evals and evals[0].data.metrics["model_utility"] == pytest.approx(report["models"]["merged"]["model_utility"])
     assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics
+
+
+def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path):
+    from jobs.data.io import load_jsonl
+
+    raw = on_this_machine("muse_news.yaml", "muse fixtures", tiny_dir, tmp_path)
+    raw["eval"]["verbmem"]["max_new_tokens"] = 16
+    (tmp_path / "muse.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    r = spunge("run", "muse.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
+    for key, job in report["jobs"].items():  # unlearning on raw text: every token a target, NPO's loss moved
+        steps = load_jsonl(Path(job["output_dir"]) / "history.jsonl")
+        assert [s["step"] for s in steps] == [1, 2] and all(s["forget_loss"] > 0 for s in steps), key
+    for name in ("base", "oracle", "subset/c0", "subset/c1", "merged"):
+        m = report["models"][name]
+        for k in ("forget_verbmem_rouge", "knowmem_forget_rouge", "knowmem_retain_rouge", "mia_min_k_auc"):
+            assert 0 <= m[k] <= 1, (name, k, m)
+        assert "privleak" in m and "forget_prob" not in m  # no qa suite: nothing scored as question/answer
+    assert report["models"]["oracle"]["privleak"] == pytest.approx(0.0)  # its own AUC
+    # MUSE's privleak from the min-k AUCs (k = 0.4), by hand
+    a, o = report["models"]["merged"]["mia_min_k_auc"], report["models"]["oracle"]["mia_min_k_auc"]
+    assert report["models"]["merged"]["privleak"] == pytest.approx(((1 - a) - (1 - o)) / (1 - o) * 100)

@@ -3,7 +3,8 @@
 A source is a local file (json, jsonl, parquet, csv), a list of files, or a hub dataset name. Local JSON is
 read as written (every value keeps its type, so a bad row is named, not coerced); parquet, csv and hub
 datasets go through Hugging Face ``datasets``. Columns are renamed to the canonical ``question``/``answer``/``paraphrased_answer``/``perturbed_answers`` (QA data) or
-``text`` (general data); every other column (the attributes) is kept as it is.
+``text`` (general data, and raw-text forget/retain/holdout corpora such as MUSE's); every other column (the
+attributes) is kept as it is.
 """
 
 from __future__ import annotations
@@ -103,7 +104,21 @@ def canonical_qa(rows: list[dict], columns: Mapping[str, str], source: str, requ
 
 
 def canonical_text(rows: list[dict], columns: Mapping[str, str], source: str) -> list[dict]:
+    """Text rows: the configured text column renamed to ``text`` and checked; the other columns (attributes
+    to split by) kept."""
     col = columns.get("text", "text")
     if rows and col not in set().union(*(r.keys() for r in rows)):
         raise DataError(f"{source}: no column {col!r} (data.columns.text); columns are {sorted(rows[0])}")
-    return check_text_rows([{"text": r.get(col)} for r in rows], source, col)
+    out = [{**{k: v for k, v in r.items() if k != col}, "text": r.get(col)} for r in rows]
+    return check_text_rows(out, source, col)
+
+
+def is_text(rows: list[dict], columns: Mapping[str, str]) -> bool:
+    """Raw text rows (MUSE's corpora, WMDP's forget corpora): a text column and no question column."""
+    have = set().union(*(r.keys() for r in rows)) if rows else set()
+    return columns.get("text", "text") in have and columns.get("question", "question") not in have
+
+
+def canonical_rows(rows: list[dict], columns: Mapping[str, str], source: str) -> list[dict]:
+    """Question/answer rows, or text rows when they are text (``is_text``)."""
+    return canonical_text(rows, columns, source) if is_text(rows, columns) else canonical_qa(rows, columns, source)

@@ -122,6 +122,18 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> np.
     )
 
 
+def rouge_l_f1(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Per-example ROUGE-L F1 (``rouge_score``'s ``rougeL`` fmeasure, Porter stemming): MUSE's VerbMem and
+    KnowMem score."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)],
+                    dtype=np.float64)
+
+
 def forget_quality(tr_model, tr_oracle) -> float:
     """TOFU's forget quality: the two-sample Kolmogorov-Smirnov test p-value between the unlearned
     model's and the retain-only oracle's raw forget truth ratios,

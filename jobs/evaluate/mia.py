@@ -1,8 +1,8 @@
 """Membership inference (the ``mia`` suite): loss, zlib, min-k% and min-k%++ attacks, their AUC, privleak.
 
-Members are the ``forget`` split's QA examples, non-members the ``holdout`` split's. Every attack scores
+Members are the ``forget`` split's examples, non-members the ``holdout`` split's. Every attack scores
 the answer tokens (answer + EOS, as :func:`jobs.data.format.encode_qa` builds them) under the question
-prompt, and every score follows open-unlearning's convention (``src/evals/metrics/mia/``): HIGHER score
+prompt, or every token of a raw-text row (:func:`jobs.data.format.encode_text`; MUSE's privleak), and every score follows open-unlearning's convention (``src/evals/metrics/mia/``): HIGHER score
 = LESS likely a member. The AUC labels forget 0 and holdout 1 (open-unlearning ``mia_auc``), so an AUC
 near 1 means members are clearly distinguishable (lower loss), 0.5 means they are not.
 
@@ -165,16 +165,33 @@ def answer_token_stats(
     with ``moments=True``, ``mu``/``sigma`` of log p over the vocabulary (Min-K%++). Batched by length
     with ``collate`` as :func:`jobs.evaluate.scoring.score_answers`.
     """
-    import torch
-
-    from jobs.evaluate.scoring import qa_logits
+    from jobs.data.format import encode_qa
 
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
-    out: list[dict[str, np.ndarray]] = [{} for _ in questions]
+    encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
+    return token_stats(model, tokenizer, encoded, batch_size, moments)
+
+
+def encode_record(tokenizer: Any, record: dict, max_length: int, template: PromptLike) -> dict[str, list[int]]:
+    """A record's tokens and targets: the answer of a question/answer row, every token of a raw-text row."""
+    from jobs.data.format import encode_qa, encode_text
+
+    if "question" not in record and isinstance(record.get("text"), str):
+        return encode_text(tokenizer, record["text"], max_length)
+    return encode_qa(tokenizer, record["question"], record["answer"], max_length, template)
+
+
+def token_stats(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int = 32,
+                moments: bool = False) -> list[dict[str, np.ndarray]]:
+    """:func:`answer_token_stats` of encoded rows (``input_ids``/``labels``): the stats of their targets."""
+    import torch
+
+    from jobs.evaluate.scoring import encoded_logits
+
+    out: list[dict[str, np.ndarray]] = [{} for _ in encoded]
     with torch.inference_mode():
-        for idx, logits, targets, rows in qa_logits(model, tokenizer, questions, answers, batch_size, max_length,
-                                                    template):
+        for idx, logits, targets, rows in encoded_logits(model, tokenizer, encoded, batch_size):
             lsm = torch.log_softmax(logits.float(), dim=-1)  # [n answer tokens of the batch, V]
             logp = lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
             pred, labels = lsm.argmax(-1).cpu().numpy(), targets.cpu().numpy()
@@ -199,9 +216,9 @@ def mia_scores(
     max_length: int = 128,
     template: PromptLike = DEFAULT_TEMPLATE,
 ) -> dict[str, list[float]]:
-    """Every attack's per-example score (higher = less likely a member) for QA records."""
-    stats = answer_token_stats(model, tokenizer, [r["question"] for r in records], [r["answer"] for r in records],
-                               batch_size, max_length, template, moments=True)
+    """Every attack's per-example score (higher = less likely a member) for QA or raw-text records."""
+    stats = token_stats(model, tokenizer, [encode_record(tokenizer, r, max_length, template) for r in records],
+                        batch_size, moments=True)
     out: dict[str, list[float]] = {a: [] for a in ATTACKS}
     for s in stats:
         text = tokenizer.decode(s["labels"].tolist(), skip_special_tokens=True)
@@ -218,14 +235,14 @@ def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 
     (one backward pass per example; the model's gradients are left cleared)."""
     import torch
 
-    from jobs.data.format import collate, encode_qa, sequence_nll
+    from jobs.data.format import collate, sequence_nll
 
     device = next(model.parameters()).device
     params = [q for q in model.parameters() if q.requires_grad]
     out = []
     try:
         for r in records:
-            batch = collate([encode_qa(tokenizer, r["question"], r["answer"], max_length, template)],
+            batch = collate([encode_record(tokenizer, r, max_length, template)],
                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits

@@ -41,6 +41,15 @@ SOURCES = {
 }
 
 
+def is_eval_set(source: str) -> bool:
+    """``eval_sets.<name>``: a set of ``data.eval_sets`` a suite needs (MUSE's verbmem, knowmem_forget, ...)."""
+    return source.startswith("eval_sets.") and len(source) > len("eval_sets.")
+
+
+def describe_source(source: str) -> str:
+    return SOURCES.get(source) or f"the eval set {source.split('.', 1)[1]!r} (data.{source})"
+
+
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,7 +82,7 @@ SuiteFn = Callable[[SuiteContext, dict, Any], dict]
 class Suite:
     name: str
     fn: SuiteFn
-    needs: Union[tuple[str, ...], Callable[[Any], tuple[str, ...]]] = ()  # data sources (SOURCES); or of the options
+    needs: Union[tuple[str, ...], Callable[[Any], tuple[str, ...]]] = ()  # SOURCES or eval_sets.<name>; or of the options
     options: type[BaseModel] = NoOptions
     path_options: tuple[str, ...] = ()  # options naming local files or folders (resolved against the config)
     groups: tuple[tuple[str, str], ...] = ()  # (report group, regex of metric names), in order
@@ -101,7 +110,7 @@ def register_suite(name: str, *, needs: Union[tuple[str, ...], Callable[[Any], t
                    groups: tuple[tuple[str, str], ...] = (), references: tuple[Reference, ...] = (),
                    check: Optional[Callable[[Any], list[str]]] = None) -> Callable[[SuiteFn], Suite]:
     """Decorator: declare ``fn(ctx, data, opts)`` as the evaluation suite ``name`` (see the module doc)."""
-    unknown = [s for s in (needs if isinstance(needs, tuple) else ()) if s not in SOURCES]
+    unknown = [s for s in (needs if isinstance(needs, tuple) else ()) if s not in SOURCES and not is_eval_set(s)]
     if unknown:
         raise ValueError(f"suite {name!r}: needs unknown data source(s) {unknown}; known: {', '.join(SOURCES)}")
 

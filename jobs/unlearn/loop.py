@@ -103,8 +103,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, opt: OptimizerSpec, total_st
 
 
 def encode_rows(rows: list[dict], tokenizer, spec: UnlearnSpec, part: str, method=None) -> list[dict]:
-    """Each row as ``{part: encoding, view: encoding, ...}``; QA rows unless ``part`` is general text."""
-    if part == "retain" and spec.retain_format == "text":
+    """Each row as ``{part: encoding, view: encoding, ...}``; QA rows unless ``part``'s rows are raw text."""
+    if (spec.retain_format if part == "retain" else spec.forget_format) == "text":
         return [{part: encode_text(tokenizer, r["text"], spec.max_length)} for r in rows]
     rng = random.Random(spec.seed)
     enc = lambda q, a: encode_qa(tokenizer, q, a, spec.max_length, spec.prompt)

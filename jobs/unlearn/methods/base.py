@@ -33,6 +33,7 @@ class Method:
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_reference: ClassVar[bool] = False
     needs_retain: ClassVar[bool] = False
+    takes_text: ClassVar[bool] = True  # trains on raw-text forget rows (False: needs question/answer rows)
     # params naming local files or folders: a config's relative paths there resolve against its folder
     path_params: ClassVar[tuple[str, ...]] = ()
 

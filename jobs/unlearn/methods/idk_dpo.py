@@ -53,6 +53,8 @@ class IdkDPO(Method):
     needs_reference = True
     needs_retain = True
 
+    takes_text = False  # its views rewrite the answers of question/answer rows
+
     def forget_views(self, row: dict, rng: random.Random) -> dict[str, tuple[str, str]]:
         return {"idk": (row["question"], rng.choice(self.params.idk_answers))}
 

@@ -102,6 +102,7 @@ class WHPParams(BaseModel):
 class WhosHarryPotter(Method):
     Params = WHPParams
     needs_reference = True
+    takes_text = False  # its views rewrite the answers of question/answer rows
     path_params: ClassVar[tuple[str, ...]] = ("anchors", "reinforced")
 
     def __init__(self, params: WHPParams):

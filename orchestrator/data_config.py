@@ -36,7 +36,8 @@ class DataSource(Section):
     @model_validator(mode="after")
     def _path_or_parts(self):
         if (self.path is None) == (self.parts is None):
-            raise ValueError("expected path (a file, files or a hub name) or parts (a list of sources), not both")
+            raise ValueError("expected path (a file, files or a hub name) or parts (a list of sources): "
+                             f"{'neither' if self.path is None else 'both'} given")
         if self.parts is not None and not self.parts:
             raise ValueError("parts: expected at least one source")
         return self
@@ -69,9 +70,9 @@ class DataConfig(Section):
     mc: Optional[DataSource] = Field(
         None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
     eval_sets: dict[str, DataSource] = Field(
-        default_factory=dict, description="question/answer sets the suites score, never trained on, by split name: "
-        "more splits (TOFU: real_authors, world_facts), or forget/retain/holdout to score those on other rows "
-        "than the training ones (TOFU: retain_perturbed)")
+        default_factory=dict, description="sets the suites score, never trained on, by split name: more "
+        "question/answer splits (TOFU: real_authors, world_facts), a suite's own rows (MUSE: verbmem, knowmem_*), "
+        "or forget/retain/holdout scored on other rows than the training ones (TOFU: retain_perturbed)")
     columns: Columns = Field(default_factory=Columns)
     template: str = Field(DEFAULT_TEMPLATE, description="prompt with {question}, or 'chat': the tokenizer's "
                           "chat template (question as the user turn, answer as the assistant turn)")

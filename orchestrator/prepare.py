@@ -46,7 +46,7 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         label = f"data.{name} ({src.label()})"
         data[name] = canonical_text(rows, cols, label) if name == "general" else canonical_rows(rows, cols, label)
         notes += _duplicates(data[name], label)
-    for name, src in cfg.data.eval_sets.items():  # scored only: question/answer rows like retain's
+    for name, src in cfg.data.eval_sets.items():  # scored, never trained on
         label = f"data.eval_sets.{name} ({src.label()})"
         key = eval_set_key(name)
         data[key] = eval_set_rows(load_source(src), cols, label)

@@ -246,4 +246,4 @@ def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file,
     found = problems(config_file(data__mc={"parts": ["a.jsonl", "missing.jsonl"]}))
     assert any(p.startswith("data.mc.parts.1.path: no such file") for p in found), found
     found = problems(config_file(data__mc={"path": "a.jsonl", "parts": ["b.jsonl"]}))
-    assert any(p.startswith("data.mc: ") and "not both" in p for p in found), found
+    assert any(p.startswith("data.mc: ") and "both given" in p for p in found), found

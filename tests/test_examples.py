@@ -29,28 +29,34 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
 NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
          "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
-         "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures"}
+         "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures", "wmdp_spunge.yaml": "wmdp fixtures"}
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-HUB = {"tofu fixtures": ("locuslab/TOFU", FIXTURES / "tofu"),  # hub dataset -> fixture files in its schema
-       "muse fixtures": ("muse-bench/MUSE-News", FIXTURES / "muse_news")}
+HUB = {  # hub datasets -> fixture files in their schema: (folder, {dataset: the prefix of its files})
+    "tofu fixtures": (FIXTURES / "tofu", {"locuslab/TOFU": ""}),
+    "muse fixtures": (FIXTURES / "muse_news", {"muse-bench/MUSE-News": ""}),
+    "wmdp fixtures": (FIXTURES / "wmdp", {"cais/wmdp-bio-forget-corpus": "wmdp-bio-forget-corpus",
+                                          "cais/wmdp-corpora": "wmdp-corpora", "cais/wmdp": "wmdp", "cais/mmlu": "mmlu"}),
+}
 HUB_MODELS = {"tofu fixtures": ("open-unlearning/tofu_Llama-3.2-1B-Instruct_full",
                                 "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90"),
-              "muse fixtures": ("muse-bench/MUSE-news_target", "muse-bench/MUSE-news_retrain")}
+              "muse fixtures": ("muse-bench/MUSE-news_target", "muse-bench/MUSE-news_retrain"),
+              "wmdp fixtures": ("HuggingFaceH4/zephyr-7b-beta",)}
 
 
-def hub_to_files(node, repo: str, folder: Path):
-    """``node`` with every hub source of ``repo`` (``{path: repo, format: hub, name: config, split: split}``)
-    turned into the fixture file of that config and split, ``folder/<config>.json`` for the default split
-    ``train``, else ``folder/<config>_<split>.json`` (JSON lines, as the hub's own files)."""
+def hub_to_files(node, folder: Path, datasets: dict[str, str]):
+    """``node`` with every hub source of one of ``datasets`` (``{path: dataset, format: hub, name: config,
+    split: split}``) turned into its fixture file ``folder/<prefix>_<config>_<split>.json``: the dataset's
+    prefix, the config if any, the split unless it is the default ``train`` (JSON lines, as the hub's own
+    files)."""
     if isinstance(node, dict):
-        if node.get("format") == "hub" and node.get("path") == repo:
+        if node.get("format") == "hub" and node.get("path") in datasets:
             rest = {k: v for k, v in node.items() if k not in ("path", "format", "name", "split")}
             split = node.get("split", "train")
-            name = node["name"] if split == "train" else f"{node['name']}_{split}"
-            return {"path": str(folder / f"{name}.json"), **rest}
-        return {k: hub_to_files(v, repo, folder) for k, v in node.items()}
+            parts = [datasets[node["path"]], node.get("name") or "", "" if split == "train" else split]
+            return {"path": str(folder / ("_".join(p for p in parts if p) + ".json")), **rest}
+        return {k: hub_to_files(v, folder, datasets) for k, v in node.items()}
     if isinstance(node, list):
-        return [hub_to_files(v, repo, folder) for v in node]
+        return [hub_to_files(v, folder, datasets) for v in node]
     return node
 
 

@@ -102,3 +102,27 @@ def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_
     # MUSE's privleak from the min-k AUCs (k = 0.4), by hand
     a, o = report["models"]["merged"]["mia_min_k_auc"], report["models"]["oracle"]["mia_min_k_auc"]
     assert report["models"]["merged"]["privleak"] == pytest.approx(((1 - a) - (1 - o)) / (1 - o) * 100)
+
+
+def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_multiple_choice(tiny_dir, tmp_path):
+    raw = on_this_machine("wmdp_spunge.yaml", "wmdp fixtures", tiny_dir, tmp_path)
+    del raw["eval"]["oracle"]  # WMDP has no retain-only model
+    raw["split"].pop("clusters")
+    raw["unlearn"]["params"].update(layer=1, trainable_layers=[0, 1], steering_coeff=2.0)  # the tiny model's 2 layers
+    (tmp_path / "wmdp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    r = spunge("run", "wmdp.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    variants = json.loads((tmp_path / "run" / "variants.json").read_text())
+    assert set(variants["rows"]) == {"rmu/merged", "tvn/merged"}
+    for variant in ("rmu", "tvn"):
+        report = json.loads((tmp_path / "run" / variant / "report.json").read_text())
+        assert set(report["jobs"]) == {"subset/bio", "subset/cyber"}  # SPUNGE: one job per hazard domain
+        assert report["counts"]["subset/bio"] == 3 and report["counts"]["subset/cyber"] == 3
+        for name in ("base", "subset/bio", "subset/cyber", "merged"):
+            m = report["models"][name]
+            accs = [m[f"mc_acc.benchmark.{b}"] for b in ("wmdp_bio", "wmdp_cyber", "mmlu")]
+            assert all(a in (0.0, 0.5, 1.0) for a in accs), (variant, name, m)  # 2 questions each
+            assert m["mc_acc"] == pytest.approx(sum(accs) / 3)  # 6 questions, 2 per benchmark
+        rows = [json.loads(line) for line in open(Path(report["jobs"]["subset/bio"]["output_dir"]) / "history.jsonl")]
+        assert [s["step"] for s in rows] == [1, 2]

@@ -158,7 +158,7 @@ class PipelineConfig(_Section):
 # ---------------------------------------------------------------------------------------------------
 # loading and checking
 
-_PATH_FIELDS = (("model", "path"), ("eval", "oracle"), ("storage", "output_dir"))
+_PATH_FIELDS = (("model", "path"), ("eval", "oracle"), ("storage", "output_dir"), ("split", "embedding_model"))
 
 
 def _resolve(raw: dict, base: Path) -> dict:

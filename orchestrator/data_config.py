@@ -128,6 +128,11 @@ class SplitConfig(Section):
         None, description="explicit subsets: name -> attribute values; default one subset per value"
     )
     clusters: Optional[int] = Field(None, ge=2, description="by: cluster: k, the number of subsets")
+    embedding: Literal["tfidf", "model"] = Field(
+        "tfidf", description="by: cluster: the rows' vectors: TF-IDF of their words, or a sentence embedding "
+                             "(mean-pooled last hidden states of embedding_model)")
+    embedding_model: Optional[str] = Field(
+        None, description="embedding: model: a sentence encoder folder or hub name (default: model.path)")
     seed: int = Field(0, description="by: cluster: the k-means seed (same data and seed, same subsets)")
     baseline: Literal["unsplit", "none"] = "unsplit"
     missing: Literal["error", "drop", "group"] = Field(
@@ -152,8 +157,13 @@ class SplitConfig(Section):
             if self.clusters is None:
                 raise ValueError("clusters: expected k, the number of subsets, with by: cluster")
             if self.attribute is not None or self.groups is not None:
-                raise ValueError("attribute and groups belong to by: attribute; by: cluster takes clusters and seed")
+                raise ValueError("attribute and groups belong to by: attribute; by: cluster takes clusters, seed "
+                                 "and embedding")
+        elif self.embedding != "tfidf" or self.embedding_model is not None:
+            raise ValueError("embedding and embedding_model belong to by: cluster")
         return self
 
     def describe(self) -> str:
-        return f"into {self.clusters} clusters (seed {self.seed})" if self.by == "cluster" else f"by {self.attribute!r}"
+        if self.by == "cluster":
+            return f"into {self.clusters} clusters ({self.embedding} vectors, seed {self.seed})"
+        return f"by {self.attribute!r}"

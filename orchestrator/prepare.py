@@ -65,7 +65,8 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         _check_text_forget(cfg)
     s, label = cfg.split, f"data.forget ({cfg.data.forget.label()})"
     if s.by == "cluster":
-        subsets, clusters = cluster_rows(data["forget"], s.clusters, s.seed, label)
+        subsets, clusters = cluster_rows(data["forget"], s.clusters, s.seed, label, embedding=s.embedding,
+                                         embedding_model=s.embedding_model or cfg.model.path)
         return Loaded(data, subsets, notes, clusters)
     return Loaded(data, split_rows(data["forget"], s.attribute, s.groups, s.missing, label, notes), notes)
 

@@ -52,7 +52,7 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
 
     r = spunge("run", "tofu.yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "into 2 clusters (seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr  # the progress display
+    assert "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr  # the progress display
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # the clusters: every forget row in one, each with its size and top terms
     clusters = report["clusters"]

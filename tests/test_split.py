@@ -91,3 +91,28 @@ def test_split_section_is_checked(split, message):
 
     with pytest.raises(ValidationError, match=message):
         SplitConfig(**split)
+
+
+def test_model_embeddings_drive_the_clusters_and_are_mean_pooled_hidden_states(tiny_dir, monkeypatch):
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import jobs.data.cluster as C
+
+    # the sentence embedding of a row: the attention-masked mean of the last hidden states, L2-normalised
+    texts = [C.row_text(r) for r in TOPICS[:3]]
+    got = C.embed_rows(texts, str(tiny_dir / "model"), batch_size=2)
+    tok, model = AutoTokenizer.from_pretrained(tiny_dir / "model"), AutoModel.from_pretrained(tiny_dir / "model")
+    for text, vec in zip(texts, got):
+        with torch.no_grad():
+            h = model(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+        np.testing.assert_allclose(vec, (h / h.norm()).numpy(), rtol=1e-4, atol=1e-5)
+    assert got.shape == (3, model.config.hidden_size)
+
+    # vectors that group rows 0-1 against 2-5, unlike their words: k-means follows the vectors
+    vectors = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1], [0, 1], [0.05, 1]], dtype=np.float32)
+    monkeypatch.setattr(C, "embed_rows", lambda texts, path: vectors)
+    subsets, clusters = C.cluster_rows(TOPICS, 2, embedding="model", embedding_model="any")
+    assert {k: [TOPICS.index(r) for r in v] for k, v in subsets.items()} == {"c0": [0, 1], "c1": [2, 3, 4, 5]}
+    assert clusters["c0"]["size"] == 2 and clusters["c0"]["top_terms"]  # still described by their words

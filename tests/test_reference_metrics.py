@@ -7,10 +7,13 @@ from jobs.evaluate.suites import add_reference_metrics
 
 
 def test_forget_quality_and_privleak_are_computed_against_the_oracle():
-    results = {
-        "oracle": {"metrics": {"mia_loss_auc": 0.5}, "raw": {"forget_truth_ratio": [0.9, 1.0, 1.1, 1.2]}},
-        "base": {"metrics": {"mia_loss_auc": 1.0}, "raw": {"forget_truth_ratio": [0.1, 0.2, 0.3, 0.4]}},
+    results = {  # privleak from the min-k AUC (MUSE's), unless the suite said another attack
+        "oracle": {"metrics": {"mia_min_k_auc": 0.5, "mia_loss_auc": 0.6},
+                   "raw": {"forget_truth_ratio": [0.9, 1.0, 1.1, 1.2]}},
+        "base": {"metrics": {"mia_min_k_auc": 1.0, "mia_loss_auc": 0.7},
+                 "raw": {"forget_truth_ratio": [0.1, 0.2, 0.3, 0.4]}},
         "merged": {"metrics": {}, "raw": {"forget_truth_ratio": [0.9, 1.0, 1.1, 1.3]}},
+        "unsplit": {"metrics": {"mia_min_k_auc": 0.9, "mia_loss_auc": 0.8}, "raw": {"mia_privleak_attack": "loss"}},
     }
     add_reference_metrics(results)
     assert results["oracle"]["metrics"]["forget_quality"] == pytest.approx(1.0)
@@ -21,6 +24,8 @@ def test_forget_quality_and_privleak_are_computed_against_the_oracle():
     assert results["base"]["metrics"]["privleak"] == pytest.approx(-100.0)
     assert results["oracle"]["metrics"]["privleak"] == pytest.approx(0.0)
     assert "privleak" not in results["merged"]["metrics"]  # no mia suite ran for it
+    # eval.mia.privleak_attack: loss -> ((1 - 0.8) - (1 - 0.6)) / (1 - 0.6) * 100
+    assert results["unsplit"]["metrics"]["privleak"] == pytest.approx((0.2 - 0.4) / 0.4 * 100)
 
 
 def test_without_an_oracle_nothing_is_added():

@@ -3,7 +3,7 @@ schema) through the real pipeline with the tiny model: Ray, DeepSpeed, mergekit,
 
 What is changed from the example is only what the machine forces: the hub sources become the fixture files
 (``hub_to_files``), the hub models become the tiny model (which has no chat template: a plain prompt), and
-the size (steps, workers, no GPU, 2 clusters of the fixture's 8 forget rows)."""
+the size (2 steps of 1 worker, no GPU, 2 clusters where the example clusters, no unsplit baseline)."""
 
 import json
 import os

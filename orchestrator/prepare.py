@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from jobs.data.cluster import cluster_rows
 from jobs.data.io import write_jsonl
-from jobs.data.loading import canonical_rows, canonical_text, load_rows
+from jobs.data.loading import canonical_rows, canonical_text, is_text_record, load_rows
 from jobs.data.rows import duplicate_questions
 from jobs.data.split import split_rows
 from orchestrator.cache import digest, file_digest
@@ -54,14 +54,15 @@ def load_data(cfg: PipelineConfig) -> Loaded:
     if cfg.data.mc is not None:  # multiple-choice rows are kept whole: their other columns are attributes
         src = cfg.data.mc
         data["mc"] = check_mc_rows(load_source(src), f"data.mc ({src.label()})")
+    forget_kind = formats(data)["forget"]
     if "retain" in data:
-        key = "question" if formats(data)["forget"] == "qa" else "text"
+        key = "question" if forget_kind == "qa" else "text"
         both = {r[key].strip() for r in data["forget"]} & {r.get(key, "").strip() for r in data["retain"]}
         if both:
             what = "question(s)" if key == "question" else "text(s)"
             notes.append(f"{len(both)} {what} are in both data.forget and data.retain (the method is asked to "
                          f"forget and keep them), e.g. {sorted(both)[0]!r}")
-    if formats(data)["forget"] == "text":
+    if forget_kind == "text":
         _check_text_forget(cfg)
     s, label = cfg.split, f"data.forget ({cfg.data.forget.label()})"
     if s.by == "cluster":
@@ -82,7 +83,7 @@ def load_source(src: DataSource) -> list[dict]:
 
 def formats(data: dict[str, list[dict]]) -> dict[str, str]:
     """Each loaded source's row kind: ``text`` (raw text) or ``qa``."""
-    return {n: "text" if rows and "text" in rows[0] and "question" not in rows[0] else "qa" for n, rows in data.items()}
+    return {n: "text" if rows and is_text_record(rows[0]) else "qa" for n, rows in data.items()}
 
 
 def _check_text_forget(cfg: PipelineConfig) -> None:

@@ -113,6 +113,11 @@ def canonical_text(rows: list[dict], columns: Mapping[str, str], source: str) ->
     return check_text_rows(out, source, col)
 
 
+def is_text_record(record: Mapping[str, Any]) -> bool:
+    """A canonical raw-text record: a string ``text`` and no ``question``."""
+    return isinstance(record.get("text"), str) and "question" not in record
+
+
 def is_text(rows: list[dict], columns: Mapping[str, str]) -> bool:
     """Raw text rows (MUSE's corpora, WMDP's forget corpora): a text column and no question column."""
     have = set().union(*(r.keys() for r in rows)) if rows else set()

@@ -176,8 +176,9 @@ def answer_token_stats(
 def encode_record(tokenizer: Any, record: dict, max_length: int, template: PromptLike) -> dict[str, list[int]]:
     """A record's tokens and targets: the answer of a question/answer row, every token of a raw-text row."""
     from jobs.data.format import encode_qa, encode_text
+    from jobs.data.loading import is_text_record
 
-    if "question" not in record and isinstance(record.get("text"), str):
+    if is_text_record(record):
         return encode_text(tokenizer, record["text"], max_length)
     return encode_qa(tokenizer, record["question"], record["answer"], max_length, template)
 

@@ -34,7 +34,9 @@ def corpus_perplexity(nll: Sequence[float], n_tokens: Sequence[int]) -> float:
 
 def is_text_split(records: Sequence[dict]) -> bool:
     """Records that are all ``{"text": str, ...}`` without a ``question``."""
-    return bool(records) and all(isinstance(r.get("text"), str) and "question" not in r for r in records)
+    from jobs.data.loading import is_text_record
+
+    return bool(records) and all(is_text_record(r) for r in records)
 
 
 @register_suite("perplexity", needs=("general",), groups=(("Utility", r"^(.*perplexity.*|.*_ppl)$"),))

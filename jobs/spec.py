@@ -58,6 +58,9 @@ class TrainingSpec(_Spec):
                                      "since the last (0: every step); not part of the stage key")
     checkpoint_every: Optional[int] = Field(
         None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage key")
+    eval_every: Optional[int] = Field(
+        None, gt=0, description="steps between model snapshots that Ray eval tasks score while training goes on "
+                                "(unlearn.select picks the job's model among them); null: only the last step")
 
     def training(self) -> dict[str, Any]:
         """The ``TrainingSpec`` fields of this model (a config section or a spec), as keyword arguments."""

@@ -44,6 +44,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     if cfg.merge.method not in names:
         problems.append(f"merge.method: unknown mergekit method {cfg.merge.method!r}; known: {', '.join(names)}")
     problems += _check_suites(cfg)
+    problems += _check_select(cfg)
     problems += _check_model_features(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
@@ -89,6 +90,33 @@ def _check_suites(cfg: PipelineConfig) -> list[str]:
             if source not in present:
                 problems.append(f"data.{source}: the {name} suite needs {describe_source(source)}, but it is not set")
         problems += [f"eval.{name}: {p}" for p in (suite.check(opts) if suite.check else [])]
+    return problems
+
+
+SELECT_SPLITS = ("forget", "retain", "holdout")  # what unlearn.select samples and scores at each step
+
+
+def _check_select(cfg: PipelineConfig) -> list[str]:
+    """``unlearn.select``: a rule or patience needs ``unlearn.eval_every``; its suites exist, and read only
+    the splits it samples; the rule's metrics come from those suites (checked when the first step is scored)."""
+    from jobs.evaluate.suites import SUITES, describe_source
+
+    sel, problems = cfg.unlearn.select, []
+    if cfg.unlearn.eval_every is None and (sel.rule != "last" or sel.patience):
+        problems.append("unlearn.select: a rule or patience scores evaluated steps; set unlearn.eval_every")
+    if sel.patience and sel.rule == "last":
+        problems.append("unlearn.select.patience: needs a rule (with rule: last no step is better than another)")
+    present = set(cfg.data.sources())
+    for i, name in enumerate(sel.suites):
+        try:
+            suite = SUITES.get(name)
+        except KeyError as e:
+            problems.append(f"unlearn.select.suites.{i}: {e.args[0]}")
+            continue
+        for source in suite.sources(suite.options(**cfg.eval.suite_options(name))):
+            if source not in SELECT_SPLITS or source not in present:
+                problems.append(f"unlearn.select.suites.{i}: the {name} suite needs {describe_source(source)}; "
+                                f"steps are scored on samples of {', '.join(s for s in SELECT_SPLITS if s in present)}")
     return problems
 
 

@@ -19,6 +19,7 @@ from jobs.spec import TrainingSpec
 from orchestrator.checks import check_config, field_path
 from orchestrator.data_config import SOURCE_NAMES, DataConfig, SplitConfig
 from orchestrator.data_config import Section as _Section
+from orchestrator.tune.objective import Objective
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -40,6 +41,27 @@ class ModelConfig(_Section):
         None, description="attention kernel (transformers' attn_implementation); default: transformers' choice")
 
 
+class StepRule(Objective):
+    """``unlearn.select.rule``: the tune objective's form (a metric or weighted sum, ``mode``, constraints
+    relative to the base model, ``penalty``), scored on each evaluated step of a job."""
+
+    model: Literal["job"] = Field("job", description="the job's own model at each evaluated step")
+
+
+class SelectConfig(_Section):
+    """``unlearn.select``: which evaluated step of each job is its model (what the merge receives)."""
+
+    rule: Union[Literal["last"], StepRule] = Field(
+        "last", description="'last' or an objective over the step's eval metrics (as tune.objective)")
+    suites: list[str] = Field(default_factory=lambda: ["qa"], description="suites scored at each step")
+    max_examples: int = Field(32, gt=0, description="rows sampled from each of forget/retain/holdout per job")
+    seed: int = Field(0, description="which rows are sampled")
+    patience: Optional[int] = Field(None, gt=0, description="stop a job after this many evaluated steps "
+                                    "without a better one (early stopping); null: never")
+    keep: Literal["best", "all"] = Field("best", description="snapshots kept on disk once scored: the best "
+                                         "so far (and those not yet scored), or all")
+
+
 class UnlearnConfig(TrainingSpec):
     """The ``unlearn:`` section: the method and what its retain term trains on, and how the jobs train
     (``TrainingSpec``, the same fields every ``UnlearnSpec`` carries)."""
@@ -48,6 +70,7 @@ class UnlearnConfig(TrainingSpec):
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
     retain_source: Literal["retain", "general"] = Field(
         "retain", description="what the retain term trains on: the in-distribution retain set or general text")
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
 
 class ScalingConfig(_Section):
@@ -132,6 +155,12 @@ class RayConfig(_Section):
                                    "worker group, may take to start (a loaded machine is slow)")
 
 
+class ReportConfig(_Section):
+    pretraining_tokens: Optional[float] = Field(
+        None, gt=0, description="tokens the model was pretrained on, for the cost report's retraining estimate "
+                                "(6 x params x tokens); default: a table of known models by name")
+
+
 class PipelineConfig(_Section):
     name: str = "spunge"
     model: ModelConfig
@@ -148,6 +177,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def deepspeed_dict(self) -> dict[str, Any]:
         if isinstance(self.deepspeed, dict):

@@ -77,6 +77,10 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # the step rows drained from the board
     logged_step: int = 0  # the last step reported as an event (a restarted job replays steps after its checkpoint)
+    selected: Optional[dict[str, Any]] = None  # unlearn.select's choice: step, path, rule, candidates
+    curves: list[dict[str, Any]] = field(default_factory=list)  # unlearn.eval_every: eval/<metric> per step
+    cost: dict[str, Any] = field(default_factory=dict)  # device_s, tokens, flops (orchestrator/costs.py)
+    select_costs: list[dict[str, Any]] = field(default_factory=list)  # one per eval task of unlearn.select
 
     @staticmethod
     def key_of(kind: JobKind, subset: Optional[str] = None) -> str:
@@ -90,6 +94,16 @@ class Job:
     def slug(self) -> str:
         """The key as one path component (folder and Ray Train run names)."""
         return f"subset-{self.subset}" if self.kind is JobKind.SUBSET else self.kind.value
+
+    @property
+    def model_dir(self) -> str:
+        """The job's model: the step ``unlearn.select`` chose, else its output folder (the last step)."""
+        return self.selected["path"] if self.selected else self.spec.output_dir
+
+    @property
+    def model_hash(self) -> str:
+        """The stage hash of ``model_dir``: the job's, plus the step when a snapshot was chosen."""
+        return f"{self.hash}-step{self.selected['step']}" if self.selected and self.selected["snapshot"] else self.hash
 
     @property
     def run_name(self) -> str:
@@ -115,6 +129,7 @@ class RunContext:
     kinds: tuple[JobKind, ...] = (JobKind.SUBSET, JobKind.UNSPLIT)  # the jobs to plan (unsplit: split.baseline)
     eval_models: Optional[tuple[str, ...]] = None  # models to score (base, oracle, subset/<v>, unsplit, merged); None: all
     started: float = 0.0  # perf_counter at the start of the run
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # each stage's wall-clock (the cost report)
     run_id: Optional[str] = None  # the MLflow run the report names
     # what the stages leave behind
     prep: Optional[Prepared] = None

@@ -36,7 +36,7 @@ def models_to_score(ctx: RunContext) -> dict[str, tuple[str, str]]:
     models = {"base": (cfg.model.path, model_fingerprint(cfg.model.path))}
     if cfg.eval.oracle:
         models["oracle"] = (cfg.eval.oracle, model_fingerprint(cfg.eval.oracle))
-    models.update({j.key: (j.spec.output_dir, j.hash) for j in ctx.jobs})
+    models.update({j.key: (j.model_dir, j.model_hash) for j in ctx.jobs})
     if ctx.merged is not None:
         models["merged"] = (ctx.merged.path, ctx.merged.hash)
     return {n: m for n, m in models.items()
@@ -134,7 +134,7 @@ def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key in ("metrics", "raw", "parts", "n_examples"):
             out[key].update(r.get(key, {}))
         out["seconds"] += r.get("seconds", 0.0)
-        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused")}
+        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused", "tokens", "params")}
     out["reused"] = all(r.get("reused") for r in parts.values())
     return out
 

@@ -28,6 +28,10 @@ class Events:
     def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:
         """New step rows of a running job (each step once, in order; a restarted job's replays dropped)."""
 
+    def job_eval(self, job: Any, step: int, metrics: dict[str, Any]) -> None:
+        """A running job's model at ``step`` was scored (``unlearn.eval_every``; step 0 is the base model on
+        the same sample); ``metrics`` include ``objective`` under an ``unlearn.select`` rule."""
+
     def job_done(self, job: Any) -> None:
         """A job finished (or was reused): ``job.result`` holds its final metrics, ``job.history`` its steps."""
 

@@ -24,12 +24,12 @@ def merge(ctx: RunContext) -> None:
     """``ctx.merged``: the merged model in ``stages/merge-<hash>/``, reused when ``--resume`` finds it."""
     cfg, m = ctx.cfg, ctx.cfg.merge
     jobs = ctx.subset_jobs()
-    spec = MergeSpec(base_model_path=cfg.model.path, model_paths={j.key: j.spec.output_dir for j in jobs},
+    spec = MergeSpec(base_model_path=cfg.model.path, model_paths={j.key: j.model_dir for j in jobs},
                      method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
                      dtype=cfg.model.dtype, output=m.output, output_dir="")
     # the unlearning method picks which folder of a job is merged and may rewrite the merged weights (tvn)
     h = stage_key(spec, cfg.unlearn.method, method_params_key(cfg), base_model_path=model_fingerprint(cfg.model.path),
-                  model_paths={j.key: j.hash for j in jobs})
+                  model_paths={j.key: j.model_hash for j in jobs})
     folder = ctx.out / "stages" / f"merge-{h}"
     ctx.display.add("merge", f"merge ({m.method})")
     reused = claim(folder, MERGE_MARKER, ctx.resume)
@@ -49,7 +49,7 @@ def merge(ctx: RunContext) -> None:
                 ctx.display.log(f"merge: the merge actor died ({root_message(e)}); merging again in a new one")
                 claim(folder, MERGE_MARKER, resume=False)  # whatever it left half-written
                 start_merge_actor(ctx)
-                ray.get([ctx.merge_actor.add.remote(j.key, j.spec.output_dir) for j in jobs])
+                ray.get([ctx.merge_actor.add.remote(j.key, j.model_dir) for j in jobs])
             except Exception as e:
                 raise PipelineError(f"merge ({m.method}) failed: {root_message(e)}") from None
         seconds = time.perf_counter() - t0

@@ -30,8 +30,10 @@ __all__ = ["STAGES", "PipelineError", "run_stages", "run_pipeline", "report"]
 
 def report(ctx: RunContext) -> None:
     """``ctx.report``: the tables printed, report.json/report.md and the plots written (``ctx.artifacts``)."""
+    from orchestrator.costs import cost_report
+
     ctx.report = build_report(ctx.results, ctx.jobs, ctx.prep, ctx.run_id,
-                              time.perf_counter() - ctx.started)
+                              time.perf_counter() - ctx.started, cost_report(ctx))
     ctx.artifacts += [(p, None) for p in write_report(ctx.report, ctx.out, ctx.display.console)]
     ctx.artifacts += [(p, "plots") for p in _plots(ctx)]
 
@@ -44,7 +46,9 @@ def run_stages(ctx: RunContext, stages: Sequence[str] = tuple(STAGES)) -> RunCon
     """Run ``stages`` (names of ``STAGES``, in that order) over ``ctx``, telling ``ctx.events``."""
     for name in stages:
         ctx.events.stage_started(name, ctx)
+        t0 = time.perf_counter()
         STAGES[name](ctx)
+        ctx.stage_seconds[name] = time.perf_counter() - t0
         ctx.events.stage_done(name, ctx)
     return ctx
 
@@ -89,7 +93,8 @@ def _plots(ctx: RunContext) -> list[Path]:
     from orchestrator.plots import write_plots
 
     try:
-        paths = write_plots(ctx.report["models"], {j.key: j.history for j in ctx.jobs}, ctx.out / "plots")
+        paths = write_plots(ctx.report["models"], {j.key: j.history + j.curves for j in ctx.jobs}, ctx.out / "plots",
+                            {j.key: j.selected["step"] for j in ctx.jobs if j.selected} or None)
     except Exception as e:  # the report is already written: don't fail the run for a figure
         ctx.display.log(f"warning: plots not written: {type(e).__name__}: {e}")
         return []

@@ -23,6 +23,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 FORGET_KEYS = ("forget_prob", "forget_quality")
 UTILITY_KEYS = ("model_utility", "retain_prob")
 LOSS_KEYS = ("loss", "forget_loss", "retain_loss")
+# unlearn.eval_every: the scored steps (step 0: the base model on the same sample), drawn with markers
+EVAL_KEYS = ("eval/forget_prob", "eval/forget_quality", "eval/model_utility", "eval/retain_prob", "eval/objective")
 ATTRIBUTE_METRIC = re.compile(r"^mc_acc\.([^.]+)\.(.+)$")
 
 
@@ -55,23 +57,37 @@ def scatter_figure(models: dict[str, dict[str, Any]]) -> Optional[Figure]:
     return fig
 
 
-def loss_curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Optional[Figure]:
-    """One panel per loss part present (loss, forget_loss, retain_loss), one line per unlearning job, over step."""
-    keys = [k for k in LOSS_KEYS if any(_num(r.get(k)) is not None for rows in histories.values() for r in rows)]
+def loss_curves_figure(histories: dict[str, list[dict[str, Any]]],
+                       selected: Optional[dict[str, int]] = None) -> Optional[Figure]:
+    """One panel per loss part present (loss, forget_loss, retain_loss) and per eval curve present
+    (``EVAL_KEYS``: rows of ``unlearn.eval_every``), one line per unlearning job, over step; a job's step
+    chosen by ``unlearn.select`` (``selected``) is a star on its eval curves."""
+    keys = [k for k in (*LOSS_KEYS, *EVAL_KEYS)
+            if any(_num(r.get(k)) is not None for rows in histories.values() for r in rows)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(len(keys), 4)
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, key in zip(flat, keys):
         for job, rows in histories.items():
             pts = [(int(r["step"]), _num(r.get(key))) for r in rows if "step" in r and _num(r.get(key)) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=job, linewidth=1.2)
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=job, linewidth=1.2,
+                            marker="o" if key in EVAL_KEYS else None, markersize=3)
+            best = (selected or {}).get(job)
+            if key in EVAL_KEYS and best is not None and best in dict(pts):
+                ax.plot([best], [dict(pts)[best]], marker="*", markersize=12, color=line.get_color())
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("unlearning loss curves")
+    for ax in flat[len(keys):]:
+        ax.set_visible(False)
+    flat[0].legend(fontsize=8)
+    fig.suptitle("unlearning loss curves" + (" and scored steps (star: the chosen step)" if selected else ""))
     fig.tight_layout()
     return fig
 
@@ -105,14 +121,14 @@ def attribute_accuracy_figure(models: dict[str, dict[str, Any]]) -> Optional[Fig
 
 
 def write_plots(models: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]],
-                folder: Path) -> list[Path]:
+                folder: Path, selected: Optional[dict[str, int]] = None) -> list[Path]:
     """Save ``scatter.png``, ``loss_curves.png`` and ``attribute_accuracy.png`` (each when there is
     something to plot) into ``folder``; return the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, fig in (("scatter.png", scatter_figure(models)),
-                       ("loss_curves.png", loss_curves_figure(histories)),
+                       ("loss_curves.png", loss_curves_figure(histories, selected)),
                        ("attribute_accuracy.png", attribute_accuracy_figure(models))):
         if fig is None:
             continue

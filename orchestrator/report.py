@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -45,7 +45,8 @@ def group_columns(names: Iterable[str]) -> dict[str, list[str]]:
     return {g: groups[g] for g in order if g in groups}
 
 
-def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_id: str, seconds: float) -> dict:
+def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_id: str, seconds: float,
+                 cost: Optional[dict[str, Any]] = None) -> dict:
     models = {name: _clean(results[name]["metrics"]) for name in sorted(results, key=_order)}
     return {
         "models": models,
@@ -56,10 +57,32 @@ def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_
         **({"clusters": prep.clusters} if getattr(prep, "clusters", None) else {}),  # split.by: cluster
         "jobs": {j.key: {"output_dir": j.spec.output_dir, "stage_hash": j.hash, "reused": j.reused,
                          "attempts": j.result.get("attempts"),  # worker-group starts (None when reused)
-                         "final_metrics": j.result.get("final_metrics", {})} for j in jobs},
+                         "final_metrics": j.result.get("final_metrics", {}),
+                         **({"selected": _selected(j.selected)} if j.selected else {})} for j in jobs},
         "eval_reused": {name: bool(r.get("reused")) for name, r in results.items()},
+        **({"relearn": relearn} if (relearn := relearn_summary(models)) else {}),
+        **({"cost": cost} if cost else {}),
         "seconds": seconds,
     }
+
+
+def relearn_summary(models: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The relearn suite's gains of the unlearned models (base and oracle left out) and the model that
+    recovers least (the lowest ``relearn_gain``)."""
+    gains = {n: m["relearn_gain"] for n, m in models.items()
+             if n not in ("base", "oracle") and isinstance(m.get("relearn_gain"), (int, float))}
+    if not gains:
+        return None
+    return {"gain": gains, "least_recovery": min(gains, key=gains.get)}
+
+
+def _selected(sel: dict[str, Any]) -> dict[str, Any]:
+    """What report.json says of a job's chosen step: the step and the model, the rule, and every evaluated
+    step's objective and metrics."""
+    keep = ("step", "last_step", "path", "rule", "objective", "feasible", "stopped_early")
+    return {**_clean({k: sel.get(k) for k in keep}),
+            "candidates": [{**_clean({k: v for k, v in c.items() if k != "metrics"}), "metrics": _clean(c["metrics"])}
+                           for c in sel.get("candidates", [])]}
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -119,12 +142,30 @@ def markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
+def summary_lines(report: dict) -> list[str]:
+    """The lines under the tables: each job's chosen step (unlearn.select), the relearning attack's least
+    recovered model, the cost."""
+    from orchestrator.costs import describe
+
+    lines = [f"{key}: step {s['step']} of {s['last_step']} chosen by {s['rule']}"
+             + (f" (stopped early at step {s['stopped_early']})" if s.get("stopped_early") else "")
+             for key, j in report.get("jobs", {}).items() if (s := j.get("selected"))]
+    if rl := report.get("relearn"):
+        lines.append(f"relearn: {rl['least_recovery']} recovers least (relearn_gain "
+                     f"{rl['gain'][rl['least_recovery']]:.3g}; " + ", ".join(f"{n} {g:.3g}" for n, g in rl["gain"].items()) + ")")
+    if report.get("cost"):
+        lines.append(describe(report["cost"]))
+    return lines
+
+
 def write_report(report: dict, out: Path, console: Console) -> list[Path]:
     """Print the grouped tables; write report.json and report.md into ``out`` (returned for MLflow)."""
     print_tables(report["models"], console)
+    for line in summary_lines(report):
+        console.print(line, markup=False)
     js, md = out / "report.json", out / "report.md"
     js.write_text(json.dumps(report, indent=2))
-    md.write_text(markdown(report))
+    md.write_text(markdown(report) + "".join(f"\n{line}\n" for line in summary_lines(report)))
     console.print(f"report: {js}  (MLflow run {report['mlflow_run_id']})", markup=False)
     return [js, md]
 

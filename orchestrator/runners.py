@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
@@ -27,6 +28,7 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     from jobs.unlearn.methods import build_method
     from orchestrator.progress import ProgressCallback
 
+    started = time.perf_counter()
     s = UnlearnSpec(**spec)
     resources = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:
@@ -72,6 +74,7 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
         s = s.model_copy(update={"method_params": {**s.method_params, **update}})
     result = fit(s, storage_path, run_name, [ProgressCallback(board, s.name)])
     result["final_metrics"] = {**result.get("final_metrics", {}), **pre_metrics}
+    result["seconds"] = time.perf_counter() - started  # with the method's own jobs: the cost report's wall-clock
     return {"name": s.name, "output_dir": s.output_dir, **result}
 
 

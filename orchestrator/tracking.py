@@ -147,10 +147,19 @@ class MlflowEvents(Events):
     def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:
         self.tracker.log_history(self.tracker.child(job.run_name), rows)
 
+    def job_eval(self, job: Any, step: int, metrics: dict[str, Any]) -> None:
+        self.tracker.log_metrics(self.tracker.child(job.run_name), {f"eval/{k}": v for k, v in metrics.items()},
+                                 step=step)
+
     def job_done(self, job: Any) -> None:
         run_id = self.tracker.child(job.run_name)
         final = job.result.get("final_metrics", {})
         self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()})
+        if job.selected:
+            sel = job.selected
+            self.tracker.log_metrics(run_id, {"selected_step": sel["step"], "selected_objective": sel["objective"]})
+            self.tracker.set_tags(run_id, {"spunge.selected_step": sel["step"], "spunge.select_rule": sel["rule"],
+                                           "spunge.selected_path": sel["path"]})
         self.tracker.set_tags(run_id, {"spunge.reused": job.reused, "spunge.output_dir": job.spec.output_dir,
                                        **({"spunge.attempts": job.result["attempts"]} if "attempts" in job.result else {})})
         self.tracker.end(run_id)
@@ -194,6 +203,12 @@ class MlflowEvents(Events):
             t.log_artifact(t.parent_id, path, folder)
         for model, metrics in ctx.report["models"].items():
             t.log_metrics(t.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
+        cost = ctx.report.get("cost")
+        if cost:
+            t.log_metrics(t.parent_id, {**{f"cost.total.{k}": v for k, v in cost["total"].items()},
+                                        **{f"cost.{s}.{k}": v for s, c in cost["stages"].items() for k, v in c.items()},
+                                        **{f"cost.{k}": cost.get(k) for k in ("retrain_flops", "retrain_vs_pipeline",
+                                                                             "retrain_vs_unlearning", "params")}})
 
     def run_ended(self, ctx: Any, status: str) -> None:
         try:

@@ -1,5 +1,7 @@
 """Stage 2, unlearn: one Ray Train ``TorchTrainer`` per job (each attribute subset, and the unsplit
-baseline), as many at once as the cluster fits; each finished subset checkpoint goes to the merge actor."""
+baseline), as many at once as the cluster fits; with ``unlearn.eval_every`` the ``StepSelector`` scores each
+job's snapshots meanwhile and picks its step (orchestrator/select.py); each finished subset model goes to the
+merge actor."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from jobs.unlearn.loop import JOB_MARKER, STEPS_FILE
 from orchestrator.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message
+from orchestrator.costs import record_job_cost
 
 HISTORY_FILE = "history.jsonl"  # an unlearning job's step rows, written by the driver into the job's folder
 
@@ -53,13 +56,13 @@ def job_capacity(cfg: PipelineConfig) -> int:
     """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources)."""
     if cfg.scaling.max_concurrent_jobs:
         return cfg.scaling.max_concurrent_jobs
-    res = ray.cluster_resources()
+    res = dict(ray.cluster_resources())
+    fits = _fits(cfg, res)
+    if cfg.unlearn.eval_every:  # the snapshots' eval tasks run beside the jobs: one task's resources stay free
+        spare = {**res, "CPU": res.get("CPU", 1) - cfg.eval.cpus_per_task,
+                 "GPU": res.get("GPU", 0) - cfg.eval.gpus_per_task}
+        fits = max(_fits(cfg, spare), min(fits, 1))  # a cluster of one job's size: the tasks wait for it
     s = cfg.scaling
-    fits = int(res.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
-    if s.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    if s.memory_per_worker_gb:
-        fits = min(fits, int(res.get("memory", 0) // (s.num_workers * s.memory_per_worker_gb * 2**30)))
     if fits < 1:
         raise PipelineError(f"scaling: one job needs {s.num_workers} x {s.cpus_per_worker} CPU"
                             f"{f' and {s.gpus_per_worker} GPU' if s.use_gpu else ''}"
@@ -68,60 +71,91 @@ def job_capacity(cfg: PipelineConfig) -> int:
     return fits
 
 
+def _fits(cfg: PipelineConfig, res: dict[str, float]) -> int:
+    s = cfg.scaling
+    fits = int(res.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    if s.use_gpu:
+        fits = min(fits, int(res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    if s.memory_per_worker_gb:
+        fits = min(fits, int(res.get("memory", 0) // (s.num_workers * s.memory_per_worker_gb * 2**30)))
+    return fits
+
+
 def unlearn(ctx: RunContext) -> None:
     """Plan ``ctx.jobs``, reuse the finished ones (``--resume``), run the rest."""
     from orchestrator.merge import start_merge_actor
     from orchestrator.progress import ProgressBoard
+    from orchestrator.select import StepSelector
 
     ctx.jobs = plan_jobs(ctx)
     start_merge_actor(ctx)
     board = ProgressBoard.remote()
+    selector = StepSelector(ctx)
     pending: list[Job] = []
+    selecting: list[Job] = []
     for job in ctx.jobs:
         ctx.events.job_started(job)
         ctx.display.add(job.key, f"unlearn {job.key}")
         job.reused = claim(Path(job.spec.output_dir), JOB_MARKER, ctx.resume, keep_unfinished=True)
         if job.reused:
             job.result = json.loads((Path(job.spec.output_dir) / JOB_MARKER).read_text())
-            _finish(ctx, job)
-        elif ctx.resume:  # Ray Train restores an unfinished job from its latest checkpoint in train_dir
+            _trained(ctx, job, selector, selecting)
+            continue
+        if ctx.resume:  # Ray Train restores an unfinished job from its latest checkpoint in train_dir
             _restore_history(ctx, job)
-            pending.append(job)
         else:
             shutil.rmtree(job.train_dir, ignore_errors=True)
-            pending.append(job)
+        selector.job_started(job)  # the base model on the job's sample; a resumed job's snapshots so far
+        pending.append(job)
     running: dict[Any, Job] = {}
     seen: dict[str, int] = {}
     try:
-        _run_jobs(ctx, pending, running, board, seen)
+        _run_jobs(ctx, pending, running, board, seen, selector, selecting)
     finally:  # interrupted or failed: stop every job still running (its workers and placement group go too)
         for ref in running:
             ray.cancel(ref, force=True)
+        selector.cancel()
 
 
-def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], board: Any, seen: dict[str, int]) -> None:
-    """Start jobs as capacity frees up, drain their progress, finish each as it ends."""
+def _trained(ctx: RunContext, job: Job, selector: Any, selecting: list[Job]) -> None:
+    """A job's training ended (or was found finished): finish it, or first let the selector choose its step."""
+    if not selector.enabled or selector.job_trained(job):
+        _finish(ctx, job, selector)
+    else:
+        ctx.display.update(job.key, info="scoring its last step (unlearn.select)")
+        selecting.append(job)
+
+
+def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], board: Any, seen: dict[str, int],
+              selector: Any, selecting: list[Job]) -> None:
+    """Start jobs as capacity frees up, drain their progress (scoring their snapshots), finish each as it
+    ends and its step is chosen."""
     from orchestrator.runners import run_unlearn_job
 
     capacity = job_capacity(ctx.cfg)
     scaling = ctx.cfg.scaling.model_dump()
-    while pending or running:
+    while pending or running or selecting:
         while pending and len(running) < capacity:
             job = pending.pop(0)
             ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name,
                                          board)
             running[ref] = job
             ctx.display.update(job.key, info="starting workers")
-        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-        drain_progress(ctx, board, seen)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0) if running else ([], [])
+        drain_progress(ctx, board, seen, selector)
         for ref in done:
             job = running.pop(ref)
             try:
                 job.result = ray.get(ref)
             except Exception as e:  # the others are stopped by the caller
                 raise PipelineError(f"unlearn {job.key} failed: {root_message(e)}") from None
-            drain_progress(ctx, board, seen)
-            _finish(ctx, job)
+            drain_progress(ctx, board, seen, selector)
+            _trained(ctx, job, selector, selecting)
+        selector.poll(timeout=0.0 if running else 1.0)
+        for job in [j for j in selecting if selector.ready(j)]:
+            selecting.remove(job)
+            selector.choose(job)
+            _finish(ctx, job, selector)
         ctx.display.heartbeat()
 
 
@@ -157,8 +191,9 @@ def _restore_history(ctx: RunContext, job: Job) -> None:
         ctx.display.log(f"unlearn {job.key}: resuming; steps 1-{job.logged_step} were reported before")
 
 
-def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
-    """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps."""
+def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int], selector: Any = None) -> None:
+    """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps;
+    hand them to the ``selector`` (which scores the snapshots they name)."""
     by_key = {j.key: j for j in ctx.jobs}
     for key, rows in ray.get(board.since.remote(seen)).items():
         seen[key] = seen.get(key, 0) + len(rows)
@@ -166,6 +201,8 @@ def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
         fresh = add_steps(job, rows)
         if fresh:
             ctx.events.job_steps(job, fresh)
+        if selector is not None:
+            selector.on_rows(job, rows)
         last = rows[-1]
         info = " ".join(f"{k}={last[k]:.3g}" for k in ("loss", "forget_loss", "retain_loss") if k in last)
         if last.get("resumed_from"):
@@ -173,15 +210,20 @@ def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int]) -> None:
         ctx.display.update(key, done=int(last["step"]), total=int(last["total_steps"]), info=info)
 
 
-def _finish(ctx: RunContext, job: Job) -> None:
+def _finish(ctx: RunContext, job: Job, selector: Any) -> None:
     hist = Path(job.spec.output_dir) / HISTORY_FILE  # kept beside the checkpoint: a resumed run still plots it
     if job.reused and hist.exists():
         job.history = load_jsonl(hist)
     else:  # a driver killed between the job's end and this point left only the workers' steps
         job.history = job.history if not job.reused else steps_reported(job)
         write_jsonl(hist, job.history)
+    if selector.enabled:
+        job.curves = selector.curves(job)
+    job.cost = record_job_cost(job, ctx.cfg.scaling)
     ctx.events.job_done(job)
     if job.kind is JobKind.SUBSET:
-        ray.get(ctx.merge_actor.add.remote(job.key, job.spec.output_dir))
+        ray.get(ctx.merge_actor.add.remote(job.key, job.model_dir))
     final = job.result.get("final_metrics", {})
-    ctx.display.finish(job.key, "reused (resume)" if job.reused else f"done, final loss {final.get('loss', float('nan')):.3g}")
+    chosen = f"; step {job.selected['step']} of {job.selected['last_step']} chosen" if job.selected else ""
+    ctx.display.finish(job.key, ("reused (resume)" if job.reused else f"done, final loss {final.get('loss', float('nan')):.3g}")
+                       + chosen)

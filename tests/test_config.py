@@ -166,7 +166,7 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
 
 def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     found = problems(config_file(eval={"suites": ["qa", "mia", "mc", "perplexity", "nope"]}))
-    assert "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, qa, verbmem" in found
+    assert "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, qa, relearn, verbmem" in found
     needs = sorted(p.split(":")[0] + ": " + p.split(": ")[1].split(" needs")[0] for p in found if p.startswith("data."))
     assert needs == ["data.general: the perplexity suite", "data.holdout: the mia suite", "data.mc: the mc suite"]
     # options sections are the suites' own models: eval.<suite>.<option>, validated by field

@@ -148,3 +148,29 @@ def test_the_loop_syncs_once_per_optimizer_step(tiny_dir, tmp_path, single_proce
     shared, local = sync_step("cpu", [torch.tensor(True), 12, 0.0], {"loss": torch.tensor(2.5), "kl": 0.5}, world=2)
     assert calls == {"collective": 1, "read": 7}
     assert shared == [1.0, 12.0, 0.0] and local == {"loss": 2.5, "kl": 0.5}
+
+
+def test_eval_every_writes_snapshots_and_a_stop_file_ends_the_job(tiny_dir, tmp_path, single_process_dist):
+    """Every eval_every steps the model as it stands is a folder the driver can score (the last step's is the
+    output itself); the driver's stop file ends the job after the step that reads it."""
+    from jobs.unlearn.loop import SNAPSHOT_MARKER, STOP_FILE, snapshot_dir
+
+    s = spec(tiny_dir, tmp_path, eval_every=2, max_steps=5, report_interval_s=3600)
+    batches = []
+    final = run_unlearning(s, report=batches.append)
+    rows = [r for b in batches for r in b]
+    assert [r["step"] for r in rows if "snapshot" in r] == [2, 4]
+    for step in (2, 4):
+        folder = snapshot_dir(s.output_dir, step)
+        assert json.loads((folder / SNAPSHOT_MARKER).read_text())["step"] == step
+        assert load_model(folder) is not None and (folder / "tokenizer_config.json").exists()
+    # a snapshot is the model at its step: step 2's forget NLL lies between the base's and the final model's
+    base, two, last = (forget_nll(p, tiny_dir) for p in (tiny_dir / "model", snapshot_dir(s.output_dir, 2), s.output_dir))
+    assert base < two < last
+    assert sum(r["step_tokens"] for r in rows) > 0 and final["params"] > 0 and final["step"] == 5
+
+    out = tmp_path / "stopped"
+    out.mkdir()
+    (out / STOP_FILE).write_text("{}")
+    final = run_unlearning(spec(tiny_dir, tmp_path, output_dir=str(out), max_steps=5))
+    assert final["step"] == 1 and final["stopped_early"] == 1 and (out / JOB_MARKER).exists()

@@ -182,8 +182,9 @@ def evaluate_model(
     ``suite_options`` maps a suite name to its options (e.g. ``{"lmeval": {"tasks": [...]}}``,
     ``{"mc": {"attributes": [...]}}``). Self-contained (runs inside a Ray task). Returns ``{"metrics":
     {str: float}, "raw": {str: list}, "parts": {metric: [the metrics it aggregates]}, "n_examples": {split: int},
-    "seconds": float}``. Metrics against the oracle need two models: the caller adds them
-    (``add_reference_metrics``).
+    "seconds": float, "tokens": int, "params": int}``: ``tokens`` counts every token position the model's
+    forward passes took (padding excluded; a generated token is one), for the cost report's 2 x params x
+    tokens. Metrics against the oracle need two models: the caller adds them (``add_reference_metrics``).
     """
     import torch
 
@@ -201,6 +202,7 @@ def evaluate_model(
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
+    tokens = count_tokens(model)
     ctx = SuiteContext(model, tokenizer, template, batch_size, max_new_tokens, max_length)
     result: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}}
     for suite, opts in runs:
@@ -209,4 +211,24 @@ def evaluate_model(
             result[key].update(res.get(key, {}))
     result["n_examples"] = {name: len(rows) for name, rows in data.items()}
     result["seconds"] = time.perf_counter() - start
+    result["tokens"], result["params"] = int(tokens[0]), sum(p.numel() for p in model.parameters())
     return result
+
+
+def count_tokens(model: Any) -> list[int]:
+    """A one-element list that counts the token positions of every forward pass of ``model`` from now on
+    (the attention mask's ones, else every input id; a copy of the model made later counts into it too)."""
+    counter = [0]
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2 and ids is not None and mask.shape == ids.shape:
+            counter[0] += int(mask.sum())
+        elif ids is not None:
+            counter[0] += int(ids.numel())
+        elif kwargs.get("inputs_embeds") is not None:
+            counter[0] += int(kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1])
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return counter

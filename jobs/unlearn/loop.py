@@ -5,6 +5,13 @@ torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group
 the spec turns each batch into a loss; the loop knows nothing else about it. Rank 0 saves the final
 model as a Hugging Face folder (ZeRO-3 shards are gathered first) and writes ``spunge_job.json``.
 
+With ``spec.eval_every`` rank 0 writes the model as it stands every N steps into
+``<output_dir>/snapshots/step_<N>/`` (the same folder the job's output is: a HF model, an adapter, or a
+finalized model with ``trained/``) and reports at once, its row naming the folder (``snapshot``); the driver
+scores it with Ray eval tasks while training goes on and picks the job's model among them. When the driver
+writes ``STOP_FILE`` into the output folder the job ends after the current step (early stopping), the last
+row carrying ``stopped_early``.
+
 With ``spec.checkpoint_every`` the loop saves a resumable checkpoint every N steps (DeepSpeed's own
 ``save_checkpoint``: model, optimizer, scheduler, each rank's shards, plus each rank's RNG state and the
 step) and hands it to Ray Train with that step's report; when Ray Train restarts the worker group after a
@@ -51,6 +58,9 @@ STEPS_FILE = "steps.jsonl"  # every reported step row, appended by rank 0 (a res
 SETUP_FILE = "setup.json"  # rank 0's set-up phases of the latest start, in seconds (benchmarks/first_step.py)
 CHECKPOINT_STATE = "spunge_checkpoint.json"  # written by rank 0 into every resumable checkpoint
 CHECKPOINT_TAG = "spunge"  # DeepSpeed's tag (sub-folder) inside a checkpoint folder
+SNAPSHOTS_DIR = "snapshots"  # spec.eval_every: <output_dir>/snapshots/step_<N>/, each a model folder like the output
+SNAPSHOT_MARKER = "spunge_snapshot.json"  # written last into every snapshot folder
+STOP_FILE = "spunge_stop.json"  # the driver asks a running job to stop early (unlearn.select.patience)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -227,6 +237,7 @@ def _rng_state(method=None) -> dict[str, Any]:
         state["cuda"] = torch.cuda.get_rng_state_all()
     gens = vars(method).items() if method is not None else ()
     state["method"] = {k: (str(g.device), g.get_state()) for k, g in gens if isinstance(g, torch.Generator)}
+    state["method_attrs"] = {k: getattr(method, k) for k in getattr(method, "state_attrs", ())}
     return state
 
 
@@ -239,6 +250,8 @@ def _set_rng_state(state: dict[str, Any], method=None) -> None:
         gen = torch.Generator(device=device)
         gen.set_state(gen_state)
         setattr(method, name, gen)
+    for name, value in state.get("method_attrs", {}).items() if method is not None else ():
+        setattr(method, name, value)
 
 
 def save_checkpoint(engine, spec: UnlearnSpec, step: int, rank: int, world: int, method=None) -> str:
@@ -299,6 +312,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     method = build_method(spec.method, spec.method_params)
     tokenizer = load_tokenizer(spec.model_path)
     model = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+    n_params = sum(p.numel() for p in model.parameters())  # the cost report's N (6 N x tokens per step)
     setup.end("model_load")
     model.config.use_cache = False
     if spec.gradient_checkpointing:  # transformers 5 names it activation checkpointing
@@ -389,10 +403,12 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         local = {"loss": stacked.mean(), **{k: torch.stack([_scalar(x, device) for x in v]).mean()
                                             for k, v in parts.items()}}
         local["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
-        # rank 0's clock decides the interval reports for every rank (it rides in the same collective)
+        # rank 0's clock decides the interval reports for every rank, and rank 0 reads the driver's stop
+        # request (both ride in the same collective)
         due = rank == 0 and time.perf_counter() - last_report >= spec.report_interval_s
-        (nonfinite, new_tokens, due_any), values = sync_step(
-            device, [(~torch.isfinite(stacked)).any(), step_tokens, 1.0 if due else 0.0], local, world)
+        stop = rank == 0 and (Path(spec.output_dir) / STOP_FILE).exists()
+        (nonfinite, new_tokens, due_any, stop_any), values = sync_step(
+            device, [(~torch.isfinite(stacked)).any(), step_tokens, float(due), float(stop)], local, world)
         if nonfinite > 0:  # on any rank: every rank raises at the same step
             bad = next((x for x in stacked.tolist() if not math.isfinite(x)), None)
             raise NonFiniteLossError(
@@ -410,6 +426,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             grad_norm=values["grad_norm"],
             tokens_per_s=tokens / max(elapsed, 1e-9),
             elapsed_s=elapsed,
+            step_tokens=new_tokens,
         )
         if step == resumed_from + 1:
             if step == 1:
@@ -419,10 +436,17 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
                 setup.write(Path(spec.output_dir) / SETUP_FILE)
         if resumed_from:
             row["resumed_from"] = resumed_from
+        last = step == steps or stop_any > 0
+        if stop_any > 0 and step < steps:
+            row["stopped_early"] = 1
+        if last:
+            row["params"] = n_params
+        if spec.eval_every and step % spec.eval_every == 0 and not last:  # the last step's model is the output
+            row["snapshot"] = save_snapshot(engine, tokenizer, spec, rank, step, method)
         rows.append(row)
         final = row
-        checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < steps
-        if step == steps or checkpoint_due or due_any > 0:
+        checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and not last
+        if last or checkpoint_due or due_any > 0 or "snapshot" in row:
             if "retain_loss" not in row and rb is not None:
                 with torch.no_grad():
                     row["retain_loss"] = mean_nll(engine, batch["retain"]).item()
@@ -436,6 +460,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             elif report is not None:
                 report(rows)
             rows, last_report = [], time.perf_counter()
+        if last:
+            break
 
     final = {**final, **localize_stats}
     save_final(engine, tokenizer, spec, rank, final, method)
@@ -459,40 +485,74 @@ def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], reta
     return MaskedUpdate(model, mask), {f"localize/{k}": v for k, v in mask_stats(mask, model).items()}
 
 
-def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, method=None) -> None:
-    """Rank 0 writes the HF folder (a LoRA job: the peft adapter folder); under ZeRO-3 every rank takes part
-    in gathering the shards (a LoRA job gathers only its adapters). A method whose ``finalize`` makes new
-    weights (task-vector negation) gets those as the output, and the trained weights in ``<output>/trained``;
-    only such a method loads the base model here."""
+def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[Path], method=None) -> None:
+    """The model as the job outputs it, written into ``out`` by rank 0 (a LoRA job: the peft adapter folder);
+    under ZeRO-3 every rank takes part in gathering the shards (a LoRA job gathers only its adapters). A
+    method whose ``finalize`` makes new weights (task-vector negation) gets those as the output, and the
+    trained weights in ``<out>/trained``; only such a method loads the base model here. Collective: every
+    rank calls it (``out`` None: take part in the gather, write nothing)."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if spec.lora is not None:
         state_dict = adapter_state(engine, stage)
     else:
         state_dict = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    if rank != 0 or out is None:
+        return
+    if state_dict is None:
+        state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    finalizes = method is not None and method.finalizes()
+    if spec.lora is not None:
+        save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
+    if finalizes:
+        trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
+        base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
+        if trained is not None:  # the adapter merged into the base: the full trained weights
+            state_dict, module = trained.state_dict(), trained
+        else:
+            save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
+            module = engine.module
+        save_model(module, tokenizer, out, state_dict=method.finalize(state_dict, base))
+    elif spec.lora is None:
+        save_model(engine.module, tokenizer, out, state_dict=state_dict)
+
+
+def _output_kind(spec: UnlearnSpec, method=None) -> str:
+    return "adapter" if spec.lora is not None and not (method is not None and method.finalizes()) else "full"
+
+
+def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, method=None) -> None:
+    """The job's output model (``write_model``) and its marker ``spunge_job.json`` in ``spec.output_dir``."""
+    out = Path(spec.output_dir)
+    write_model(engine, tokenizer, spec, rank, out, method)
     if rank == 0:
-        out = Path(spec.output_dir)
-        if state_dict is None:
-            state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-        finalizes = method is not None and method.finalizes()
-        if spec.lora is not None:
-            save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
-        if finalizes:
-            trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
-            base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
-            if trained is not None:  # the adapter merged into the base: the full trained weights
-                state_dict, module = trained.state_dict(), trained
-            else:
-                save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
-                module = engine.module
-            final = method.finalize(state_dict, base)
-            save_model(module, tokenizer, out, state_dict=final)
-        elif spec.lora is None:
-            save_model(engine.module, tokenizer, out, state_dict=state_dict)
         marker = {"job": spec.name, "method": spec.method, "final_metrics": metrics,
-                  "output": "adapter" if spec.lora is not None and not finalizes else "full"}
+                  "output": _output_kind(spec, method)}
         (out / JOB_MARKER).write_text(json.dumps(marker, indent=2))
     if dist.is_initialized():
         dist.barrier()
+
+
+def snapshot_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / SNAPSHOTS_DIR / f"step_{step:07d}"
+
+
+def save_snapshot(engine, tokenizer, spec: UnlearnSpec, rank: int, step: int, method=None) -> str:
+    """The model at ``step`` as the job would output it, in ``snapshot_dir`` (written to a temporary
+    folder, then renamed, so a reader never sees half a model). A step replayed after a restart finds its
+    snapshot there already (the same weights: the data order and RNG state are restored) and keeps it."""
+    folder = snapshot_dir(spec.output_dir, step)
+    tmp = folder.with_name(folder.name + ".tmp")
+    write = rank == 0 and not folder.exists()
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_model(engine, tokenizer, spec, rank, tmp if write else None, method)
+    if write:
+        (tmp / SNAPSHOT_MARKER).write_text(json.dumps({"job": spec.name, "step": step,
+                                                        "output": _output_kind(spec, method)}))
+        tmp.rename(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -36,6 +36,8 @@ class Method:
     takes_text: ClassVar[bool] = True  # trains on raw-text forget rows (False: needs question/answer rows)
     # params naming local files or folders: a config's relative paths there resolve against its folder
     path_params: ClassVar[tuple[str, ...]] = ()
+    # attributes that change during training (a dual variable): saved in every resumable checkpoint
+    state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel):
         self.params = params

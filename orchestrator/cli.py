@@ -61,11 +61,44 @@ def _load(config: Path, output_dir: Optional[Path] = None):
         return load_configs(config, overrides)
 
 
-def _run(cfg, resume: bool, address: Optional[str]) -> dict:
+def _run(cfg, resume: bool, address: Optional[str], parent_run_id: Optional[str] = None) -> dict:
     from orchestrator.pipeline import run_pipeline
 
     with _exit_codes("interrupted; finished stages are kept: re-run with --resume"):
-        return run_pipeline(cfg, resume=resume, address=address)
+        return run_pipeline(cfg, resume=resume, address=address, parent_run_id=parent_run_id)
+
+
+def _run_seeds(runs: list, seeds: list[int], resume: bool, address: Optional[str]) -> None:
+    """Every pipeline (each variant) once per seed, each seed's MLflow run nested under one run per variant
+    that gets the summary; then the table over seeds and ``seeds.json`` (orchestrator/seeds.py)."""
+    from orchestrator.seeds import print_summary, seeded, summarize, summary_metrics, write_summary
+    from orchestrator.tracking import Tracker, tracking_uri
+
+    summaries, groups = {}, []
+    for name, cfg in runs:
+        with _exit_codes():
+            group = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
+                            tags={"spunge.stage": "seeds", "spunge.seeds": ",".join(map(str, seeds))})
+        status = "FAILED"
+        try:
+            reports = {s: _run(seeded(cfg, s), resume, address, parent_run_id=group.parent_id) for s in seeds}
+            summaries[name or cfg.name] = summary = summarize(reports)
+            with _exit_codes():
+                group.log_metrics(group.parent_id, summary_metrics(summary))
+                group.set_tags(group.parent_id, {f"spunge.run.seed{s}": r["mlflow_run_id"] for s, r in reports.items()})
+            status = "FINISHED"
+            groups.append((group, cfg))
+        finally:
+            if status != "FINISHED":
+                group.end(group.parent_id, status)
+    print_summary(summaries, out)
+    folder = Path(runs[0][1].storage.output_dir)
+    path = write_summary(summaries, folder.parent if len(runs) > 1 else folder)
+    out.print(f"seeds: {path}", highlight=False, markup=False)
+    with _exit_codes():
+        for group, _ in groups:
+            group.log_artifact(group.parent_id, path)
+            group.end(group.parent_id)
 
 
 @app.command()
@@ -74,11 +107,26 @@ def run(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="overrides storage.output_dir"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
     resume: bool = typer.Option(False, "--resume", help="reuse stages already finished with the same inputs"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat over unlearning seeds, e.g. 0,1,2 or 0-4 "
+                                        "(overrides the file's seeds:); mean, 95%% CI and paired test over them"),
 ) -> None:
     """Run the whole pipeline: prepare, unlearn per subset, merge, evaluate, report.
 
-    A config with ``variants:`` runs once per variant, then prints a table comparing them."""
+    A config with ``variants:`` runs once per variant, then prints a table comparing them. With seeds
+    (``--seeds`` or ``seeds:`` in the file) every pipeline runs once per seed, then a table over seeds."""
+    from orchestrator.loading import load_seeds
+    from orchestrator.seeds import SeedsError, parse_seeds
+
+    try:
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+    except SeedsError as e:
+        _fail(str(e), 2)
     runs = _load(config, output_dir)
+    with _exit_codes():
+        seed_list = seed_list or load_seeds(config)
+    if seed_list:
+        _run_seeds(runs, seed_list, resume, address)
+        return
     reports = {name: _run(cfg, resume, address) for name, cfg in runs}
     if len(runs) > 1:
         from orchestrator.report import write_variants
@@ -93,6 +141,13 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
     from orchestrator.config import config_yaml
     from orchestrator.prepare import prepare_check
 
+    from orchestrator.loading import load_seeds
+
+    with _exit_codes():
+        seeds = load_seeds(config)
+    if seeds:
+        out.print(f"# seeds: {', '.join(map(str, seeds))} (each pipeline runs once per seed)", highlight=False,
+                  markup=False)
     for name, cfg in _load(config):
         try:
             loaded = prepare_check(cfg)

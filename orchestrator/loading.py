@@ -25,9 +25,23 @@ def _read_yaml(path: str | Path) -> dict:
         raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], str(path)) from None
 
 
+def load_seeds(path: str | Path) -> Optional[list[int]]:
+    """The file's top-level ``seeds: [0, 1, 2]`` (``spunge run`` repeats every pipeline over them), or None."""
+    raw = _read_yaml(path)
+    seeds = raw.get("seeds") if isinstance(raw, dict) else None
+    if seeds is None:
+        return None
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError([f"seeds: expected a list of distinct integers like [0, 1, 2], got {seeds!r}"], str(path))
+    return seeds
+
+
 def load_config(path: str | Path, overrides: Optional[dict] = None) -> PipelineConfig:
     """One pipeline config (a file with ``variants:`` is loaded with ``load_configs``)."""
     raw = _read_yaml(path)
+    if isinstance(raw, dict):
+        raw.pop("seeds", None)  # load_seeds: the runs' axis, not a field of the pipeline
     if isinstance(raw, dict) and "variants" in raw:
         raise ConfigError(["variants: this file describes several pipelines; use load_configs"], str(path))
     # a ``tune:`` section is for ``spunge tune`` (orchestrator/tune/): checked here, ignored by a plain run
@@ -50,6 +64,7 @@ def load_configs(path: str | Path, overrides: Optional[dict] = None) -> list[tup
     raw = _read_yaml(path)
     if not isinstance(raw, dict) or "variants" not in raw:
         return [(None, load_config(path, overrides))]
+    raw.pop("seeds", None)
     variants = raw.pop("variants")
     if "tune" in raw:
         raise ConfigError(["tune: a tune section cannot be combined with variants (tune one pipeline)"], str(path))
@@ -82,6 +97,9 @@ def load_tune(path: str | Path, output_dir: Optional[str] = None) -> TuneJob:
         raise ConfigError(["tune: no tune section (space, objective, ...): nothing to search; see docs/tune.md"], str(path))
     if "variants" in raw:
         raise ConfigError(["tune: a tune section cannot be combined with variants (tune one pipeline)"], str(path))
+    if "seeds" in raw:
+        raise ConfigError(["seeds: spunge tune searches at one unlearn.seed; run the best config over seeds with "
+                           "spunge run --seeds"], str(path))
     tune_raw = raw.pop("tune")
     if output_dir:
         raw = apply_overrides(raw, {"storage.output_dir": output_dir})

@@ -54,8 +54,9 @@ def run_stages(ctx: RunContext, stages: Sequence[str] = tuple(STAGES)) -> RunCon
 
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[str] = None,
-                 display: Optional[Display] = None) -> dict[str, Any]:
-    """``spunge run``: every stage, recorded in MLflow; returns the report."""
+                 display: Optional[Display] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """``spunge run``: every stage, recorded in MLflow (nested under ``parent_run_id`` when given: a seed's
+    run under its variant's); returns the report."""
     from orchestrator.ray_init import init_ray, ray_address
     from orchestrator.tracking import MlflowEvents, Tracker, tracking_uri
 
@@ -67,7 +68,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
         init_ray(cfg, address, out / "logs" / "driver.log")
         display.log(f"Ray {ray_address()}; Ray's own messages: {out / 'logs' / 'driver.log'}")
         tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
-                          tags={"spunge.output_dir": str(out), "spunge.resume": str(resume)})
+                          tags={"spunge.output_dir": str(out), "spunge.resume": str(resume),
+                                **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
         display.log(f"MLflow run {tracker.parent_id} at {tracker.public_uri} (experiment {cfg.tracking.experiment!r})")
         if tracker.ended_stale:
             display.log(f"MLflow: {len(tracker.ended_stale)} run(s) of {out} left RUNNING by a driver that is gone "

@@ -28,6 +28,7 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
 NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
+         "methods_seeds.yaml": "demo benchmark",
          "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
          "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures", "wmdp_spunge.yaml": "wmdp fixtures"}
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -144,9 +144,9 @@ def cost_report(ctx: Any) -> dict[str, Any]:
 def describe(cost: dict[str, Any]) -> str:
     """The report's one line on cost."""
     t = cost["total"]
-    line = (f"cost: {t['device_s']:.0f} {cost['device']}-seconds, {t['tokens']:.3g} tokens, {t['flops']:.3g} FLOPs "
-            f"(unlearn {cost['stages']['unlearn']['flops']:.3g}, select {cost['stages']['select']['flops']:.3g}, "
-            f"evaluate {cost['stages']['evaluate']['flops']:.3g})")
+    parts = ", ".join(f"{s} {cost['stages'][s]['flops']:.3g}" for s in ("unlearn", "select", "evaluate")
+                      if s != "select" or cost["stages"][s]["flops"])
+    line = f"cost: {t['device_s']:.0f} {cost['device']}-seconds, {t['tokens']:.3g} tokens, {t['flops']:.3g} FLOPs ({parts})"
     if cost.get("retrain_flops"):
         line += (f"; retraining {cost['params']:.3g} params on {cost['pretraining_tokens']:.3g} tokens "
                  f"({cost['pretraining_tokens_source']}) = {cost['retrain_flops']:.3g} FLOPs, "

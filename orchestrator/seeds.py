@@ -118,7 +118,7 @@ def print_summary(summaries: dict[str, dict[str, Any]], console: Any, metrics: S
 
     t = Table(title="spunge seeds: mean ± 95% CI over seeds; merged - unsplit, paired t-test", title_justify="left")
     for c in ("variant", "metric", "seeds", "merged", "unsplit", "merged - unsplit", "p"):
-        t.add_column(c, justify="left" if c in ("variant", "metric") else "right")
+        t.add_column(c, justify="left" if c in ("variant", "metric") else "right", no_wrap=c in ("variant", "metric"))
     for name, s in summaries.items():
         for m in metrics:
             merged, unsplit = (s["models"].get(k, {}).get(m) for k in PAIR)

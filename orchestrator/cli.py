@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 a stage failed (one line saying which), 2 bad input (co
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -14,42 +13,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from orchestrator.exit_codes import err
+from orchestrator.exit_codes import exit_codes as _exit_codes
+from orchestrator.exit_codes import fail as _fail
+from orchestrator.exit_codes import warn as _warn
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SPUNGE: split the forget data, unlearn each subset with DeepSpeed on Ray, merge, evaluate.")
-err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-
-
-def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)  # a message is text, not markup
-    raise typer.Exit(code)
-
-
-def _warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def _exit_codes(interrupted: str = "interrupted"):
-    """Bad input (config, data, model) exits 2 with one line per problem; a failed stage exits 1 with
-    its line; Ctrl-C exits 130 with ``interrupted``."""
-    from jobs.data.loading import DataError
-    from jobs.models import ModelLoadError
-    from orchestrator.config import ConfigError
-    from orchestrator.context import PipelineError
-
-    try:
-        yield
-    except ConfigError as e:
-        for p in e.problems:
-            err.print(f"[red]error:[/red] {escape(f'{e.source}: {p}')}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    except (DataError, ModelLoadError) as e:
-        _fail(str(e), 2)
-    except PipelineError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail(interrupted, 130)
 
 
 def _load(config: Path, output_dir: Optional[Path] = None):
@@ -68,65 +39,25 @@ def _run(cfg, resume: bool, address: Optional[str], parent_run_id: Optional[str]
         return run_pipeline(cfg, resume=resume, address=address, parent_run_id=parent_run_id)
 
 
-def _run_seeds(runs: list, seeds: list[int], resume: bool, address: Optional[str]) -> None:
-    """Every pipeline (each variant) once per seed, each seed's MLflow run nested under one run per variant
-    that gets the summary; then the table over seeds and ``seeds.json`` (orchestrator/seeds.py)."""
-    from orchestrator.seeds import print_summary, seeded, summarize, summary_metrics, write_summary
-    from orchestrator.tracking import Tracker, tracking_uri
-
-    summaries, groups = {}, []
-    for name, cfg in runs:
-        with _exit_codes():
-            group = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
-                            tags={"spunge.stage": "seeds", "spunge.seeds": ",".join(map(str, seeds))})
-        status = "FAILED"
-        try:
-            reports = {s: _run(seeded(cfg, s), resume, address, parent_run_id=group.parent_id) for s in seeds}
-            summaries[name or cfg.name] = summary = summarize(reports)
-            with _exit_codes():
-                group.log_metrics(group.parent_id, summary_metrics(summary))
-                group.set_tags(group.parent_id, {f"spunge.run.seed{s}": r["mlflow_run_id"] for s, r in reports.items()})
-            status = "FINISHED"
-            groups.append((group, cfg))
-        finally:
-            if status != "FINISHED":
-                group.end(group.parent_id, status)
-    print_summary(summaries, out)
-    folder = Path(runs[0][1].storage.output_dir)
-    path = write_summary(summaries, folder.parent if len(runs) > 1 else folder)
-    out.print(f"seeds: {path}", highlight=False, markup=False)
-    with _exit_codes():
-        for group, _ in groups:
-            group.log_artifact(group.parent_id, path)
-            group.end(group.parent_id)
-
-
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="pipeline YAML"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="overrides storage.output_dir"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
     resume: bool = typer.Option(False, "--resume", help="reuse stages already finished with the same inputs"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat over unlearning seeds, e.g. 0,1,2 or 0-4 "
-                                        "(overrides the file's seeds:); mean, 95%% CI and paired test over them"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="run once per unlearn.seed, e.g. 0,1,2 or 0-4"),
 ) -> None:
     """Run the whole pipeline: prepare, unlearn per subset, merge, evaluate, report.
 
     A config with ``variants:`` runs once per variant, then prints a table comparing them. With seeds
     (``--seeds`` or ``seeds:`` in the file) every pipeline runs once per seed, then a table over seeds."""
-    from orchestrator.loading import load_seeds
-    from orchestrator.seeds import SeedsError, parse_seeds
+    from orchestrator.seeds import resolve_seeds, run_seeds
 
-    try:
-        seed_list = parse_seeds(seeds) if seeds is not None else None
-    except SeedsError as e:
-        _fail(str(e), 2)
-    runs = _load(config, output_dir)
     with _exit_codes():
-        seed_list = seed_list or load_seeds(config)
+        seed_list = resolve_seeds(seeds, config)
+    runs = _load(config, output_dir)
     if seed_list:
-        _run_seeds(runs, seed_list, resume, address)
-        return
+        return run_seeds(runs, seed_list, lambda c, parent: _run(c, resume, address, parent), out, _exit_codes)
     reports = {name: _run(cfg, resume, address) for name, cfg in runs}
     if len(runs) > 1:
         from orchestrator.report import write_variants
@@ -140,14 +71,11 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
     from jobs.data.loading import DataError
     from orchestrator.config import config_yaml
     from orchestrator.prepare import prepare_check
-
-    from orchestrator.loading import load_seeds
+    from orchestrator.seeds import resolve_seeds
 
     with _exit_codes():
-        seeds = load_seeds(config)
-    if seeds:
-        out.print(f"# seeds: {', '.join(map(str, seeds))} (each pipeline runs once per seed)", highlight=False,
-                  markup=False)
+        if seeds := resolve_seeds(None, config):
+            out.print(f"# seeds: {', '.join(map(str, seeds))} (one run each)", highlight=False, markup=False)
     for name, cfg in _load(config):
         try:
             loaded = prepare_check(cfg)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 PAIR = ("merged", "unsplit")
 TABLE_METRICS = ("forget_quality", "forget_prob", "retain_prob", "model_utility")
@@ -42,6 +42,18 @@ def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise SeedsError(f"--seeds: expected distinct integers like 0,1,2, got {text!r}")
     return seeds
+
+
+def resolve_seeds(flag: Optional[str], config: Any) -> Optional[list[int]]:
+    """The seeds of a run: ``--seeds`` (``flag``) if given, else the file's ``seeds:``; ``ConfigError`` (one
+    line) on a bad value."""
+    from orchestrator.config import ConfigError
+    from orchestrator.loading import load_seeds
+
+    try:
+        return parse_seeds(flag) if flag is not None else load_seeds(config)
+    except SeedsError as e:
+        raise ConfigError([str(e)], "spunge run") from None
 
 
 def seeded(cfg: Any, seed: int) -> Any:
@@ -147,3 +159,36 @@ def summary_metrics(s: dict[str, Any]) -> dict[str, float]:
     for m, st in s["paired"].items():
         out.update({f"paired.{m}.{k}": st[k] for k in ("mean", "ci_low", "ci_high", "p_value") if st[k] is not None})
     return out
+
+
+def run_seeds(runs: list, seeds: list[int], run: Callable[[Any, str], dict], console: Any, guard: Callable) -> None:
+    """Every pipeline of ``runs`` ((variant name, config) pairs) once per seed, ``run(cfg, parent_run_id)``
+    each, its MLflow run nested under one run per variant that gets the summary; then the table and
+    ``seeds.json``. ``guard()`` turns a tracking or config error into the CLI's exit (one line)."""
+    from orchestrator.tracking import Tracker, tracking_uri
+
+    summaries, groups = {}, []
+    for name, cfg in runs:
+        with guard():
+            group = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
+                            tags={"spunge.stage": "seeds", "spunge.seeds": ",".join(map(str, seeds))})
+        finished = False
+        try:
+            reports = {s: run(seeded(cfg, s), group.parent_id) for s in seeds}
+            summaries[name or cfg.name] = summary = summarize(reports)
+            with guard():
+                group.log_metrics(group.parent_id, summary_metrics(summary))
+                group.set_tags(group.parent_id, {f"spunge.run.seed{s}": r["mlflow_run_id"] for s, r in reports.items()})
+            finished = True
+            groups.append(group)
+        finally:
+            if not finished:
+                group.end(group.parent_id, "FAILED")
+    print_summary(summaries, console)
+    folder = Path(runs[0][1].storage.output_dir)
+    path = write_summary(summaries, folder.parent if len(runs) > 1 else folder)
+    console.print(f"seeds: {path}", highlight=False, markup=False)
+    with guard():
+        for group in groups:
+            group.log_artifact(group.parent_id, path)
+            group.end(group.parent_id)

@@ -61,7 +61,7 @@ def test_the_new_methods_are_registered_with_their_defaults():
     assert build_method("simnpo").params.model_dump() == {"beta": 2.5, "delta": 0.0, "gamma": 1.0, "alpha": 1.0}
     assert build_method("random_label").params.model_dump() == {"seed": 0, "alpha": 0.0}
     assert build_method("adversarial").params.model_dump() == {"k": 5, "seed": 0, "alpha": 0.0}
-    assert build_method("idk_dpo").params.model_dump() == {"beta": 0.1, "gamma": 1.0, "alpha": 1.0,
+    assert build_method("idk_dpo").params.model_dump() == {"beta": 0.05, "gamma": 1.0, "alpha": 1.0,
                                                            "idk_answers": IDK_ANSWERS}
     needs = {n: (build_method(n).needs_reference, build_method(n).needs_retain) for n in NEW}
     assert needs == {"ga_kl": (True, True), "simnpo": (False, True), "random_label": (False, False),
@@ -276,5 +276,5 @@ def test_the_loop_hands_idk_dpo_the_refusal_view(tiny_dir, tmp_path, single_proc
         want = mean_nll(base, collate([encode_qa(tok, q, a) for q, a in views], tok.pad_token_id)).item()
     assert rows[0]["idk_loss"] == pytest.approx(want, rel=1e-4)
     # the model starts as its own reference: the DPO term is (2/beta) ln 2
-    assert rows[0]["loss"] == pytest.approx(20 * math.log(2) + rows[0]["retain_loss"], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(40 * math.log(2) + rows[0]["retain_loss"], rel=1e-4)
     assert rows[-1]["idk_loss"] < rows[0]["idk_loss"] and rows[-1]["dpo_loss"] < rows[0]["dpo_loss"]

@@ -123,7 +123,7 @@ def test_the_hook_captures_the_last_layer_before_the_final_norm(data):
 def test_steps_steer_forget_activations_keep_retain_ones_and_raise_forget_nll(data, memorised):
     _, batch, _ = data
     model, ref = copy.deepcopy(memorised).train(), memorised
-    method = build_method("rmu", {"alpha": 10.0})  # layer 1, MLPs of layers 0 and 1
+    method = build_method("rmu", {"alpha": 10.0, "steering_coeff": 6.5})  # layer 1, MLPs of layers 0 and 1; fixed c
     method.setup(model)
     layer, ref_layer = decoder_layers(model)[1], decoder_layers(ref)[1]
 
@@ -165,7 +165,8 @@ def test_deepspeed_loop_runs_rmu_and_changes_only_the_trainable_weights(tiny_dir
     rows = []
     final = run_unlearning(spec, report=rows.extend)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"loss", "forget_loss", "retain_loss", "unlearn_loss", "forget_nll", "grad_norm"} <= set(final)
+    assert {"loss", "forget_loss", "retain_loss", "unlearn_loss", "forget_nll", "steering_coeff", "grad_norm"} <= set(final)
+    assert rows[0]["steering_coeff"] == final["steering_coeff"] > 0  # adaptive (the default): measured once
     assert rows[0]["retain_loss"] == 0.0 and final["retain_loss"] > 0.0  # the reference is the base model
     base = load_file(str(tiny_dir / "model" / "model.safetensors"))
     new = load_file(str(tmp_path / "out" / "model.safetensors"))

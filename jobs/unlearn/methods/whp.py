@@ -4,21 +4,46 @@ Three steps, the first a training job of its own:
 
 1. reinforce: fine-tune a copy of the base model further on the forget data (NLL descent; the runner runs
    it before the unlearning job through ``Method.pre_jobs``, output in ``<job>/reinforced``);
-2. generic labels: translate each forget answer with the anchor dictionary (idiosyncratic term -> generic
-   term, e.g. an author's name -> a common name), run the frozen base and the frozen reinforced model on
-   question + translated answer, and take at every answer token
+2. generic predictions: translate each forget answer with the anchor dictionary (idiosyncratic term ->
+   generic term, e.g. an author's name -> a common name), run the frozen base and the frozen reinforced
+   model on question + translated answer, and take at every answer token the generic logits
 
-       label = argmax( v_base - beta * ReLU(v_reinforced - v_base) )        (v: logits)
+       v_generic = v_base - beta * ReLU(v_reinforced - v_base)        (v: logits)
 
    i.e. the base model's prediction with the tokens the reinforced model boosted pushed down;
-3. fine-tune the base on those labels:  loss = NLL(generic labels | question + translated answer)
-   + alpha * NLL(retain).
+3. fine-tune the base towards them, with ``targets``:
+   - ``hard``: labels g_t = argmax v_generic,t (the paper's "generic labels"):
+     loss = NLL(g | question + translated answer) + alpha * NLL(retain);
+   - ``soft`` (the default): the whole generic distribution, softmax(v_generic):
+     loss = mean over answer positions t of KL(softmax(v_generic,t) || pi_t) + alpha * NLL(retain)
+     (pi_t the model's next-token distribution at t; the KL has the gradient of the cross-entropy to the
+     soft target, as in distillation).
 
-The paper calls the coefficient alpha; here ``alpha`` is the retain weight as in every other method and
-the WHP coefficient is ``beta``. The paper also aligns the translated text with the original token by
-token; with QA rows the question is kept and only the answer is translated, so the positions of the
-generic labels are those of the translated answer. ``reinforced`` names an existing reinforced model
-folder and skips step 1.
+The paper calls the coefficient alpha (v_generic := v_baseline - alpha * ReLU(v_reinforced -
+v_baseline), the ReLU so that only logits the reinforcement raised are pushed down); here ``alpha`` is the
+retain weight as in every other method and the WHP coefficient is ``beta``. Its default is 5.0, the value
+issue 15 cites for the paper's alpha (not re-checked against the paper's text here: no copy was at hand). It
+was 1.0 before issue 15. The paper trains on the hard labels.
+
+Why soft targets by default: on a model that has memorised its answers (the demo benchmark) reinforcement
+barely raises the memorised token's logit (~0.4-0.7 there: the base already predicts it with p ~0.94), so the
+base model's margin mostly survives the subtraction; the argmax, and with it the hard label, stays the
+memorised token, and the hard fine-tune re-teaches much of the answer. The soft target still lowers that
+token's probability by whatever the boost takes off, and the tokens the reinforced model did not boost keep
+the base model's relative probabilities (a distillation target). Measured (benchmarks/method_defaults.py, tiny
+demo benchmark, whole forget set, lr 3e-4, 150 steps, alpha 0): hard labels at beta 1 (the old defaults)
+forget_prob 0.911 -> 0.827, retain_prob 0.912 -> 0.855; soft at beta 5 (the defaults) 0.602 and 0.847; hard
+at beta 5 0.511 and 0.808 (forgets more, costs more); soft at beta 20 0.213 and 0.422 (wrecks retain). With a
+retain term (``alpha`` 1) retain_prob stays ~0.97-0.99 and hard labels forget more than soft (beta 5: 0.519
+vs 0.613; soft beta 20: 0.273); ``alpha`` stays 0 by default because the paper has no retain term and WHP
+then needs no retain data.
+
+The paper also aligns the translated text with the original token by token; with QA rows the question is
+kept and only the answer is translated, so the positions of the generic targets are those of the translated
+answer. ``reinforced`` names an existing reinforced model folder and skips step 1.
+
+Metrics: ``forget_loss`` (NLL of the original forget answers) and ``generic_loss`` (the fine-tune term: the
+NLL of the hard labels, or the KL to the soft targets).
 """
 
 from __future__ import annotations
@@ -66,6 +91,19 @@ def generic_logits(base: torch.Tensor, reinforced: torch.Tensor, beta: float) ->
     return base - beta * torch.relu(reinforced - base)
 
 
+def generic_kl(logits: torch.Tensor, base: torch.Tensor, reinforced: torch.Tensor, labels: torch.Tensor,
+               beta: float) -> torch.Tensor:
+    """Mean over target positions of KL(softmax(v_generic) || softmax(logits)) (float32, 0-d; 0 with a graph
+    when there is no target). As in ``generic_labels``, the logits at position t predict token t+1, so the
+    positions that count are those t whose label at t+1 is a target."""
+    pos = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    if not pos.any():
+        return logits.sum() * 0.0
+    logp = torch.log_softmax(logits[:, :-1][pos].float(), dim=-1)  # [N, V]
+    logq = torch.log_softmax(generic_logits(base[:, :-1][pos], reinforced[:, :-1][pos], beta), dim=-1)
+    return (logq.exp() * (logq - logp)).sum(dim=-1).mean()
+
+
 def generic_labels(base: torch.Tensor, reinforced: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
     """Labels (unshifted, like ``labels``) whose target tokens are the argmax of the generic logits.
 
@@ -79,7 +117,11 @@ def generic_labels(base: torch.Tensor, reinforced: torch.Tensor, labels: torch.T
 
 class WHPParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    beta: float = Field(1.0, ge=0, description="WHP coefficient (the paper's alpha) on ReLU(v_reinforced - v_base)")
+    beta: float = Field(5.0, ge=0, description="WHP coefficient on ReLU(v_reinforced - v_base) (the paper's alpha, "
+                                               "5 there)")
+    targets: Literal["hard", "soft"] = Field(
+        "soft", description="soft: KL to softmax(v_generic) at every answer token; hard: NLL of argmax v_generic "
+                            "(the paper's generic labels)")
     alpha: float = Field(0.0, ge=0, description="weight of the retain NLL term (0 turns it off)")
     anchors: Optional[str] = Field(None, description="JSON file {idiosyncratic term: generic term}; relative to "
                                                      "the config file; None: no translation")
@@ -156,11 +198,16 @@ class WhosHarryPotter(Method):
         reinforced = self.reinforced_model
         if next(reinforced.parameters()).device != ids.device:
             reinforced.to(ids.device)
+        p = self.params
         with torch.no_grad():
-            labels = generic_labels(ref_model(input_ids=ids, attention_mask=mask).logits,
-                                    reinforced(input_ids=ids, attention_mask=mask).logits,
-                                    part["labels"], self.params.beta)
-        loss = token_mean_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+            base_logits = ref_model(input_ids=ids, attention_mask=mask).logits
+            reinf_logits = reinforced(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if p.targets == "soft":
+            loss = generic_kl(logits, base_logits, reinf_logits, part["labels"], p.beta)
+        else:
+            loss = token_mean_nll(logits, generic_labels(base_logits, reinf_logits, part["labels"], p.beta))
+        del base_logits, reinf_logits
         with torch.no_grad():
             forget = mean_nll(model, batch["forget"])
         metrics = {"forget_loss": forget, "generic_loss": loss.detach()}

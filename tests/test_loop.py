@@ -174,3 +174,26 @@ def test_eval_every_writes_snapshots_and_a_stop_file_ends_the_job(tiny_dir, tmp_
     (out / STOP_FILE).write_text("{}")
     final = run_unlearning(spec(tiny_dir, tmp_path, output_dir=str(out), max_steps=5))
     assert final["step"] == 1 and final["stopped_early"] == 1 and (out / JOB_MARKER).exists()
+
+
+def test_a_job_restored_from_a_checkpoint_keeps_the_snapshots_it_wrote(tiny_dir, tmp_path, single_process_dist):
+    """Ray Train's restart replays the steps after the checkpoint: a replayed step names the snapshot it
+    wrote before and does not rewrite it (an eval task may be reading it)."""
+    import shutil
+
+    from jobs.unlearn.loop import snapshot_dir
+
+    s = spec(tiny_dir, tmp_path, eval_every=2, checkpoint_every=3, max_steps=5, report_interval_s=3600)
+    saved = tmp_path / "ckpt"
+
+    def keep(rows, checkpoint=None):
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, saved, dirs_exist_ok=True)
+
+    run_unlearning(s, report=keep)
+    snaps = [snapshot_dir(s.output_dir, k) for k in (2, 4)]
+    written = [(p / "model.safetensors").stat().st_mtime_ns for p in snaps]
+    rows = []
+    run_unlearning(s, report=lambda r, checkpoint=None: rows.extend(r), restore_from=str(saved))
+    assert [r["step"] for r in rows] == [4, 5] and rows[0]["snapshot"] == str(snaps[1])
+    assert [(p / "model.safetensors").stat().st_mtime_ns for p in snaps] == written

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -40,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "method_defaults.json"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from benchmarks.solo import SCORES, fmt, run_job, score, setup_process, tiny_benchmark
 
 # The defaults before issue 15 item 3, written out: rmu's middle layer of the 4-layer demo model
 # (num_hidden_layers // 2 = 2) with WMDP's fixed zephyr-7b coefficient; whp's hard argmax labels at beta 1;
@@ -64,82 +63,6 @@ SWEEP: dict[str, list[tuple[dict[str, Any], Any]]] = {
             ({"beta": 20.0, "alpha": 1.0}, None)],
     "idk_dpo": [({"beta": 0.1}, 50), ({}, 50), ({"beta": 0.07}, None), ({"beta": 0.07}, 50), ({"beta": 0.02}, None)],
 }
-SCORES = ("forget_prob", "retain_prob", "model_utility")
-
-
-def setup_process(threads: int) -> None:
-    """torch.distributed for one process (rank 0 of 1), as tests/conftest.py's ``single_process_dist``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(k, v)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def benchmark(bench: Path) -> dict:
-    """Build (or reuse: well under a second) the tiny demo benchmark in ``bench``."""
-    from jobs.data.demo_train import build_benchmark
-
-    t0 = time.time()
-    meta = build_benchmark(bench, size="tiny", seed=0)
-    print(f"benchmark {bench} ready in {time.time() - t0:.0f}s", flush=True)
-    return meta
-
-
-def run_job(method: str, params: dict, bench: Path, out: Path, steps: int, threads: int) -> dict:
-    """One unlearning job on the whole forget set, in this process (WHP: its reinforcement pre-job first)."""
-    from jobs.spec import UnlearnSpec
-    from jobs.unlearn.loop import JOB_MARKER, run_unlearning
-    from jobs.unlearn.methods import build_method
-    from orchestrator.demo import RECIPES
-
-    recipe = RECIPES["tiny"]
-    data = bench / "data"
-    if method == "whp":
-        params = {"anchors": str(data / "anchors.json"), **params}
-    spec = UnlearnSpec(
-        name=f"{method}/{out.name}", model_path=str(bench / "models" / "base"), forget_path=str(data / "forget.jsonl"),
-        retain_path=str(data / "retain.jsonl"), method=method, method_params=params,
-        optimizer={"name": "adamw", "lr": recipe["lr"]}, max_steps=steps, batch_size=recipe["batch_size"],
-        max_length=128, deepspeed={"zero_optimization": {"stage": 0}}, threads_per_worker=threads,
-        report_interval_s=0, output_dir=str(out))
-    steps_seen: list[dict] = []
-    keep = lambda rows, **_: steps_seen.extend(r for r in rows if r["step"] % 25 == 0 or r["step"] == 1)
-    t0 = time.time()
-    if (out / JOB_MARKER).exists():  # finished earlier: reuse
-        final = json.loads((out / JOB_MARKER).read_text())["final_metrics"]
-    else:
-        update: dict = {}
-        for _suffix, pre, upd in build_method(method, params).pre_jobs(spec):
-            if not (Path(pre.output_dir) / JOB_MARKER).exists():
-                run_unlearning(pre)
-            update.update(upd)
-        if update:
-            spec = spec.model_copy(update={"method_params": {**spec.method_params, **update}})
-        final = run_unlearning(spec, report=keep)
-    return {"params": params, "final_metrics": final, "train_s": round(time.time() - t0, 1),
-            "trajectory": [{k: v for k, v in r.items() if k not in ("lr", "tokens_per_s", "elapsed_s", "step_tokens",
-                                                                     "params", "total_steps", "epoch")}
-                           for r in steps_seen]}
-
-
-def score(model: Path, bench: Path) -> dict[str, float]:
-    from jobs.evaluate import evaluate_model
-
-    data = bench / "data"
-    res = evaluate_model(str(model), {"forget": str(data / "forget.jsonl"), "retain": str(data / "retain.jsonl")},
-                         suites=["qa"])
-    return {k: float(res["metrics"][k]) for k in SCORES}
-
-
-def fmt(x: float) -> str:
-    return f"{x:.3f}" if x >= 0.01 else f"{x:.1e}"
-
-
 def table(rows: list[dict], base: dict[str, float]) -> str:
     lines = [("| method | defaults | params | steps | forget_prob | retain_prob | model_utility | forget / base | "
               "retain / base | utility / base |"), "|" + "---|" * 10,
@@ -159,7 +82,7 @@ def run_rows(plan: list[tuple[str, str, dict, int]], bench: Path, work: Path, th
     for method, label, params, steps in plan:
         tag = label + ("" if label in ("old", "new") else "-" + "-".join(f"{k}{v}" for k, v in sorted(params.items())))
         out = work / method / f"{tag}-steps{steps}".replace("/", "_").replace(" ", "")
-        job = run_job(method, dict(params), bench, out, steps, threads)
+        job = run_job(method, dict(params), bench, out, steps=steps, threads=threads)
         t0 = time.time()
         scores = score(out, bench)
         rows.append({"method": method, "defaults": label, "steps": steps, **job, "scores": scores,
@@ -190,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_process(args.threads)
     t_start = time.time()
-    meta = benchmark(args.bench)
+    meta = tiny_benchmark(args.bench)
     work = args.work or Path(tempfile.mkdtemp(prefix="method-defaults-"))
     base = score(args.bench / "models" / "base", args.bench)
     print(f"base: {base}", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -82,15 +81,38 @@ def tiny_bench(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fitted_tiny(tiny_dir, tmp_path_factory):
+    """(model dir, {"forget", "retain"} batch) of the tiny model fitted to all 16 QA rows for 40 steps: the
+    label-based and probability-weighted methods only unlearn what a model has learnt."""
+    import torch
+
+    from jobs.data.format import collate, encode_qa
+    from jobs.models import load_model, load_tokenizer, save_model
+    from jobs.unlearn.methods.base import mean_nll
+
+    tok = load_tokenizer(tiny_dir / "model")
+    rows = qa_rows()
+    enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
+    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
+    torch.manual_seed(0)
+    model = load_model(tiny_dir / "model")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        (mean_nll(model, batch["forget"]) + mean_nll(model, batch["retain"])).backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("fitted")
+    save_model(model, tok, out)
+    return out, batch
+
+
+@pytest.fixture(scope="session")
 def single_process_dist():
     """torch.distributed / DeepSpeed in this one process (rank 0 of 1), set up once for the session:
     DeepSpeed keeps its communication backend for the life of the process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(k, v)
+    from jobs.unlearn.solo import single_process_env
+
+    single_process_env()
     yield
 
 

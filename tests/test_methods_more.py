@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from jobs.data.format import IGNORE_INDEX, collate, encode_qa
 from jobs.data.io import load_jsonl
-from jobs.models import load_model, load_tokenizer, save_model
+from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.adversarial import adversarial_labels
@@ -36,23 +36,10 @@ def with_idk(batch: dict, tok, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dir, tmp_path_factory):
-    """(model dir, batch with forget/retain/idk). The model has been fitted to all 16 QA rows for a few
-    dozen steps: label-based methods (random_label, adversarial) only unlearn what a model has learnt."""
-    tok = load_tokenizer(tiny_dir / "model")
-    rows = qa_rows()
-    enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
-    torch.manual_seed(0)
-    model = load_model(tiny_dir / "model")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        opt.zero_grad()
-        (mean_nll(model, batch["forget"]) + mean_nll(model, batch["retain"])).backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("fitted")
-    save_model(model, tok, out)
-    return out, with_idk(batch, tok)
+def setup(fitted_tiny):
+    """(fitted model dir, batch with forget/retain/idk)."""
+    out, batch = fitted_tiny
+    return out, with_idk(batch, load_tokenizer(out))
 
 
 def test_the_new_methods_are_registered_with_their_defaults():

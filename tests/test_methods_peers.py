@@ -10,33 +10,19 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from jobs.data.format import IGNORE_INDEX, collate, encode_qa
-from jobs.models import load_model, load_tokenizer, save_model
+from jobs.data.format import IGNORE_INDEX
+from jobs.models import load_model
 from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.base import mean_nll
 from jobs.unlearn.methods.ce_u import drop_first_targets
-from tests.conftest import qa_rows
 
 PEERS = ["wga", "undial", "ce_u", "satimp", "pdu"]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dir, tmp_path_factory):
-    """(fitted model dir, unfitted model dir, batch with forget/retain). The model has been fitted to all 16 QA
-    rows for a few dozen steps: the probability-weighted methods only unlearn what a model has learnt."""
-    tok = load_tokenizer(tiny_dir / "model")
-    rows = qa_rows()
-    enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
-    torch.manual_seed(0)
-    model = load_model(tiny_dir / "model")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        opt.zero_grad()
-        (mean_nll(model, batch["forget"]) + mean_nll(model, batch["retain"])).backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("fitted")
-    save_model(model, tok, out)
+def setup(fitted_tiny, tiny_dir):
+    """(fitted model dir, unfitted model dir, batch with forget/retain)."""
+    out, batch = fitted_tiny
     return out, tiny_dir / "model", batch
 
 

@@ -143,3 +143,13 @@ def mean_nll(model: Any, part: dict) -> torch.Tensor:
     """Token-averaged NLL over a batch's target tokens (the usual LM loss)."""
     logp, n = sequence_logprob(model, part)
     return -logp.sum() / n.sum().clamp(min=1)
+
+
+def ranks_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the workers (itself when not distributed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x / dist.get_world_size()
+    return x

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, mean_nll
+from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, ranks_mean
 from jobs.unlearn.methods.ga_kl import target_logits
 
 
@@ -55,16 +55,6 @@ def flattening_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return ((logits.max(dim=-1).values - logits.mean(dim=-1)) ** 2).mean()
-
-
-def ranks_mean(x: torch.Tensor) -> torch.Tensor:
-    """``x`` averaged over the workers (itself when not distributed)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x / dist.get_world_size()
-    return x
 
 
 @register("pdu")

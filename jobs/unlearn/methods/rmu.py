@@ -95,8 +95,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.data.format import IGNORE_INDEX, sequence_nll
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method
-from jobs.unlearn.methods.pdu import ranks_mean
+from jobs.unlearn.methods.base import LossOutput, Method, ranks_mean
 
 
 class RMUParams(BaseModel):

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from jobs.unlearn.loop import SETUP_FILE  # noqa: E402
+from jobs.unlearn.outputs import SETUP_FILE  # noqa: E402
 
 PHASES = ["cli", "ray", "mlflow", "workers", "job setup"]
 MARKS = {"prepare:": "cli", "Ray at ": "ray", "MLflow run ": "mlflow"}

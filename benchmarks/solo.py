@@ -58,7 +58,8 @@ def run_job(method: str, params: dict, bench: Path, out: Path, *, steps: int, th
     ``retain``: the benchmark's ``retain`` QA (in-distribution) or ``general`` text as the retain data;
     ``forget``: a forget file other than the benchmark's whole forget set."""
     from jobs.spec import UnlearnSpec
-    from jobs.unlearn.loop import JOB_MARKER, run_unlearning
+    from jobs.unlearn.loop import run_unlearning
+    from jobs.unlearn.outputs import JOB_MARKER
     from jobs.unlearn.methods import build_method
 
     r = recipe()

@@ -137,7 +137,7 @@ def spunge(spec, warmup: int, storage: Path, num_cpus: int) -> dict:
     import ray
 
     from jobs.data.io import load_jsonl
-    from jobs.unlearn.loop import ATTEMPTS_FILE, STEPS_FILE
+    from jobs.unlearn.outputs import ATTEMPTS_FILE, STEPS_FILE
     from orchestrator.config import ScalingConfig
     from orchestrator.progress import ProgressBoard
     from orchestrator.ray_init import start_ray

@@ -24,7 +24,8 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.unlearn.loop import ATTEMPTS_FILE, FAILED_MARKER, JOB_MARKER, NonFiniteLossError, train_loop_per_worker
+    from jobs.unlearn.loop import NonFiniteLossError, train_loop_per_worker
+    from jobs.unlearn.outputs import ATTEMPTS_FILE, FAILED_MARKER, JOB_MARKER
     from jobs.unlearn.methods import build_method
     from orchestrator.progress import ProgressCallback
 

@@ -31,7 +31,7 @@ import ray
 from jobs.data.io import load_jsonl, write_json, write_jsonl
 from jobs.evaluate.suites import add_reference_metrics
 from jobs.spec import EvalSpec
-from jobs.unlearn.loop import SNAPSHOT_MARKER, SNAPSHOTS_DIR, STOP_FILE, snapshot_dir
+from jobs.unlearn.outputs import SNAPSHOT_MARKER, SNAPSHOTS_DIR, STOP_FILE, snapshot_dir
 from orchestrator.checks import SELECT_SPLITS
 from orchestrator.context import Job, PipelineError, RunContext, root_message
 from orchestrator.costs import eval_cost

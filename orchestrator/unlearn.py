@@ -14,7 +14,7 @@ import ray
 
 from jobs.data.io import load_jsonl, write_jsonl
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import JOB_MARKER, STEPS_FILE
+from jobs.unlearn.outputs import JOB_MARKER, STEPS_FILE
 from orchestrator.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.config import PipelineConfig
 from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message

@@ -90,7 +90,7 @@ def test_suite_file_options_and_the_deepspeed_file_are_keyed_by_content(tiny_dir
 def test_resume_keeps_an_unfinished_jobs_folder_and_a_fresh_run_clears_it(tmp_path):
     """An unfinished job's folder survives --resume with what it finished (WHP's reinforced pre-job, with its
     own marker, is then reused by the runner); without --resume it is emptied; a finished one is reused."""
-    from jobs.unlearn.loop import JOB_MARKER
+    from jobs.unlearn.outputs import JOB_MARKER
     from orchestrator.cache import claim
 
     job = tmp_path / "subset-a-123"

@@ -17,7 +17,8 @@ import yaml
 
 from jobs.data.io import load_jsonl
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import CHECKPOINT_STATE, JOB_MARKER, run_unlearning
+from jobs.unlearn.loop import run_unlearning
+from jobs.unlearn.outputs import CHECKPOINT_STATE, JOB_MARKER
 
 
 def spec(tiny_dir, out, **kw) -> UnlearnSpec:

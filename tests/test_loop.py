@@ -9,7 +9,8 @@ from jobs.data.format import collate, encode_qa, encode_text
 from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import JOB_MARKER, NonFiniteLossError, deepspeed_config, run_unlearning
+from jobs.unlearn.loop import NonFiniteLossError, deepspeed_config, run_unlearning
+from jobs.unlearn.outputs import JOB_MARKER
 from jobs.unlearn.methods.base import mean_nll
 
 
@@ -153,7 +154,7 @@ def test_the_loop_syncs_once_per_optimizer_step(tiny_dir, tmp_path, single_proce
 def test_eval_every_writes_snapshots_and_a_stop_file_ends_the_job(tiny_dir, tmp_path, single_process_dist):
     """Every eval_every steps the model as it stands is a folder the driver can score (the last step's is the
     output itself); the driver's stop file ends the job after the step that reads it."""
-    from jobs.unlearn.loop import SNAPSHOT_MARKER, STOP_FILE, snapshot_dir
+    from jobs.unlearn.outputs import SNAPSHOT_MARKER, STOP_FILE, snapshot_dir
 
     s = spec(tiny_dir, tmp_path, eval_every=2, max_steps=5, report_interval_s=3600)
     batches = []
@@ -181,7 +182,7 @@ def test_a_job_restored_from_a_checkpoint_keeps_the_snapshots_it_wrote(tiny_dir,
     wrote before and does not rewrite it (an eval task may be reading it)."""
     import shutil
 
-    from jobs.unlearn.loop import snapshot_dir
+    from jobs.unlearn.outputs import snapshot_dir
 
     s = spec(tiny_dir, tmp_path, eval_every=2, checkpoint_every=3, max_steps=5, report_interval_s=3600)
     saved = tmp_path / "ckpt"

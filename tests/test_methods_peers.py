@@ -328,13 +328,13 @@ def test_a_few_steps_lower_the_forget_probability(setup, name, params):
 
 def test_pdu_dual_state_travels_with_the_checkpoint_rng_state():
     """A job restored from a checkpoint goes on with the lambda (and epsilon) it had reached."""
-    from jobs.unlearn.loop import _rng_state, _set_rng_state
+    from jobs.unlearn.outputs import rng_state, set_rng_state
     from jobs.unlearn.methods import build_method
 
     m = build_method("pdu", {"alpha": 1.0, "dual_lr": 1.0, "epsilon": 0.5})
     m.dual_step(torch.tensor(2.0))
     m.dual_step(torch.tensor(2.0))  # lambda 1 -> 2.5 -> 4.0
-    state = _rng_state(m)
+    state = rng_state(m)
     fresh = build_method("pdu", {"alpha": 1.0, "dual_lr": 1.0, "epsilon": 0.5})
-    _set_rng_state(state, fresh)
+    set_rng_state(state, fresh)
     assert float(fresh.lam) == pytest.approx(4.0) and fresh.calls == 2 and float(fresh.epsilon) == 0.5

@@ -2,7 +2,6 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +11,7 @@ from orchestrator.context import Job, JobKind, Merged, RunContext
 from orchestrator.costs import add, cost_report, eval_cost, job_cost, known_pretraining_tokens
 from orchestrator.select import SELECT_FILE, StepSelector, choose_step, should_stop
 from orchestrator.tune.objective import objective_value
-from jobs.unlearn.loop import STOP_FILE, snapshot_dir
+from jobs.unlearn.outputs import STOP_FILE, snapshot_dir
 
 # forget_prob falls as the job unlearns; model_utility falls too, below 0.9 x base (1.0) after step 4
 SEQUENCE = {2: {"forget_prob": 0.50, "model_utility": 0.95}, 4: {"forget_prob": 0.30, "model_utility": 0.92},

@@ -11,7 +11,8 @@ from jobs.data.format import collate, encode_qa
 from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import JOB_MARKER, run_unlearning
+from jobs.unlearn.loop import run_unlearning
+from jobs.unlearn.outputs import JOB_MARKER
 from jobs.unlearn.methods import build_method
 from jobs.unlearn.methods.base import mean_nll, sequence_logprob
 from jobs.unlearn.methods.whp import generic_labels, generic_logits, translate

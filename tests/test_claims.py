@@ -62,3 +62,32 @@ def test_lr_grid_counts_the_learning_rates_where_a_method_collapses_keeps_or_is_
     assert gd["usable_lrs"] == 5 and gd["per_lr"][0]["model_utility"] == pytest.approx(0.65)  # mean of 0.6, 0.7
     assert rows["ga_kl (general)"]["retain"] == "general"
     assert "| ga | 0.600 / 0.600 |" in claims.lr_grid_table(res)
+
+
+def test_seeds_table_tables_only_variants_with_every_seed_and_bolds_significant_p(monkeypatch, tmp_path, capsys):
+    import json
+
+    from benchmarks import seeds_table
+
+    def report(forget_merged, forget_unsplit):
+        return {"models": {"base": {"forget_prob": 0.9, "model_utility": 0.5},
+                           "merged": {"forget_prob": forget_merged, "model_utility": 0.5},
+                           "unsplit": {"forget_prob": forget_unsplit, "model_utility": 0.5}}}
+
+    runs = {"a": {0: report(0.10, 0.20), 1: report(0.30, 0.50), 2: report(0.20, 0.25)},
+            "b": {0: report(0.5, 0.5), 1: report(0.5, 0.5)}}  # b stopped before its third seed
+    for variant, seeds in runs.items():
+        for seed, r in seeds.items():
+            (tmp_path / "run" / variant / f"seed{seed}").mkdir(parents=True)
+            (tmp_path / "run" / variant / f"seed{seed}" / "report.json").write_text(json.dumps(r))
+    monkeypatch.setattr(seeds_table, "RESULTS", tmp_path / "results")
+    seeds_table.main([str(tmp_path / "run"), "--name", "t"])
+    out = capsys.readouterr().out
+    # merged 0.1, 0.3, 0.2: mean 0.2, sd 0.1, half-width t(0.975, 2) x 0.1 / sqrt(3) = 0.248; merged - unsplit
+    # -0.10, -0.20, -0.05: mean -0.117, sd 0.0764, half-width 0.190, t -2.65, p 0.118 (not bold)
+    assert "| a | forget_prob | 0.200 ± 0.248 | 0.317 ± " in out and "| -0.117 ± 0.190 | 0.12 |" in out
+    assert "| a | model_utility | 0.500 ± 0.000 | 0.500 ± 0.000 | +0.000 ± 0.000 | - |" in out  # no spread, no test
+    assert not any(line.startswith("| b |") for line in out.splitlines())
+    saved = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert saved["seeds"] == [0, 1, 2] and list(saved["summaries"]) == ["a"]
+    assert saved["reference"] == {"base": {"forget_prob": 0.9, "model_utility": 0.5}}

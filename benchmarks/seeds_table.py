@@ -61,6 +61,12 @@ def collect(folder: Path) -> tuple[dict[str, dict[int, dict]], list[int]]:
     return {v: r for v, r in found.items() if set(seeds) <= set(r)}, seeds
 
 
+def slim(s: dict[str, Any]) -> dict[str, Any]:
+    """The summary's table metrics only (a report carries dozens of per-fact and per-attribute scores)."""
+    return {"seeds": s["seeds"], "paired": {m: v for m, v in s["paired"].items() if m in TABLE_METRICS},
+            "models": {k: {m: v for m, v in per.items() if m in TABLE_METRICS} for k, per in s["models"].items()}}
+
+
 def table(summaries: dict[str, dict], reference: dict[str, dict]) -> str:
     lines = ["| method | metric | merged | unsplit | merged − unsplit | p |", "|---|---|---|---|---|---|"]
     for model, scores in reference.items():
@@ -81,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--name", default=None, help="results file name (default: the folder's name)")
     args = ap.parse_args(argv)
     reports, seeds = collect(args.folder)
-    summaries = {v: summarize(r) for v, r in reports.items()}
+    summaries = {v: slim(summarize(r)) for v, r in reports.items()}
     first = next(iter(reports.values()))[seeds[0]]["models"]
     reference = {m: {k: first[m][k] for k in TABLE_METRICS if k in first[m]} for m in ("base", "oracle") if m in first}
     print(f"seeds {seeds}; variants with every seed: {', '.join(reports)}\n")

@@ -28,7 +28,7 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
 NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
-         "methods_seeds.yaml": "demo benchmark",
+         "methods_seeds.yaml": "demo benchmark", "methods_seeds_tiny.yaml": "tiny demo benchmark",
          "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
          "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures", "wmdp_spunge.yaml": "wmdp fixtures"}
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -79,9 +79,10 @@ def gpu_data(folder: Path) -> Path:
 def stand_ins(name: str, request, tmp_path: Path) -> dict[str, str]:
     """Path prefixes of the example -> local stand-ins (outputs go under tmp_path)."""
     need = NEEDS[name]
-    if need == "demo benchmark":
+    if need in ("demo benchmark", "tiny demo benchmark"):  # the fixture is a tiny-size demo benchmark
         bench = request.getfixturevalue("tiny_bench")[0]
-        return {"../spunge-demo/benchmark": str(bench), "../spunge-demo": str(tmp_path / "spunge-demo")}
+        where = "../spunge-demo/tiny/benchmark" if need.startswith("tiny") else "../spunge-demo/benchmark"
+        return {where: str(bench), "../spunge-demo": str(tmp_path / "spunge-demo")}
     if need in HUB_MODELS:  # the hub models -> SmolLM2 (a chat model, as TOFU's), outputs -> tmp
         model = str(request.getfixturevalue("smollm2"))
         return {**{m: model for m in HUB_MODELS[need]}, "../spunge-output": str(tmp_path / "spunge-output")}

@@ -28,6 +28,7 @@ itself (``loop_clips``), which gives the grad norm without a second pass.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -198,6 +199,15 @@ def _grad_norm(engine, clip: Optional[float]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params]).float()
 
 
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's communication backend compiles (on first use; ~1 minute on 2 cores, then a ninja check and a
+    probe of every op's compiler support in each worker) a shared-memory C++ all-reduce on CPU machines that
+    only its ``inference_all_reduce`` calls (tensor-parallel inference); training's collectives are the
+    process group's. It is not built: nothing here runs DeepSpeed inference."""
+    # importlib: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``, which is torch
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _deepspeed_grad_norm(engine) -> Any:
     norm = engine.get_global_grad_norm()
     return float("nan") if norm is None else norm
@@ -235,6 +245,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
+    _skip_shm_comm_op()
     setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(spec.seed)

@@ -76,7 +76,9 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
         except Exception as e:  # Ray raises a bare Exception for a node that does not come up
             ray.shutdown()
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "timed out" not in first or time.monotonic() + 5 > deadline:
+            # a slow node, or a dashboard that lost its port: _free_port's port taken before the dashboard bound
+            # it (another process of this start can take it; the next try picks another)
+            if not ("timed out" in first or "dashboard" in first) or time.monotonic() + 5 > deadline:
                 raise PipelineError(f"ray: the local Ray node did not start after {tries} tr{'y' if tries == 1 else 'ies'} "
                                     f"({first}); the machine may be overloaded: raise ray.start_timeout_s "
                                     f"(now {timeout_s:g}) or give ray.address of a running cluster") from None

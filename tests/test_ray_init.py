@@ -74,6 +74,17 @@ def test_a_slow_node_is_started_again_and_a_dead_one_named_once(monkeypatch):
         other.calls += 1
         raise Exception("some other problem")
 
+    lost_port = SlowNode(fails=0)
+
+    def dashboard_failed(**kwargs):  # the dashboard's port was taken between _free_port and its bind
+        lost_port.calls += 1
+        if lost_port.calls == 1:
+            raise Exception("The last 20 lines of /tmp/ray/session_x/logs/dashboard.log (it contains the error "
+                            "message from the dashboard): ")
+
+    monkeypatch.setattr(R.ray, "init", dashboard_failed)
+    R._start_local(2, {}, timeout_s=120)
+    assert lost_port.calls == 2
     monkeypatch.setattr(R.ray, "init", refuses)
     with pytest.raises(PipelineError, match=r"after 1 try \(some other problem\)"):
         R._start_local(2, {}, timeout_s=120)  # not a slow start: no retry

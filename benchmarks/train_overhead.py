@@ -43,20 +43,41 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 # per model: (micro batch, sequence length, warm-up steps, timed steps) unless given on the command line
-DEFAULTS = {"tiny": (8, 64, 10, 200), "smollm2": (2, 32, 3, 20)}
+DEFAULTS = {"tiny": (8, 64, 10, 200), "smollm2": (2, 32, 3, 20), "smollm2-random": (2, 32, 3, 20)}
 
 
 def model_dir(name: str, work: Path) -> Path:
-    """A Hugging Face folder: the tests' tiny model (built into ``work``) or the cached SmolLM2-135M."""
-    if name == "tiny":
+    """A Hugging Face folder: the tests' tiny model (built into ``work``), the cached SmolLM2-135M, or
+    ``smollm2-random``: SmolLM2-135M's architecture with random weights and the tiny model's tokenizer."""
+    if name in ("tiny", "smollm2-random"):
         from tests.conftest import make_tiny
 
         d = work / "tiny"
         d.mkdir(parents=True, exist_ok=True)
-        return make_tiny(d) / "model"
+        tiny = make_tiny(d) / "model"
+        return tiny if name == "tiny" else random_smollm2(tiny, work / "smollm2-random")
     from jobs.models import convert_gguf, packaged_gguf
 
     return Path(convert_gguf(packaged_gguf(), Path.home() / ".cache" / "spunge" / "smollm2-135m-instruct"))
+
+
+def random_smollm2(tokenizer_dir: Path, out: Path) -> Path:
+    """SmolLM2-135M's configuration (its config.json's shape) with random weights, saved with the tokenizer
+    of ``tokenizer_dir`` (whose ids are all below the 49152-token vocabulary)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jobs.models import load_tokenizer, save_model
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    save_model(model, tok, out)
+    return out
 
 
 def write_data(work: Path, rows: int = 64) -> tuple[Path, Path]:
@@ -81,8 +102,8 @@ def job_spec(args, name: str, path: Path, forget: Path, retain: Path, out: Path,
                        deepspeed={"zero_optimization": {"stage": 0}})
 
 
-def bare(spec, warmup: int, steps: int) -> dict:
-    """tokens/s of ``steps`` timed steps of a plain torch loop after ``warmup`` steps."""
+def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
+    """tokens/s of ``steps`` timed steps of a plain torch loop after ``warmup`` steps, on ``device``."""
     import copy
 
     import torch
@@ -97,10 +118,12 @@ def bare(spec, warmup: int, steps: int) -> dict:
     t_load = time.perf_counter()
     method = build_method(spec.method, spec.method_params)
     tok = load_tokenizer(spec.model_path)
-    model = load_model(spec.model_path, spec.dtype)
+    model = load_model(spec.model_path, spec.dtype).to(device)
     model.config.use_cache = False
     method.setup(model)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if method.needs_reference else None
+    on = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     forget = _epochs(_loader(encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method), tok, spec, 0, 1,
                              spec.seed))
     retain = _epochs(_loader(encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"), tok, spec, 0, 1,
@@ -113,9 +136,11 @@ def bare(spec, warmup: int, steps: int) -> dict:
     tokens, t0, per_step = 0, None, []
     for step in range(1, warmup + steps + 1):
         if step == warmup + 1:
+            sync()
             tokens, t0 = 0, time.perf_counter()
         t_step = time.perf_counter()
         fb, rb = next(forget)[1], next(retain)[1]["retain"]
+        fb, rb = {k: on(v) for k, v in fb.items()}, on(rb)
         batch = {"retain": rb, **fb}
         out = method.loss(model, batch, ref)
         out.loss.backward()
@@ -124,7 +149,7 @@ def bare(spec, warmup: int, steps: int) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         n = sum(int(v["attention_mask"].sum()) for v in fb.values()) + int(rb["attention_mask"].sum())
-        tokens += n
+        tokens += n  # int(): one host sync per step, as the spunge loop's one read per step
         if step > warmup:
             per_step.append(n / (time.perf_counter() - t_step))
     seconds = time.perf_counter() - t0
@@ -132,7 +157,21 @@ def bare(spec, warmup: int, steps: int) -> dict:
             "timed_s": seconds, "timed_tokens": tokens, "load_s": load_s}
 
 
-def spunge(spec, warmup: int, storage: Path, num_cpus: int) -> dict:
+def start_bench_ray(num_cpus: int, gpu: bool = False, dashboard: bool = True) -> None:
+    """The driver's local Ray (``orchestrator.ray_init.start_ray``); without ``dashboard``, a plain local Ray for
+    a machine whose Ray lacks the dashboard's packages (Ray Train runs; its stopped jobs' cleanup may not)."""
+    import ray
+
+    from orchestrator.ray_init import start_ray
+
+    if dashboard:
+        start_ray(num_cpus=num_cpus, use_gpu=gpu)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def spunge(spec, warmup: int, storage: Path, num_cpus: int, gpu: bool = False, dashboard: bool = True) -> dict:
     """Steady-state tokens/s of the job run the pipeline's way, from its ``steps.jsonl`` rows."""
     import ray
 
@@ -140,13 +179,12 @@ def spunge(spec, warmup: int, storage: Path, num_cpus: int) -> dict:
     from jobs.unlearn.outputs import ATTEMPTS_FILE, STEPS_FILE
     from orchestrator.config import ScalingConfig
     from orchestrator.progress import ProgressBoard
-    from orchestrator.ray_init import start_ray
     from orchestrator.runners import run_unlearn_job
 
-    start_ray(num_cpus=num_cpus)
+    start_bench_ray(num_cpus, gpu, dashboard)
     try:
         board = ProgressBoard.remote()
-        scaling = ScalingConfig(num_workers=1, cpus_per_worker=spec.threads_per_worker).model_dump()
+        scaling = ScalingConfig(num_workers=1, cpus_per_worker=spec.threads_per_worker, use_gpu=gpu).model_dump()
         t_fit = time.time()
         ray.get(run_unlearn_job.remote(spec.model_dump(), scaling, str(storage), "bench", board))
         t_end = time.time()
@@ -179,10 +217,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps (default per model: tiny 200, smollm2 20)")
     ap.add_argument("--repeats", type=int, default=1, help="bare runs before and as many after the spunge job")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the worker gets as many CPUs)")
+    ap.add_argument("--gpu", action="store_true", help="both loops on the GPU (the job with scaling.use_gpu)")
+    ap.add_argument("--no-dashboard", action="store_true", help="a Ray without its dashboard packages")
     ap.add_argument("--label", default="current", help="name of this measurement in the JSON (e.g. before/after)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "train_overhead.json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = "cuda" if args.gpu else "cpu"
+    os.environ["DS_ACCELERATOR"] = device
 
     results, load0 = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="spunge-overhead-") as tmp:
@@ -195,9 +237,10 @@ def main() -> None:
             path = model_dir(name, work)
             spec = job_spec(args, name, path, forget, retain, work / f"out-{name}", batch, seq, warm + steps)
             # bare runs before and after the spunge job, averaged: the shared machine's load drifts
-            runs = [bare(spec, warm, steps) for _ in range(args.repeats)]
-            s = spunge(spec, warm, work / f"ray-{name}", num_cpus=max(2, args.threads))
-            runs += [bare(spec, warm, steps) for _ in range(args.repeats)]
+            runs = [bare(spec, warm, steps, device) for _ in range(args.repeats)]
+            s = spunge(spec, warm, work / f"ray-{name}", num_cpus=max(2, args.threads), gpu=args.gpu,
+                       dashboard=not args.no_dashboard)
+            runs += [bare(spec, warm, steps, device) for _ in range(args.repeats)]
             b = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
             b["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
             results.append({"model": name, "method": args.method, "batch_size": batch, "seq_len": seq,
@@ -214,7 +257,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['batch_size']} x {r['seq_len']} | {r['timed_steps']} | "
               f"{r['bare']['tokens_per_s']:.1f} | {r['spunge']['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
               f"{r['ratio_median_step']:.3f} | {r['spunge']['startup_and_save_s']:.1f} |")
-    record = {"label": args.label, "threads": args.threads, "machine": platform.platform(), "cpus": os.cpu_count(),
+    record = {"label": args.label, "threads": args.threads, "device": device, "machine": platform.platform(), "cpus": os.cpu_count(),
               "load_avg_1min": os.getloadavg()[0], "load_avg_1min_start": load0, "results": results}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = {k: v for k, v in previous.get("runs", {}).items() if k != args.label}

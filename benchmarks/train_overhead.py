@@ -1,7 +1,8 @@
 """Training overhead: one unlearning job through spunge (Ray Train + DeepSpeed) vs a bare PyTorch loop.
 
 For each model (``--model tiny`` the tests' random tiny Llama, ``--model smollm2`` SmolLM2-135M-Instruct;
-both by default) and one method (``--method grad_diff``), with a fixed micro batch and sequence length
+both by default; ``smollm2-random`` its architecture with random weights) on the CPU, or both loops on the
+GPU with ``--gpu``, and one method (``--method grad_diff``), with a fixed micro batch and sequence length
 (every answer is long enough to be cut at ``--seq-len``):
 
 - **bare**: the model in this process, the same method object (``build_method``), the same batches (the
@@ -257,8 +258,8 @@ def main() -> None:
         print(f"| {r['model']} | {r['batch_size']} x {r['seq_len']} | {r['timed_steps']} | "
               f"{r['bare']['tokens_per_s']:.1f} | {r['spunge']['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
               f"{r['ratio_median_step']:.3f} | {r['spunge']['startup_and_save_s']:.1f} |")
-    record = {"label": args.label, "threads": args.threads, "device": device, "machine": platform.platform(), "cpus": os.cpu_count(),
-              "load_avg_1min": os.getloadavg()[0], "load_avg_1min_start": load0, "results": results}
+    record = {"label": args.label, "threads": args.threads, "device": device, "machine": platform.platform(),
+              "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "load_avg_1min_start": load0, "results": results}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = {k: v for k, v in previous.get("runs", {}).items() if k != args.label}
     runs[args.label] = record

@@ -200,8 +200,8 @@ def _grad_norm(engine, clip: Optional[float]) -> torch.Tensor:
 
 
 def _skip_shm_comm_op() -> None:
-    """DeepSpeed's communication backend compiles (on first use; ~1 minute on 2 cores, then a ninja check and a
-    probe of every op's compiler support in each worker) a shared-memory C++ all-reduce on CPU machines that
+    """DeepSpeed's communication backend compiles (on first use: 37 s of a 2-core machine; after that a ninja check
+    and a probe of every op's compiler support in each worker) a shared-memory C++ all-reduce on CPU machines that
     only its ``inference_all_reduce`` calls (tensor-parallel inference); training's collectives are the
     process group's. It is not built: nothing here runs DeepSpeed inference."""
     # importlib: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``, which is torch

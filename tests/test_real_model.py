@@ -88,7 +88,9 @@ def test_answer_probability_is_the_models_own_per_token_probability(smol):
             logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].double(), -1)
         want.append(math.exp(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a)) / len(a)))
     m = get_suite("qa")(SuiteContext(model, tok, template=bare, max_new_tokens=8), {"forget": rows})["metrics"]
-    assert m["forget_prob"] == pytest.approx(sum(want) / 2, rel=1e-5)
+    # fp32: a padded batch of two and one sequence alone differ by ~1e-5 in relative terms on a CPU; a wrong
+    # token (offset, EOS, template) moves it by far more
+    assert m["forget_prob"] == pytest.approx(sum(want) / 2, rel=1e-4)
     assert m["forget_prob"] > 0.3  # it knows these
     eos = SuiteContext(model, tok, template=bare.model_copy(update={"answer_eos": True}), max_new_tokens=8)
     with_eos = get_suite("qa")(eos, {"forget": rows})["metrics"]

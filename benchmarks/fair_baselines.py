@@ -11,8 +11,10 @@ over seeds and a paired t-test by seed (orchestrator/seeds.py).
     python benchmarks/fair_baselines.py --bench spunge-demo/benchmark --methods grad_diff,npo \\
         --samples 8 --seeds 0,1,2 --out spunge-demo/fair
 
-Prints the table and writes ``<out>/fair_baselines.json`` (and benchmarks/results/fair_baselines.json).
-Each step is a real ``spunge`` command; finished ones are reused with ``--resume``.
+Prints the table and writes ``<out>/fair_baselines.json`` (and benchmarks/results/fair_baselines.json) after
+each method. Methods already in benchmarks/results/fair_baselines.json under the same samples, steps and seeds
+are kept, so methods can be run a few at a time. Each step is a real ``spunge`` command; finished ones are
+reused with ``--resume``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ COEFFICIENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adversarial": ("alpha", {"uniform": [0.0, 5.0]}),
     "rmu": ("adaptive_scale", {"loguniform": [1.0, 20.0]}),
     "tvn": ("lam", {"uniform": [0.25, 2.0]}),
+    "whp": ("beta", {"loguniform": [1.0, 20.0]}),
     "wga": ("beta", {"uniform": [0.1, 3.0]}),
     "satimp": ("beta1", {"uniform": [1.0, 8.0]}),
     "undial": ("beta", {"loguniform": [1.0, 30.0]}),
@@ -101,6 +104,11 @@ def main() -> None:
     seeds = parse_seeds(args.seeds)
     results: dict[str, Any] = {"objective": OBJECTIVE, "samples": args.samples, "steps": args.steps,
                                "seeds": seeds, "methods": {}}
+    kept = ROOT / "benchmarks" / "results" / "fair_baselines.json"
+    if kept.exists():
+        earlier = json.loads(kept.read_text())
+        if all(earlier.get(k) == results[k] for k in ("objective", "samples", "steps", "seeds")):
+            results["methods"] = earlier.get("methods", {})
     for method in args.methods.split(","):
         if method not in COEFFICIENTS:
             raise SystemExit(f"--methods: no search space for {method!r}; known: {', '.join(COEFFICIENTS)}")
@@ -127,10 +135,10 @@ def main() -> None:
             p = per["paired"][m]
             print(f"  {m}: merged - unsplit {p['mean']:.3g} ± {p['half_width'] or float('nan'):.2g}, "
                   f"p {p['p_value'] if p['p_value'] is not None else float('nan'):.3g}")
-    for path in (args.out / "fair_baselines.json", ROOT / "benchmarks" / "results" / "fair_baselines.json"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out / 'fair_baselines.json'}")
+        for path in (args.out / "fair_baselines.json", kept):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out / 'fair_baselines.json'}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from jobs.data.format import collate, encode_qa, encode_text
 from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.loop import NonFiniteLossError, deepspeed_config, run_unlearning
+from jobs.unlearn.engine import deepspeed_config
+from jobs.unlearn.loop import NonFiniteLossError, run_unlearning
 from jobs.unlearn.outputs import JOB_MARKER
 from jobs.unlearn.methods.base import mean_nll
 

@@ -65,7 +65,7 @@ def test_the_lora_reference_is_the_model_with_its_adapter_disabled(tiny_dir, tmp
 def test_under_zero3_the_reference_model_is_a_sharded_engine(tiny_dir, tmp_path, single_process_dist):
     import deepspeed
 
-    from jobs.unlearn.loop import deepspeed_config
+    from jobs.unlearn.engine import deepspeed_config
     from jobs.unlearn.reference import reference_model
 
     s = spec(tiny_dir, tmp_path, "npo", lora=None, deepspeed={"zero_optimization": {"stage": 3}})

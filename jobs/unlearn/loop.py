@@ -28,7 +28,6 @@ itself (``loop_clips``), which gives the grad norm without a second pass.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import math
@@ -46,7 +45,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from jobs.data.format import collate, encode_qa, encode_text
 from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
-from jobs.spec import OptimizerSpec, UnlearnSpec
+from jobs.spec import UnlearnSpec
+from jobs.unlearn.engine import (deepspeed_config, deepspeed_grad_norm, loop_clips, make_optimizer, make_schedule,
+                                 skip_shm_comm_op, step_grad_norm)
 from jobs.unlearn.methods import build_method
 from jobs.unlearn.outputs import (ATTEMPTS_FILE, FAILED_MARKER, SETUP_FILE, STEPS_FILE, STOP_FILE, load_checkpoint,
                                   save_checkpoint, save_final, save_snapshot)
@@ -55,51 +56,6 @@ from jobs.unlearn.methods.base import mean_nll
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
-    """The user's DeepSpeed config with the batch fields filled in from the spec (like HF's "auto")."""
-    cfg = json.loads(json.dumps(spec.deepspeed))  # deep copy
-    micro, accum = spec.batch_size, spec.gradient_accumulation_steps
-    for key, value in (
-        ("train_micro_batch_size_per_gpu", micro),
-        ("gradient_accumulation_steps", accum),
-        ("train_batch_size", micro * accum * world_size),
-    ):
-        if cfg.get(key, "auto") == "auto":
-            cfg[key] = value
-    cfg.setdefault("gradient_clipping", 1.0)
-    cfg.setdefault("zero_optimization", {"stage": 0})
-    cfg.setdefault("steps_per_print", 10**9)
-    offload = (cfg["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
-    if offload != "none" and "optimizer" not in cfg:
-        # ZeRO-Offload with the loop's own torch optimizer: DeepSpeed refuses it unless told not to force
-        # its DeepSpeedCPUAdam (offloaded states then step in torch on the CPU)
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    if spec.dtype == "bfloat16":
-        cfg.setdefault("bf16", {"enabled": True})
-    elif spec.dtype == "float16":
-        cfg.setdefault("fp16", {"enabled": True})
-    return cfg
-
-
-def make_optimizer(params, opt: OptimizerSpec) -> torch.optim.Optimizer:
-    if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, opt: OptimizerSpec, total_steps: int):
-    def factor(step: int) -> float:
-        if opt.warmup_steps and step < opt.warmup_steps:
-            return (step + 1) / opt.warmup_steps
-        if opt.schedule == "linear":
-            left = total_steps - opt.warmup_steps
-            return max(0.0, 1.0 - (step - opt.warmup_steps) / max(1, left))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def encode_rows(rows: list[dict], tokenizer, spec: UnlearnSpec, part: str, method=None) -> list[dict]:
@@ -175,44 +131,6 @@ def sync_step(device: Any, shared: list[Any], local: dict[str, Any],
     return flat[: len(shared)], dict(zip(local, flat[len(shared):]))
 
 
-def loop_clips(cfg: dict[str, Any]) -> bool:
-    """Whether the loop clips the gradients itself rather than DeepSpeed: plain ZeRO stage 0 without mixed
-    precision. There DeepSpeed's clipping loops over every parameter in Python and all-reduces a norm it
-    then discards; ``torch.nn.utils.clip_grad_norm_`` applies the same formula (scale by
-    ``max_norm / (norm + 1e-6)`` when that is below 1) to the same gradients (averaged over ranks in
-    ``backward``) and returns the norm, so the grad norm of the row costs nothing more. ZeRO stages and
-    DeepSpeed's fp16/bf16 optimizers clip (and keep the norm) themselves."""
-    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-    mixed = any((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16", "bfloat16", "amp", "torch_autocast"))
-    return stage == 0 and not mixed
-
-
-def _grad_norm(engine, clip: Optional[float]) -> torch.Tensor:
-    """Global gradient norm before clipping, as a device tensor (no host sync), at the accumulation
-    boundary (stage 0: the gradients are averaged over ranks by then). With ``clip`` > 0 the gradients
-    are clipped to it as well."""
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros((), device=engine.device)
-    if clip:
-        return torch.nn.utils.clip_grad_norm_(params, clip).float()
-    return torch.nn.utils.get_total_norm([p.grad for p in params]).float()
-
-
-def _skip_shm_comm_op() -> None:
-    """DeepSpeed's communication backend compiles (on first use: 37 s of a 2-core machine; after that a ninja check
-    and a probe of every op's compiler support in each worker) a shared-memory C++ all-reduce on CPU machines that
-    only its ``inference_all_reduce`` calls (tensor-parallel inference); training's collectives are the
-    process group's. It is not built: nothing here runs DeepSpeed inference."""
-    # importlib: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``, which is torch
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def _deepspeed_grad_norm(engine) -> Any:
-    norm = engine.get_global_grad_norm()
-    return float("nan") if norm is None else norm
-
-
 class _Phases:
     """Seconds spent in each named set-up phase, in order (each from the end of the previous one)."""
 
@@ -245,7 +163,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    _skip_shm_comm_op()
+    skip_shm_comm_op()
     setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(spec.seed)
@@ -333,7 +251,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary and not ds_norm:
-                grad_norm = _grad_norm(engine, clip)
+                grad_norm = step_grad_norm(engine, clip)
             engine.step()
             if masked is not None and boundary:
                 masked.restore(engine)  # every rank: a collective under ZeRO-3
@@ -343,7 +261,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             for k, v in out.metrics.items():
                 parts.setdefault(k, []).append(v)
         if ds_norm:
-            grad_norm = _deepspeed_grad_norm(engine)
+            grad_norm = deepspeed_grad_norm(engine)
         stacked = torch.stack(losses)
         local = {"loss": stacked.mean(), **{k: torch.stack([_scalar(x, device) for x in v]).mean()
                                             for k, v in parts.items()}}

@@ -5,7 +5,8 @@ For each method the search covers the learning rate and the method's main coeffi
 ``num_samples`` trials of ``spunge tune`` per (method, model) and the objective "max forget_quality s.t.
 model_utility >= 0.9 x base" on that model only (the merged model's search runs no unsplit job, and the
 unsplit model's search no subset job). Each tuned point (``best_config.yaml``) then runs with
-``spunge run --seeds``; the table compares the tuned merged model with the tuned unsplit model, mean ± 95% CI
+``spunge run --seeds`` (when both searches pick the same point, one run per seed holds the subset jobs and the
+unsplit job); the table compares the tuned merged model with the tuned unsplit model, mean ± 95% CI
 over seeds and a paired t-test by seed (orchestrator/seeds.py).
 
     python benchmarks/fair_baselines.py --bench spunge-demo/benchmark --methods grad_diff,npo \\
@@ -113,20 +114,37 @@ def main() -> None:
         if method not in COEFFICIENTS:
             raise SystemExit(f"--methods: no search space for {method!r}; known: {', '.join(COEFFICIENTS)}")
         per: dict[str, Any] = {}
+        best: dict[str, Path] = {}
         for model in ("merged", "unsplit"):
             folder = args.out / method / model
             folder.mkdir(parents=True, exist_ok=True)
             cfg = tune_config(args.bench.resolve(), method, model, folder / "tune", args.samples, args.steps)
             (folder / "tune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            best = folder / "tune" / "best_config.yaml"
-            if not best.exists():
+            best[model] = folder / "tune" / "best_config.yaml"
+            if not best[model].exists():
                 spunge("tune", str(folder / "tune.yaml"))
-            spunge("run", str(best), "--seeds", args.seeds, "--resume", "--output-dir", str(folder / "seeds"))
-            reports = {s: json.loads((folder / "seeds" / f"seed{s}" / "report.json").read_text()) for s in seeds}
-            best_cfg = yaml.safe_load(best.read_text())
-            per[model] = {"tuned": {"lr": best_cfg["unlearn"]["optimizer"]["lr"],
-                                    **({COEFFICIENTS[method][0]: best_cfg["unlearn"].get("params", {}).get(COEFFICIENTS[method][0])}
-                                       if COEFFICIENTS[method][0] else {})},
+        picks = {model: yaml.safe_load(path.read_text()) for model, path in best.items()}
+        if picks["merged"]["unlearn"] == picks["unsplit"]["unlearn"]:
+            # both searches picked the same point: one run per seed trains the subset jobs and the unsplit job
+            # side by side (the same jobs, seeds and budget as two separate runs would)
+            both = {**picks["merged"], "name": f"fair-{method}-both",
+                    "split": {**picks["merged"]["split"], "baseline": "unsplit"}}
+            folder = args.out / method / "both"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "run.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
+            seeds_of = {"merged": folder / "seeds", "unsplit": folder / "seeds"}
+            plan = {folder / "run.yaml": folder / "seeds"}
+        else:
+            seeds_of = {model: args.out / method / model / "seeds" for model in best}
+            plan = {best[model]: seeds_of[model] for model in best}
+        for config, out in plan.items():
+            spunge("run", str(config), "--seeds", args.seeds, "--resume", "--output-dir", str(out))
+        for model in ("merged", "unsplit"):
+            seeds_dir = seeds_of[model]
+            reports = {s: json.loads((seeds_dir / f"seed{s}" / "report.json").read_text()) for s in seeds}
+            coef = COEFFICIENTS[method][0]
+            per[model] = {"tuned": {"lr": picks[model]["unlearn"]["optimizer"]["lr"],
+                                    **({coef: picks[model]["unlearn"].get("params", {}).get(coef)} if coef else {})},
                           "values": {m: [reports[s]["models"][model][m] for s in seeds] for m in METRICS}}
         per["paired"] = {m: paired_test(per["merged"]["values"][m], per["unsplit"]["values"][m]) for m in METRICS}
         results["methods"][method] = per

@@ -58,7 +58,7 @@ METRICS = ("forget_quality", "forget_prob", "model_utility")
 
 def base_config(bench: Path, method: str, out: Path, steps: int) -> dict[str, Any]:
     data = bench / "data"
-    return {
+    cfg = {
         "name": f"fair-{method}",
         "model": {"path": str(bench / "models" / "base")},
         "data": {"forget": str(data / "forget.jsonl"), "retain": str(data / "retain.jsonl"),
@@ -71,6 +71,9 @@ def base_config(bench: Path, method: str, out: Path, steps: int) -> dict[str, An
         "tracking": {"experiment": "spunge-fair-baselines", "log_models": False},
         "storage": {"output_dir": str(out)},
     }
+    if method == "whp" and (data / "anchors.json").exists():  # the benchmark's anchored terms (docs/methods.md)
+        cfg["unlearn"]["params"] = {"anchors": str(data / "anchors.json")}
+    return cfg
 
 
 def tune_config(bench: Path, method: str, model: str, out: Path, samples: int, steps: int) -> dict[str, Any]:

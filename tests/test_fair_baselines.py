@@ -20,7 +20,7 @@ def test_every_method_has_a_space_and_each_recipe_validates(tiny_bench, tmp_path
     from orchestrator.loading import load_tune
 
     fair = load_script()
-    assert set(method_names()) - {"whp"} <= set(fair.COEFFICIENTS)  # whp needs anchors: tuned by hand
+    assert set(method_names()) <= set(fair.COEFFICIENTS)
     bench = tiny_bench[0]
     for method, (coef, _) in fair.COEFFICIENTS.items():
         if coef:  # the coefficient is a parameter of the method
@@ -32,3 +32,5 @@ def test_every_method_has_a_space_and_each_recipe_validates(tiny_bench, tmp_path
             job = load_tune(path)
             assert job.tune.objective.model == model
             assert job.cfg.split.baseline == ("unsplit" if model == "unsplit" else "none")
+            if method == "whp":  # the benchmark's anchor file
+                assert job.cfg.unlearn.params["anchors"] == str(bench / "data" / "anchors.json")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,33 @@ def tune_config(bench: Path, method: str, model: str, out: Path, samples: int, s
     return cfg
 
 
+def _num(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """docs/results.md's "Tuned baselines" table: per method the two tuned points and, per metric, mean ±
+    95% half-width over seeds of each model, the paired difference by seed and its p-value (bold < 0.05)."""
+    from orchestrator.seeds import mean_ci
+
+    lines = ["| method | tuned merged (lr, coef) | tuned unsplit (lr, coef) | metric | merged | unsplit | "
+             "merged − unsplit | p |", "|---|---|---|---|---|---|---|---|"]
+    spread = lambda s: _num(s["mean"]) + (f" ± {_num(s['half_width'])}" if s["half_width"] is not None else "")
+    for method, per in results["methods"].items():
+        tuned = {model: ", ".join(f"{k} {_num(v)}" for k, v in per[model]["tuned"].items())
+                 for model in ("merged", "unsplit")}
+        for i, m in enumerate(METRICS):
+            p, pv = per["paired"][m], per["paired"][m]["p_value"]
+            shown = "-" if pv is None else (f"**{pv:.2g}**" if pv < 0.05 else f"{pv:.2g}")
+            first = lambda text: text if i == 0 else ""
+            lines.append(f"| {first(method)} | {first(tuned['merged'])} | {first(tuned['unsplit'])} | {m} | "
+                         f"{spread(mean_ci(per['merged']['values'][m]))} | {spread(mean_ci(per['unsplit']['values'][m]))} | "
+                         f"{p['mean']:+.3g} ± {_num(p['half_width'])} | {shown} |")
+    return "\n".join(lines)
+
+
 def spunge(*args: str) -> None:
     exe = Path(sys.executable).with_name("spunge")
     subprocess.run([str(exe), *args], check=True)
@@ -104,11 +132,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="unlearning steps per job (the budget)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=ROOT / "spunge-demo" / "fair")
+    ap.add_argument("--table", action="store_true",
+                    help="print docs/results.md's table from benchmarks/results/fair_baselines.json and exit")
     args = ap.parse_args()
+    kept = ROOT / "benchmarks" / "results" / "fair_baselines.json"
+    if args.table:
+        print(markdown_table(json.loads(kept.read_text())))
+        return
     seeds = parse_seeds(args.seeds)
     results: dict[str, Any] = {"objective": OBJECTIVE, "samples": args.samples, "steps": args.steps,
                                "seeds": seeds, "methods": {}}
-    kept = ROOT / "benchmarks" / "results" / "fair_baselines.json"
     if kept.exists():
         earlier = json.loads(kept.read_text())
         if all(earlier.get(k) == results[k] for k in ("objective", "samples", "steps", "seeds")):
@@ -160,6 +193,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out / 'fair_baselines.json'}")
+    print(markdown_table(results))
 
 
 if __name__ == "__main__":

@@ -34,3 +34,22 @@ def test_every_method_has_a_space_and_each_recipe_validates(tiny_bench, tmp_path
             assert job.cfg.split.baseline == ("unsplit" if model == "unsplit" else "none")
             if method == "whp":  # the benchmark's anchor file
                 assert job.cfg.unlearn.params["anchors"] == str(bench / "data" / "anchors.json")
+
+
+def test_the_docs_table_shows_mean_half_width_paired_difference_and_p():
+    from orchestrator.seeds import paired_test
+
+    fair = load_script()
+    merged = {m: [1.0, 2.0, 3.0] for m in fair.METRICS}
+    unsplit = {m: [0.0, 0.0, 0.0] for m in fair.METRICS}
+    results = {"methods": {"npo": {
+        "merged": {"tuned": {"lr": 2.5e-4, "beta": 0.1}, "values": merged},
+        "unsplit": {"tuned": {"lr": 1e-4, "beta": 0.5}, "values": unsplit},
+        "paired": {m: paired_test(merged[m], unsplit[m]) for m in fair.METRICS}}}}
+    rows = fair.markdown_table(results).splitlines()
+    assert len(rows) == 2 + len(fair.METRICS)
+    # mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 2.484; the differences are the merged values: t = 2
+    # sqrt(3) = 3.46 with 2 degrees of freedom, two-sided p 0.0742 (not bold: >= 0.05)
+    assert rows[2] == ("| npo | lr 2.50e-04, beta 0.1 | lr 1.00e-04, beta 0.5 | forget_quality | 2 ± 2.48 | 0 ± 0 | "
+                       "+2 ± 2.48 | 0.074 |")
+    assert rows[3].startswith("|  |  |  | forget_prob | 2 ± 2.48 |")

@@ -105,12 +105,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
     lines = ["| method | tuned merged (lr, coef) | tuned unsplit (lr, coef) | metric | merged | unsplit | "
              "merged − unsplit | p |", "|---|---|---|---|---|---|---|---|"]
-    def spread(s: dict[str, Any]) -> str:
-        hw = s["half_width"]
-        if hw is not None and hw <= 1e-9 * abs(s["mean"]):
-            hw = 0.0  # equal values over seeds: the sd is rounding noise (1e-21 at a mean of 3e-6)
-        return _num(s["mean"]) + (f" ± {_num(hw)}" if hw is not None else "")
-
+    spread = lambda s: _num(s["mean"]) + (f" ± {_num(s['half_width'])}" if s["half_width"] is not None else "")
     for method, per in results["methods"].items():
         tuned = {model: ", ".join(f"{k} {_num(v)}" for k, v in per[model]["tuned"].items())
                  for model in ("merged", "unsplit")}

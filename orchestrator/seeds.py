@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -66,16 +67,19 @@ def seeded(cfg: Any, seed: int) -> Any:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean and the Student-t confidence interval of the mean (None bounds with fewer than 2 values)."""
+    """Mean and the Student-t confidence interval of the mean (None bounds with fewer than 2 values). The mean and
+    sd are the statistics module's, exact before the final rounding: equal values give their value and sd 0
+    (a float sum / n can miss the value by an ulp and leave an sd of rounding noise, 1e-21 at 3e-6)."""
     from scipy import stats
 
     xs = [float(v) for v in values]
     n = len(xs)
-    mean = sum(xs) / n if n else float("nan")
+    mean = statistics.mean(xs) if n else float("nan")
     out: dict[str, Any] = {"n": n, "mean": mean, "sd": None, "half_width": None, "ci_low": None, "ci_high": None,
                            "values": xs}
     if n >= 2:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        # nan with a non-finite value, as the float formula gives (Python 3.11's stdev raises on nan)
+        sd = statistics.stdev(xs) if all(map(math.isfinite, xs)) else math.nan
         half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
         out.update(sd=sd, half_width=half, ci_low=mean - half, ci_high=mean + half)
     return out

@@ -42,7 +42,7 @@ def test_the_docs_table_shows_mean_half_width_paired_difference_and_p():
     fair = load_script()
     merged = {m: [1.0, 2.0, 3.0] for m in fair.METRICS}
     unsplit = {m: [0.0, 0.0, 0.0] for m in fair.METRICS}
-    unsplit["model_utility"] = [0.1 + 0.2, 0.3, 0.3]  # equal but for rounding: sd 2.6e-17
+    unsplit["model_utility"] = [2.83729618060969e-06] * 3  # whp's equal values, whose float sum / 3 is 1 ulp off
     results = {"methods": {"npo": {
         "merged": {"tuned": {"lr": 2.5e-4, "beta": 0.1}, "values": merged},
         "unsplit": {"tuned": {"lr": 1e-4, "beta": 0.5}, "values": unsplit},
@@ -54,4 +54,4 @@ def test_the_docs_table_shows_mean_half_width_paired_difference_and_p():
     assert rows[2] == ("| npo | lr 2.50e-04, beta 0.1 | lr 1.00e-04, beta 0.5 | forget_quality | 2 ± 2.48 | 0 ± 0 | "
                        "+2 ± 2.48 | 0.074 |")
     assert rows[3].startswith("|  |  |  | forget_prob | 2 ± 2.48 |")
-    assert rows[4].startswith("|  |  |  | model_utility | 2 ± 2.48 | 0.3 ± 0 |")  # not "± 6.38e-17"
+    assert rows[4].startswith("|  |  |  | model_utility | 2 ± 2.48 | 2.84e-06 ± 0 |")  # not "± 1.29e-21"

@@ -19,6 +19,11 @@ def test_mean_and_interval_by_hand():
     assert s["mean"] == pytest.approx(0.2) and s["sd"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
     assert s["half_width"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
     assert (s["ci_low"], s["ci_high"]) == pytest.approx((0.2 - s["half_width"], 0.2 + s["half_width"]))
+    x = 2.83729618060969e-06  # sum([x] * 3) / 3 != x: an sd of 1e-21 would be rounding noise
+    equal = mean_ci([x] * 3)
+    assert equal["mean"] == x and equal["sd"] == 0 and equal["half_width"] == 0
+    assert paired_test([2 * x] * 3, [x] * 3)["p_value"] is None  # every difference equal: no test
+    assert math.isnan(mean_ci([math.nan, 0.1, 0.2])["half_width"])  # a diverged seed shows, it does not raise
     one = mean_ci([0.4])
     assert one["mean"] == 0.4 and one["half_width"] is None and one["ci_low"] is None
 

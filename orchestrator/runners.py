@@ -10,6 +10,13 @@ import ray
 
 from jobs.spec import EvalSpec, UnlearnSpec
 
+# How often a job's Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+# default; a value in the environment wins). Each worker's ``ray.train.report`` waits until the controller has
+# taken the previous one, and the controller sees a finished job at its next poll: at 2 s, reports more often
+# than every 2 s cost up to 2 s each (1.9 s per step when every step reports) and each job's end waits for it.
+# docs/benchmarks.md "Ray Train's poll interval" has the figures; docs/scaling.md when to raise it.
+TRAIN_POLL_INTERVAL_S = "0.2"
+
 
 @ray.remote(num_cpus=0)
 def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path: str, run_name: str,
@@ -30,6 +37,8 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     from orchestrator.progress import ProgressCallback
 
     started = time.perf_counter()
+    # read by TorchTrainer.fit() here and handed to the controller it starts (Ray Train propagates its env vars)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     s = UnlearnSpec(**spec)
     resources = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:

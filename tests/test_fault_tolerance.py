@@ -104,16 +104,20 @@ def local_ray(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def train_workers() -> list[psutil.Process]:
-    """This test's Ray Train worker processes (descendants of this process only, never another test's)."""
+def ray_processes(actor: str) -> list[psutil.Process]:
+    """This test's processes of a Ray actor class (descendants of this process only, never another test's)."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
+            if actor in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             pass
     return out
+
+
+def train_workers() -> list[psutil.Process]:
+    return ray_processes("RayTrainWorker")
 
 
 def wait_for(predicate, what: str, limit_s: float = 600):
@@ -132,7 +136,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     import ray
 
     from orchestrator.progress import ProgressBoard
-    from orchestrator.runners import run_unlearn_job
+    from orchestrator.runners import TRAIN_POLL_INTERVAL_S, run_unlearn_job
 
     s = spec(tiny_dir, tmp_path / "out", max_steps=40, checkpoint_every=5, batch_size=2, report_interval_s=0)
     scaling = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "use_gpu": False, "max_failures": 1}
@@ -147,6 +151,9 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     reported = lambda: ray.get(board.since.remote({})).get("subset/old", [{"step": 0}])[-1]["step"]
     wait_for(lambda: reported() > 5, "a step after the first checkpoint")
     victim = wait_for(train_workers, "the Ray Train workers")[0]
+    # the job's controller polls at spunge's interval (Ray's 2 s would make each of these per-step reports wait)
+    controller = ray_processes("TrainController")[0]
+    assert controller.environ().get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") == TRAIN_POLL_INTERVAL_S
     victim.send_signal(signal.SIGKILL)
 
     result = ray.get(ref, timeout=900)
@@ -201,7 +208,7 @@ def spunge_env() -> dict[str, str]:
     return env
 
 
-STEPS = 30
+STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands with 40 still to go
 
 
 def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen:

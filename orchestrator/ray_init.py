@@ -40,10 +40,6 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, use
     env = {"TOKENIZERS_PARALLELISM": "false",
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu"),
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout_s)}
-    # Ray Train's poll interval set by the user (else orchestrator.runners.TRAIN_POLL_INTERVAL_S) reaches the
-    # job runners, on a cluster too
-    if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in os.environ:
-        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:

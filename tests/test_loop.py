@@ -39,6 +39,22 @@ def test_deepspeed_config_fills_batch_fields_like_auto():
     assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"] == {"stage": 2}
 
 
+def test_a_worker_imports_deepspeed_without_mlflow_and_can_still_import_mlflow():
+    """In a fresh process, as a Ray Train worker starts: DeepSpeed's autotuner does not pull in mlflow (1.1 s of
+    each worker's start), the shared-memory op is not built, and mlflow imports normally afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from jobs.unlearn.engine import import_deepspeed; ds = import_deepspeed(); "
+            "had = 'mlflow' in sys.modules; import deepspeed.autotuning.autotuner as a; import mlflow; "
+            "c = __import__('importlib').import_module('deepspeed.comm.torch'); "
+            "print(json.dumps([had, a.has_mlflow, mlflow.__name__, c.build_shm_op() is None, "
+            "ds is sys.modules['deepspeed']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False, "mlflow", True, True]
+
+
 def test_optimizer_offload_lets_deepspeed_step_the_loops_own_torch_optimizer():
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     s = UnlearnSpec(name="x", model_path="m", forget_path="f", method="ga", output_dir="o", deepspeed=offload)

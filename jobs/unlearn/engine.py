@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -79,6 +81,26 @@ def step_grad_norm(engine, clip: Optional[float]) -> torch.Tensor:
     if clip:
         return torch.nn.utils.clip_grad_norm_(params, clip).float()
     return torch.nn.utils.get_total_norm([p.grad for p in params]).float()
+
+
+def import_deepspeed():
+    """``import deepspeed`` for a training worker: its accelerator (CUDA where there is a GPU, else CPU), without
+    the ``mlflow`` import of its autotuner, and without the shared-memory op below. DeepSpeed's autotuner (which
+    spunge never runs) tries ``import mlflow`` and goes on without it when that fails; mlflow and what it pulls
+    in (scipy, fastapi, ...) took 1.1 of the 1.3 s that ``import deepspeed`` costs each worker. Only this import
+    sees mlflow as missing: the process can import it after."""
+    if "deepspeed" not in sys.modules:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        hide = "mlflow" not in sys.modules
+        if hide:
+            sys.modules["mlflow"] = None  # makes ``import mlflow`` raise ImportError
+        try:
+            importlib.import_module("deepspeed")
+        finally:
+            if hide and sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    skip_shm_comm_op()
+    return sys.modules["deepspeed"]
 
 
 def skip_shm_comm_op() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -46,8 +45,8 @@ from jobs.data.format import collate, encode_qa, encode_text
 from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.engine import (deepspeed_config, deepspeed_grad_norm, loop_clips, make_optimizer, make_schedule,
-                                 skip_shm_comm_op, step_grad_norm)
+from jobs.unlearn.engine import (deepspeed_config, deepspeed_grad_norm, import_deepspeed, loop_clips, make_optimizer,
+                                 make_schedule, step_grad_norm)
 from jobs.unlearn.methods import build_method
 from jobs.unlearn.outputs import (ATTEMPTS_FILE, FAILED_MARKER, SETUP_FILE, STEPS_FILE, STOP_FILE, load_checkpoint,
                                   save_checkpoint, save_final, save_snapshot)
@@ -160,10 +159,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
     before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
     setup = _Phases()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
-    skip_shm_comm_op()
+    deepspeed = import_deepspeed()
     setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(spec.seed)

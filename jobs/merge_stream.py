@@ -12,7 +12,9 @@ same tensors with mergekit's own kernels and formulas, but holds at most one inp
   sparsifies its delta with mergekit's ``sparsify`` (whole-tensor magnitude ranking, as mergekit does),
   keeps only its keep-mask (1 bit per element) and adds the weighted delta to the consensus sum; pass 2
   re-reads model i, rebuilds the trimmed weighted delta from the mask and folds it into the merged delta
-  and divisor. Held per tensor: base, consensus sum, k bit masks, one delta and its working copies.
+  and divisor. Held per tensor: base, consensus sum, k bit masks, one delta and its working copies. Every
+  read goes into the same buffer (``Checkpoint.read_into``, one ``readinto`` at the header's offsets), so
+  its pages are faulted in once per tensor, not once per read.
 
 Output: ``model.safetensors`` written tensor by tensor (the header is known up front from the base's
 shapes), holding exactly the base's tensor names (tied embeddings stay tied, no ``lm_head`` is added),
@@ -28,6 +30,7 @@ parameters such as gradients; checkpoints that are not safetensors of the base's
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from pathlib import Path
@@ -46,12 +49,11 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 
 class Checkpoint:
-    """A folder's safetensors weights: names and shapes up front; each read opens and closes the file, so
-    no file stays memory-mapped (mapped pages count as resident memory)."""
+    """A folder's safetensors weights: names, shapes, dtypes and byte offsets from the files' headers up front;
+    each read opens and closes the file, so no file stays memory-mapped (mapped pages count as resident
+    memory)."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
@@ -59,19 +61,38 @@ class Checkpoint:
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
         for file in files:
-            with safe_open(self.folder / file, "pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    self.file_of[name] = file
-                    self.shapes[name] = tuple(piece.get_shape())
-                    self.dtypes[name] = piece.get_dtype()
+            with open(self.folder / file, "rb") as f:  # the safetensors layout: u64 n, n bytes of JSON, data
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                self.file_of[name] = file
+                self.shapes[name] = tuple(meta["shape"])
+                self.dtypes[name] = meta["dtype"]
+                self.offsets[name] = (8 + n + meta["data_offsets"][0], 8 + n + meta["data_offsets"][1])
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(self.folder / self.file_of[name], "pt") as handle:
             return handle.get_tensor(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` read into ``out`` (contiguous, its stored dtype and shape) with one read call. Reused
+        across models, ``out``'s pages are already resident: a fresh tensor or a mapped file faults in every
+        page of every read (0.10 s against 0.03 s for the 113 MB SmolLM2 embedding, read and delta)."""
+        begin, end = self.offsets[name]
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.folder / self.file_of[name], "rb", buffering=0) as f:
+            f.seek(begin)
+            got = f.readinto(view)
+        if got != end - begin or len(view) != got:
+            raise ValueError(f"{self.folder / self.file_of[name]}: {name}: read {got} of {end - begin} bytes "
+                             f"into {len(view)}")
+        return out
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of a tensor (dim 0), read without the rest."""
@@ -112,10 +133,12 @@ def stream_reason(spec: MergeSpec) -> Optional[str]:
     base = Checkpoint(spec.base_model_path)
     if not base.shapes:
         return "the base has no safetensors weights"
-    for path in spec.model_paths.values():
-        model = Checkpoint(path)
-        if model.shapes != base.shapes:
+    for path, ckpt in ((spec.base_model_path, base), *((p, Checkpoint(p)) for p in spec.model_paths.values())):
+        if ckpt.shapes != base.shapes:
             return f"{path} does not hold the base's tensor names and shapes"
+        odd = sorted(set(ckpt.dtypes.values()) - set(SAFETENSORS_DTYPES.values()))
+        if odd:
+            return f"{path} holds tensors of dtype {', '.join(odd)}"
     return None
 
 
@@ -183,10 +206,31 @@ def trimmed_delta(impl: Any, model: torch.Tensor, base: torch.Tensor, i: int, kw
             trimmed = sparsify(delta, density=kwargs["density"][i], method=impl.sparsification_method,
                                rescale_norm=norm, **extra)
             mask = pack_mask(trimmed != 0) if trimmed is not delta else None
+        elif norm is None:  # rescaled_masked_tensor without a norm, in place: delta * mask
+            trimmed = delta.mul_(unpack_mask(mask, delta.shape))
         else:
             trimmed = rescaled_masked_tensor(delta, unpack_mask(mask, delta.shape).to(delta.dtype), norm)
         delta = trimmed
     return delta.mul_(torch.tensor(kwargs["weight"][i], dtype=delta.dtype)), mask
+
+
+class Reader:
+    """Each model's copy of one tensor, read into buffers kept for all of its reads (one per stored dtype, and
+    one in the arithmetic's dtype when that differs): what a read returns is overwritten by the next."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty(self.shape, dtype=dtype)
+        return self.buffers[dtype]
+
+    def __call__(self, model: Checkpoint, name: str) -> torch.Tensor:
+        stored = _torch_dtype(model.dtypes[name])
+        raw = model.read_into(name, self._buffer(stored))
+        return raw if stored == self.dtype else self._buffer(self.dtype).copy_(raw)
 
 
 def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name: str, kwargs: dict[str, Any],
@@ -196,19 +240,20 @@ def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name
     from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod
 
     w0 = base.tensor(name).to(dtype)
+    read = Reader(w0.shape, dtype)
     weights = [kwargs["weight"][i] for i in range(len(models))]
     masks: list[Optional[torch.Tensor]] = []
     consensus = impl.consensus_method
     mask_dtype = torch.int8 if kwargs["int8_mask"] else dtype
     vote = None
     for i, model in enumerate(models):  # pass 1: sparsify, keep masks, sum for the sign election
-        delta, mask = trimmed_delta(impl, model.tensor(name).to(dtype), w0, i, kwargs)
+        delta, mask = trimmed_delta(impl, read(model, name), w0, i, kwargs)
         masks.append(mask)
         if consensus is not None:
             term = delta if consensus == ConsensusMethod.sum else delta.sign().to(mask_dtype)
-            vote = term.clone() if vote is None else vote.add_(term)
         else:
-            vote = delta if vote is None else vote.add_(delta)
+            term = delta
+        vote = term.clone() if vote is None else vote.add_(term)  # delta can be the reader's buffer
         del delta, mask
     if consensus is None:
         mixed = vote
@@ -216,23 +261,26 @@ def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name
         if divisor.abs() < 1e-8:
             divisor = torch.ones((), dtype=dtype)
     else:
-        majority = (vote >= 0).to(mask_dtype) * 2 - 1
+        positive = vote >= 0  # the elected sign: mergekit's majority is +1 here, else -1
         del vote
         mixed = torch.zeros_like(w0)
         divisor = torch.zeros_like(w0)
         for i, model in enumerate(models):  # pass 2: keep the deltas that agree with the elected sign
-            delta, _ = trimmed_delta(impl, model.tensor(name).to(dtype), w0, i, kwargs, masks[i])
-            agree = delta.sign().to(mask_dtype) == majority
-            mixed.add_(delta * agree)
-            divisor.add_(torch.tensor(weights[i], dtype=dtype) * agree)
+            delta, _ = trimmed_delta(impl, read(model, name), w0, i, kwargs, masks[i])
+            agree = torch.where(positive, delta > 0, delta < 0)  # sign(delta) == majority (a 0 never agrees)
+            mixed.add_(delta.mul_(agree))
+            divisor.add_(agree, alpha=weights[i])
             masks[i] = None
             del delta, agree
+        del positive
         divisor[divisor == 0] = 1
+    read.buffers.clear()  # no longer needed: freed before the result is made
     if kwargs["normalize"]:
         mixed /= divisor
+    del divisor
     if kwargs["lambda"] != 1:
         mixed *= kwargs["lambda"]
-    return (w0 + mixed).to(w0.dtype)
+    return mixed.add_(w0).to(w0.dtype)  # w0 + mixed, in place (addition commutes bit for bit)
 
 
 class SafetensorsWriter:
@@ -263,6 +311,20 @@ class SafetensorsWriter:
         self.file.close()
 
 
+def unmap_large_frees() -> None:
+    """glibc serves an allocation below its mmap threshold from the heap, and raises that threshold (up to
+    32 MB) each time it frees a larger block: after the first large tensor, the 28 MB boolean masks of the
+    next ones stay resident in the heap once freed, 0.1-0.2x of a SmolLM2 model more at the peak (3.01x
+    against 2.77x at k=8). A fixed 16 MB threshold maps every block from 16 MB up and unmaps it when it is
+    freed, and keeps the smaller ones (a layer's tensors, an 8 MB row chunk) in the heap, whose pages are
+    already resident: at 1 MB every such block faults its pages in again (ties 10-20% slower).
+    Process-wide, for what the process does after; nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     """Merge spec.model_paths onto the base into spec.output_dir tensor by tensor (stream_reason must be
     None). Returns what the merge marker records."""
@@ -271,6 +333,7 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     from jobs.merge_lora import copy_side_files, mergekit_parameters
     from jobs.models import DTYPES
 
+    unmap_large_frees()
     shared, kwargs = mergekit_parameters(spec)
     dtype = DTYPES[spec.dtype]
     kind = method_kind(spec.method)

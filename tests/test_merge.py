@@ -92,6 +92,40 @@ def test_streaming_merge_gives_mergekits_tensors(three_models, tmp_path, method,
         torch.testing.assert_close(streamed[name], reference[name], atol=1e-7, rtol=0, msg=name)
 
 
+def test_a_checkpoint_reads_each_tensor_from_its_header_offsets_into_a_reused_buffer(tmp_path):
+    from safetensors.torch import save_file
+
+    from jobs.merge_stream import Checkpoint, Reader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(5, 3, generator=g), "h": torch.randn(4, 2, generator=g).to(torch.bfloat16),
+               "f": torch.randn(7, generator=g).half(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+               "ids": torch.arange(6).reshape(2, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ckpt = Checkpoint(str(tmp_path))
+    assert ckpt.dtypes == {"w": "F32", "h": "BF16", "f": "F16", "scalar": "F32", "empty": "F32", "ids": "I64"}
+    assert ckpt.shapes == {k: tuple(v.shape) for k, v in tensors.items()}
+    for name, t in tensors.items():
+        assert torch.equal(ckpt.read_into(name, torch.empty_like(t)), t), name
+    read = Reader((4, 2), torch.float32)
+    first = read(ckpt, "h")
+    assert first.dtype == torch.float32 and torch.equal(first, tensors["h"].float())
+    assert read(ckpt, "h").data_ptr() == first.data_ptr()  # the same buffer, read again
+    with pytest.raises(ValueError, match="w: read 4 of 60 bytes into 4"):
+        ckpt.read_into("w", torch.empty(1))
+
+
+def test_checkpoints_holding_a_dtype_the_stream_does_not_read_fall_back_to_mergekit(tmp_path):
+    from safetensors.torch import save_file
+
+    from jobs.merge_stream import stream_reason
+
+    save_file({"w": torch.zeros(3, 2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
+    spec = MergeSpec(base_model_path=str(tmp_path), model_paths={"a": str(tmp_path)}, method="ties",
+                     parameters={"density": 0.5}, output_dir=str(tmp_path / "m"))
+    assert stream_reason(spec) == f"{tmp_path} holds tensors of dtype F8_E4M3"
+
+
 def test_merge_models_streams_the_covered_methods_and_falls_back_for_random_ones(three_models, tmp_path):
     import json
 

@@ -314,10 +314,10 @@ class SafetensorsWriter:
 def unmap_large_frees() -> None:
     """glibc serves an allocation below its mmap threshold from the heap, and raises that threshold (up to
     32 MB) each time it frees a larger block: after the first large tensor, the 28 MB boolean masks of the
-    next ones stay resident in the heap once freed, 0.1-0.2x of a SmolLM2 model more at the peak (3.01x
-    against 2.77x at k=8). A fixed 16 MB threshold maps every block from 16 MB up and unmaps it when it is
-    freed, and keeps the smaller ones (a layer's tensors, an 8 MB row chunk) in the heap, whose pages are
-    already resident: at 1 MB every such block faults its pages in again (ties 10-20% slower).
+    next ones stay resident in the heap once freed, 0.1-0.2x of a SmolLM2 model more at the peak (3.01-3.06x
+    against 2.83x at k=8 in benchmarks/merge.py). A fixed 16 MB threshold maps every block from 16 MB up and
+    unmaps it when it is freed, and keeps the smaller ones (a layer's tensors, an 8 MB row chunk) in the heap,
+    whose pages are already resident: at 1 MB every such block faults its pages in again (ties 10-20% slower).
     Process-wide, for what the process does after; nothing where the C library is not glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from jobs.shards import DEFAULT_MAX_SHARD_SIZE
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,16 +92,18 @@ def tied_duplicates(model: Any) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
 
 
-def save_model(model: Any, tokenizer: Any, path: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """A safetensors Hugging Face folder. A given ``state_dict`` (e.g. gathered ZeRO-3 shards, negated task
-    vectors) loses the second names of tied parameters: the model reads its input embedding for both, so a
-    separate, possibly different ``lm_head.weight`` in the file could only break the tie."""
+def save_model(model: Any, tokenizer: Any, path: str | os.PathLike, state_dict: dict | None = None,
+               max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """A safetensors Hugging Face folder, in shards of at most ``max_shard_size`` with an index above it. A given
+    ``state_dict`` (e.g. negated task vectors) loses the second names of tied parameters: the model reads its
+    input embedding for both, so a separate, possibly different ``lm_head.weight`` in the file could only break
+    the tie."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         drop = tied_duplicates(model)
         state_dict = {k: v for k, v in state_dict.items() if k not in drop}
-    model.save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
+    model.save_pretrained(str(path), state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.data.format import PromptFormat
 from jobs.localize import LocalizeSpec
+from jobs.shards import DEFAULT_MAX_SHARD_SIZE
 
 
 class _Spec(BaseModel):
@@ -86,6 +87,8 @@ class UnlearnSpec(TrainingSpec):
     prompt: PromptFormat = Field(default_factory=PromptFormat, description="prompt template, chat, answer EOS")
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     threads_per_worker: int = Field(1, gt=0)
+    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file the job writes "
+                                "(storage.max_shard_size); not part of the stage key")
     output_dir: str
 
 
@@ -109,6 +112,8 @@ class MergeSpec(_Spec):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output: Literal["full", "adapter"] = Field(
         "full", description="LoRA jobs: write the merged full model, or a peft adapter holding the merged delta")
+    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file of the merged model "
+                                "(storage.max_shard_size)")
     output_dir: str
 
     def resolved_parameters(self) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Safetensors folders written tensor by tensor, sharded as Hugging Face shards them.
+
+A model whose weights fit ``max_shard_size`` is one ``model.safetensors``; a larger one is
+``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json`` (``{"metadata": {"total_size"},
+"weight_map": {name: file}}``), the layout ``from_pretrained``, mergekit and ``jobs.merge_stream.Checkpoint`` read.
+The split is huggingface_hub's (``split_state_dict_into_shards_factory``: tensors in order, a new shard when the
+next one would pass the limit, a tensor above the limit alone); a writer only needs each tensor's dtype and
+shape up front, so a streaming merge or a ZeRO-3 gather holds one tensor at a time, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # storage.max_shard_size: transformers 4's default; the Hub caps a file at 50 GB
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in writing order
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``1MB`` (powers of ten, as huggingface_hub) or an int."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    return size if isinstance(size, int) else parse_size_to_int(size)
+
+
+def tensor_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(layout: Layout, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> dict[str, list[str]]:
+    """File name -> the tensor names it holds, in ``layout`` order (one file: ``model.safetensors``)."""
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(
+        dict(layout), get_storage_size=lambda spec: tensor_bytes(*spec), filename_pattern="model{suffix}.safetensors",
+        max_shard_size=parse_size(max_shard_size))
+    return split.filename_to_tensors
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is written
+    first from the declared layout, then each tensor's bytes in that order."""
+
+    def __init__(self, path: Path, layout: Layout):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            size = tensor_bytes(dtype, shape)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.layout, self.order = path, layout, iter(layout)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = next(self.order, None)
+        if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.layout[name]:
+            raise RuntimeError(f"{self.path}: writing {name} {tensor.dtype}{list(tensor.shape)} where the header "
+                               f"declares {expected} {self.layout.get(expected)}")
+        self.file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ShardedWriter:
+    """A folder's weights written tensor by tensor, split into shards of at most ``max_shard_size`` (each file's
+    header is written when its first tensor comes); ``close`` writes the index when there is more than one file.
+    Tensors come in ``order`` (the files' order: a tensor above the limit takes a file of its own at once, so
+    this can differ from ``layout``'s). Holds no tensor: the caller's, one at a time."""
+
+    def __init__(self, folder: Union[str, Path], layout: Layout, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.layout = layout
+        self.files = plan_shards(layout, max_shard_size)
+        self.file_of = {name: file for file, names in self.files.items() for name in names}
+        self.order = [name for names in self.files.values() for name in names]
+        self.current: SafetensorsWriter | None = None
+        self.done: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file = self.file_of.get(name)
+        if file is None:
+            raise RuntimeError(f"{self.folder}: {name} is not in the declared layout")
+        if self.current is None or self.current.path.name != file:
+            if file in self.done:
+                raise RuntimeError(f"{self.folder}: {name} comes after {file} was closed; write in ShardedWriter.order")
+            if self.current is not None:
+                self.current.close()
+                self.done.add(self.current.path.name)
+            self.current = SafetensorsWriter(self.folder / file, {n: self.layout[n] for n in self.files[file]})
+        self.current.write(name, tensor)
+
+    def close(self) -> list[str]:
+        """Closes the last file and writes the index (several files); returns the file names."""
+        if self.current is not None:
+            self.current.close()
+            self.done.add(self.current.path.name)
+            self.current = None
+        missing = [f for f in self.files if f not in self.done]
+        if missing:
+            raise RuntimeError(f"{self.folder}: closed before {missing[0]} was written")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": sum(tensor_bytes(*spec) for spec in self.layout.values())},
+                     "weight_map": dict(sorted(self.file_of.items()))}
+            (self.folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return list(self.files)
+
+
+def weight_files(folder: Union[str, Path]) -> list[Path]:
+    """The safetensors files of a model folder: the index's, else every ``*.safetensors`` there."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("*.safetensors"))

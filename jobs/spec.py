@@ -51,8 +51,13 @@ class TrainingSpec(_Spec):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="overrides epochs when set")
-    batch_size: int = Field(8, gt=0, description="micro batch per worker")
+    batch_size: int = Field(8, gt=0, description="micro batch per worker (with global_batch_size: the largest)")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="rows per optimizer step over all workers, whatever scaling.num_workers is: each "
+                                "worker takes global_batch_size / num_workers rows a step, in micro batches of up to "
+                                "batch_size (the accumulation follows); null: batch_size x "
+                                "gradient_accumulation_steps x num_workers")
     max_length: int = Field(128, gt=8)
     seed: int = 0
     report_interval_s: float = Field(5.0, ge=0, description="seconds between reports; each carries every step "

@@ -110,9 +110,9 @@ def compute_mask(model: Any, forget_batches: Sequence[Batch], retain_batches: Op
     params = scoped_parameters(model, spec.scope)
     if not params:
         raise ValueError(f"unlearn.localize.scope {spec.scope!r} matches no trainable weight matrix of this model")
-    if any(hasattr(p, "ds_id") for p in params.values()):
-        raise ValueError("compute_mask needs full parameters: call it before deepspeed.initialize (ZeRO-3 "
-                         "partitions them)")
+    if any(hasattr(p, "ds_id") and p.numel() != p.ds_numel for p in params.values()):
+        raise ValueError("compute_mask needs full parameters: call it before deepspeed.initialize, or inside "
+                         "deepspeed.zero.GatheredParameters for a model created partitioned (ZeRO-3)")
     scores = get_attribution(spec.attribution)(model, list(forget_batches), list(retain_batches or []), spec)
     if set(scores) != set(params):
         raise ValueError(f"attribution {spec.attribution!r} scored {sorted(set(scores) ^ set(params))} "

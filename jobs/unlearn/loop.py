@@ -1,9 +1,12 @@
 """The per-worker unlearning loop: Ray Train's ``train_loop_per_worker`` around ``deepspeed.initialize``.
 
 Every worker of a job runs ``train_loop_per_worker({"spec": UnlearnSpec dict})``. Ray Train has set up
-torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. The method named in
-the spec turns each batch into a loss; the loop knows nothing else about it. Rank 0 saves the final
-model as a Hugging Face folder (ZeRO-3 shards are gathered first) and writes ``spunge_job.json``.
+torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. Under ZeRO-3 the trained model
+and every frozen model are created partitioned (``jobs.unlearn.reference.zero3_init``): no rank holds a whole
+copy. Each step's rows come from ``jobs.unlearn.data`` (an order and a global batch that do not depend on the
+worker count). The method named in the spec turns each batch into a loss; the loop knows nothing else about it.
+Rank 0 saves the final model as a Hugging Face folder (under ZeRO-3 gathered one tensor at a time) and writes
+``spunge_job.json``.
 
 With ``spec.eval_every`` rank 0 writes the model as it stands every N steps into
 ``<output_dir>/snapshots/step_<N>/`` (the same folder the job's output is: a HF model, an adapter, or a
@@ -20,88 +23,45 @@ loop continues from the step after it, with the same data order. Rows after a re
 ``resumed_from`` (the restored step).
 
 The loop keeps a sync budget (as torchtune does): the loss, the method's metrics and the grad norm stay
-detached tensors on the device during a step; at the step's end they are read back in one copy, and the
-numbers every rank must agree on (token count, a non-finite flag, rank 0's report decision) travel in
-one packed ``all_reduce`` (none with one rank). On plain ZeRO stage 0 the loop clips the gradients
+detached tensors on the device during a step; at the step's end they are read back in one copy. The numbers
+every rank must agree on (token count, a non-finite flag, rank 0's report decision) and the loss and metrics,
+averaged into the global batch's, travel in one packed ``all_reduce`` (none with one rank). On plain ZeRO stage 0 the loop clips the gradients
 itself (``loop_clips``), which gives the grad norm without a second pass.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
-from jobs.data.format import collate, encode_qa, encode_text
+from jobs.data.format import collate
 from jobs.data.io import load_jsonl
-from jobs.models import load_model, load_tokenizer
+from jobs.models import load_tokenizer
 from jobs.spec import UnlearnSpec
+from jobs.unlearn.data import StepBatches, encode_rows, split_batch, total_steps
 from jobs.unlearn.engine import (deepspeed_config, deepspeed_grad_norm, import_deepspeed, loop_clips, make_optimizer,
                                  make_schedule, step_grad_norm)
 from jobs.unlearn.methods import build_method
+from jobs.unlearn.methods.base import sequence_logprob
 from jobs.unlearn.outputs import (ATTEMPTS_FILE, FAILED_MARKER, SETUP_FILE, STEPS_FILE, STOP_FILE, load_checkpoint,
                                   save_checkpoint, save_final, save_snapshot)
-from jobs.unlearn.reference import add_lora, reference_model
-from jobs.unlearn.methods.base import mean_nll
+from jobs.unlearn.reference import add_lora, frozen_model, load_trained, parameter_count, reference_model
+
 
 class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def encode_rows(rows: list[dict], tokenizer, spec: UnlearnSpec, part: str, method=None) -> list[dict]:
-    """Each row as ``{part: encoding, view: encoding, ...}``; QA rows unless ``part``'s rows are raw text."""
-    if (spec.retain_format if part == "retain" else spec.forget_format) == "text":
-        return [{part: encode_text(tokenizer, r["text"], spec.max_length)} for r in rows]
-    rng = random.Random(spec.seed)
-    enc = lambda q, a: encode_qa(tokenizer, q, a, spec.max_length, spec.prompt)
-    out = []
-    for r in rows:
-        views = method.forget_views(r, rng) if method is not None else {}
-        out.append({part: enc(r["question"], r["answer"]), **{k: enc(q, a) for k, (q, a) in views.items()}})
-    return out
-
-
-def _loader(data: list[dict], tokenizer, spec: UnlearnSpec, rank: int, world: int, seed: int) -> DataLoader:
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    return DataLoader(
-        data,
-        batch_size=spec.batch_size,
-        sampler=sampler,
-        collate_fn=lambda ex: {k: collate([e[k] for e in ex], tokenizer.pad_token_id) for k in ex[0]},
-    )
-
-
-def _epochs(loader: DataLoader, skip: int = 0) -> Iterator[tuple[int, dict]]:
-    """Endless batches, reshuffled each epoch; yields (epoch, batch). ``skip`` drops the first batches
-    (whole epochs without touching the data), so a resumed job sees exactly the batches it would have."""
-    per_epoch = max(1, len(loader))
-    start, offset = divmod(skip, per_epoch)
-    for epoch in itertools.count(start):
-        loader.sampler.set_epoch(epoch)
-        batches = iter(loader)
-        if epoch == start:
-            batches = itertools.islice(batches, offset, None)
-        for batch in batches:
-            yield epoch, batch
-
-
 def _to(batch: Optional[dict], device) -> Optional[dict]:
     return None if batch is None else {k: v.to(device) for k, v in batch.items()}
-
-
-def total_steps(spec: UnlearnSpec, batches_per_epoch: int) -> int:
-    if spec.max_steps:
-        return spec.max_steps
-    return max(1, math.ceil(spec.epochs * batches_per_epoch / spec.gradient_accumulation_steps))
 
 
 def _scalar(value: Any, device: Any) -> torch.Tensor:
@@ -111,23 +71,38 @@ def _scalar(value: Any, device: Any) -> torch.Tensor:
     return torch.tensor(float(value), device=device)
 
 
-def sync_step(device: Any, shared: list[Any], local: dict[str, Any],
-              world: int) -> tuple[list[float], dict[str, float]]:
+def sync_step(device: Any, shared: list[Any], local: dict[str, Any], world: int,
+              same: Optional[dict[str, Any]] = None) -> tuple[list[float], dict[str, float]]:
     """The one read-back of an optimizer step (the loop's sync budget).
 
-    ``shared``: numbers summed over ranks (token counts, a non-finite flag, rank 0's report decision):
-    packed into one tensor on the engine's ``device`` (NCCL rejects CPU tensors) and all-reduced: the
-    step's only collective, so every rank takes the same branch and no one hangs. ``local``: this rank's
-    values (loss, the method's metrics, the grad norm), left on the device until now. Both come to the
-    host in one copy. With one rank (``world`` 1) there is nothing to agree on and no collective.
-    Returns (the summed ``shared`` values, ``local`` as floats)."""
+    ``shared``: numbers summed over ranks (token counts, a non-finite flag, rank 0's report decision); ``local``:
+    this rank's loss and metrics, averaged over the ranks (the global batch's values, ``jobs.unlearn.data``).
+    Both are packed into one tensor on the engine's ``device`` (NCCL rejects CPU tensors) and all-reduced: the
+    step's only collective, so every rank takes the same branch and no one hangs. ``same``: values every rank
+    holds already (the global grad norm), read back in the same copy. With one rank (``world`` 1) there is
+    nothing to agree on and no collective. Returns (the summed ``shared`` values, ``local`` and ``same`` as
+    floats)."""
+    same = same or {}
     packed = torch.cat([_scalar(shared[0], device).view(1),
-                        torch.tensor([float(v) for v in shared[1:]], device=device)])
+                        torch.tensor([float(v) for v in shared[1:]], device=device),
+                        *([torch.stack([_scalar(v, device) for v in local.values()])] if local else [])])
     if world > 1:
         dist.all_reduce(packed)
-    values = [_scalar(v, device) for v in local.values()]
-    flat = torch.cat([packed, torch.stack(values)]).tolist() if values else packed.tolist()
-    return flat[: len(shared)], dict(zip(local, flat[len(shared):]))
+        packed[len(shared):] /= dist.get_world_size()
+    flat = torch.cat([packed, torch.stack([_scalar(v, device) for v in same.values()])]).tolist() if same \
+        else packed.tolist()
+    return flat[: len(shared)], dict(zip([*local, *same], flat[len(shared):]))
+
+
+def logged_nll(engine, part: dict, world: int) -> float:
+    """Token-mean NLL of ``part`` over every rank's rows (a collective with more than one rank)."""
+    with torch.no_grad():
+        logp, n = sequence_logprob(engine, part)
+        both = torch.stack([-logp.sum().float(), n.sum().float()])
+    if world > 1:
+        dist.all_reduce(both)
+    total, count = both.tolist()
+    return total / max(count, 1.0)
 
 
 class _Phases:
@@ -149,12 +124,12 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
                    restore_from: Optional[str] = None) -> dict[str, Any]:
     """Run one worker's share of an unlearning job; returns the last step's metrics.
 
-    Every optimizer step yields a row of metrics: ``loss`` and the method's parts (this rank's means over
-    the step's micro-batches), ``grad_norm`` (global, before clipping), ``lr``, ``tokens_per_s`` (every
-    rank's tokens since the first step over ``elapsed_s``). ``report(rows)`` receives the rows gathered
-    since the last call, every ``report_interval_s`` seconds of rank 0's clock and after the last step, on
-    every rank at the same steps (Ray Train's ``report`` is a barrier). A non-finite loss on any rank
-    raises ``NonFiniteLossError`` on every rank at the end of that step.
+    Every optimizer step yields a row of metrics, the same on every rank: ``loss`` and the method's parts (the
+    global batch's: each rank's means over its micro-batches, averaged over the ranks), ``grad_norm`` (global,
+    before clipping), ``lr``, ``tokens_per_s`` (every rank's tokens since the first step over ``elapsed_s``).
+    ``report(rows)`` receives the rows gathered since the last call, every ``report_interval_s`` seconds of
+    rank 0's clock and after the last step, on every rank at the same steps (Ray Train's ``report`` is a
+    barrier). A non-finite loss on any rank raises ``NonFiniteLossError`` on every rank at the end of that step.
     With ``spec.checkpoint_every``, every N-th step (but the last) is reported as
     ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
     before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
@@ -166,12 +141,15 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
+    micro, accum = split_batch(spec, world)
+    spec = spec.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
+    ds_config = deepspeed_config(spec, world)
     setup.end("process_group")
 
     method = build_method(spec.method, spec.method_params)
     tokenizer = load_tokenizer(spec.model_path)
-    model = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
-    n_params = sum(p.numel() for p in model.parameters())  # the cost report's N (6 N x tokens per step)
+    model = load_trained(spec, ds_config)
+    n_params = parameter_count(model)  # the cost report's N (6 N x tokens per step)
     setup.end("model_load")
     model.config.use_cache = False
     if spec.gradient_checkpointing:  # transformers 5 names it activation checkpointing
@@ -186,20 +164,16 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         raise ValueError(f"job {spec.name}: forget data {spec.forget_path} is empty")
     if method.uses_retain() and not retain_rows:
         raise ValueError(f"job {spec.name}: method {spec.method!r} needs retain data (data.retain)")
-    forget_loader = _loader(encode_rows(forget_rows, tokenizer, spec, "forget", method), tokenizer, spec, rank, world,
-                            spec.seed)
-    retain_loader = None
-    if retain_rows:
-        retain_loader = _loader(encode_rows(retain_rows, tokenizer, spec, "retain"), tokenizer, spec, rank, world,
-                                spec.seed + 1)
-    steps = total_steps(spec, len(forget_loader))
+    data = StepBatches(encode_rows(forget_rows, tokenizer, spec, "forget", method),
+                       encode_rows(retain_rows, tokenizer, spec, "retain") if retain_rows else None,
+                       spec.seed, micro, accum, rank, world, tokenizer.pad_token_id)
+    steps = total_steps(spec, len(forget_rows), data.size)
     setup.end("data")
 
     method.setup(model)
     if spec.lora is not None:
         model = add_lora(model, spec)
     masked, localize_stats = _localize(model, spec, tokenizer, forget_rows, retain_rows)
-    ds_config = deepspeed_config(spec, world)
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.optimizer)
@@ -220,14 +194,12 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     if own_clip and world == 1:
         engine.enable_backward_allreduce = False  # averaging gradients over one rank: a no-op collective per step
     ref_model = reference_model(engine, spec, ds_config) if method.needs_reference else None
+    for attr, path in method.frozen_models().items():
+        setattr(method, attr, frozen_model(path, engine, spec, ds_config))
     engine.train()
-    setup.end("deepspeed_init")  # the mask, the engine and the reference model
+    setup.end("deepspeed_init")  # the mask, the engine and the frozen models
 
     resumed_from = load_checkpoint(engine, restore_from, rank, world, spec, method) if restore_from else 0
-    # the data position follows from the step: every step takes `accum` batches of forget and of retain
-    consumed = resumed_from * spec.gradient_accumulation_steps
-    forget_iter = _epochs(forget_loader, skip=consumed)
-    retain_iter = _epochs(retain_loader, skip=consumed) if retain_loader is not None else None
     t0 = last_report = time.perf_counter()
     tokens = 0.0  # summed over ranks since the first step
     rows: list[dict[str, Any]] = []
@@ -238,10 +210,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         losses: list[torch.Tensor] = []
         parts: dict[str, list[Any]] = {}
         step_tokens, grad_norm = 0, None
-        for _ in range(spec.gradient_accumulation_steps):
-            epoch, fb = next(forget_iter)
-            rb = next(retain_iter)[1]["retain"] if retain_iter is not None else None
-            batch = {"retain": _to(rb, device), **{k: _to(v, device) for k, v in fb.items()}}
+        for host in data.micro_batches(step):
+            batch = {k: _to(v, device) for k, v in host.items()}
             out = method.loss(engine, batch, ref_model)
             losses.append(out.loss.detach().float().reshape(()))
             engine.backward(out.loss)
@@ -252,8 +222,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
             if masked is not None and boundary:
                 masked.restore(engine)  # every rank: a collective under ZeRO-3
             # the batches are still on the host here: counting their tokens costs no device sync
-            step_tokens += sum(int(v["attention_mask"].sum()) for v in fb.values())
-            step_tokens += int(rb["attention_mask"].sum()) if rb is not None else 0
+            step_tokens += sum(int(v["attention_mask"].sum()) for v in host.values() if v is not None)
             for k, v in out.metrics.items():
                 parts.setdefault(k, []).append(v)
         if ds_norm:
@@ -261,13 +230,13 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         stacked = torch.stack(losses)
         local = {"loss": stacked.mean(), **{k: torch.stack([_scalar(x, device) for x in v]).mean()
                                             for k, v in parts.items()}}
-        local["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
         # rank 0's clock decides the interval reports for every rank, and rank 0 reads the driver's stop
         # request (both ride in the same collective)
         due = rank == 0 and time.perf_counter() - last_report >= spec.report_interval_s
         stop = rank == 0 and (Path(spec.output_dir) / STOP_FILE).exists()
         (nonfinite, new_tokens, due_any, stop_any), values = sync_step(
-            device, [(~torch.isfinite(stacked)).any(), step_tokens, float(due), float(stop)], local, world)
+            device, [(~torch.isfinite(stacked)).any(), step_tokens, float(due), float(stop)], local, world,
+            same={"grad_norm": grad_norm if grad_norm is not None else float("nan")})
         if nonfinite > 0:  # on any rank: every rank raises at the same step
             bad = next((x for x in stacked.tolist() if not math.isfinite(x)), None)
             raise NonFiniteLossError(
@@ -280,7 +249,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         row.update(
             step=step,
             total_steps=steps,
-            epoch=epoch,
+            epoch=data.epoch(step),
             lr=scheduler.get_last_lr()[0] if scheduler is not None else spec.optimizer.lr,
             grad_norm=values["grad_norm"],
             tokens_per_s=tokens / max(elapsed, 1e-9),
@@ -306,9 +275,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         final = row
         checkpoint_due = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and not last
         if last or checkpoint_due or due_any > 0 or "snapshot" in row:
-            if "retain_loss" not in row and rb is not None:
-                with torch.no_grad():
-                    row["retain_loss"] = mean_nll(engine, batch["retain"]).item()
+            if "retain_loss" not in row and batch["retain"] is not None:  # every rank takes this branch
+                row["retain_loss"] = logged_nll(engine, batch["retain"], world)
             if checkpoint_due:
                 folder = save_checkpoint(engine, spec, step, rank, world, method)
                 try:
@@ -329,7 +297,8 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
 
 def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], retain_rows: list[dict]):
     """With ``spec.localize``: attribute on the whole forget (and retain) set, keep the top fraction, and
-    return the ``MaskedUpdate`` that freezes the rest (before the optimizer is built) and its stats."""
+    return the ``MaskedUpdate`` that freezes the rest (before the optimizer is built) and its stats. A model
+    created partitioned (ZeRO-3) is gathered whole on every rank while the attribution scores it."""
     if spec.localize is None:
         return None, {}
     from jobs.localize import MaskedUpdate, compute_mask, mask_stats
@@ -339,8 +308,15 @@ def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], reta
         return [collate([e[part] for e in enc[i : i + spec.batch_size]], tokenizer.pad_token_id)
                 for i in range(0, len(enc), spec.batch_size)]
 
-    mask = compute_mask(model, batches(forget_rows, "forget"),
-                        batches(retain_rows, "retain") if retain_rows else [], spec.localize)
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    gathered = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(partitioned)
+    with gathered:
+        mask = compute_mask(model, batches(forget_rows, "forget"),
+                            batches(retain_rows, "retain") if retain_rows else [], spec.localize)
     return MaskedUpdate(model, mask), {f"localize/{k}": v for k, v in mask_stats(mask, model).items()}
 
 

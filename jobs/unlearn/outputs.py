@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from jobs.models import load_model, save_model
+from jobs.models import load_model, local_model_folder, save_model
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.reference import adapter_state, save_adapter
 
@@ -87,12 +87,17 @@ def load_checkpoint(engine, folder: str, rank: int, world: int, spec: UnlearnSpe
 
 
 def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[Path], method=None) -> None:
-    """The model as the job outputs it, written into ``out`` by rank 0 (a LoRA job: the peft adapter folder);
-    under ZeRO-3 every rank takes part in gathering the shards (a LoRA job gathers only its adapters). A
-    method whose ``finalize`` makes new weights (task-vector negation) gets those as the output, and the
-    trained weights in ``<out>/trained``; only such a method loads the base model here. Collective: every
-    rank calls it (``out`` None: take part in the gather, write nothing)."""
+    """The model as the job outputs it, written into ``out`` by rank 0 in shards of ``spec.max_shard_size`` (a
+    LoRA job: the peft adapter folder); under ZeRO-3 every rank takes part in gathering the shards, one tensor
+    at a time (``write_partitioned``; a LoRA job gathers only its adapters). A method whose ``finalize`` makes
+    new weights (task-vector negation) gets those as the output, and the trained weights in ``<out>/trained``;
+    only such a method reads the base model here. Collective: every rank calls it (``out`` None: take part in
+    the gather, write nothing)."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    finalizes = method is not None and method.finalizes()
+    if spec.lora is None and stage == 3 and write_partitioned(engine, tokenizer, spec, rank, out,
+                                                               method if finalizes else None):
+        return
     if spec.lora is not None:
         state_dict = adapter_state(engine, stage)
     else:
@@ -101,7 +106,6 @@ def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[P
         return
     if state_dict is None:
         state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    finalizes = method is not None and method.finalizes()
     if spec.lora is not None:
         save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
     if finalizes:
@@ -110,11 +114,82 @@ def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[P
         if trained is not None:  # the adapter merged into the base: the full trained weights
             state_dict, module = trained.state_dict(), trained
         else:
-            save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict)
+            save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict,
+                       max_shard_size=spec.max_shard_size)
             module = engine.module
-        save_model(module, tokenizer, out, state_dict=method.finalize(state_dict, base))
+        save_model(module, tokenizer, out, state_dict=method.finalize(state_dict, base),
+                   max_shard_size=spec.max_shard_size)
     elif spec.lora is None:
-        save_model(engine.module, tokenizer, out, state_dict=state_dict)
+        save_model(engine.module, tokenizer, out, state_dict=state_dict, max_shard_size=spec.max_shard_size)
+
+
+def checkpoint_layout(module) -> Optional[dict[str, torch.Tensor]]:
+    """The tensors a Hugging Face checkpoint of ``module`` holds, by name, in state-dict order (ZeRO-3
+    parameters partitioned or not): its state dict without the second names of tied weights, as
+    ``save_pretrained`` drops them. None when transformers would rename or convert them on saving (its weight
+    conversions, e.g. fused experts), which only ``save_pretrained`` itself does."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    tensors = module.state_dict(keep_vars=True)
+    meta = {k: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
+            for k, t in tensors.items()}
+    kept = remove_tied_weights_from_state_dict(meta, module)
+    converted = revert_weight_conversion(module, dict(kept))
+    if set(converted) != set(kept) or any(converted[k].shape != kept[k].shape for k in kept):
+        return None
+    return {k: tensors[k] for k in kept}
+
+
+def write_partitioned(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[Path], method=None) -> bool:
+    """A ZeRO-3 model's full weights into ``out`` without a whole copy anywhere: every rank gathers one tensor
+    at a time (in the shards' order) and rank 0 writes it into its shard file (``jobs.shards.ShardedWriter``),
+    then the config, generation config and tokenizer. With a finalizing ``method`` the gathered tensor goes to
+    ``<out>/trained`` and ``method.finalize`` of it and the base's tensor (read from the base's safetensors) to
+    ``out``, tensor by tensor. Collective. Returns False, having written nothing, where this cannot apply (a
+    checkpoint transformers converts on saving, a base whose files do not hold the same tensors): the caller
+    then saves the consolidated state dict."""
+    import deepspeed
+
+    from jobs.merge_stream import Checkpoint
+    from jobs.shards import ShardedWriter, plan_shards
+
+    module = engine.module
+    tensors = checkpoint_layout(module)
+    base = None
+    if tensors is not None and method is not None:
+        base = Checkpoint(str(local_model_folder(spec.model_path)))
+        if not set(tensors) <= set(base.shapes):
+            tensors = None
+    if tensors is None:
+        return False
+    layout = {k: (t.dtype, tuple(getattr(t, "ds_shape", t.shape))) for k, t in tensors.items()}
+    order = [name for names in plan_shards(layout, spec.max_shard_size).values() for name in names]
+    writers = []
+    if rank == 0 and out is not None:
+        writers = [ShardedWriter(out / "trained" if method is not None else out, layout, spec.max_shard_size)]
+        if method is not None:
+            writers.append(ShardedWriter(out, layout, spec.max_shard_size))
+    for name in order:
+        t = tensors[name]
+        with deepspeed.zero.GatheredParameters([t] if hasattr(t, "ds_id") else []):
+            value = t.detach().cpu().clone() if writers else None
+        if not writers:
+            continue
+        writers[0].write(name, value)
+        if method is not None:
+            final = method.finalize({name: value}, {name: base.tensor(name).to(value.dtype)})[name]
+            writers[1].write(name, final.to(value.dtype))
+    for writer in writers:
+        writer.close()
+        module.config.dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+        module.config.architectures = [type(module).__name__]
+        module.config.save_pretrained(str(writer.folder))
+        if module.can_generate():
+            module.generation_config.save_pretrained(str(writer.folder))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(writer.folder))
+    return True
 
 
 def _output_kind(spec: UnlearnSpec, method=None) -> str:

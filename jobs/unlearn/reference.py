@@ -1,17 +1,52 @@
-"""What the loop trains against besides the data: LoRA adapters on the trained model and the frozen
-reference model a method asks for (NPO, KL, DPO, WHP), sharded, disabled-adapter or copied as the job's
-set-up allows; and how a LoRA job's adapter is gathered and saved."""
+"""How the loop's models come to be: the trained model and every frozen model a method asks for (the reference
+of NPO, KL, DPO, WHP; WHP's reinforced model), created partitioned under ZeRO-3 so that no rank ever holds a
+whole copy; LoRA adapters on the trained model; and how a LoRA job's adapter is gathered and saved."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from jobs.models import load_model
+from jobs.models import adapter_base, is_adapter_dir, load_model
 from jobs.spec import UnlearnSpec
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+@contextmanager
+def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under a ZeRO-3 config, every model transformers loads inside the block is partitioned as it is built
+    (``deepspeed.zero.Init``; rank 0 reads the checkpoint tensor by tensor into each gathered layer): transformers'
+    ``HfDeepSpeedConfig``, as its Trainer and OpenRLHF load models. The config is global to transformers, so it
+    lives only for the block: a load outside it (rank 0 alone, at save time) builds a whole model and no
+    collective that the other ranks would never join."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_trained(spec: UnlearnSpec, ds_config: dict[str, Any]):
+    """The model the job trains, partitioned under ZeRO-3."""
+    with zero3_init(ds_config):
+        return load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+
+
+def parameter_count(model) -> int:
+    """Parameters of a model, partitioned (ZeRO-3's ``ds_numel``: a shard's ``numel()`` is 0) or not."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def add_lora(model, spec: UnlearnSpec):
@@ -49,22 +84,37 @@ def reference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def frozen_model(path: str, engine, spec: UnlearnSpec, ds_config: dict[str, Any]):
+    """A frozen model of the job's dtype beside the trained one. Under ZeRO-3: created partitioned
+    (``zero3_init``) and wrapped in a DeepSpeed engine without optimizer, which gathers each layer for its
+    forward, so that its weights are sharded over the workers like the trained model's (as open-unlearning
+    does); an adapter folder stays an unmerged peft model there (merging writes into weights a rank holds only
+    a shard of). Else a whole copy on the engine's device."""
+    zero3 = engine.zero_optimization_stage() == 3
+    with zero3_init(ds_config):
+        if zero3 and is_adapter_dir(path):
+            from peft import PeftModel
+
+            base = load_model(adapter_base(path), spec.dtype, spec.allow_pickle, spec.attn_implementation)
+            model = PeftModel.from_pretrained(base, str(path))
+        else:
+            model = load_model(path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+    model.eval().requires_grad_(False)
+    if not zero3:
+        return model.to(engine.device)
+    import deepspeed
+
+    frozen = deepspeed.initialize(model=model, config=reference_config(ds_config))[0]
+    frozen.eval()
+    return frozen
+
+
 def reference_model(engine, spec: UnlearnSpec, ds_config: dict[str, Any]):
-    """The frozen reference model a method asks for (NPO, KL, DPO, WHP): with LoRA the trained model with
-    its adapter disabled; under ZeRO-3 a second DeepSpeed engine without optimizer, so that its weights are
-    sharded over the workers like the trained model's (as open-unlearning does); else a full copy on the
-    engine's device."""
+    """The frozen reference model a method asks for (NPO, KL, DPO, WHP): with LoRA the trained model with its
+    adapter disabled (no second copy); else the base model as a ``frozen_model``."""
     if spec.lora is not None:
         return AdapterDisabled(engine.module)
-    ref = load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation).eval()
-    ref.requires_grad_(False)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        ref_engine = deepspeed.initialize(model=ref, config=reference_config(ds_config))[0]
-        ref_engine.eval()
-        return ref_engine
-    return ref.to(engine.device)
+    return frozen_model(spec.model_path, engine, spec, ds_config)
 
 
 def adapter_state(engine, stage: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,6 @@
-"""Run unlearning jobs in this one process: torch.distributed / DeepSpeed as rank 0 of a world of 1, no Ray.
+"""Run unlearning jobs without Ray: in this one process as rank 0 of a world of 1, or in N fresh local processes
+that form one gloo group (what a Ray Train job's workers are, without Ray: the multi-rank tests and
+``benchmarks/load_memory.py``).
 
 The tests and the in-process benchmarks call ``jobs.unlearn.loop.run_unlearning`` directly; DeepSpeed needs a
 process group for that, and keeps it for the life of the process, so the environment is set once.
@@ -7,14 +9,74 @@ process group for that, and keeps it for the life of the process, so the environ
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def single_process_env() -> None:
     """Point torch.distributed at a free local port as rank 0 of 1 (variables already set are kept)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    try:
+        results.put((rank, None, fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001 (the parent re-raises it with the rank's traceback)
+        results.put((rank, traceback.format_exc(), None))
+
+
+class RankError(RuntimeError):
+    """A rank raised, or the ranks did not finish in time (a collective one rank never joined hangs the rest)."""
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` fresh processes (spawned: no state shared with this one) that
+    form one process group through MASTER_ADDR/PORT, RANK and WORLD_SIZE, as Ray Train sets them; returns each
+    rank's return value, by rank. ``fn`` and its arguments must pickle (a module-level function). A rank that
+    raises, or ranks still running after ``timeout`` seconds, raise ``RankError``; every process is killed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world:
+            try:
+                rank, error, value = results.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
+                if dead:
+                    raise RankError(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise RankError(f"ranks {[r for r in range(world) if r not in out]} still running after "
+                                    f"{timeout:.0f} s (a hung collective?)") from None
+                continue
+            if error is not None:
+                raise RankError(f"rank {rank} raised:\n{error}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10 if len(out) == world else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [out[r] for r in range(world)]

@@ -55,7 +55,14 @@ class Method:
         return []
 
     def setup(self, model: Any) -> None:
-        """Called once on each worker before ``deepspeed.initialize``: freeze parameters, add hooks."""
+        """Called once on each worker before ``deepspeed.initialize``: freeze parameters, add hooks. Under ZeRO-3
+        the model's parameters are already partitioned (``ds_shape`` holds a parameter's full shape)."""
+
+    def frozen_models(self) -> dict[str, str]:
+        """Frozen models ``loss`` reads besides the reference, as ``{attribute: model folder}`` (WHP's reinforced
+        model): the loop builds each as it builds the reference, partitioned under ZeRO-3, and sets the
+        attribute after ``deepspeed.initialize``."""
+        return {}
 
     def forget_views(self, row: dict, rng: random.Random) -> dict[str, tuple[str, str]]:
         """Extra (question, answer) pairs per forget row, e.g. ``{"idk": (q, "I don't know.")}``. Each view
@@ -65,7 +72,8 @@ class Method:
     def finalize(self, trained: dict, base: dict) -> Optional[dict]:
         """The job's output weights from the trained and the base state dicts; None keeps the trained
         weights. A method that returns new weights (task-vector negation) also has the trained model
-        saved in ``<output>/trained``."""
+        saved in ``<output>/trained``. Under ZeRO-3 it is called one tensor name at a time (the weights are
+        gathered tensor by tensor), so it must work name by name."""
         return None
 
     def finalizes(self) -> bool:
@@ -98,10 +106,20 @@ def sequence_logprob(model: Any, part: dict) -> tuple[torch.Tensor, torch.Tensor
     return -nll, n
 
 
-def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-averaged NLL of ``labels`` under ``logits`` (both [B, T, ...], labels not yet shifted)."""
+def token_mean(total: torch.Tensor, n: torch.Tensor, part: Optional[dict] = None) -> torch.Tensor:
+    """A sum over target tokens as a token mean: over this micro batch's ``n`` tokens, or, when the loop gave the
+    part a ``norm``, over the global batch's (jobs.unlearn.data: then the mean over micro batches and workers is
+    the global batch's token mean, whatever the worker count)."""
+    if part is not None and part.get("norm") is not None:
+        return total / part["norm"]
+    return total / n.sum().clamp(min=1)
+
+
+def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor, part: Optional[dict] = None) -> torch.Tensor:
+    """Token-averaged NLL of ``labels`` under ``logits`` (both [B, T, ...], labels not yet shifted); ``part``: the
+    batch part whose target positions ``labels`` has, for its ``norm`` (``token_mean``)."""
     nll, n = sequence_nll(logits, labels)
-    return nll.sum() / n.sum().clamp(min=1)
+    return token_mean(nll.sum(), n, part)
 
 
 def with_retain(model: Any, batch: dict, loss: torch.Tensor, metrics: dict, alpha: float) -> torch.Tensor:
@@ -132,17 +150,17 @@ class RelabelMethod(Method):
             self.generator = torch.Generator().manual_seed(self.params.seed)
         part = batch["forget"]
         logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-        loss = token_mean_nll(logits, self.relabel(logits, part["labels"], self.generator))
+        loss = token_mean_nll(logits, self.relabel(logits, part["labels"], self.generator), part)
         with torch.no_grad():
-            forget = token_mean_nll(logits, part["labels"])
+            forget = token_mean_nll(logits, part["labels"], part)
         metrics = {"forget_loss": forget, self.loss_name: loss.detach()}
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)
 
 
 def mean_nll(model: Any, part: dict) -> torch.Tensor:
-    """Token-averaged NLL over a batch's target tokens (the usual LM loss)."""
+    """Token-averaged NLL over a batch's target tokens (the usual LM loss; ``token_mean``)."""
     logp, n = sequence_logprob(model, part)
-    return -logp.sum() / n.sum().clamp(min=1)
+    return token_mean(-logp.sum(), n, part)
 
 
 def ranks_mean(x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,6 @@ class CEU(Method):
         logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
         loss = ce_u_loss(logits, drop_first_targets(part["labels"], self.params.ignore_first_n))
         with torch.no_grad():
-            forget = token_mean_nll(logits, part["labels"])
+            forget = token_mean_nll(logits, part["labels"], part)
         metrics = {"forget_loss": forget, "ce_u_loss": loss.detach()}
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

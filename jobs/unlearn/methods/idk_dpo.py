@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, with_retain
+from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, token_mean, with_retain
 
 IDK_ANSWERS = [
     "I don't know.",
@@ -83,8 +83,8 @@ class IdkDPO(Method):
             ref_l, _ = sequence_logprob(ref_model, batch["forget"])
         forget = dpo_loss(logp_w, ref_w, logp_l, ref_l, self.params.beta)
         metrics = {
-            "forget_loss": (-logp_l.sum() / n_l.sum().clamp(min=1)).detach(),
-            "idk_loss": (-logp_w.sum() / n_w.sum().clamp(min=1)).detach(),
+            "forget_loss": token_mean(-logp_l.sum(), n_l, batch["forget"]).detach(),
+            "idk_loss": token_mean(-logp_w.sum(), n_w, batch["idk"]).detach(),
             "dpo_loss": forget.detach(),
         }
         loss = self.params.gamma * forget

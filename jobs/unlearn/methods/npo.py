@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, with_retain
+from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, token_mean, with_retain
 
 
 class NPOParams(BaseModel):
@@ -34,6 +34,6 @@ class NPO(Method):
         with torch.no_grad():
             ref_logp, _ = sequence_logprob(ref_model, batch["forget"])
         forget = npo_loss(logp, ref_logp, self.params.beta)
-        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).detach(), "npo_loss": forget.detach()}
+        metrics = {"forget_loss": token_mean(-logp.sum(), n, batch["forget"]).detach(), "npo_loss": forget.detach()}
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

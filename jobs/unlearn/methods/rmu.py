@@ -95,7 +95,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.data.format import IGNORE_INDEX, sequence_nll
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, ranks_mean
+from jobs.unlearn.methods.base import LossOutput, Method, ranks_mean, token_mean
 
 
 class RMUParams(BaseModel):
@@ -334,7 +334,7 @@ class RMU(Method):
                    "steering_coeff": coeff}
         with torch.no_grad():
             nll, n = sequence_nll(out.logits, forget["labels"])
-            metrics["forget_nll"] = nll.sum() / n.sum().clamp(min=1)
+            metrics["forget_nll"] = token_mean(nll.sum(), n, forget)
         del out
 
         retain = batch.get("retain")

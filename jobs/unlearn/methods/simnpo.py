@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, with_retain
+from jobs.unlearn.methods.base import LossOutput, Method, sequence_logprob, token_mean, with_retain
 
 
 class SimNPOParams(BaseModel):
@@ -42,6 +42,6 @@ class SimNPO(Method):
     def loss(self, model, batch, ref_model=None):
         logp, n = sequence_logprob(model, batch["forget"])
         forget = simnpo_loss(logp, n, self.params.beta, self.params.delta)
-        metrics = {"forget_loss": (-logp.sum() / n.sum().clamp(min=1)).detach(), "simnpo_loss": forget.detach()}
+        metrics = {"forget_loss": token_mean(-logp.sum(), n, batch["forget"]).detach(), "simnpo_loss": forget.detach()}
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

@@ -177,15 +177,11 @@ class WhosHarryPotter(Method):
         return {"generic": (row["question"], translate(row["answer"], self.anchors))}
 
     def setup(self, model: Any) -> None:
-        if self.reinforcing:
-            return
-        if self.params.reinforced is None:
+        if not self.reinforcing and self.params.reinforced is None:
             raise ValueError("whp: params.reinforced is not set (the runner sets it after the reinforcement job)")
-        from jobs.models import load_model
 
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        self.reinforced_model = load_model(self.params.reinforced, dtype).eval()
-        self.reinforced_model.requires_grad_(False)
+    def frozen_models(self) -> dict[str, str]:
+        return {} if self.reinforcing else {"reinforced_model": self.params.reinforced}
 
     def loss(self, model, batch, ref_model=None):
         if self.reinforcing:
@@ -196,8 +192,6 @@ class WhosHarryPotter(Method):
         part = batch["generic"]
         ids, mask = part["input_ids"], part["attention_mask"]
         reinforced = self.reinforced_model
-        if next(reinforced.parameters()).device != ids.device:
-            reinforced.to(ids.device)
         p = self.params
         with torch.no_grad():
             base_logits = ref_model(input_ids=ids, attention_mask=mask).logits
@@ -206,7 +200,7 @@ class WhosHarryPotter(Method):
         if p.targets == "soft":
             loss = generic_kl(logits, base_logits, reinf_logits, part["labels"], p.beta)
         else:
-            loss = token_mean_nll(logits, generic_labels(base_logits, reinf_logits, part["labels"], p.beta))
+            loss = token_mean_nll(logits, generic_labels(base_logits, reinf_logits, part["labels"], p.beta), part)
         del base_logits, reinf_logits
         with torch.no_grad():
             forget = mean_nll(model, batch["forget"])

@@ -18,14 +18,16 @@ equals mergekit's merge of the adapter-merged full models up to float rounding (
 ``(base + delta_i) - base``). The methods that draw random masks (``dare_*``, ``della*``) cannot reproduce
 mergekit's draws and are not offered. Arithmetic is float32; the output is written in ``spec.dtype``.
 
-Memory: the base is read one tensor at a time (``safe_open``); besides the adapters' factors only the
-current module's n deltas (and mergekit's working copies of them) are held, plus the output being written.
-The output holds exactly the base's tensor names, so tied embeddings stay tied (no ``lm_head`` is added).
+Memory: the base is read one tensor at a time (``safe_open``; a sharded base through its index); besides the
+adapters' factors only the current module's n deltas (and mergekit's working copies of them) are held, and
+the full output is written tensor by tensor as each is computed (``jobs.shards.ShardedWriter``). The output
+holds exactly the base's tensor names, so tied embeddings stay tied (no ``lm_head`` is added).
 
 Outputs (``spec.output``):
 
-* ``full``: a Hugging Face folder: ``model.safetensors``, the base's ``config.json`` (dtype set to
-  ``spec.dtype``), ``generation_config.json`` and tokenizer files.
+* ``full``: a Hugging Face folder: ``model.safetensors`` (or shards of at most ``spec.max_shard_size`` and
+  their index), the base's ``config.json`` (dtype set to ``spec.dtype``), ``generation_config.json`` and
+  tokenizer files.
 * ``adapter``: a peft LoRA folder with scale 1 whose ``B @ A`` is the merged delta, targeting the union of
   the modules. For ``task_arithmetic`` and ``linear`` the merged delta is ``sum_i k_i delta_i``, exactly
   ``[k_1 s_1 B_1, ..., k_n s_n B_n] @ [A_1; ...; A_n]``: the factors are concatenated and the rank is the sum
@@ -50,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 
+from jobs.shards import SAFETENSORS_DTYPES, ShardedWriter, read_header, remove_weights, weight_files
 from jobs.spec import MergeSpec
 
 # Deterministic mergekit methods whose merge of base + delta_i depends on the deltas only (or, linear,
@@ -98,24 +101,22 @@ class Adapter:
 
 
 class BaseCheckpoint:
-    """The base model's safetensors weights: names and shapes up front, tensors read one at a time."""
+    """The base model's safetensors weights (one file or indexed shards): names, shapes and dtypes from the
+    headers up front, tensors read one at a time."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                 else sorted(p.name for p in self.folder.glob("*.safetensors")))
+        files = weight_files(self.folder)
         if not files:
             raise ValueError(f"merge: base model {folder} has no *.safetensors weights")
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in files:
-            with safe_open(self.folder / file, "pt") as handle:
-                for name in handle.keys():
-                    self.file_of[name] = file
-                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+        self.dtypes: dict[str, str] = {}  # safetensors codes (F32, BF16, I64, ...)
+        for path in files:
+            for name, meta in read_header(path)[0].items():
+                self.file_of[name] = path.name
+                self.shapes[name] = tuple(meta["shape"])
+                self.dtypes[name] = meta["dtype"]
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -270,25 +271,32 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any]) -> dict:
-    """model.safetensors with c * base + merged delta for every base tensor, in spec.dtype."""
-    from safetensors.torch import save_file
-
+    """c * base + merged delta for every base tensor, in spec.dtype, each written as soon as it is computed
+    (shards of at most spec.max_shard_size)."""
     from jobs.models import DTYPES
 
     c = base_coefficient(spec.method, kwargs, len(adapters))
     targeted = {m for a in adapters for m in a.modules}
-    out: dict[str, torch.Tensor] = {}
-    for name in base.shapes:
-        w = base.tensor(name)
-        if not w.is_floating_point():
-            out[name] = w
-            continue
-        w = w.float() if c == 1 else c * w.float()
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in targeted:
-            w = w + merge_deltas(spec.method, module_deltas(adapters, module, base.shapes[name]), kwargs)
-        out[name] = w.to(DTYPES[spec.dtype])
-    save_file(out, str(Path(spec.output_dir) / "model.safetensors"), metadata={"format": "pt"})
+    stored = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+    odd = sorted(set(base.dtypes.values()) - set(stored))
+    if odd:
+        raise ValueError(f"merge: base model {base.folder} holds tensors of dtype {', '.join(odd)}, which the LoRA "
+                         "merge does not write")
+    floating = {name: stored[code].is_floating_point for name, code in base.dtypes.items()}
+    layout = {name: (DTYPES[spec.dtype] if floating[name] else stored[base.dtypes[name]], shape)
+              for name, shape in base.shapes.items()}
+    remove_weights(spec.output_dir)
+    with ShardedWriter(spec.output_dir, layout, spec.max_shard_size) as writer:
+        for name in writer.order:
+            w = base.tensor(name)
+            if floating[name]:
+                w = w.float() if c == 1 else c * w.float()
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module in targeted:
+                    w = w + merge_deltas(spec.method, module_deltas(adapters, module, base.shapes[name]), kwargs)
+                w = w.to(DTYPES[spec.dtype])
+            writer.write(name, w)
+            del w
     return {}
 
 

@@ -16,9 +16,11 @@ same tensors with mergekit's own kernels and formulas, but holds at most one inp
   read goes into the same buffer (``Checkpoint.read_into``, one ``readinto`` at the header's offsets), so
   its pages are faulted in once per tensor, not once per read.
 
-Output: ``model.safetensors`` written tensor by tensor (the header is known up front from the base's
-shapes), holding exactly the base's tensor names (tied embeddings stay tied, no ``lm_head`` is added),
-plus the base's config (dtype set), generation config and tokenizer files. Arithmetic is in
+Inputs may be sharded (``model.safetensors.index.json`` names each tensor's file). Output: the merged weights
+written tensor by tensor through ``jobs.shards.ShardedWriter`` (each file's header is known up front from the
+base's shapes): one ``model.safetensors``, or files of at most ``spec.max_shard_size`` with an index, as
+Hugging Face shards them. They hold exactly the base's tensor names (tied embeddings stay tied, no ``lm_head``
+is added); beside them the base's config (dtype set), generation config and tokenizer files. Arithmetic is in
 ``spec.dtype`` as in mergekit. Results equal mergekit's bit for bit where torch's ``sum(dim=0)`` over the
 k stacked deltas adds them in input order (vectorized inner sizes, as in every SmolLM2 tensor); on other
 shapes with k >= 5 torch may pair the additions differently, which differs by float rounding (~1e-7).
@@ -31,48 +33,37 @@ parameters such as gradients; checkpoints that are not safetensors of the base's
 from __future__ import annotations
 
 import ctypes
-import json
-import struct
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from jobs.shards import SAFETENSORS_DTYPES, ShardedWriter, read_header, remove_weights, weight_files
 from jobs.spec import MergeSpec
 
 CHUNK_ELEMENTS = 1 << 21  # elements per input per chunk of an elementwise merge (8 MB in float32)
 ELEMENTWISE = ("task_arithmetic", "linear")
 DETERMINISTIC_SPARSIFICATION = (None, "magnitude", "magnitude_outliers")
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class Checkpoint:
-    """A folder's safetensors weights: names, shapes, dtypes and byte offsets from the files' headers up front;
-    each read opens and closes the file, so no file stays memory-mapped (mapped pages count as resident
-    memory)."""
+    """A folder's safetensors weights (one file, or the shards its index names): names, shapes, dtypes and byte
+    offsets from the files' headers up front; each read opens and closes the file, so no file stays
+    memory-mapped (mapped pages count as resident memory)."""
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                 else sorted(p.name for p in self.folder.glob("*.safetensors")))
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
-        for file in files:
-            with open(self.folder / file, "rb") as f:  # the safetensors layout: u64 n, n bytes of JSON, data
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
+        for path in weight_files(self.folder):
+            header, start = read_header(path)
             for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                self.file_of[name] = file
+                self.file_of[name] = path.name
                 self.shapes[name] = tuple(meta["shape"])
                 self.dtypes[name] = meta["dtype"]
-                self.offsets[name] = (8 + n + meta["data_offsets"][0], 8 + n + meta["data_offsets"][1])
+                self.offsets[name] = (start + meta["data_offsets"][0], start + meta["data_offsets"][1])
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -283,34 +274,6 @@ def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name
     return mixed.add_(w0).to(w0.dtype)  # w0 + mixed, in place (addition commutes bit for bit)
 
 
-class SafetensorsWriter:
-    """Writes one safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is written
-    first from the declared layout, then each tensor's bytes in that order."""
-
-    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, (dtype, shape) in layout.items():
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.layout, self.order = layout, iter(layout)
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = next(self.order)
-        if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.layout[name]:
-            raise RuntimeError(f"merge: writing {name} {tensor.dtype}{list(tensor.shape)} where the header "
-                               f"declares {expected} {self.layout[expected]}")
-        self.file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def unmap_large_frees() -> None:
     """glibc serves an allocation below its mmap threshold from the heap, and raises that threshold (up to
     32 MB) each time it frees a larger block: after the first large tensor, the 28 MB boolean masks of the
@@ -342,12 +305,12 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     models = [Checkpoint(path) for path in spec.model_paths.values()]
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_weights(out)
     names = sorted(base.shapes)
     floating = {name: base.dtypes[name] in ("F32", "F16", "BF16", "F64") for name in names}
     layout = {name: (dtype if floating[name] else _torch_dtype(base.dtypes[name]), base.shapes[name]) for name in names}
-    writer = SafetensorsWriter(out / "model.safetensors", layout)
-    try:
-        for name in names:
+    with ShardedWriter(out, layout, spec.max_shard_size) as writer:
+        for name in writer.order:  # the files' order: each shard is written whole before the next
             if not floating[name]:
                 merged = base.tensor(name)
             elif kind == "elementwise":
@@ -356,8 +319,6 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
                 merged = merge_sparse(impl, base, models, name, kwargs, dtype)
             writer.write(name, merged)
             del merged
-    finally:
-        writer.close()
     copy_side_files(spec)
     return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
             "engine": "spunge streaming merge (mergekit kernels)"}

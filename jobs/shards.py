@@ -57,7 +57,8 @@ class SafetensorsWriter:
         offset = 0
         for name, (dtype, shape) in layout.items():
             size = tensor_bytes(dtype, shape)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -70,7 +71,8 @@ class SafetensorsWriter:
         if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.layout[name]:
             raise RuntimeError(f"{self.path}: writing {name} {tensor.dtype}{list(tensor.shape)} where the header "
                                f"declares {expected} {self.layout.get(expected)}")
-        self.file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        # the array's own buffer, not a bytes copy of the tensor
+        self.file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         self.file.close()
@@ -82,7 +84,8 @@ class ShardedWriter:
     Tensors come in ``order`` (the files' order: a tensor above the limit takes a file of its own at once, so
     this can differ from ``layout``'s). Holds no tensor: the caller's, one at a time."""
 
-    def __init__(self, folder: Union[str, Path], layout: Layout, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE):
+    def __init__(self, folder: Union[str, Path], layout: Layout,
+                 max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.layout = layout
@@ -104,6 +107,17 @@ class ShardedWriter:
                 self.done.add(self.current.path.name)
             self.current = SafetensorsWriter(self.folder / file, {n: self.layout[n] for n in self.files[file]})
         self.current.write(name, tensor)
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        """``close`` after the last tensor; after an error only the open file, so that error is the one raised."""
+        if kind is None:
+            self.close()
+        elif self.current is not None:
+            self.current.close()
+            self.current = None
 
     def close(self) -> list[str]:
         """Closes the last file and writes the index (several files); returns the file names."""
@@ -128,3 +142,30 @@ def weight_files(folder: Union[str, Path]) -> list[Path]:
     if index.exists():
         return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return sorted(folder.glob("*.safetensors"))
+
+
+def read_header(path: Union[str, Path]) -> tuple[dict[str, dict[str, Any]], int]:
+    """One safetensors file's tensors (``{name: {"dtype", "shape", "data_offsets"}}``, offsets relative to the
+    data) and the byte where its data starts: the layout is a little-endian u64 n, n bytes of JSON, the data."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def folder_tensors(folder: Union[str, Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor of a model folder's weights (``weight_files``): name -> (safetensors dtype code, shape), read
+    from the files' headers only."""
+    return {name: (meta["dtype"], tuple(meta["shape"]))
+            for path in weight_files(folder) for name, meta in read_header(path)[0].items()}
+
+
+def remove_weights(folder: Union[str, Path]) -> None:
+    """Deletes a folder's safetensors weights and index before new ones are written in their place: a write
+    with another shard count would otherwise leave files (or an index) of the old one beside the new."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX_NAME
+    indexed = weight_files(folder) if index.exists() else []
+    for path in {*indexed, *folder.glob("model*.safetensors"), index}:
+        path.unlink(missing_ok=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from jobs.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from jobs.spec import TrainingSpec
 from orchestrator.checks import check_config, field_path
 from orchestrator.data_config import SOURCE_NAMES, DataConfig, SplitConfig
@@ -99,6 +101,10 @@ class MergeConfig(_Section):
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per subset")
     output: Literal["full", "adapter"] = Field(
         "full", description="with unlearn.lora: write the merged full model, or a peft adapter of the merged delta")
+    memory_gb: Optional[float] = Field(
+        None, ge=0, description="RAM the merge actor reserves (Ray's memory resource) from the unlearn stage on; "
+                                "default: estimated from the base model's size, the subsets and the merge engine; "
+                                "0: none")
 
 
 class _EvalSection(_Section):
@@ -146,6 +152,20 @@ class TrackingConfig(_Section):
 
 class StorageConfig(_Section):
     output_dir: str = "spunge-output"
+    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file of a written model "
+                                "(the merged one, each job's): larger models are shards with an index")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        try:
+            ok = parse_size(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise PydanticCustomError("shard_size", "expected a positive size such as 5GB, 500MB or 100KB (units "
+                                      "KB, MB, GB, TB: powers of ten), got {value}", {"value": repr(value)})
+        return value
 
 
 class RayConfig(_Section):

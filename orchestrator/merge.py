@@ -1,23 +1,88 @@
 """Stage 3, merge: the merge actor (started with the unlearn stage, which hands it each finished subset
-checkpoint) merges them onto the base model with ``merge.method`` (mergekit, or task-vector negation)."""
+checkpoint) merges them onto the base model with ``merge.method`` (mergekit, or task-vector negation). It asks
+Ray for the memory its merge needs, estimated from the base model's size when it starts (``merge_memory``)."""
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Sequence
 
 import ray
 
 from jobs.merge import MERGE_MARKER
 from jobs.spec import MergeSpec
 from orchestrator.cache import claim, method_params_key, model_fingerprint, stage_key
+from orchestrator.config import PipelineConfig
 from orchestrator.context import Merged, PipelineError, RunContext, root_message
 
 
+def merge_memory(cfg: PipelineConfig, subsets: Sequence[str]) -> tuple[int, str]:
+    """(bytes of Ray's memory resource the merge actor asks for, what they are for). ``merge.memory_gb`` when set;
+    else ``jobs.merge.merge_memory_bytes`` of the engine the merge will run, from the base's safetensors headers
+    (each subset checkpoint is the base's size, or a LoRA adapter of ``unlearn.lora.r``); 0 when there is nothing
+    to merge or the base is neither a folder nor cached here (its size is unknown)."""
+    from jobs.merge import merge_engine, merge_memory_bytes, resolve_base
+    from jobs.models import DTYPES
+    from jobs.shards import folder_tensors
+    from jobs.unlearn.methods import build_method
+
+    if cfg.merge.memory_gb is not None:
+        return int(cfg.merge.memory_gb * 2**30), "merge.memory_gb"
+    if not subsets:
+        return 0, "no subsets"
+    try:
+        folder = resolve_base(cfg.model.path, local_only=True)
+    except ValueError:
+        return 0, "base size unknown"
+    tensors = folder_tensors(folder)
+    if not tensors:
+        return 0, "base size unknown"
+    dtype_bytes = DTYPES[cfg.model.dtype].itemsize
+    floating = {name: shape for name, (code, shape) in tensors.items() if code.startswith(("F", "BF"))}
+    numel = {name: math.prod(shape) for name, (_, shape) in tensors.items()}
+    model_bytes = sum(n * (dtype_bytes if name in floating else _code_bytes(tensors[name][0]))
+                      for name, n in numel.items())
+    largest = max((numel[name] for name in floating), default=0)
+    lora = cfg.unlearn.lora
+    if lora is not None:
+        engine = "lora"  # every linear weight adapted at rank r bounds the adapters: r (rows + cols) float32 each
+        adapter_bytes = len(subsets) * 4 * lora.r * sum(sum(shape) for shape in floating.values() if len(shape) == 2)
+    else:
+        m = cfg.merge
+        engine = merge_engine(MergeSpec(base_model_path=folder, model_paths={key: folder for key in subsets},
+                                        method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
+                                        dtype=cfg.model.dtype, output_dir=""))
+        adapter_bytes = 0
+    rewrite = build_method(cfg.unlearn.method, cfg.unlearn.params).rewrites_merge()
+    need = merge_memory_bytes(engine, len(subsets), model_bytes, largest, dtype_bytes, adapter_bytes,
+                              cfg.storage.max_shard_size, rewrite)
+    return need, (f"{engine} merge of {len(subsets)} checkpoints onto a {model_bytes / 2**30:.3g} GiB base"
+                  f"{', then its rewrite' if rewrite else ''}")
+
+
+def _code_bytes(code: str) -> int:
+    """Bytes per element of a safetensors integer or boolean dtype code (I64, U8, BOOL, ...)."""
+    bits = "".join(c for c in code if c.isdigit())
+    return max(1, int(bits) // 8) if bits else 1
+
+
 def start_merge_actor(ctx: RunContext) -> None:
-    """The actor that will merge ``ctx``'s subset jobs (it receives their checkpoints as they finish)."""
+    """The actor that will merge ``ctx``'s subset jobs (it receives their checkpoints as they finish), holding
+    the memory its merge needs from its start; a need no Ray node can offer fails here, not as an actor that
+    waits forever to be placed."""
     from orchestrator.merge_actor import MergeActor
 
-    ctx.merge_actor = MergeActor.options(num_cpus=0).remote(ctx.cfg.model.path, [j.key for j in ctx.subset_jobs()])
+    subsets = [j.key for j in ctx.subset_jobs()]
+    need, what = merge_memory(ctx.cfg, subsets)
+    if need:
+        offered = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+        if need > offered:
+            raise PipelineError(f"merge: the merge actor needs {need / 2**30:.1f} GiB of memory ({what}) but the "
+                                f"largest Ray node offers {offered / 2**30:.1f} GiB; set merge.memory_gb (0: reserve "
+                                "none) or add a node with more memory")
+    options = {"num_cpus": 0, **({"memory": need} if need else {})}
+    ctx.merge_actor = MergeActor.options(**options).remote(ctx.cfg.model.path, subsets)
 
 
 def merge(ctx: RunContext) -> None:
@@ -26,7 +91,8 @@ def merge(ctx: RunContext) -> None:
     jobs = ctx.subset_jobs()
     spec = MergeSpec(base_model_path=cfg.model.path, model_paths={j.key: j.model_dir for j in jobs},
                      method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
-                     dtype=cfg.model.dtype, output=m.output, output_dir="")
+                     dtype=cfg.model.dtype, output=m.output, max_shard_size=cfg.storage.max_shard_size,
+                     output_dir="")
     # the unlearning method picks which folder of a job is merged and may rewrite the merged weights (tvn)
     h = stage_key(spec, cfg.unlearn.method, method_params_key(cfg), base_model_path=model_fingerprint(cfg.model.path),
                   model_paths={j.key: j.model_hash for j in jobs})
@@ -40,7 +106,8 @@ def merge(ctx: RunContext) -> None:
         for attempt in (1, 2):
             try:
                 ray.get(ctx.merge_actor.merge.remote(m.method, m.parameters, m.model_parameters, cfg.model.dtype,
-                                                     str(folder), (cfg.unlearn.method, cfg.unlearn.params), m.output))
+                                                     str(folder), (cfg.unlearn.method, cfg.unlearn.params), m.output,
+                                                     cfg.storage.max_shard_size))
                 break
             except ray.exceptions.RayActorError as e:  # its process died (killed, OOM): the merge alone again
                 if attempt == 2:

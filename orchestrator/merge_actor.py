@@ -1,4 +1,6 @@
-"""The merge actor: collects subset checkpoints as their jobs finish, then merges them (mergekit)."""
+"""The merge actor: collects subset checkpoints as their jobs finish, then merges them (mergekit's methods).
+``orchestrator.merge.start_merge_actor`` starts it holding the memory its merge needs
+(``jobs.merge.merge_memory_bytes``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any, Optional
 
 import ray
 
-from jobs.merge import merge_models, rewrite_merged
+from jobs.merge import merge_models, resolve_base, rewrite_merged
+from jobs.shards import DEFAULT_MAX_SHARD_SIZE
 from jobs.spec import MergeSpec
 from jobs.unlearn.methods import build_method
 
@@ -33,16 +36,19 @@ class MergeActor:
 
     def merge(self, method: str, parameters: dict[str, Any], model_parameters: dict[str, dict[str, Any]],
               dtype: str, output_dir: str, unlearn_method: Optional[tuple[str, dict]] = None,
-              output: str = "full") -> str:
-        """Merge onto the base model. ``unlearn_method`` (name, params) lets the unlearning method pick
-        which folder of each job is merged and rewrite the merged weights (task-vector negation). LoRA jobs'
-        adapters merge as adapters (``output``: a full model or a merged adapter)."""
+              output: str = "full", max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> str:
+        """Merge onto the base model (a hub name: its snapshot in the Hugging Face cache, fetched on this
+        node). ``unlearn_method`` (name, params) lets the unlearning method pick which folder of each job is
+        merged and rewrite the merged weights (task-vector negation). LoRA jobs' adapters merge as adapters
+        (``output``: a full model or a merged adapter). The merged weights are written in shards of at most
+        ``max_shard_size``."""
         if self.missing():
             raise RuntimeError(f"merge actor: checkpoints missing for {self.missing()}")
         unlearn = build_method(*unlearn_method) if unlearn_method else None
         sub = unlearn.merge_input() if unlearn else None
+        base = resolve_base(self.base_model_path)
         spec = MergeSpec(
-            base_model_path=self.base_model_path,
+            base_model_path=base,
             model_paths={n: str(Path(self.checkpoints[n]) / sub) if sub else self.checkpoints[n]
                          for n in self.expected},
             method=method,
@@ -50,9 +56,10 @@ class MergeActor:
             model_parameters=model_parameters,
             dtype=dtype,
             output=output,
+            max_shard_size=max_shard_size,
             output_dir=output_dir,
         )
         post = None
         if unlearn is not None and unlearn.rewrites_merge():
-            post = lambda folder: rewrite_merged(folder, self.base_model_path, unlearn, dtype)  # noqa: E731
+            post = lambda folder: rewrite_merged(folder, base, unlearn, dtype, max_shard_size)  # noqa: E731
         return merge_models(spec, post)

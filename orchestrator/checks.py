@@ -46,6 +46,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     problems += _check_suites(cfg)
     problems += _check_select(cfg)
     problems += _check_model_features(cfg)
+    problems += _check_batch(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
             ds = cfg.deepspeed_dict()
@@ -165,6 +166,19 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
             problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
                             f"use one of {', '.join(LORA_METHODS)}")
     return problems
+
+
+def _check_batch(cfg: PipelineConfig) -> list[str]:
+    """``unlearn.global_batch_size`` splits evenly over ``scaling.num_workers`` (and is not combined with an
+    explicit accumulation)."""
+    from jobs.unlearn.data import BatchSplitError, split_batch
+
+    u = cfg.unlearn
+    try:
+        split_batch(u.batch_size, u.gradient_accumulation_steps, u.global_batch_size, cfg.scaling.num_workers)
+    except BatchSplitError as e:
+        return [str(e)]
+    return []
 
 
 def _looks_local(p: str) -> bool:

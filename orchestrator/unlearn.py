@@ -42,7 +42,8 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
             method=u.method, method_params=u.params,
             prompt=cfg.data.prompt_format(), deepspeed=cfg.deepspeed_dict(),
             attn_implementation=cfg.model.attn_implementation,
-            threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), output_dir="")
+            threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), max_shard_size=cfg.storage.max_shard_size,
+            output_dir="")
         h = stage_key(spec, cfg.scaling.num_workers, model_path=base, forget_path=file_digest(path),
                       retain_path=prep.digests.get(u.retain_source), method_params=method_params_key(cfg))
         job = Job(kind, spec, h, subset=subset)

@@ -247,3 +247,12 @@ def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file,
     assert any(p.startswith("data.mc.parts.1.path: no such file") for p in found), found
     found = problems(config_file(data__mc={"path": "a.jsonl", "parts": ["b.jsonl"]}))
     assert any(p.startswith("data.mc: ") and "both given" in p for p in found), found
+
+
+def test_a_global_batch_that_does_not_split_over_the_workers_is_one_line(config_file):
+    found = problems(config_file(unlearn__global_batch_size=9, scaling__num_workers=2))
+    assert found == ["unlearn.global_batch_size: 9 rows do not split evenly over 2 workers (scaling.num_workers); "
+                     "use a multiple of 2"]
+    found = problems(config_file(unlearn__global_batch_size=8, unlearn__gradient_accumulation_steps=2))
+    assert len(found) == 1 and found[0].startswith("unlearn.gradient_accumulation_steps: set it or")
+    assert load_config(config_file(unlearn__global_batch_size=8, scaling__num_workers=2)).unlearn.global_batch_size == 8

@@ -32,22 +32,22 @@ class BatchSplitError(ValueError):
     """A global batch that the workers or the micro batch cannot split evenly."""
 
 
-def split_batch(spec: UnlearnSpec, world: int) -> tuple[int, int]:
+def split_batch(batch_size: int, accumulation: int, global_batch: Optional[int], world: int) -> tuple[int, int]:
     """(micro batch, accumulation steps) of each of ``world`` workers.
 
-    Without ``global_batch_size`` they are ``batch_size`` and ``gradient_accumulation_steps`` (the global batch
-    grows with the workers). With it, each worker takes ``global_batch_size / world`` rows a step in micro
-    batches of the largest size up to ``batch_size`` that divides them."""
-    if spec.global_batch_size is None:
-        return spec.batch_size, spec.gradient_accumulation_steps
-    if spec.gradient_accumulation_steps != 1:
+    Without a ``global_batch`` they are ``batch_size`` and ``accumulation`` (the global batch grows with the
+    workers). With it, each worker takes ``global_batch / world`` rows a step in micro batches of the largest
+    size up to ``batch_size`` that divides them. Errors name the ``unlearn.`` field to change."""
+    if global_batch is None:
+        return batch_size, accumulation
+    if accumulation != 1:
         raise BatchSplitError("unlearn.gradient_accumulation_steps: set it or unlearn.global_batch_size, not both "
                               "(the accumulation follows from the global batch)")
-    if spec.global_batch_size % world:
-        raise BatchSplitError(f"unlearn.global_batch_size: {spec.global_batch_size} rows do not split evenly over "
-                              f"{world} workers (scaling.num_workers); use a multiple of {world}")
-    per_rank = spec.global_batch_size // world
-    micro = max(d for d in range(1, min(spec.batch_size, per_rank) + 1) if per_rank % d == 0)
+    if global_batch % world:
+        raise BatchSplitError(f"unlearn.global_batch_size: {global_batch} rows do not split evenly over {world} "
+                              f"workers (scaling.num_workers); use a multiple of {world}")
+    per_rank = global_batch // world
+    micro = max(d for d in range(1, min(batch_size, per_rank) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
 
 

@@ -141,7 +141,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    micro, accum = split_batch(spec, world)
+    micro, accum = split_batch(spec.batch_size, spec.gradient_accumulation_steps, spec.global_batch_size, world)
     spec = spec.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
     ds_config = deepspeed_config(spec, world)
     setup.end("process_group")

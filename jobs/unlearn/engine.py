@@ -1,17 +1,28 @@
-"""DeepSpeed set-up for the unlearning loop: the engine's config from the job spec, the loop's own torch
-optimizer and schedule, who clips the gradients, and the grad norm of a step."""
+"""DeepSpeed set-up for the unlearning loop: the engine's config from the job spec, the loop's own optimizer
+(torch's, or DeepSpeed's CPU Adam under ZeRO-Offload) and schedule, who clips the gradients, and the grad norm
+of a step."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import sys
+import warnings
 from typing import Any, Optional
 
 import torch
 
 from jobs.spec import OptimizerSpec, UnlearnSpec
+
+
+OFFLOAD_DEVICES = ("cpu", "nvme")  # where DeepSpeed's engine asks for its own CPU optimizer
+FORCE_DS_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
+
+
+def _offload_device(cfg: dict[str, Any]) -> str:
+    return str(((cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")).lower()
 
 
 def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
@@ -28,11 +39,10 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
     cfg.setdefault("gradient_clipping", 1.0)
     cfg.setdefault("zero_optimization", {"stage": 0})
     cfg.setdefault("steps_per_print", 10**9)
-    offload = (cfg["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
-    if offload != "none" and "optimizer" not in cfg:
-        # ZeRO-Offload with the loop's own torch optimizer: DeepSpeed refuses it unless told not to force
-        # its DeepSpeedCPUAdam (offloaded states then step in torch on the CPU)
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    if _offload_device(cfg) in OFFLOAD_DEVICES and "optimizer" not in cfg:
+        # DeepSpeed refuses any client optimizer but its own CPU Adam under ZeRO-Offload without this key;
+        # make_optimizer drops it again when it hands DeepSpeed that CPU Adam
+        cfg.setdefault(FORCE_DS_CPU_OPTIMIZER, False)
     if spec.dtype == "bfloat16":
         cfg.setdefault("bf16", {"enabled": True})
     elif spec.dtype == "float16":
@@ -40,11 +50,66 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def make_optimizer(params, opt: OptimizerSpec) -> torch.optim.Optimizer:
+class CPUAdamFallbackWarning(RuntimeWarning):
+    """DeepSpeed's cpu_adam op could not be built or loaded: the offloaded Adam step runs in torch's fused AdamW."""
+
+
+def offloads_optimizer(cfg: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config keeps the optimizer states and their step on the host: ZeRO stage 1-3 with
+    ``zero_optimization.offload_optimizer.device`` cpu or nvme (at stage 0 there is nothing to offload and the
+    optimizer steps the weights where they are)."""
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    return stage > 0 and _offload_device(cfg) in OFFLOAD_DEVICES
+
+
+@functools.cache
+def cpu_adam_unavailable() -> Optional[str]:
+    """None once DeepSpeed's ``cpu_adam`` op is loaded in this process (compiled on first use into the torch
+    extensions folder, ~/.cache/torch_extensions, that every process of the user on this machine then loads),
+    else why it is not; a failure is warned about once per process."""
+    import_deepspeed()
+    import cpuinfo
+
+    # the builder's compiler flags and the optimizer each ask py-cpuinfo, which starts a Python subprocess
+    # per call; the CPU does not change within a process
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    try:
+        CPUAdamBuilder().load()
+    except Exception as e:  # no compiler, no ninja, a build or load error: the torch optimizer still trains
+        why = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"DeepSpeed's cpu_adam op is unavailable ({why}); the offloaded Adam step runs in torch's fused CPU "
+            "kernel instead (the same update at the step time docs/benchmarks.md 'ZeRO-Offload's CPU Adam' "
+            "measures for it). Building the op needs g++ and ninja.", CPUAdamFallbackWarning, stacklevel=3)
+        return why
+    return None
+
+
+def make_optimizer(params, opt: OptimizerSpec, ds_config: Optional[dict[str, Any]] = None) -> torch.optim.Optimizer:
+    """The loop's optimizer (``deepspeed.initialize``'s client optimizer, which the loop's schedule drives).
+
+    With a DeepSpeed config (``deepspeed_config``'s) that offloads the optimizer (``offloads_optimizer``), Adam
+    and AdamW are DeepSpeed's ``DeepSpeedCPUAdam`` (a vectorised C++ step over the offloaded fp32 states) and
+    ``zero_force_ds_cpu_optimizer`` leaves ``ds_config``, which is updated in place. Where its op cannot be
+    built they are torch's with ``fused=True`` (one ``CPUAdamFallbackWarning`` per process), and the key stays,
+    as it does for SGD."""
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    offloaded = ds_config is not None and offloads_optimizer(ds_config)
+    if offloaded and not cpu_adam_unavailable():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if ds_config.get(FORCE_DS_CPU_OPTIMIZER) is False:
+            del ds_config[FORCE_DS_CPU_OPTIMIZER]
+        return DeepSpeedCPUAdam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+                                adamw_mode=opt.name == "adamw")
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    # offloaded states step on the CPU, where torch's default is a loop over tensors of several passes each
+    fused = {"fused": True} if offloaded else {}
+    return cls(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, **fused)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, opt: OptimizerSpec, total_steps: int):

@@ -55,8 +55,9 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -
     """Merge spec.model_paths onto the base; the result is a Hugging Face folder (safetensors + tokenizer) at
     spec.output_dir, or a peft adapter folder for adapter inputs with ``output: adapter``. Full models go
     through jobs.merge_stream when it covers the spec, else mergekit's run_merge; adapter folders (every
-    path, never a mix) through jobs.merge_lora.
-    ``post(folder)`` runs before the completion marker is written (a crash never leaves a half result)."""
+    path, never a mix) through jobs.merge_lora. A hub-name base is merged from its cached snapshot
+    (``resolve_base``; the marker's ``base_model_folder``). ``post(folder)`` runs before the completion marker
+    is written (a crash never leaves a half result)."""
     if not spec.model_paths:
         raise ValueError("merge: no models to merge")
     adapters = [name for name, path in spec.model_paths.items() if is_adapter_dir(path)]
@@ -65,12 +66,12 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -
         raise ValueError(f"merge: model_paths mixes LoRA adapters ({', '.join(adapters)}) and full models "
                          f"({', '.join(full)}); merge one kind")
     t0 = time.perf_counter()
-    folder = resolve_base(spec.base_model_path)
+    given, folder = spec.base_model_path, resolve_base(spec.base_model_path)
     spec = spec.model_copy(update={"base_model_path": folder})
     if adapters:
         from jobs.merge_lora import merge_adapters
 
-        marker = merge_adapters(spec)
+        marker = merge_adapters(spec, base_name=given)
     elif spec.output == "adapter":
         raise ValueError("merge.output: 'adapter' needs LoRA adapter folders in model_paths, not full models")
     else:

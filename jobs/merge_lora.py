@@ -307,9 +307,11 @@ def concatenated_factors(factors: Sequence[LoraFactors], k: Sequence[float]) -> 
     return B, torch.cat([f.A for f in factors], dim=0)
 
 
-def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any]) -> dict:
+def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any],
+                  base_name: str | None = None) -> dict:
     """adapter_model.safetensors + adapter_config.json (scale 1) holding the merged delta of every targeted
-    module: concatenated factors for the methods linear in the deltas, else a rank-R SVD truncation."""
+    module: concatenated factors for the methods linear in the deltas, else a rank-R SVD truncation. The config
+    names ``base_name`` as its base (default: the base folder), e.g. the hub name a cached snapshot came from."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -345,7 +347,7 @@ def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckp
     pattern = {m: rank for m, rank in ranks.items() if rank != r}
     LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=pattern, target_modules=list(ranks),
                fan_in_fan_out=fan_in_fan_out, task_type=adapters[0].task_type,
-               base_model_name_or_path=spec.base_model_path).save_pretrained(spec.output_dir)
+               base_model_name_or_path=base_name or spec.base_model_path).save_pretrained(spec.output_dir)
     if exact:
         return {}
     values = list(errors.values())
@@ -367,17 +369,20 @@ def copy_side_files(spec: MergeSpec) -> None:
             shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
 
 
-def merge_adapters(spec: MergeSpec) -> dict[str, Any]:
-    """Merge the LoRA adapters in spec.model_paths onto spec.base_model_path into spec.output_dir.
-    Returns what the merge marker records (method, parameters, output kind, SVD errors when truncated)."""
+def merge_adapters(spec: MergeSpec, base_name: str | None = None) -> dict[str, Any]:
+    """Merge the LoRA adapters in spec.model_paths onto spec.base_model_path (a folder) into spec.output_dir; an
+    adapter output names ``base_name`` as its base when given. Returns what the merge marker records (method,
+    parameters, output kind, SVD errors when truncated)."""
     check_method(spec.method)
     shared, kwargs = mergekit_parameters(spec)
     adapters = [read_adapter(path) for path in spec.model_paths.values()]
     base = BaseCheckpoint(spec.base_model_path)
     check_against_base(adapters, base)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    write = write_full if spec.output == "full" else write_adapter
-    record = write(spec, adapters, base, kwargs)
+    if spec.output == "full":
+        record = write_full(spec, adapters, base, kwargs)
+    else:
+        record = write_adapter(spec, adapters, base, kwargs, base_name)
     copy_side_files(spec)
     return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
             "output": spec.output, **record}

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import ray
 
-from jobs.merge import merge_models, resolve_base, rewrite_merged
+from jobs.merge import merge_models, rewrite_merged
 from jobs.shards import DEFAULT_MAX_SHARD_SIZE
 from jobs.spec import MergeSpec
 from jobs.unlearn.methods import build_method
@@ -46,9 +46,8 @@ class MergeActor:
             raise RuntimeError(f"merge actor: checkpoints missing for {self.missing()}")
         unlearn = build_method(*unlearn_method) if unlearn_method else None
         sub = unlearn.merge_input() if unlearn else None
-        base = resolve_base(self.base_model_path)
         spec = MergeSpec(
-            base_model_path=base,
+            base_model_path=self.base_model_path,
             model_paths={n: str(Path(self.checkpoints[n]) / sub) if sub else self.checkpoints[n]
                          for n in self.expected},
             method=method,
@@ -61,5 +60,6 @@ class MergeActor:
         )
         post = None
         if unlearn is not None and unlearn.rewrites_merge():
-            post = lambda folder: rewrite_merged(folder, base, unlearn, dtype, max_shard_size)  # noqa: E731
+            post = lambda folder: rewrite_merged(folder, self.base_model_path, unlearn, dtype,  # noqa: E731
+                                                 max_shard_size)
         return merge_models(spec, post)

@@ -320,6 +320,20 @@ def test_a_hub_name_base_is_merged_from_its_cached_snapshot_by_the_streaming_mer
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["dtype"] == "float32"
 
 
+def test_lora_adapters_on_a_hub_name_base_merge_from_its_snapshot_into_an_adapter_naming_the_hub(sharded, hub_cache,
+                                                                                                   tmp_path):
+    from tests.test_merge_lora import make_adapter
+
+    base, _ = sharded
+    adapters = {n: make_adapter(base, tmp_path / f"adapter-{n}", seed, target_modules=["q_proj"])
+                for seed, n in enumerate(("a", "b"))}
+    out = Path(merge_models(MergeSpec(base_model_path=REPO, model_paths=adapters, method="task_arithmetic",
+                                      output="adapter", output_dir=str(tmp_path / "merged"))))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
+    marker = json.loads((out / MERGE_MARKER).read_text())
+    assert marker["output"] == "adapter" and Path(marker["base_model_folder"]) == hub_cache[1]
+
+
 def test_a_hub_name_neither_cached_nor_reachable_is_one_line(hub_cache):
     from jobs.merge import resolve_base
 

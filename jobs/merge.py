@@ -153,8 +153,8 @@ def merge_memory_bytes(engine: str, k: int, model_bytes: int, largest_elements: 
     dtype, ``dtype_bytes`` per element) whose largest tensor has ``largest_elements`` (T bytes in the merge dtype),
     on top of ``PROCESS_BYTES``; docs/scaling.md "Merge RAM" derives each term from the code:
 
-    * ``stream-elementwise``: the merged tensor and its write, plus row chunks of every input and mergekit's
-      stacked copies of them: 2 T + 2 (k + 2) chunks of ``CHUNK_ELEMENTS``;
+    * ``stream-elementwise``: the merged tensor, plus row chunks of every input and mergekit's stacked copies
+      of them: T + 2 (k + 2) chunks of ``CHUNK_ELEMENTS``;
     * ``stream-sparse`` (TIES, breadcrumbs): per tensor the base, the read buffer, the sign-election sum, the
       sparsifier's magnitudes, sort indices (int64) and mask, the merged delta and divisor: 10 T, plus k keep-masks
       of one bit per element;
@@ -170,7 +170,7 @@ def merge_memory_bytes(engine: str, k: int, model_bytes: int, largest_elements: 
     t = largest_elements * dtype_bytes
     shard = min(parse_size(max_shard_size), model_bytes)
     if engine == "stream-elementwise":
-        peak = 2 * t + 2 * (k + 2) * min(CHUNK_ELEMENTS, largest_elements) * dtype_bytes
+        peak = t + 2 * (k + 2) * min(CHUNK_ELEMENTS, largest_elements) * dtype_bytes
     elif engine == "stream-sparse":
         peak = 10 * t + k * -(-largest_elements // 8)
     elif engine == "mergekit":

@@ -353,16 +353,16 @@ def test_merge_memory_bytes_by_engine_hand_computed():
     gb, e = 10**9, 10**8  # a 1 GB float32 model whose largest tensor has 1e8 elements (T = 0.4 GB)
     # streaming TIES, k = 4: 10 T + 4 masks of 1e8 / 8 bytes = 4.0e9 + 5.0e7
     assert merge_memory_bytes("stream-sparse", 4, gb, e, 4) == 2**29 + 4_050_000_000
-    # task arithmetic, k = 4: 2 T + 2 (4 + 2) chunks of 2^21 float32 = 8.0e8 + 12 * 8388608
-    assert merge_memory_bytes("stream-elementwise", 4, gb, e, 4) == 2**29 + 800_000_000 + 100_663_296
-    # a tensor smaller than a chunk bounds the chunks: 2 * 1000 * 2 + 2 * 4 * 1000 * 2 (bf16, k = 2)
-    assert merge_memory_bytes("stream-elementwise", 2, 10**6, 1000, 2) == 2**29 + 4_000 + 16_000
+    # task arithmetic, k = 4: T + 2 (4 + 2) chunks of 2^21 float32 = 4.0e8 + 12 * 8388608
+    assert merge_memory_bytes("stream-elementwise", 4, gb, e, 4) == 2**29 + 400_000_000 + 100_663_296
+    # a tensor smaller than a chunk bounds the chunks: 1000 * 2 + 2 * 4 * 1000 * 2 (bf16, k = 2)
+    assert merge_memory_bytes("stream-elementwise", 2, 10**6, 1000, 2) == 2**29 + 2_000 + 16_000
     # mergekit, k = 4: (5 * 4 + 2) T + 2 shards; the shard is the whole model below max_shard_size, else the limit
     assert merge_memory_bytes("mergekit", 4, gb, e, 4) == 2**29 + 22 * 400_000_000 + 2 * gb
     assert merge_memory_bytes("mergekit", 4, gb, e, 4, max_shard_size="100MB") == 2**29 + 8_800_000_000 + 2 * 10**8
     # LoRA in float32 whatever the merge dtype, k = 3: (6 * 3 + 6) * 4e8 + 2 * 5e7 of adapters
     assert merge_memory_bytes("lora", 3, gb // 2, e, 2, adapter_bytes=5 * 10**7) == 2**29 + 9_600_000_000 + 10**8
-    # the tvn rewrite (3 models + a shard) counts when it is the larger: 3e9 + 1e9 > the stream's 4.05e9? no
+    # the tvn rewrite, 3 models + a shard = 4e9, counts only where it is the larger (not against TIES' 4.05e9)
     assert merge_memory_bytes("stream-sparse", 4, gb, e, 4, rewrite=True) == 2**29 + 4_050_000_000
     assert merge_memory_bytes("stream-elementwise", 4, gb, e, 4, rewrite=True) == 2**29 + 4 * gb
     with pytest.raises(ValueError, match="unknown engine 'fast'"):

@@ -32,65 +32,18 @@ parameters such as gradients; checkpoints that are not safetensors of the base's
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from jobs.shards import SAFETENSORS_DTYPES, ShardedWriter, read_header, remove_weights, weight_files
+from jobs.allocator import unmap_large_frees
+from jobs.shards import SAFETENSORS_DTYPES, SAFETENSORS_TORCH, Checkpoint, ShardedWriter, remove_weights
 from jobs.spec import MergeSpec
 
 CHUNK_ELEMENTS = 1 << 21  # elements per input per chunk of an elementwise merge (8 MB in float32)
 ELEMENTWISE = ("task_arithmetic", "linear")
 DETERMINISTIC_SPARSIFICATION = (None, "magnitude", "magnitude_outliers")
-
-
-class Checkpoint:
-    """A folder's safetensors weights (one file, or the shards its index names): names, shapes, dtypes and byte
-    offsets from the files' headers up front; each read opens and closes the file, so no file stays
-    memory-mapped (mapped pages count as resident memory)."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        self.file_of: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
-        self.offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
-        for path in weight_files(self.folder):
-            header, start = read_header(path)
-            for name, meta in header.items():
-                self.file_of[name] = path.name
-                self.shapes[name] = tuple(meta["shape"])
-                self.dtypes[name] = meta["dtype"]
-                self.offsets[name] = (start + meta["data_offsets"][0], start + meta["data_offsets"][1])
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.folder / self.file_of[name], "pt") as handle:
-            return handle.get_tensor(name)
-
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Tensor ``name`` read into ``out`` (contiguous, its stored dtype and shape) with one read call. Reused
-        across models, ``out``'s pages are already resident: a fresh tensor or a mapped file faults in every
-        page of every read (0.10 s against 0.03 s for the 113 MB SmolLM2 embedding, read and delta)."""
-        begin, end = self.offsets[name]
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        with open(self.folder / self.file_of[name], "rb", buffering=0) as f:
-            f.seek(begin)
-            got = f.readinto(view)
-        if got != end - begin or len(view) != got:
-            raise ValueError(f"{self.folder / self.file_of[name]}: {name}: read {got} of {end - begin} bytes "
-                             f"into {len(view)}")
-        return out
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor (dim 0), read without the rest."""
-        from safetensors import safe_open
-
-        with safe_open(self.folder / self.file_of[name], "pt") as handle:
-            return handle.get_slice(name)[start:stop]
 
 
 def method_kind(method: str) -> Optional[str]:
@@ -219,7 +172,7 @@ class Reader:
         return self.buffers[dtype]
 
     def __call__(self, model: Checkpoint, name: str) -> torch.Tensor:
-        stored = _torch_dtype(model.dtypes[name])
+        stored = SAFETENSORS_TORCH[model.dtypes[name]]
         raw = model.read_into(name, self._buffer(stored))
         return raw if stored == self.dtype else self._buffer(self.dtype).copy_(raw)
 
@@ -274,20 +227,6 @@ def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name
     return mixed.add_(w0).to(w0.dtype)  # w0 + mixed, in place (addition commutes bit for bit)
 
 
-def unmap_large_frees() -> None:
-    """glibc serves an allocation below its mmap threshold from the heap, and raises that threshold (up to
-    32 MB) each time it frees a larger block: after the first large tensor, the 28 MB boolean masks of the
-    next ones stay resident in the heap once freed, 0.1-0.2x of a SmolLM2 model more at the peak (3.01-3.06x
-    against 2.83x at k=8 in benchmarks/merge.py). A fixed 16 MB threshold maps every block from 16 MB up and
-    unmaps it when it is freed, and keeps the smaller ones (a layer's tensors, an 8 MB row chunk) in the heap,
-    whose pages are already resident: at 1 MB every such block faults its pages in again (ties 10-20% slower).
-    Process-wide, for what the process does after; nothing where the C library is not glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     """Merge spec.model_paths onto the base into spec.output_dir tensor by tensor (stream_reason must be
     None). Returns what the merge marker records."""
@@ -296,7 +235,7 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     from jobs.merge_lora import copy_side_files, mergekit_parameters
     from jobs.models import DTYPES
 
-    unmap_large_frees()
+    unmap_large_frees()  # the masks of one tensor are freed before the next: give their pages back
     shared, kwargs = mergekit_parameters(spec)
     dtype = DTYPES[spec.dtype]
     kind = method_kind(spec.method)
@@ -308,7 +247,7 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     remove_weights(out)
     names = sorted(base.shapes)
     floating = {name: base.dtypes[name] in ("F32", "F16", "BF16", "F64") for name in names}
-    layout = {name: (dtype if floating[name] else _torch_dtype(base.dtypes[name]), base.shapes[name]) for name in names}
+    layout = {name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name]) for name in names}
     with ShardedWriter(out, layout, spec.max_shard_size) as writer:
         for name in writer.order:  # the files' order: each shard is written whole before the next
             if not floating[name]:
@@ -322,7 +261,3 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     copy_side_files(spec)
     return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
             "engine": "spunge streaming merge (mergekit kernels)"}
-
-
-def _torch_dtype(code: str) -> torch.dtype:
-    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[code]

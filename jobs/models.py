@@ -35,17 +35,6 @@ def adapter_base(path: str | os.PathLike) -> str:
     return base
 
 
-def local_model_folder(path: str | os.PathLike) -> Path:
-    """A model folder on this machine: ``path`` itself, or a hub name's snapshot (its safetensors, configs and
-    tokenizer files; huggingface_hub reuses the local cache and honours HF_HUB_OFFLINE)."""
-    if Path(path).exists():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path), allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
-                                                              "*.model", "*.txt", "*.jinja"]))
-
-
 def check_model_dir(path: str | os.PathLike, allow_pickle: bool = False) -> None:
     """Refuse a local folder that holds only pickle weights (``*.bin``/``*.pt``) unless allowed."""
     p = Path(path)

@@ -24,6 +24,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
+SAFETENSORS_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in writing order
 
 
@@ -169,3 +170,67 @@ def remove_weights(folder: Union[str, Path]) -> None:
     indexed = weight_files(folder) if index.exists() else []
     for path in {*indexed, *folder.glob("model*.safetensors"), index}:
         path.unlink(missing_ok=True)
+
+
+class Checkpoint:
+    """A folder's safetensors weights (one file, or the shards its index names): names, shapes, dtypes and byte
+    offsets from the files' headers up front; each read opens and closes the file, so no file stays
+    memory-mapped (mapped pages count as resident memory)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
+        for path in weight_files(self.folder):
+            header, start = read_header(path)
+            for name, meta in header.items():
+                self.file_of[name] = path.name
+                self.shapes[name] = tuple(meta["shape"])
+                self.dtypes[name] = meta["dtype"]
+                self.offsets[name] = (start + meta["data_offsets"][0], start + meta["data_offsets"][1])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.file_of[name], "pt") as handle:
+            return handle.get_tensor(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` read into ``out`` (contiguous, its stored dtype and shape) with one read call. Reused
+        across models, ``out``'s pages are already resident: a fresh tensor or a mapped file faults in every
+        page of every read (0.10 s against 0.03 s for the 113 MB SmolLM2 embedding, read and delta)."""
+        begin, end = self.offsets[name]
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.folder / self.file_of[name], "rb", buffering=0) as f:
+            f.seek(begin)
+            got = f.readinto(view)
+        if got != end - begin or len(view) != got:
+            raise ValueError(f"{self.folder / self.file_of[name]}: {name}: read {got} of {end - begin} bytes "
+                             f"into {len(view)}")
+        return out
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``name`` flattened (row-major, as ZeRO-3 partitions a parameter), in
+        its stored dtype, read with one call and nothing else of the file."""
+        begin, end = self.offsets[name]
+        dtype = SAFETENSORS_TORCH[self.dtypes[name]]
+        size = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= stop <= (end - begin) // size:
+            raise ValueError(f"{self.folder}: {name}: elements {start}:{stop} outside its {(end - begin) // size}")
+        out = torch.empty(stop - start, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        with open(self.folder / self.file_of[name], "rb", buffering=0) as f:
+            f.seek(begin + start * size)
+            got = f.readinto(view)
+        if got != len(view):
+            raise ValueError(f"{self.folder / self.file_of[name]}: {name}: read {got} of {len(view)} bytes")
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor (dim 0), read without the rest."""
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.file_of[name], "pt") as handle:
+            return handle.get_slice(name)[start:stop]

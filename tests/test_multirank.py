@@ -36,12 +36,33 @@ def zero(stage: int) -> dict:
     return {"zero_optimization": {"stage": stage}}
 
 
+def read_partitions_both_ways(root: Path) -> dict:
+    """This rank's partitions of the base as ``load_partitioned`` reads them from the files, and as
+    transformers' own ZeRO-3 loading (rank 0 reads, every layer gathered) leaves them."""
+    from jobs.unlearn.engine import deepspeed_config, import_deepspeed
+    from jobs.unlearn.partitioned import load_partitioned, slice_reason, zero3_init
+
+    deepspeed = import_deepspeed()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    ds = deepspeed_config(job(root, "probe"), torch.distributed.get_world_size())
+    sliced = load_partitioned(str(root / "base"), "float32", ds)
+    with zero3_init(ds):
+        gathered = load_model(root / "base")
+    valid = lambda p: p.ds_tensor[: max(0, min(p.ds_tensor.ds_numel,  # noqa: E731 (the padding is undefined)
+                                               p.ds_numel - p.ds_tensor.ds_numel * torch.distributed.get_rank()))]
+    pairs = list(zip(sliced.named_parameters(), gathered.named_parameters()))
+    return {"reason": slice_reason(str(root / "base"), ds), "names": all(a[0] == b[0] for a, b in pairs),
+            "equal": all(torch.equal(valid(a[1]), valid(b[1])) for a, b in pairs),
+            "elements": sum(a[1].ds_tensor.numel() for a, _ in pairs), "whole": sum(a[1].ds_numel for a, _ in pairs)}
+
+
 def jobs_on_every_rank(rank: int, world: int, root: str) -> dict:
     """Every multi-rank job, on each rank; returns the rows each reported (every rank's must be the same)."""
     from jobs.unlearn.loop import run_unlearning
 
     root = Path(root)
-    rows: dict[str, list] = {}
+    rows: dict[str, list] = {"partitions": [read_partitions_both_ways(root)]}
 
     def run(spec: UnlearnSpec, **kw) -> None:
         run_unlearning(spec, report=lambda r, checkpoint=None: rows.setdefault(spec.name, []).extend(r), **kw)
@@ -112,10 +133,19 @@ def test_the_base_really_is_sharded(two_ranks):
     assert (root / "base" / WEIGHTS_INDEX_NAME).exists() and len(weight_files(root / "base")) > 2
 
 
+def test_each_rank_reads_its_own_slice_of_the_checkpoint_as_transformers_would_place_it(two_ranks):
+    """load_partitioned fills each rank's ZeRO-3 partition from the files directly; the partitions equal those
+    transformers' own ZeRO-3 loading leaves, and a rank holds half the model."""
+    _, rank0, rank1 = two_ranks
+    for probe in (rank0["partitions"][0], rank1["partitions"][0]):
+        assert probe["reason"] is None and probe["names"] and probe["equal"]
+        assert probe["elements"] <= probe["whole"] / 2 + 64
+
+
 def test_every_rank_logs_the_same_rows(two_ranks):
     """The logged loss and metrics are the global batch's, reduced over ranks: rank 1's rows are rank 0's."""
     _, rank0, rank1 = two_ranks
-    for name in rank0:
+    for name in set(rank0) - {"partitions"}:
         keep = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
         assert keep(rank0[name]) == keep(rank1[name]), name
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from jobs.allocator import release_free_memory, unmap_large_frees
 from jobs.data.format import collate
 from jobs.data.io import load_jsonl
 from jobs.models import load_tokenizer
@@ -134,6 +135,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     ``report(rows, checkpoint=folder)``: a local folder from ``save_checkpoint`` that the callback must copy
     before it returns (it is deleted then). ``restore_from`` (such a folder) resumes after its step."""
     setup = _Phases()
+    unmap_large_frees()
     deepspeed = import_deepspeed()
     setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
@@ -149,6 +151,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     method = build_method(spec.method, spec.method_params)
     tokenizer = load_tokenizer(spec.model_path)
     model = load_trained(spec, ds_config)
+    release_free_memory()  # the full-size tensors a ZeRO-3 load creates and partitions, freed but still resident
     n_params = parameter_count(model)  # the cost report's N (6 N x tokens per step)
     setup.end("model_load")
     model.config.use_cache = False
@@ -176,7 +179,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     masked, localize_stats = _localize(model, spec, tokenizer, forget_rows, retain_rows)
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.optimizer)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.optimizer, ds_config)
         scheduler = make_schedule(optimizer, spec.optimizer, steps)
     own_clip = loop_clips(ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -196,6 +199,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     ref_model = reference_model(engine, spec, ds_config) if method.needs_reference else None
     for attr, path in method.frozen_models().items():
         setattr(method, attr, frozen_model(path, engine, spec, ds_config))
+    release_free_memory()
     engine.train()
     setup.end("deepspeed_init")  # the mask, the engine and the frozen models
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from jobs.models import load_model, local_model_folder, save_model
+from jobs.models import load_model, save_model
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.reference import adapter_state, save_adapter
 
@@ -151,6 +151,7 @@ def write_partitioned(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Opti
     then saves the consolidated state dict."""
     import deepspeed
 
+    from jobs.merge import resolve_base
     from jobs.merge_stream import Checkpoint
     from jobs.shards import ShardedWriter, plan_shards
 
@@ -158,7 +159,7 @@ def write_partitioned(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Opti
     tensors = checkpoint_layout(module)
     base = None
     if tensors is not None and method is not None:
-        base = Checkpoint(str(local_model_folder(spec.model_path)))
+        base = Checkpoint(resolve_base(spec.model_path, local_only=True))  # a hub name: the snapshot it trained from
         if not set(tensors) <= set(base.shapes):
             tensors = None
     if tensors is None:

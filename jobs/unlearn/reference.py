@@ -5,43 +5,26 @@ whole copy; LoRA adapters on the trained model; and how a LoRA job's adapter is 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from jobs.models import adapter_base, is_adapter_dir, load_model
 from jobs.spec import UnlearnSpec
+from jobs.unlearn.partitioned import load_partitioned, zero3_init, zero_stage
 
 
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-
-
-@contextmanager
-def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
-    """Under a ZeRO-3 config, every model transformers loads inside the block is partitioned as it is built
-    (``deepspeed.zero.Init``; rank 0 reads the checkpoint tensor by tensor into each gathered layer): transformers'
-    ``HfDeepSpeedConfig``, as its Trainer and OpenRLHF load models. The config is global to transformers, so it
-    lives only for the block: a load outside it (rank 0 alone, at save time) builds a whole model and no
-    collective that the other ranks would never join."""
-    if zero_stage(ds_config) != 3:
-        yield
-        return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
+def load_for_job(path: str, spec: UnlearnSpec, ds_config: dict[str, Any]):
+    """A model of the job's dtype: created partitioned under ZeRO-3 (``jobs.unlearn.partitioned``), else whole."""
+    if zero_stage(ds_config) == 3:
+        return load_partitioned(path, spec.dtype, ds_config, spec.allow_pickle, spec.attn_implementation)
+    return load_model(path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
 
 
 def load_trained(spec: UnlearnSpec, ds_config: dict[str, Any]):
-    """The model the job trains, partitioned under ZeRO-3."""
-    with zero3_init(ds_config):
-        return load_model(spec.model_path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+    """The model the job trains."""
+    return load_for_job(spec.model_path, spec, ds_config)
 
 
 def parameter_count(model) -> int:
@@ -86,19 +69,19 @@ def reference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 def frozen_model(path: str, engine, spec: UnlearnSpec, ds_config: dict[str, Any]):
     """A frozen model of the job's dtype beside the trained one. Under ZeRO-3: created partitioned
-    (``zero3_init``) and wrapped in a DeepSpeed engine without optimizer, which gathers each layer for its
+    (``load_for_job``) and wrapped in a DeepSpeed engine without optimizer, which gathers each layer for its
     forward, so that its weights are sharded over the workers like the trained model's (as open-unlearning
     does); an adapter folder stays an unmerged peft model there (merging writes into weights a rank holds only
     a shard of). Else a whole copy on the engine's device."""
     zero3 = engine.zero_optimization_stage() == 3
-    with zero3_init(ds_config):
-        if zero3 and is_adapter_dir(path):
-            from peft import PeftModel
+    if zero3 and is_adapter_dir(path):
+        from peft import PeftModel
 
-            base = load_model(adapter_base(path), spec.dtype, spec.allow_pickle, spec.attn_implementation)
+        base = load_for_job(adapter_base(path), spec, ds_config)
+        with zero3_init(ds_config):  # peft gathers what it must of a partitioned base
             model = PeftModel.from_pretrained(base, str(path))
-        else:
-            model = load_model(path, spec.dtype, spec.allow_pickle, spec.attn_implementation)
+    else:
+        model = load_for_job(path, spec, ds_config)
     model.eval().requires_grad_(False)
     if not zero3:
         return model.to(engine.device)

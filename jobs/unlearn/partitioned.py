@@ -1,0 +1,128 @@
+"""Models created partitioned over a job's ZeRO-3 ranks, so that no rank ever holds a whole copy.
+
+``load_partitioned`` builds the model under ``deepspeed.zero.Init`` (each module's parameters are split over
+the ranks as it is constructed, without initialising them) and then fills every rank's partition straight from
+the checkpoint: rank r reads elements ``[r P, (r+1) P)`` of each flattened tensor (the slice ZeRO-3 gives it)
+from the safetensors files at their byte offsets. No rank reads more than its slice, none gathers a layer and
+none waits on another: with N ranks each reads 1/N of the checkpoint, in parallel.
+
+Where the checkpoint does not hold the model's parameters under their own names and shapes (transformers
+renames or converts some architectures' weights on loading), where it is not safetensors, or where DeepSpeed
+keeps partitions it cannot be handed this way (NVMe offload, ZeRO++'s quantised or hierarchical partitions),
+it loads the way transformers' Trainer and OpenRLHF do: ``from_pretrained`` inside ``zero3_init`` (transformers'
+``HfDeepSpeedConfig``), where rank 0 reads the checkpoint and each layer is gathered on every rank to receive it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from jobs.models import DTYPES, is_adapter_dir, load_model
+from jobs.shards import Checkpoint, weight_files
+
+FLOATING = {"F32", "F16", "BF16"}
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+@contextmanager
+def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under a ZeRO-3 config, every model transformers loads inside the block is partitioned as it is built
+    (transformers' ``HfDeepSpeedConfig``). The config is global to transformers, so it lives only for the block:
+    a load outside it (rank 0 alone, at save time) builds a whole model and joins no collective that the other
+    ranks would never join."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def slice_reason(path: str, ds_config: dict[str, Any], model_cls: Any = None,
+                 expected: Optional[dict[str, tuple[int, ...]]] = None) -> Optional[str]:
+    """Why ``load_partitioned`` cannot fill the partitions from ``path``'s files itself (None: it can)."""
+    zero = ds_config.get("zero_optimization") or {}
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        return "parameters offloaded to NVMe"
+    if zero.get("zero_quantized_nontrainable_weights") or int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        return "ZeRO++ quantised or hierarchical partitions"
+    folder = Path(path)
+    if not folder.is_dir() or is_adapter_dir(folder) or not weight_files(folder):
+        return "not a folder of safetensors weights"
+    if model_cls is not None and (getattr(model_cls, "_keep_in_fp32_modules", None)
+                                  or getattr(model_cls, "_keep_in_fp32_modules_strict", None)):
+        return "the model keeps some modules in float32"
+    if expected is not None:
+        ckpt = Checkpoint(str(folder))
+        for name, shape in expected.items():
+            if ckpt.shapes.get(name) != shape or ckpt.dtypes.get(name) not in FLOATING:
+                return f"the checkpoint does not hold {name} as the model has it"
+    return None
+
+
+def _skeleton(config: Any, dtype: str) -> dict[str, tuple[int, ...]]:
+    """The model's own parameter and persistent-buffer names and shapes, from a copy on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.tie_weights()
+    persistent = set(model.state_dict())
+    out = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    out.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in persistent})
+    return out
+
+
+def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pickle: bool = False,
+                     attn_implementation: Optional[str] = None):
+    """The model at ``path`` created partitioned over the ZeRO-3 ranks of ``ds_config`` (see the module
+    docstring); every rank calls it."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    reason = slice_reason(path, ds_config)
+    config = None
+    if reason is None:
+        config = AutoConfig.from_pretrained(path)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+        reason = slice_reason(path, ds_config, model_cls, _skeleton(config, dtype))
+    if reason is not None:
+        with zero3_init(ds_config):
+            return load_model(path, dtype, allow_pickle, attn_implementation)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights(), prevent_arange_dtype_change():
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.tie_weights()
+    ckpt = Checkpoint(path)
+    persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = p.ds_tensor
+            size = part.ds_numel
+            start = size * dist.get_rank(group=p.ds_process_group)
+            stop = min(start + size, p.ds_numel)
+            if start < stop:
+                part.narrow(0, 0, stop - start).copy_(ckpt.read_range(name, start, stop))
+            if stop - max(start, 0) < size:  # ZeRO-3 pads the last rank's partition
+                part.narrow(0, max(0, stop - start), size - max(0, stop - start)).zero_()
+        for name, buf in model.named_buffers():
+            if name in persistent:  # not partitioned: every rank holds the whole buffer
+                buf.copy_(ckpt.tensor(name).to(buf.dtype))
+    if (Path(path) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()

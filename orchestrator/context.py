@@ -135,6 +135,7 @@ class RunContext:
     prep: Optional[Prepared] = None
     jobs: list[Job] = field(default_factory=list)
     merge_actor: Any = None
+    merge_memory: int = 0  # bytes of Ray's memory the merge actor holds from the unlearn stage on
     merged: Optional[Merged] = None
     models: dict[str, tuple[str, str]] = field(default_factory=dict)  # model scored by this run -> (path, stage hash)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> eval result (may be pre-seeded)

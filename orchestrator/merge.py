@@ -83,6 +83,7 @@ def start_merge_actor(ctx: RunContext) -> None:
                                 "none) or add a node with more memory")
     options = {"num_cpus": 0, **({"memory": need} if need else {})}
     ctx.merge_actor = MergeActor.options(**options).remote(ctx.cfg.model.path, subsets)
+    ctx.merge_memory = need
 
 
 def merge(ctx: RunContext) -> None:

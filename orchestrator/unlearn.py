@@ -53,11 +53,14 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
     return jobs
 
 
-def job_capacity(cfg: PipelineConfig) -> int:
-    """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources)."""
+def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0) -> int:
+    """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources), beside
+    ``reserved_memory`` bytes of Ray's memory held for the whole stage (the merge actor's)."""
     if cfg.scaling.max_concurrent_jobs:
         return cfg.scaling.max_concurrent_jobs
     res = dict(ray.cluster_resources())
+    if "memory" in res:
+        res["memory"] = max(0, res["memory"] - reserved_memory)
     fits = _fits(cfg, res)
     if cfg.unlearn.eval_every:  # the snapshots' eval tasks run beside the jobs: one task's resources stay free
         spare = {**res, "CPU": res.get("CPU", 1) - cfg.eval.cpus_per_task,
@@ -133,7 +136,7 @@ def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], boar
     ends and its step is chosen."""
     from orchestrator.runners import run_unlearn_job
 
-    capacity = job_capacity(ctx.cfg)
+    capacity = job_capacity(ctx.cfg, ctx.merge_memory)
     scaling = ctx.cfg.scaling.model_dump()
     while pending or running or selecting:
         while pending and len(running) < capacity:

@@ -160,6 +160,8 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
     monkeypatch.setattr(P.ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 10 * 2**30})
     assert P.job_capacity(load_config(config_file())) == 8  # CPUs alone
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4}))) == 2
+    # the merge actor's reservation (3 GiB) is held beside the jobs: 7 GiB left, one 4 GiB job
+    assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4})), 3 * 2**30) == 1
     with pytest.raises(P.PipelineError, match="and 12.0 GiB per worker"):
         P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12})))
 

@@ -22,10 +22,11 @@ Computes, for one Ray Train worker (one GPU) of one spunge unlearning job, the b
 
 Peak = resident (model states + reference [+ ZeRO-3's reduce bucket]) + max(backward phase, step phase):
 backward = activations + logits + ZeRO buffers, step = the optimizer-step temporaries (the activations are
-freed when ``engine.step()`` runs). The start-up peak (``init_peak``) is what ``deepspeed.initialize`` needs
-as spunge loads models today (the whole bf16 model is moved to every GPU before ZeRO-3 partitions it); a
-card fits when both peaks fit. Every assumption is in the docstring of the function that uses it;
-docs/scaling.md has the formulas and the tables.
+freed when ``engine.step()`` runs). The start-up peak (``init_peak``) is what creating the job's models and
+``deepspeed.initialize`` need: at ZeRO-3 the shards plus one module built whole under ``deepspeed.zero.Init``
+(no rank holds a whole copy), at ZeRO 0-2 the whole model on every GPU; a card fits when both peaks fit.
+Every assumption is in the docstring of the function that uses it; docs/scaling.md has the formulas and the
+tables.
 
 For a cluster the script also computes (``--markdown-scale``, ``--markdown-cluster``): the ZeRO-3 grid for
 N = 8 ... 64 GPUs per job with and without offload and reference model, Llama-2-7B and Llama-2-70B (GQA)
@@ -84,8 +85,9 @@ class ModelShape:
         return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
     def largest_layer(self) -> int:
-        """Parameters of the largest single module (ZeRO-3 gathers one module at a time): the embedding /
-        LM head (V·h) for Llama-2-7B, else the biggest MLP matrix."""
+        """Parameters of the largest single module (ZeRO-3 gathers one module at a time, and zero.Init builds
+        one whole before partitioning it): the embedding / LM head (V·h) for Llama-2, else the biggest MLP
+        matrix."""
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
 
 
@@ -294,12 +296,14 @@ def fits(peak_bytes: float, card_gib: float) -> bool:
 def host_memory(m: ModelShape, s: JobSetup) -> dict[str, float]:
     """Host RAM per worker (not per node): with ``offload_optimizer`` the fp32 master/m/v and the fp32
     gradient partition (16 bytes per trainable parameter / N) plus torch AdamW's sqrt(v) temporary on the
-    CPU (4/N); with ``offload_param`` the bf16 shards of model and reference (2Ψ/N each). At start-up every
-    worker loads the model whole in bf16 (no ``zero.Init``) and hands it to ``deepspeed.initialize``, which
-    creates the offloaded states; then (``run_unlearning``: after ``deepspeed.initialize``) it loads the
-    reference whole the same way: ``load`` = offloaded states + 2Ψ with a reference, else max(2Ψ, offloaded
-    states). Per node: times the workers on it. DeepSpeed's estimators multiply host figures by 1.5 (pinned
-    buffers); not done here."""
+    CPU (4/N); with ``offload_param`` the bf16 shards of model and reference (2Ψ/N each). At start-up
+    (``load``): at ZeRO-3 each worker reads only its slice of the checkpoint into its partition
+    (``jobs.unlearn.partitioned.load_partitioned``), so it holds no whole copy: the offloaded states, plus the
+    reference's shards with ``offload_param`` (the page cache of the files read is the kernel's, not the
+    worker's). At ZeRO 0-2 every worker loads each model whole in bf16 on the CPU (``jobs.models.load_model``)
+    before moving it to its GPU, the reference after ``deepspeed.initialize`` has created the offloaded
+    states: offloaded states + 2Ψ with a reference, else max(2Ψ, offloaded states). Per node: times the
+    workers on it. DeepSpeed's estimators multiply host figures by 1.5 (pinned buffers); not done here."""
     frozen, trainable = _counts(m, s)
     n = s.gpus
     div = n if s.zero >= 1 else 1
@@ -311,34 +315,40 @@ def host_memory(m: ModelShape, s: JobSetup) -> dict[str, float]:
     steady = offloaded
     if s.offload_optimizer and s.adamw_temp:
         steady += 4 * trainable / div
-    if s.offload_param:
-        steady += reference_model(3, n, m.params, s.needs_reference, bool(s.lora_r))
+    ref_shards = reference_model(3, n, m.params, s.needs_reference, bool(s.lora_r)) if s.offload_param else 0.0
+    steady += ref_shards
+    if s.zero == 3:
+        return {"steady": steady, "load": offloaded + ref_shards}
     whole = 2 * m.params
     with_reference = s.needs_reference and not s.lora_r
     return {"steady": steady, "load": offloaded + whole if with_reference else max(whole, offloaded)}
 
 
 def init_peak(m: ModelShape, s: JobSetup, resident: float) -> float:
-    """GPU bytes while ``deepspeed.initialize`` runs, as spunge loads today. ``jobs.models.load_model`` calls
-    ``from_pretrained`` on the CPU (no ``deepspeed.zero.Init``, no ``HfDeepSpeedConfig``), and DeepSpeed's
-    ``_configure_distributed_model`` then moves the whole module to the GPU (``module.to(self.device)``:
-    only a zero.Init model is exempt) before ZeRO-3 partitions it. So every GPU briefly holds the whole bf16
-    model: 2·(Ψ + T_lora). Under ZeRO-3 ``jobs/unlearn/reference.py`` then builds the reference the same way,
-    a second engine, while the trained engine's states are resident: resident + 2Ψ. At ZeRO 0-2 both copies
-    stay whole anyway (part of the steady peak). spunge has no setting that loads under zero.Init.
+    """GPU bytes while the job's models are created and ``deepspeed.initialize`` runs (``run_unlearning`` up to
+    the reference). At ZeRO-3 ``jobs.unlearn.partitioned.load_partitioned`` builds each model under
+    ``deepspeed.zero.Init`` without initialising it: every module's parameters are created whole on the GPU and
+    at once partitioned, so besides the shards made so far one module is whole at a time (at most the largest,
+    2·largest_layer bytes in bf16), and DeepSpeed's ``_configure_distributed_model`` leaves a zero.Init model
+    where it is. The trained model: its shards (2(Ψ + T_lora)/N, 0 with ``offload_param``) + that module;
+    then its engine (``resident``); then the reference, a second engine built after it: ``resident`` + the
+    reference's shards (2Ψ/N, 0 with ``offload_param``) + that module. At ZeRO 0-2 every worker loads each
+    model whole and moves it to its GPU: 2·(Ψ + T_lora), and both whole copies are part of the steady peak.
     ``resident``: the trained engine's GPU bytes (states + ZeRO-3 bucket), without the reference."""
     frozen, trainable = _counts(m, s)
-    whole_model = 2 * (frozen + trainable)
+    if s.zero != 3:
+        return 2 * (frozen + trainable)
+    module = 2 * m.largest_layer()
+    load = model_states(3, s.gpus, trainable, frozen, s.offload_optimizer, s.offload_param)["weights"] + module
     ref_build = 0.0
-    if s.zero == 3 and s.needs_reference and not s.lora_r:
-        ref_build = resident + 2 * m.params
-    return max(whole_model, ref_build)
+    if s.needs_reference and not s.lora_r:
+        ref_build = resident + reference_model(3, s.gpus, m.params, True, False, s.offload_param) + module
+    return max(load, resident, ref_build)
 
 
 def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
     """Every part in bytes, the steady training peak, the start-up peak (``init_peak``), and which card sizes
-    fit: ``fits`` as spunge loads today (both peaks), ``fits_steady`` the training peak alone (what a loader
-    under ``deepspeed.zero.Init`` would leave; spunge has none)."""
+    fit both (``fits``)."""
     frozen, trainable = _counts(m, s)
     lora = bool(s.lora_r)
     states = model_states(s.zero, s.gpus, trainable, frozen, s.offload_optimizer, s.offload_param)
@@ -374,7 +384,6 @@ def estimate(m: ModelShape, s: JobSetup) -> dict[str, Any]:
         "init_peak_gib": start / GiB,
         "host_gib_per_worker": {k: v / GiB for k, v in host_memory(m, s).items()},
         "fits": {f"{c}GB": fits(max(peak, start), c) for c in CARDS_GB},
-        "fits_steady": {f"{c}GB": fits(peak, c) for c in CARDS_GB},
         "bound_by": "backward" if backward >= step_bytes else "optimizer step",
     }
 
@@ -504,11 +513,8 @@ def print_table(rows: list[dict[str, Any]], out=sys.stdout) -> None:
 
 
 def _fit_cell(r: dict[str, Any], card: int) -> str:
-    """yes (fits as spunge loads today), "zero.Init" (only the start-up peak is too big: fits once the model is
-    loaded under ``deepspeed.zero.Init``, which spunge does not do), or no."""
-    if r["fits"][f"{card}GB"]:
-        return "yes"
-    return "zero.Init" if r["fits_steady"][f"{card}GB"] else "no"
+    """yes if the card holds both the steady and the start-up peak, else no."""
+    return "yes" if r["fits"][f"{card}GB"] else "no"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -568,8 +574,8 @@ def scale_rows(m: ModelShape, base: JobSetup, gpus: tuple[int, ...] = (8, 16, 32
 
 def node_host_gib(r: dict[str, Any], gpus_per_node: int = GPUS_PER_NODE) -> dict[str, float]:
     """Host RAM of one node full of such workers (``gpus_per_node`` of them, from one job or several
-    concurrent ones): steady (offloaded states) and at start-up (each worker holds one whole bf16 copy on the
-    CPU, the model then the reference: jobs started together load together)."""
+    concurrent ones): steady (offloaded states) and at start-up (``host_memory``'s ``load``: jobs started
+    together load together)."""
     workers = gpus_per_node
     host = r["host_gib_per_worker"]
     return {"workers": workers, "steady": workers * host["steady"], "load": workers * host["load"]}
@@ -594,18 +600,15 @@ def scale_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def smallest_job(m: ModelShape, base: JobSetup, card: int, steady_only: bool = False,
-                 gpus: tuple[int, ...] = GPU_COUNTS, node_ram_gib: float = NODE_RAM_GIB) -> Optional[dict[str, Any]]:
-    """The estimate of the fewest GPUs per job (``scaling.num_workers``) whose peak fits ``card`` (as spunge
-    loads today, or with ``steady_only`` once loaded under zero.Init) and whose node of 8 such workers stays
-    within ``node_ram_gib`` of host RAM (steady and, as spunge loads today, start-up: a zero.Init loader
-    would not hold whole copies); None if none of ``gpus`` does."""
-    key = "fits_steady" if steady_only else "fits"
+def smallest_job(m: ModelShape, base: JobSetup, card: int, gpus: tuple[int, ...] = GPU_COUNTS,
+                 node_ram_gib: float = NODE_RAM_GIB) -> Optional[dict[str, Any]]:
+    """The estimate of the fewest GPUs per job (``scaling.num_workers``) whose steady and start-up peaks fit
+    ``card`` and whose node of 8 such workers stays within ``node_ram_gib`` of host RAM (steady and at
+    start-up); None if none of ``gpus`` does."""
     for n in gpus:
         r = estimate(m, replace(base, gpus=n))
         node = node_host_gib(r)
-        host = node["steady"] if steady_only else max(node["steady"], node["load"])
-        if r[key][f"{card}GB"] and host <= node_ram_gib:
+        if r["fits"][f"{card}GB"] and max(node["steady"], node["load"]) <= node_ram_gib:
             return r
     return None
 
@@ -627,8 +630,8 @@ def waves(jobs: int, concurrent: int) -> int:
 
 def concurrency_rows(models: dict[str, ModelShape], base: JobSetup, clusters: tuple[int, ...] = (8, 64),
                      subsets: tuple[int, ...] = (4, 8, 16), forget_tokens: float = 1e7) -> list[dict[str, Any]]:
-    """For each model, offload variant and accelerator: the fewest GPUs per job that fit (today and with a
-    zero.Init loader), how many such jobs run at once on a cluster of G GPUs (G // N, GPU-bound), the
+    """For each model, offload variant and accelerator: the fewest GPUs per job that fit (``smallest_job``),
+    how many such jobs run at once on a cluster of G GPUs (G // N, GPU-bound), the
     waves for k subset jobs (ceil(k / at once); the unsplit baseline comes on top, see docs/scaling.md), and
     one job's compute time for ``forget_tokens``."""
     rows = []
@@ -636,45 +639,37 @@ def concurrency_rows(models: dict[str, ModelShape], base: JobSetup, clusters: tu
         for off_name, variant in OFFLOAD_VARIANTS.items():
             setup = replace(base, zero=3, gradient_checkpointing=True, **variant)
             for acc, spec in CARDS.items():
-                found = {}
-                for loader in ("today", "zero.Init"):
-                    r = smallest_job(m, setup, spec["card"], steady_only=loader == "zero.Init")
-                    n = r["setup"]["gpus"] if r else None
-                    if loader == "zero.Init" and n == found.get("today"):
-                        continue  # the same job size as today's loader: one row says it
-                    found[loader] = n
-                    rows.append({
-                        "model": name, "offload": off_name, "accelerator": acc, "card_gib": spec["card"],
-                        "loader": loader, "gpus_per_job": n, "peak_gib": r["peak_gib"] if r else None,
-                        "init_peak_gib": r["init_peak_gib"] if r else None,
-                        "node_host_gib": node_host_gib(r) if r else None,
-                        "concurrent_jobs": {g: g // n if n and n <= g else 0 for g in clusters},
-                        "waves": {g: {k: waves(k, g // n) if n and n <= g else None for k in subsets}
-                                  for g in clusters},
-                        "job_seconds": job_seconds(m.params, forget_tokens, n, spec["flops"]) if n else None,
-                        "forget_tokens": forget_tokens})
+                r = smallest_job(m, setup, spec["card"])
+                n = r["setup"]["gpus"] if r else None
+                rows.append({
+                    "model": name, "offload": off_name, "accelerator": acc, "card_gib": spec["card"],
+                    "gpus_per_job": n, "peak_gib": r["peak_gib"] if r else None,
+                    "init_peak_gib": r["init_peak_gib"] if r else None,
+                    "node_host_gib": node_host_gib(r) if r else None,
+                    "concurrent_jobs": {g: g // n if n and n <= g else 0 for g in clusters},
+                    "waves": {g: {k: waves(k, g // n) if n and n <= g else None for k in subsets} for g in clusters},
+                    "job_seconds": job_seconds(m.params, forget_tokens, n, spec["flops"]) if n else None,
+                    "forget_tokens": forget_tokens})
     return rows
 
 
 def concurrency_markdown(rows: list[dict[str, Any]]) -> str:
     gs = list(rows[0]["concurrent_jobs"])
     ks = list(rows[0]["waves"][gs[0]])
-    head = ("| model | offload | card | loader | N per job | peak, start-up GiB | host GiB/node: steady, start-up | "
+    head = ("| model | offload | card | N per job | peak, start-up GiB | host GiB/node: steady, start-up | "
             + " | ".join(f"G={g}: jobs at once; waves k={','.join(map(str, ks))}" for g in gs)
             + f" | one job, h per {rows[0]['forget_tokens']:.0e} forget tokens |")
-    lines = [head, "|" + "---|" * (8 + len(gs))]
+    lines = [head, "|" + "---|" * (7 + len(gs))]
     for r in rows:
         if r["gpus_per_job"] is None:
             cells = ["none fits", "-", "-"] + ["-"] * len(gs) + ["-"]
         else:
             per_g = [f"{r['concurrent_jobs'][g]}; " + ",".join(str(w or "-") for w in r["waves"][g].values())
                      if r["concurrent_jobs"][g] else "0; -" for g in gs]
-            today = r["loader"] == "today"  # a zero.Init loader would not have today's start-up peaks
-            cells = [str(r["gpus_per_job"]), f"{r['peak_gib']:.0f}, " + (f"{r['init_peak_gib']:.0f}" if today else "n/a"),
-                     f"{r['node_host_gib']['steady']:.0f}, " + (f"{r['node_host_gib']['load']:.0f}" if today else "n/a")]
-            cells += per_g + \
-                    [f"{r['job_seconds'] / 3600:.2f}"]
-        lines.append(f"| {r['model']} | {r['offload']} | {r['accelerator']} | {r['loader']} | " + " | ".join(cells) + " |")
+            cells = [str(r["gpus_per_job"]), f"{r['peak_gib']:.0f}, {r['init_peak_gib']:.0f}",
+                     f"{r['node_host_gib']['steady']:.0f}, {r['node_host_gib']['load']:.0f}"]
+            cells += per_g + [f"{r['job_seconds'] / 3600:.2f}"]
+        lines.append(f"| {r['model']} | {r['offload']} | {r['accelerator']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -829,7 +824,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           + (f", LoRA r={base.lora_r} ({_counts(m, base)[1] / 1e6:.1f}M trainable)" if base.lora_r else ""))
     print("computed estimates, not measurements; "
           "peak = weights + grads + optim + ref + max(buffers + acts + logits, step); "
-          "start = the start-up peak (whole model moved to each GPU, see init_peak); fits uses both"
+          "start = the start-up peak (ZeRO-3: shards + one module built whole; ZeRO 0-2: the whole model; "
+          "see init_peak); fits uses both"
           "\n(ZeRO-3's reduce bucket, 0.93 GiB of 'buffers', is resident and also in the step phase)\n")
     print_table(rows)
 

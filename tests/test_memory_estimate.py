@@ -152,24 +152,48 @@ def test_llama2_70b_preset_gqa():
     assert ME.lora_param_count(P70, 16) == 16 * 80 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
 
 
-def test_start_up_peak_whole_model_on_every_gpu():
-    psi = P70.params
+def test_start_up_peak_partitioned_at_zero3_whole_below():
+    psi, module = P70.params, 2 * P70.largest_layer()  # zero.Init builds one module whole at a time
     s = replace(S, zero=3, gpus=16, gradient_checkpointing=True)
     r = ME.estimate(P70, s)
     trained = 16 * psi / 16 + 2 * 5e8  # model states + the ZeRO-3 reduce bucket
     assert r["bytes"]["resident"] == pytest.approx(trained + 2 * psi / 16)
-    # the reference is moved to the GPU whole while the trained engine's states are resident
-    assert r["bytes"]["init_peak"] == pytest.approx(trained + 2 * psi)
-    assert not r["fits"]["140GB"] and r["fits_steady"]["140GB"]  # 80.7 GiB steady
-    # without a reference, the trained model moved whole (2Ψ) is the start-up peak
+    # the reference is created partitioned while the trained engine's states are resident: no whole copy
+    assert r["bytes"]["init_peak"] == pytest.approx(trained + 2 * psi / 16 + module)
+    assert r["bytes"]["init_peak"] < r["bytes"]["peak"]
+    assert r["fits"]["140GB"] and not r["fits"]["80GB"]  # 80.7 GiB steady
+    # without a reference the trained engine is the start-up peak; the model itself loads as shards + one module
     no_ref = ME.estimate(P70, replace(s, needs_reference=False))
-    assert no_ref["bytes"]["init_peak"] == pytest.approx(2 * psi)
-    # ZeRO-2: the whole copies are the steady state already
+    assert no_ref["bytes"]["init_peak"] == pytest.approx(trained)
+    par = ME.estimate(P70, replace(s, needs_reference=False, offload_optimizer=True, offload_param=True))
+    assert par["bytes"]["init_peak"] == pytest.approx(max(module, 2 * 5e8))
+    # ZeRO-2: every worker loads the whole model, and the whole copies are the steady state already
     z2 = ME.estimate(M, replace(S, zero=2, gpus=8))
-    assert z2["bytes"]["init_peak"] <= z2["bytes"]["peak"]
-    # the 4 x 24 GB 7B recipe still fits with its start-up peak (3.1 + 0.9 + 12.6 GiB)
+    assert z2["bytes"]["init_peak"] == pytest.approx(2 * PSI) and z2["bytes"]["init_peak"] <= z2["bytes"]["peak"]
+    # the 4 x 24 GB 7B recipe: 3.1 GiB of states + 0.9 GiB of bucket + 3.1 GiB of reference + one module
     ok = ME.estimate(M, replace(S, zero=3, gpus=4, gradient_checkpointing=True, offload_optimizer=True))
-    assert ok["init_peak_gib"] == pytest.approx((2 * PSI / 4 + 1e9 + 2 * PSI) / 2**30) and ok["fits"]["24GB"]
+    assert ok["init_peak_gib"] == pytest.approx((2 * PSI / 4 + 1e9 + 2 * PSI / 4 + 2 * M.largest_layer()) / 2**30)
+    assert ok["fits"]["24GB"]
+    # 7B ZeRO-3 at N = 4 with sub_group_size 1e8 fits 40 GB: its start-up peak (29.4 GiB) is below the 31.8 steady
+    small_step = ME.estimate(M, replace(S, zero=3, gpus=4, gradient_checkpointing=True, sub_group_size=1e8))
+    assert small_step["init_peak_gib"] < small_step["peak_gib"] and small_step["fits"]["40GB"]
+    # no ZeRO-3 row of the 70B grid needs a whole model on a GPU at start-up
+    assert all(row["bytes"]["init_peak"] < row["bytes"]["peak"] for row in ME.scale_rows(P70, S))
+
+
+def test_host_memory_at_start_up():
+    psi = P70.params
+    s = replace(S, zero=3, gpus=8, gradient_checkpointing=True, offload_optimizer=True)
+    host = ME.host_memory(P70, s)
+    # ZeRO-3: each worker reads its slice, so start-up holds the offloaded states and no whole bf16 copy
+    assert host == pytest.approx({"steady": 20 * psi / 8, "load": 16 * psi / 8})
+    assert ME.host_memory(P70, replace(s, offload_optimizer=False)) == {"steady": 0.0, "load": 0.0}
+    par = ME.host_memory(P70, replace(s, offload_param=True))  # + the bf16 shards of model and reference
+    assert par == pytest.approx({"steady": 20 * psi / 8 + 4 * psi / 8, "load": 16 * psi / 8 + 4 * psi / 8})
+    # ZeRO 0-2: every worker loads the model, then the reference, whole on the CPU
+    z2 = replace(s, zero=2)
+    assert ME.host_memory(P70, z2)["load"] == pytest.approx(16 * psi / 8 + 2 * psi)
+    assert ME.host_memory(P70, replace(z2, needs_reference=False))["load"] == pytest.approx(2 * psi)
 
 
 def test_scale_grid_and_cluster_plan():
@@ -180,10 +204,14 @@ def test_scale_grid_and_cluster_plan():
     assert ME.waves(9, 4) == 3 and ME.waves(8, 8) == 1
     # 18Ψ per forget token with reference and checkpointing, over N · peak · MFU
     assert ME.job_seconds(1e9, 1e6, 2, 1e15, 0.5) == pytest.approx(18e15 / 1e15)
-    crow = {(r["model"], r["offload"], r["accelerator"], r["loader"]): r for r in ME.concurrency_rows(ME.PRESETS, S)}
-    assert crow[("llama2-70b", "optimizer", "80 GB A100/H100", "today")]["gpus_per_job"] is None
-    z = crow[("llama2-70b", "optimizer", "80 GB A100/H100", "zero.Init")]
+    rows = ME.concurrency_rows(ME.PRESETS, S)
+    crow = {(r["model"], r["offload"], r["accelerator"]): r for r in rows}
+    assert len(crow) == len(rows) == 2 * 3 * 2  # one row per model, offload and card: one loader
+    z = crow[("llama2-70b", "optimizer", "80 GB A100/H100")]
     assert z["gpus_per_job"] == 8 and z["concurrent_jobs"] == {8: 1, 64: 8} and z["waves"][64] == {4: 1, 8: 1, 16: 2}
+    assert z["node_host_gib"]["load"] < z["node_host_gib"]["steady"] <= ME.NODE_RAM_GIB
+    assert crow[("llama2-70b", "none", "80 GB A100/H100")]["gpus_per_job"] == 32
+    assert crow[("llama2-70b", "none", "141 GB H200")]["gpus_per_job"] == 16
     io = ME.merge_io(P70, "bfloat16", 8, bandwidths=(1e9,))
     assert io["read_gb"] == pytest.approx(9 * 2 * P70.params / 1e9) and io["written_gb"] == pytest.approx(137.96, abs=0.01)
     assert io["seconds"]["1GB/s"] == pytest.approx(10 * 2 * P70.params / 1e9)

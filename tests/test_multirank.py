@@ -42,9 +42,7 @@ def read_partitions_both_ways(root: Path) -> dict:
     from jobs.unlearn.engine import deepspeed_config, import_deepspeed
     from jobs.unlearn.partitioned import load_partitioned, slice_reason, zero3_init
 
-    deepspeed = import_deepspeed()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
+    import_deepspeed().init_distributed(dist_backend="gloo")  # DeepSpeed's view of the group spawn_ranks made
     ds = deepspeed_config(job(root, "probe"), torch.distributed.get_world_size())
     sliced = load_partitioned(str(root / "base"), "float32", ds)
     with zero3_init(ds):
@@ -62,7 +60,7 @@ def jobs_on_every_rank(rank: int, world: int, root: str) -> dict:
     from jobs.unlearn.loop import run_unlearning
 
     root = Path(root)
-    rows: dict[str, list] = {"partitions": [read_partitions_both_ways(root)]}
+    rows: dict[str, list] = {}
 
     def run(spec: UnlearnSpec, **kw) -> None:
         run_unlearning(spec, report=lambda r, checkpoint=None: rows.setdefault(spec.name, []).extend(r), **kw)
@@ -93,6 +91,7 @@ def jobs_on_every_rank(rank: int, world: int, root: str) -> dict:
 
     for stage in (0, 3):
         run(job(root, f"batch/zero{stage}", deepspeed=zero(stage), **BATCH_JOB))
+    rows["partitions"] = [read_partitions_both_ways(root)]
     return rows
 
 

@@ -140,8 +140,9 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     setup.end("import_deepspeed")
     torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(spec.seed)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    # joins the process group Ray Train made (or makes one): DeepSpeed's config checks and zero.Init read its
+    # view of the group, which exists only once this ran
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, accum = split_batch(spec.batch_size, spec.gradient_accumulation_steps, spec.global_batch_size, world)
     spec = spec.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})

@@ -33,6 +33,11 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: t
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     try:
+        import torch
+        import torch.distributed as dist
+
+        # as Ray Train does before it calls the loop: the process group exists, DeepSpeed's view of it does not
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         results.put((rank, None, fn(rank, world, *args)))
     except BaseException:  # noqa: BLE001 (the parent re-raises it with the rank's traceback)
         results.put((rank, traceback.format_exc(), None))
@@ -43,8 +48,9 @@ class RankError(RuntimeError):
 
 
 def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
-    """``fn(rank, world, *args)`` in ``world`` fresh processes (spawned: no state shared with this one) that
-    form one process group through MASTER_ADDR/PORT, RANK and WORLD_SIZE, as Ray Train sets them; returns each
+    """``fn(rank, world, *args)`` in ``world`` fresh processes (spawned: no state shared with this one) whose
+    torch.distributed process group is initialised before ``fn`` runs, from MASTER_ADDR/PORT, RANK and WORLD_SIZE,
+    as Ray Train's workers are; returns each
     rank's return value, by rank. ``fn`` and its arguments must pickle (a module-level function). A rank that
     raises, or ranks still running after ``timeout`` seconds, raise ``RankError``; every process is killed."""
     import multiprocessing

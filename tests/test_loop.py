@@ -1,6 +1,7 @@
 """The DeepSpeed training loop in this process (rank 0 of 1): it unlearns, reports, saves, stops on NaN."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -215,3 +216,46 @@ def test_a_job_restored_from_a_checkpoint_keeps_the_snapshots_it_wrote(tiny_dir,
     run_unlearning(s, report=lambda r, checkpoint=None: rows.extend(r), restore_from=str(saved))
     assert [r["step"] for r in rows] == [4, 5] and rows[0]["snapshot"] == str(snaps[1])
     assert [(p / "model.safetensors").stat().st_mtime_ns for p in snaps] == written
+
+
+def test_a_deferred_retain_term_adds_up_to_the_eager_loss():
+    """Inside terms_later a method's retain term is left for the loop (built after the rest is back-propagated);
+    outside it is added at once: the same value either way."""
+    from jobs.unlearn.methods.base import terms_later, with_retain
+
+    calls = []
+    model = lambda input_ids, attention_mask: type("O", (), {"logits": torch.zeros(1, 3, 5)})()  # noqa: E731
+    retain = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3),
+              "labels": torch.tensor([[-100, 1, 2]])}
+    forget_term = torch.tensor(2.0)
+    metrics = {}
+    eager = with_retain(model, {"retain": retain}, forget_term, metrics, alpha=0.5)
+    assert eager.item() == pytest.approx(2.0 + 0.5 * math.log(5)) and "retain_loss" in metrics
+    metrics = {}
+    with terms_later() as later:
+        first = with_retain(model, {"retain": retain}, forget_term, metrics, alpha=0.5)
+    assert first is forget_term and len(later) == 1 and "retain_loss" not in metrics
+    assert (first + later[0]()).item() == pytest.approx(eager.item()) and "retain_loss" in metrics
+    with terms_later(enabled=False) as later:
+        assert with_retain(model, {"retain": retain}, forget_term, {}, alpha=0.5).item() == eager.item()
+    assert later == [] and not calls
+
+
+@pytest.mark.parametrize("method", ["npo", "grad_diff", "ga_kl"])
+def test_zero3_back_propagating_terms_one_at_a_time_trains_as_stage_0(tiny_dir, tmp_path, single_process_dist,
+                                                                      method):
+    """Under ZeRO-3 the loop back-propagates a method's retain term after the rest (one graph at a time, so each
+    layer is released after its backward); the losses of the steps and the model equal stage 0's, where the sum
+    is back-propagated at once."""
+    rows = {}
+    for stage in (0, 3):
+        out = []
+        run_unlearning(spec(tiny_dir, tmp_path, method=method, deepspeed={"zero_optimization": {"stage": stage}},
+                            output_dir=str(tmp_path / f"z{stage}"), max_steps=4, report_interval_s=0,
+                            gradient_accumulation_steps=2, batch_size=2),
+                       report=lambda r, checkpoint=None, out=out: out.extend(r))
+        rows[stage] = out
+    for a, b in zip(rows[0], rows[3]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["retain_loss"] == pytest.approx(b["retain_loss"], rel=1e-4)
+    assert rows[3][-1]["loss"] != pytest.approx(rows[3][0]["loss"], rel=1e-3)
+    assert forget_nll(tmp_path / "z0", tiny_dir) == pytest.approx(forget_nll(tmp_path / "z3", tiny_dir), rel=1e-4)

@@ -85,3 +85,45 @@ def test_under_zero3_the_reference_model_is_a_sharded_engine(tiny_dir, tmp_path,
         want = load_model(tiny_dir / "model")(**batch).logits
         got = ref(**batch).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero3_reference_pass_through_the_trained_layers_leaves_them_releasable(tiny_dir, tmp_path,
+                                                                                   single_process_dist):
+    """DeepSpeed releases a ZeRO-3 layer in backward once ``ds_grads_remaining`` counts down to 0, and resets it
+    at every forward: the LoRA reference's no-grad pass through the same layers (and a second loss term) would
+    leave it where the backward drives it negative, keeping every layer gathered. The loop's counted forwards
+    keep one count per graph input: 1 after the forget pass and the reference pass, 0 after the backward."""
+    import deepspeed
+
+    from jobs.unlearn.engine import deepspeed_config
+    from jobs.unlearn.methods.base import sequence_logprob
+    from jobs.unlearn.partitioned import count_every_forward, reset_backward_counts
+    from jobs.unlearn.reference import AdapterDisabled, add_lora, load_trained
+
+    s = spec(tiny_dir, tmp_path, "npo", deepspeed={"zero_optimization": {"stage": 3}})
+    cfg = deepspeed_config(s, world_size=1)
+    model = add_lora(load_trained(s, cfg), s)
+    engine = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=cfg)[0]
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 6, 7, 8]])}
+    down = next(m for n, m in engine.module.named_modules() if n.endswith("layers.1.mlp.down_proj.base_layer"))
+
+    def counts_after_forget_and_reference(reference):
+        reset_backward_counts(engine.module)
+        logp, _ = sequence_logprob(engine, batch)
+        reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return logp, down.ds_grads_remaining
+
+    def uncounted(**inputs):  # the same reference pass straight through DeepSpeed's hooks
+        with engine.module.disable_adapter(), torch.no_grad():
+            return engine.module(**inputs)
+
+    logp, raw = counts_after_forget_and_reference(uncounted)
+    assert raw == 0  # DeepSpeed's own count: the reference pass reset it; the backward would drive it to -1
+    engine.backward(-logp.sum())
+    count_every_forward(engine)
+    logp, counted = counts_after_forget_and_reference(AdapterDisabled(engine.module))
+    assert counted == 1
+    engine.backward(-logp.sum())
+    assert down.ds_grads_remaining == 0

@@ -25,8 +25,11 @@ def _offload_device(cfg: dict[str, Any]) -> str:
     return str(((cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")).lower()
 
 
-def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
-    """The user's DeepSpeed config with the batch fields filled in from the spec (like HF's "auto")."""
+def deepspeed_config(spec: UnlearnSpec, world_size: int, hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """The user's DeepSpeed config with the batch fields filled in from the spec, and at ZeRO-3 with a
+    ``hidden_size`` its bucket sizes from the model's width, where the user left them out or "auto" (as
+    transformers' Trainer fills "auto": DeepSpeed's fixed 5e8-element reduce bucket is sized for billions of
+    parameters, and as an fp32 buffer with its copies it outweighs a small model several times)."""
     cfg = json.loads(json.dumps(spec.deepspeed))  # deep copy
     micro, accum = spec.batch_size, spec.gradient_accumulation_steps
     for key, value in (
@@ -39,6 +42,13 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int) -> dict[str, Any]:
     cfg.setdefault("gradient_clipping", 1.0)
     cfg.setdefault("zero_optimization", {"stage": 0})
     cfg.setdefault("steps_per_print", 10**9)
+    zero = cfg["zero_optimization"]
+    if hidden_size and int(zero.get("stage", 0)) == 3:
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
     if _offload_device(cfg) in OFFLOAD_DEVICES and "optimizer" not in cfg:
         # DeepSpeed refuses any client optimizer but its own CPU Adam under ZeRO-Offload without this key;
         # make_optimizer drops it again when it hands DeepSpeed that CPU Adam

@@ -51,9 +51,10 @@ from jobs.unlearn.data import StepBatches, encode_rows, split_batch, total_steps
 from jobs.unlearn.engine import (deepspeed_config, deepspeed_grad_norm, import_deepspeed, loop_clips, make_optimizer,
                                  make_schedule, step_grad_norm)
 from jobs.unlearn.methods import build_method
-from jobs.unlearn.methods.base import sequence_logprob
+from jobs.unlearn.methods.base import sequence_logprob, terms_later
 from jobs.unlearn.outputs import (ATTEMPTS_FILE, FAILED_MARKER, SETUP_FILE, STEPS_FILE, STOP_FILE, load_checkpoint,
                                   save_checkpoint, save_final, save_snapshot)
+from jobs.unlearn.partitioned import count_every_forward, hidden_size, reset_backward_counts
 from jobs.unlearn.reference import add_lora, frozen_model, load_trained, parameter_count, reference_model
 
 
@@ -146,7 +147,7 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, accum = split_batch(spec.batch_size, spec.gradient_accumulation_steps, spec.global_batch_size, world)
     spec = spec.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accum})
-    ds_config = deepspeed_config(spec, world)
+    ds_config = deepspeed_config(spec, world, hidden_size(spec.model_path))
     setup.end("process_group")
 
     method = build_method(spec.method, spec.method_params)
@@ -191,6 +192,9 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         config={**ds_config, "gradient_clipping": 0.0} if own_clip else ds_config,
     )
     device = engine.device
+    zero3 = engine.zero_optimization_stage() == 3
+    if zero3:
+        count_every_forward(engine)
     # how the row's grad norm is had: the loop's own clipping (plain stage 0), DeepSpeed's optimizer after
     # step() (ZeRO, fp16/bf16 optimizers), or else measured before step()
     clip = float(ds_config["gradient_clipping"]) if own_clip else None
@@ -217,9 +221,19 @@ def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = No
         step_tokens, grad_norm = 0, None
         for host in data.micro_batches(step):
             batch = {k: _to(v, device) for k, v in host.items()}
-            out = method.loss(engine, batch, ref_model)
-            losses.append(out.loss.detach().float().reshape(()))
+            # under ZeRO-3 the method's independent terms (the retain NLL) are built and back-propagated after
+            # the rest: one graph at a time, so each layer is released after its backward (terms_later)
+            if zero3:
+                reset_backward_counts(engine.module)
+            with terms_later(enabled=zero3) as later:
+                out = method.loss(engine, batch, ref_model)
+            loss = out.loss.detach().float()
             engine.backward(out.loss)
+            for term in later:
+                part = term()
+                loss = loss + part.detach().float()
+                engine.backward(part)
+            losses.append(loss.reshape(()))
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary and not ds_norm:
                 grad_norm = step_grad_norm(engine, clip)

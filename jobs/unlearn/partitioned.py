@@ -49,6 +49,20 @@ def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+def hidden_size(path: str) -> Optional[int]:
+    """The model's width (``hidden_size``, or the largest of ``hidden_sizes``) from its config, None where the
+    config has neither or cannot be read (DeepSpeed's own bucket sizes then apply)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    size = getattr(config, "hidden_size", None) or max(getattr(config, "hidden_sizes", None) or [0]) or None
+    return int(size) if size else None
+
+
 def slice_reason(path: str, ds_config: dict[str, Any], model_cls: Any = None,
                  expected: Optional[dict[str, tuple[int, ...]]] = None) -> Optional[str]:
     """Why ``load_partitioned`` cannot fill the partitions from ``path``'s files itself (None: it can)."""
@@ -126,3 +140,47 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
     if (Path(path) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+@contextmanager
+def counted_forward(module: torch.nn.Module) -> Iterator[None]:
+    """A forward of ``module`` (a ZeRO-3 model) that adds to DeepSpeed's backward bookkeeping instead of resetting
+    it. DeepSpeed (0.19) releases a layer's gathered parameters in backward once ``ds_grads_remaining``, the
+    number of its inputs that need a gradient, counts down to 0, and it sets that number to 0 at every forward
+    of the layer. A second forward before the backward (a no-grad reference pass through the same layers, a
+    metric, a second loss term) therefore leaves it at 0 or 1 where the backward will count 1 or 2 down: it
+    goes negative, the layer is never released, and by the end of the backward every rank holds the whole
+    model gathered (DeepSpeed's PR #6726 describes the DPO case). Here the counts of the earlier forwards are
+    added back; a no-grad forward also leaves the pre-backward counts as they were (it builds no graph)."""
+    grad = torch.is_grad_enabled()
+    before = {m: (m.__dict__.get("ds_grads_remaining", 0), m.__dict__.get("applied_pre_backward_ref_cnt", 0))
+              for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m in module.modules():
+            remaining, pre = before.get(m, (0, 0))
+            if "ds_grads_remaining" in m.__dict__:
+                m.ds_grads_remaining += remaining
+            if not grad and "applied_pre_backward_ref_cnt" in m.__dict__:
+                m.applied_pre_backward_ref_cnt = pre
+
+
+def reset_backward_counts(module: torch.nn.Module) -> None:
+    """Zero DeepSpeed's per-layer backward counts, as its own first forward of a step would: a layer whose output
+    never reached a loss keeps a count that ``counted_forward`` would otherwise carry into the next step."""
+    for m in module.modules():
+        if "ds_grads_remaining" in m.__dict__:
+            m.ds_grads_remaining = 0
+
+
+def count_every_forward(engine) -> None:
+    """Route every forward of a ZeRO-3 ``engine`` through ``counted_forward`` (the methods call the engine
+    several times a step: forget and retain terms, metrics)."""
+    forward = engine.forward
+
+    def counted(*args, **kwargs):
+        with counted_forward(engine.module):
+            return forward(*args, **kwargs)
+
+    engine.forward = counted

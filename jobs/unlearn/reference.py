@@ -12,7 +12,7 @@ import torch
 
 from jobs.models import adapter_base, is_adapter_dir, load_model
 from jobs.spec import UnlearnSpec
-from jobs.unlearn.partitioned import load_partitioned, zero3_init, zero_stage
+from jobs.unlearn.partitioned import counted_forward, load_partitioned, zero3_init, zero_stage
 
 
 def load_for_job(path: str, spec: UnlearnSpec, ds_config: dict[str, Any]):
@@ -50,7 +50,7 @@ class AdapterDisabled:
         self.peft_model = peft_model
 
     def __call__(self, *args, **kwargs):
-        with self.peft_model.disable_adapter(), torch.no_grad():
+        with self.peft_model.disable_adapter(), torch.no_grad(), counted_forward(self.peft_model):
             return self.peft_model(*args, **kwargs)
 
     def __getattr__(self, name: str):

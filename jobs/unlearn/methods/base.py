@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Iterator, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -122,13 +124,44 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor, part: Optional[di
     return token_mean(nll.sum(), n, part)
 
 
+_LATER: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("spunge_later_terms", default=None)
+
+
+@contextmanager
+def terms_later(enabled: bool = True) -> Iterator[list[Callable[[], torch.Tensor]]]:
+    """While it is open, ``plus_later`` does not build its term but appends the function that builds it to the
+    yielded list: the loop back-propagates the method's loss, then builds and back-propagates each term in
+    turn, so one graph is alive at a time. Under ZeRO-3 that matters beyond activations: a parameter used by
+    two graphs stays gathered until both are back-propagated, so a forget and a retain graph alive together
+    hold the whole model on every rank during backward."""
+    terms: list[Callable[[], torch.Tensor]] = []
+    token = _LATER.set(terms if enabled else None)
+    try:
+        yield terms
+    finally:
+        _LATER.reset(token)
+
+
+def plus_later(loss: torch.Tensor, term: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``loss + term()``, or ``loss`` alone with ``term`` left for the loop to add (inside ``terms_later``). ``term``
+    builds an independent part of the loss (its own forward) and records its metrics itself."""
+    later = _LATER.get()
+    if later is None:
+        return loss + term()
+    later.append(term)
+    return loss
+
+
 def with_retain(model: Any, batch: dict, loss: torch.Tensor, metrics: dict, alpha: float) -> torch.Tensor:
     """``loss + alpha * NLL(retain)`` when alpha > 0 and a retain batch is there (records ``retain_loss``,
-    detached)."""
+    detached); the retain term is a ``plus_later`` term."""
     if alpha > 0 and batch.get("retain") is not None:
-        retain = mean_nll(model, batch["retain"])
-        metrics["retain_loss"] = retain.detach()
-        return loss + alpha * retain
+        def retain_term() -> torch.Tensor:
+            retain = mean_nll(model, batch["retain"])
+            metrics["retain_loss"] = retain.detach()
+            return alpha * retain
+
+        return plus_later(loss, retain_term)
     return loss
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.data.format import IGNORE_INDEX
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, mean_nll
+from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, plus_later
 
 
 class GAKLParams(BaseModel):
@@ -50,10 +50,16 @@ class GAKL(Method):
 
     def loss(self, model, batch, ref_model=None):
         forget = mean_nll(model, batch["forget"])
-        logits, labels = target_logits(model, batch["retain"])
-        with torch.no_grad():
-            ref_logits, _ = target_logits(ref_model, batch["retain"])
-            retain = torch.nn.functional.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
-        kl = token_kl(ref_logits, logits)
-        loss = -self.params.gamma * forget + self.params.alpha * kl
-        return LossOutput(loss, {"forget_loss": forget.detach(), "retain_loss": retain, "kl": kl.detach()})
+        metrics = {"forget_loss": forget.detach()}
+
+        def kl_term():
+            logits, labels = target_logits(model, batch["retain"])
+            with torch.no_grad():
+                ref_logits, _ = target_logits(ref_model, batch["retain"])
+                metrics["retain_loss"] = (torch.nn.functional.cross_entropy(logits, labels) if len(labels)
+                                          else logits.sum() * 0.0)
+            kl = token_kl(ref_logits, logits)
+            metrics["kl"] = kl.detach()
+            return self.params.alpha * kl
+
+        return LossOutput(plus_later(-self.params.gamma * forget, kl_term), metrics)

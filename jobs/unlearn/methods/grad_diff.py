@@ -6,7 +6,7 @@ loss = -gamma * NLL(forget) + alpha * NLL(retain)
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, mean_nll
+from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, plus_later
 
 
 class GradDiffParams(BaseModel):
@@ -22,6 +22,11 @@ class GradDiff(Method):
 
     def loss(self, model, batch, ref_model=None):
         forget = mean_nll(model, batch["forget"])
-        retain = mean_nll(model, batch["retain"])
-        loss = -self.params.gamma * forget + self.params.alpha * retain
-        return LossOutput(loss, {"forget_loss": forget.detach(), "retain_loss": retain.detach()})
+        metrics = {"forget_loss": forget.detach()}
+
+        def retain_term():
+            retain = mean_nll(model, batch["retain"])
+            metrics["retain_loss"] = retain.detach()
+            return self.params.alpha * retain
+
+        return LossOutput(plus_later(-self.params.gamma * forget, retain_term), metrics)

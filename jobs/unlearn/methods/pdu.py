@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, ranks_mean
+from jobs.unlearn.methods.base import LossOutput, Method, mean_nll, plus_later, ranks_mean
 from jobs.unlearn.methods.ga_kl import target_logits
 
 
@@ -86,10 +86,14 @@ class PDU(Method):
     def loss(self, model, batch, ref_model=None):
         logits, labels = target_logits(model, batch["forget"])
         forget = flattening_loss(logits)
-        retain = mean_nll(model, batch["retain"])
-        lam = self.dual_step(retain)
-        loss = self.params.gamma * forget + lam * (retain - self.epsilon)
         with torch.no_grad():
             nll = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
-        metrics = {"forget_loss": nll, "retain_loss": retain.detach(), "pdu_loss": forget.detach(), "pdu_lambda": lam}
-        return LossOutput(loss, metrics)
+        metrics = {"forget_loss": nll, "pdu_loss": forget.detach()}
+
+        def retain_term():
+            retain = mean_nll(model, batch["retain"])
+            lam = self.dual_step(retain)
+            metrics.update(retain_loss=retain.detach(), pdu_lambda=lam)
+            return lam * (retain - self.epsilon)
+
+        return LossOutput(plus_later(self.params.gamma * forget, retain_term), metrics)

@@ -95,7 +95,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.data.format import IGNORE_INDEX, sequence_nll
 from jobs.unlearn.methods import register
-from jobs.unlearn.methods.base import LossOutput, Method, ranks_mean, token_mean
+from jobs.unlearn.methods.base import LossOutput, Method, plus_later, ranks_mean, token_mean
 
 
 class RMUParams(BaseModel):
@@ -339,12 +339,17 @@ class RMU(Method):
 
         retain = batch.get("retain")
         if retain is not None:
-            with torch.set_grad_enabled(p.alpha > 0 and torch.is_grad_enabled()):
-                h_r, _ = capture(model, module, retain)
-            with torch.no_grad():
-                h_ref, _ = capture(ref_model, ref_module, retain, stop=getattr(ref_model, "module", None) is None)
-            retain_mse = activation_mse(h_r, h_ref.to(h_r.device), token_mask(retain, p.tokens))
-            metrics["retain_loss"] = retain_mse.detach()
+            def retain_term():
+                with torch.set_grad_enabled(p.alpha > 0 and torch.is_grad_enabled()):
+                    h_r, _ = capture(model, module, retain)
+                with torch.no_grad():
+                    h_ref, _ = capture(ref_model, ref_module, retain, stop=getattr(ref_model, "module", None) is None)
+                retain_mse = activation_mse(h_r, h_ref.to(h_r.device), token_mask(retain, p.tokens))
+                metrics["retain_loss"] = retain_mse.detach()
+                return p.alpha * retain_mse
+
             if p.alpha > 0:
-                loss = loss + p.alpha * retain_mse
+                loss = plus_later(loss, retain_term)
+            else:
+                retain_term()  # the metric only
         return LossOutput(loss, metrics)

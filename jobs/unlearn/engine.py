@@ -27,9 +27,12 @@ def _offload_device(cfg: dict[str, Any]) -> str:
 
 def deepspeed_config(spec: UnlearnSpec, world_size: int, hidden_size: Optional[int] = None) -> dict[str, Any]:
     """The user's DeepSpeed config with the batch fields filled in from the spec, and at ZeRO-3 with a
-    ``hidden_size`` its bucket sizes from the model's width, where the user left them out or "auto" (as
-    transformers' Trainer fills "auto": DeepSpeed's fixed 5e8-element reduce bucket is sized for billions of
-    parameters, and as an fp32 buffer with its copies it outweighs a small model several times)."""
+    ``hidden_size`` h its sizes from the model's width, where the user left them out or "auto": the buckets as
+    transformers' Trainer fills "auto" (DeepSpeed's fixed 5e8-element reduce bucket is sized for billions of
+    parameters; as an fp32 buffer with its copies it outweighs a small model several times), and the
+    parameters a rank keeps gathered between uses (``stage3_max_live_parameters``, ``stage3_max_reuse_distance``)
+    at about two decoder layers' worth, 24 h^2, at most DeepSpeed's 1e9: below 1e9 parameters DeepSpeed's
+    default keeps the whole model gathered through a step on every rank."""
     cfg = json.loads(json.dumps(spec.deepspeed))  # deep copy
     micro, accum = spec.batch_size, spec.gradient_accumulation_steps
     for key, value in (
@@ -46,7 +49,9 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int, hidden_size: Optional[i
     if hidden_size and int(zero.get("stage", 0)) == 3:
         for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+                           ("stage3_param_persistence_threshold", 10 * hidden_size),
+                           ("stage3_max_live_parameters", min(10**9, 24 * hidden_size * hidden_size)),
+                           ("stage3_max_reuse_distance", min(10**9, 24 * hidden_size * hidden_size))):
             if zero.get(key, "auto") == "auto":
                 zero[key] = value
     if _offload_device(cfg) in OFFLOAD_DEVICES and "optimizer" not in cfg:

@@ -247,7 +247,8 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     remove_weights(out)
     names = sorted(base.shapes)
     floating = {name: base.dtypes[name] in ("F32", "F16", "BF16", "F64") for name in names}
-    layout = {name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name]) for name in names}
+    layout = {name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name])
+              for name in names}
     with ShardedWriter(out, layout, spec.max_shard_size) as writer:
         for name in writer.order:  # the files' order: each shard is written whole before the next
             if not floating[name]:

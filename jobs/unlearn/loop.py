@@ -1,12 +1,11 @@
 """The per-worker unlearning loop: Ray Train's ``train_loop_per_worker`` around ``deepspeed.initialize``.
 
 Every worker of a job runs ``train_loop_per_worker({"spec": UnlearnSpec dict})``. Ray Train has set up
-torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. Under ZeRO-3 the trained model
-and every frozen model are created partitioned (``jobs.unlearn.reference.zero3_init``): no rank holds a whole
-copy. Each step's rows come from ``jobs.unlearn.data`` (an order and a global batch that do not depend on the
-worker count). The method named in the spec turns each batch into a loss; the loop knows nothing else about it.
-Rank 0 saves the final model as a Hugging Face folder (under ZeRO-3 gathered one tensor at a time) and writes
-``spunge_job.json``.
+torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. Under ZeRO-3 the trained model and
+every frozen model are created partitioned (``jobs.unlearn.partitioned``): no rank holds a whole copy. Each step's
+rows come from ``jobs.unlearn.data`` (an order and a global batch that do not depend on the worker count). The
+method named in the spec turns each batch into a loss; the loop knows nothing else about it. Rank 0 saves the final
+model as a Hugging Face folder (under ZeRO-3 gathered one tensor at a time) and writes ``spunge_job.json``.
 
 With ``spec.eval_every`` rank 0 writes the model as it stands every N steps into
 ``<output_dir>/snapshots/step_<N>/`` (the same folder the job's output is: a HF model, an adapter, or a
@@ -25,8 +24,8 @@ loop continues from the step after it, with the same data order. Rows after a re
 The loop keeps a sync budget (as torchtune does): the loss, the method's metrics and the grad norm stay
 detached tensors on the device during a step; at the step's end they are read back in one copy. The numbers
 every rank must agree on (token count, a non-finite flag, rank 0's report decision) and the loss and metrics,
-averaged into the global batch's, travel in one packed ``all_reduce`` (none with one rank). On plain ZeRO stage 0 the loop clips the gradients
-itself (``loop_clips``), which gives the grad norm without a second pass.
+averaged into the global batch's, travel in one packed ``all_reduce`` (none with one rank). On plain ZeRO
+stage 0 the loop clips the gradients itself (``loop_clips``), which gives the grad norm without a second pass.
 """
 
 from __future__ import annotations

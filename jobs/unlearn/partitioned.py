@@ -114,8 +114,9 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
         config = AutoConfig.from_pretrained(path)
         if attn_implementation:
             config._attn_implementation = attn_implementation
-        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
-        reason = slice_reason(path, ds_config, model_cls, _skeleton(config, dtype))
+        model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+        reason = ("not a causal LM class transformers knows" if model_cls is None
+                  else slice_reason(path, ds_config, model_cls, _skeleton(config, dtype)))
     if reason is not None:
         with zero3_init(ds_config):
             return load_model(path, dtype, allow_pickle, attn_implementation)
@@ -129,11 +130,11 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
             part = p.ds_tensor
             size = part.ds_numel
             start = size * dist.get_rank(group=p.ds_process_group)
-            stop = min(start + size, p.ds_numel)
-            if start < stop:
-                part.narrow(0, 0, stop - start).copy_(ckpt.read_range(name, start, stop))
-            if stop - max(start, 0) < size:  # ZeRO-3 pads the last rank's partition
-                part.narrow(0, max(0, stop - start), size - max(0, stop - start)).zero_()
+            filled = max(0, min(start + size, p.ds_numel) - start)
+            if filled:
+                part.narrow(0, 0, filled).copy_(ckpt.read_range(name, start, start + filled))
+            if filled < size:  # ZeRO-3 pads the last ranks' partitions
+                part.narrow(0, filled, size - filled).zero_()
         for name, buf in model.named_buffers():
             if name in persistent:  # not partitioned: every rank holds the whole buffer
                 buf.copy_(ckpt.tensor(name).to(buf.dtype))

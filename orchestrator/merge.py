@@ -81,7 +81,11 @@ def start_merge_actor(ctx: RunContext) -> None:
             raise PipelineError(f"merge: the merge actor needs {need / 2**30:.1f} GiB of memory ({what}) but the "
                                 f"largest Ray node offers {offered / 2**30:.1f} GiB; set merge.memory_gb (0: reserve "
                                 "none) or add a node with more memory")
-    options = {"num_cpus": 0, **({"memory": need} if need else {})}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # outside any placement group the caller runs in (a tune trial's holds no memory for it)
+    options = {"num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+               **({"memory": need} if need else {})}
     ctx.merge_actor = MergeActor.options(**options).remote(ctx.cfg.model.path, subsets)
     ctx.merge_memory = need
 

@@ -95,6 +95,8 @@ def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[P
     the gather, write nothing)."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     finalizes = method is not None and method.finalizes()
+    if stage == 3:  # parameters a step prefetched may still be in flight: a gather of them would fail
+        engine.empty_partition_cache()
     if spec.lora is None and stage == 3 and write_partitioned(engine, tokenizer, spec, rank, out,
                                                                method if finalizes else None):
         return

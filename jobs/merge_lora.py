@@ -52,7 +52,7 @@ from typing import Any, Sequence
 
 import torch
 
-from jobs.shards import SAFETENSORS_DTYPES, ShardedWriter, read_header, remove_weights, weight_files
+from jobs.shards import SAFETENSORS_TORCH, Checkpoint, ShardedWriter, remove_weights
 from jobs.spec import MergeSpec
 
 # Deterministic mergekit methods whose merge of base + delta_i depends on the deltas only (or, linear,
@@ -100,29 +100,14 @@ class Adapter:
     modules: dict[str, LoraFactors]
 
 
-class BaseCheckpoint:
-    """The base model's safetensors weights (one file or indexed shards): names, shapes and dtypes from the
-    headers up front, tensors read one at a time."""
+class BaseCheckpoint(Checkpoint):
+    """The base model's safetensors weights (one file or indexed shards), which must hold some: names, shapes and
+    dtypes from the headers up front, tensors read one at a time."""
 
     def __init__(self, folder: str):
-        self.folder = Path(folder)
-        files = weight_files(self.folder)
-        if not files:
+        super().__init__(folder)
+        if not self.shapes:
             raise ValueError(f"merge: base model {folder} has no *.safetensors weights")
-        self.file_of: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}  # safetensors codes (F32, BF16, I64, ...)
-        for path in files:
-            for name, meta in read_header(path)[0].items():
-                self.file_of[name] = path.name
-                self.shapes[name] = tuple(meta["shape"])
-                self.dtypes[name] = meta["dtype"]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.folder / self.file_of[name], "pt") as handle:
-            return handle.get_tensor(name)
 
 
 def check_method(method: str) -> None:
@@ -277,13 +262,12 @@ def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoin
 
     c = base_coefficient(spec.method, kwargs, len(adapters))
     targeted = {m for a in adapters for m in a.modules}
-    stored = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
-    odd = sorted(set(base.dtypes.values()) - set(stored))
+    odd = sorted(set(base.dtypes.values()) - set(SAFETENSORS_TORCH))
     if odd:
         raise ValueError(f"merge: base model {base.folder} holds tensors of dtype {', '.join(odd)}, which the LoRA "
                          "merge does not write")
-    floating = {name: stored[code].is_floating_point for name, code in base.dtypes.items()}
-    layout = {name: (DTYPES[spec.dtype] if floating[name] else stored[base.dtypes[name]], shape)
+    floating = {name: SAFETENSORS_TORCH[code].is_floating_point for name, code in base.dtypes.items()}
+    layout = {name: (DTYPES[spec.dtype] if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], shape)
               for name, shape in base.shapes.items()}
     remove_weights(spec.output_dir)
     with ShardedWriter(spec.output_dir, layout, spec.max_shard_size) as writer:

@@ -158,8 +158,8 @@ def read_header(path: Union[str, Path]) -> tuple[dict[str, dict[str, Any]], int]
 def folder_tensors(folder: Union[str, Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor of a model folder's weights (``weight_files``): name -> (safetensors dtype code, shape), read
     from the files' headers only."""
-    return {name: (meta["dtype"], tuple(meta["shape"]))
-            for path in weight_files(folder) for name, meta in read_header(path)[0].items()}
+    ckpt = Checkpoint(str(folder))
+    return {name: (ckpt.dtypes[name], ckpt.shapes[name]) for name in ckpt.shapes}
 
 
 def remove_weights(folder: Union[str, Path]) -> None:

@@ -183,10 +183,10 @@ def write_partitioned(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Opti
         if method is not None:
             final = method.finalize({name: value}, {name: base.tensor(name).to(value.dtype)})[name]
             writers[1].write(name, final.to(value.dtype))
+    module.config.dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    module.config.architectures = [type(module).__name__]
     for writer in writers:
         writer.close()
-        module.config.dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
-        module.config.architectures = [type(module).__name__]
         module.config.save_pretrained(str(writer.folder))
         if module.can_generate():
             module.generation_config.save_pretrained(str(writer.folder))

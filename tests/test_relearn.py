@@ -141,3 +141,96 @@ def test_the_evaluated_model_is_left_unchanged(unlearned, tiny_dir):
     assert not model.training
     with pytest.raises(ValueError, match="retain"):
         get_suite("relearn")(SuiteContext(model, tok), {"forget": rows}, train_on="retain")
+
+
+def _bf16_and_fp32(path):
+    """The unlearned model loaded as bf16, and the very same (bf16-representable) weights as an fp32 model."""
+    import copy
+
+    from jobs.models import load_model
+
+    bf16 = load_model(str(path), dtype="bfloat16").eval()
+    return bf16, copy.deepcopy(bf16).float()
+
+
+def test_a_bf16_model_is_attacked_through_an_fp32_copy(unlearned):
+    import jobs.evaluate.relearn as R
+
+    path, tok, rows, _, _ = unlearned
+    bf16, _ = _bf16_and_fp32(path)
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    train = [rows[i] for i in split_rows(len(rows), 0.5)[0]]
+    attacked = R.fp32_copy(bf16)
+    assert {p.dtype for p in attacked.parameters()} == {torch.float32} and not attacked.training
+    R.relearn(attacked, SuiteContext(bf16, tok), train, RelearnOptions())  # the defaults: 10 AdamW steps of lr 1e-5
+    pairs = list(zip(attacked.parameters(), bf16.parameters()))
+    moved = sum(int((a != b.float()).sum()) for a, b in pairs) / sum(b.numel() for _, b in pairs)
+    # measured 99.9% (every element with a gradient; AdamW's weight decay moves most of the rest). The old bf16
+    # fine-tune moved 10%: its steps of ~lr = 1e-5 are below half a bf16 unit (6e-5 at 0.02) of most weights
+    assert moved > 0.9
+    assert all(p.grad is None for p in attacked.parameters()) and not attacked.training
+    assert all(torch.equal(before[k], v) for k, v in bf16.state_dict().items())  # the model itself is untouched
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_bf16_relearn_gain_at_the_defaults_is_the_fp32_runs(unlearned, monkeypatch):
+    import copy
+
+    import jobs.evaluate.relearn as R
+
+    path, tok, rows, _, _ = unlearned
+    bf16, fp32 = _bf16_and_fp32(path)
+
+    def metrics(model) -> dict:  # the suite's default lr (1e-5) and steps (10)
+        return get_suite("relearn")(SuiteContext(model, tok, batch_size=8), {"forget": rows})["metrics"]
+
+    m32, m16 = metrics(fp32), metrics(bf16)
+    g32 = m32["relearn_gain"]
+    assert g32 > 3e-5  # measured 5.64e-5 (before the attack the held-out probability is 1.65e-3)
+    # Tolerance, 1e-6 of the gain. Casting bf16 to fp32 is exact, so both runs score and train the same fp32 weights
+    # with the same fp32 operations on the same batches: on the CPU's deterministic kernels the numbers are equal
+    # bit for bit (as measured); 1e-6 leaves room only for a reordered fp32 sum (~1e-7 relative, as a GPU's atomic
+    # adds give), nothing of a half-precision step: scoring in bf16 alone moves the before probability by ~2**-9 of
+    # it (3e-6, 6% of the gain), and the old fine-tune (a bf16 copy, AdamW on its bf16 weights, both probabilities
+    # scored in bf16) gives 7.2e-6, 87% below (with fp32 master weights rounded into the bf16 copy: 3.5e-5, 39%).
+    tolerance = 1e-6 * g32
+    assert m16["relearn_gain"] == pytest.approx(g32, abs=tolerance)
+    assert m16["relearn_before_prob"] == pytest.approx(m32["relearn_before_prob"], rel=1e-6)
+    monkeypatch.setattr(R, "fp32_copy", lambda model: copy.deepcopy(model).eval())  # the old attack: a bf16 copy
+    assert abs(metrics(bf16)["relearn_gain"] - g32) > tolerance  # fails the check above
+
+
+def test_the_fp32_copy_of_a_dispatched_flash_attention_model(unlearned):
+    """Accelerate's hooks (a device map) come with the deep copy and drive its own modules; flash attention (fp16 /
+    bf16 only) becomes sdpa on the copy; a model with modules offloaded to the meta device is refused."""
+    from copy import deepcopy
+
+    from accelerate import dispatch_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import jobs.evaluate.relearn as R
+
+    path, tok, rows, _, _ = unlearned
+    plain, _ = _bf16_and_fp32(path)
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head"]
+    device_map = dict.fromkeys(names, "cpu")
+    model = dispatch_model(deepcopy(plain), device_map, main_device="cpu", force_hooks=True)
+    model.hf_device_map = device_map  # as from_pretrained(device_map=...) sets it
+    model.config._attn_implementation = "flash_attention_2"  # not installed here: only the config names it
+    copy = R.fp32_copy(model)
+    layer = copy.model.layers[0]
+    assert layer._hf_hook is not model.model.layers[0]._hf_hook and layer.forward.args[0] is layer
+    assert "to" not in vars(copy) and "to" in vars(model)  # accelerate's .to wrapper would move `model`
+    assert copy.config._attn_implementation == "sdpa" and model.config._attn_implementation == "flash_attention_2"
+    del copy
+    model.config._attn_implementation = "sdpa"
+
+    def gain(m) -> float:
+        return get_suite("relearn")(SuiteContext(m, tok, batch_size=8), {"forget": rows},
+                                    **{**RELEARN, "steps": 3})["metrics"]["relearn_gain"]
+
+    assert gain(model) == gain(plain)  # the same numbers through the hooks
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    with pytest.raises(ValueError, match="offloaded"):
+        R.fp32_copy(meta)

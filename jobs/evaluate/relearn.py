@@ -8,14 +8,19 @@ latter's setup). The suite measures that recovery on rows the attack never train
 
 1. the ``forget`` rows are split by a seeded shuffle (``seed``): the first ``ceil(fraction * n)`` are the
    attack's, the rest are held out (at least one must be);
-2. ``relearn_before_prob``: the held-out rows' mean probability on the model as given, TOFU's
-   ``p(answer | question) ** (1 / |answer|) = exp(-mean answer-token NLL)`` (every token of a raw-text row),
-   as the ``qa`` suite's ``forget_prob``;
-3. a deep copy of the model (same device, same dtype) is fine-tuned for ``steps`` AdamW steps (learning rate
-   ``lr``, train mode, mean NLL over the batch's answer tokens, every token of a text row) on the attack's rows
-   (``train_on: forget``) or on every ``retain`` row (``train_on: retain``: related text that holds none of the held-out
-   facts, Hu et al.'s "benign public information"), in batches of ``batch_size`` from a seeded shuffle, reshuffled
-   after each pass;
+2. ``relearn_before_prob``: the held-out rows' mean probability, TOFU's
+   ``p(answer | question) ** (1 / |answer|) = exp(-mean answer-token NLL)`` (every token of a raw-text row) as the
+   ``qa`` suite's ``forget_prob``, on the attack's copy of the model: a deep copy in fp32 whatever the model's dtype
+   (each tensor on its device, an accelerate device map's too; ``sdpa`` attention where the config asks for flash
+   attention, which has no fp32 kernel), as a real attacker fine-tunes. In bf16 most updates of about ``lr`` would
+   be below half a unit of the weight they update (2**-9 to 2**-8 of it: 6e-5 at 0.02) and round away: the
+   knowledge would read as still forgotten. Scored on the copy, the before and after probabilities compare like
+   with like (for an fp32 model they are the numbers of the model as given);
+3. the copy is fine-tuned for ``steps`` plain AdamW steps (learning rate ``lr``, train mode, mean NLL over the
+   batch's answer tokens, every token of a text row) on the attack's rows (``train_on: forget``) or on every
+   ``retain`` row (``train_on: retain``: related text that holds none of the held-out facts, Hu et al.'s "benign
+   public information"), in batches of ``batch_size`` from a seeded shuffle, reshuffled after each pass. Like any
+   fp32 AdamW fine-tune it takes about 16 bytes a parameter (weights, gradients, two moments) besides the model;
 4. ``relearn_forget_prob``: the held-out rows' mean probability on the fine-tuned copy;
    ``relearn_gain = relearn_forget_prob - relearn_before_prob``: how much the attack recovered (lower is more
    robust unlearning). The copy is freed; the evaluated model is not touched.
@@ -81,16 +86,37 @@ def heldout_probs(model: Any, ctx: SuiteContext, records: Sequence[dict]) -> np.
     return M.answer_prob(nll, n)
 
 
-def relearn(model: Any, ctx: SuiteContext, records: Sequence[dict], opts: RelearnOptions) -> Any:
-    """A fine-tuned deep copy of ``model``: ``opts.steps`` AdamW steps over ``records`` (seeded batches of
-    ``opts.batch_size``, reshuffled after each pass), mean NLL of the batch's target tokens. The copy stays on
-    the model's device, in its dtype; ``model`` is left as it was."""
+def fp32_copy(model: Any) -> Any:
+    """The attack's copy of ``model`` (module doc, point 2): a deep copy, in eval mode, its floating tensors cast to
+    fp32 each on its own device (accelerate's hooks of a dispatched model are copied with it and drive the copy's
+    modules); ``sdpa`` attention where the model's config asks for flash attention. ``model`` is left as it was."""
     import copy
 
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("the relearn suite fine-tunes a copy of the model, which it cannot do with modules "
+                         "offloaded to 'cpu' or 'disk' (their weights are on the meta device): give the eval task "
+                         "more GPU memory")
+    attacked = copy.deepcopy(model).float().eval()
+    for name in ("to", "cuda"):  # a dispatched model's accelerate wrappers: deep-copied, they would move `model`
+        vars(attacked).pop(name, None)
+    # flash attention kernels take fp16 / bf16 only: the fp32 copy attends with sdpa (the same attention, in fp32)
+    if "flash" in str(getattr(attacked.config, "_attn_implementation", None)):
+        if hasattr(attacked, "set_attn_implementation"):
+            attacked.set_attn_implementation("sdpa")
+        else:  # older transformers
+            attacked.config._attn_implementation = "sdpa"
+    return attacked
+
+
+def relearn(attacked: Any, ctx: SuiteContext, records: Sequence[dict], opts: RelearnOptions) -> None:
+    """Fine-tune ``attacked`` (an ``fp32_copy``) in place: ``opts.steps`` AdamW steps over ``records`` (seeded
+    batches of ``opts.batch_size``, reshuffled after each pass), mean NLL of the batch's target tokens; left in
+    eval mode, without gradients or optimizer state."""
     import torch
 
     from jobs.data.format import collate, sequence_nll
     from jobs.evaluate.mia import encode_record
+    from jobs.evaluate.placement import input_device
 
     encoded = [encode_record(ctx.tokenizer, r, ctx.max_length, ctx.template) for r in records]
     encoded = [e for e in encoded if any(t != -100 for t in e["labels"][1:])]  # rows with something to learn
@@ -98,8 +124,7 @@ def relearn(model: Any, ctx: SuiteContext, records: Sequence[dict], opts: Relear
         raise ValueError("the relearn suite's training rows have no target tokens (empty answers, or cut by "
                          "max_length)")
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else (ctx.tokenizer.eos_token_id or 0)
-    attacked = copy.deepcopy(model)
-    device = next(attacked.parameters()).device
+    device = input_device(attacked)
     params = [p for p in attacked.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
@@ -114,7 +139,7 @@ def relearn(model: Any, ctx: SuiteContext, records: Sequence[dict], opts: Relear
         batch = collate([encoded[i] for i in rows], pad)
         logits = attacked(input_ids=batch["input_ids"].to(device),
                           attention_mask=batch["attention_mask"].to(device)).logits
-        nll, n = sequence_nll(logits, batch["labels"].to(device))
+        nll, n = sequence_nll(logits, batch["labels"].to(logits.device))
         loss = nll.sum() / n.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +148,6 @@ def relearn(model: Any, ctx: SuiteContext, records: Sequence[dict], opts: Relear
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     attacked.eval()
-    return attacked
 
 
 def _release_memory() -> None:
@@ -144,9 +168,10 @@ def _mean(values: np.ndarray) -> float:
 def relearn_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: RelearnOptions) -> dict:
     """The relearning attack (see the module doc).
 
-    Metrics: ``relearn_before_prob`` (held-out forget rows' mean probability on the model), ``relearn_forget_prob``
-    (the same after the attack's fine-tune of a copy), ``relearn_gain`` (their difference). ``raw``: per held-out row
-    ``relearn_forget_prob`` and ``relearn_before_prob``, and ``relearn_heldout`` (their indices in the forget split).
+    Metrics: ``relearn_before_prob`` (held-out forget rows' mean probability on the attack's fp32 copy of the
+    model), ``relearn_forget_prob`` (the same after the copy's fine-tune), ``relearn_gain`` (their difference).
+    ``raw``: per held-out row ``relearn_forget_prob`` and ``relearn_before_prob``, and ``relearn_heldout`` (their
+    indices in the forget split).
     """
     forget = data.get("forget") or []
     if not forget:
@@ -159,9 +184,10 @@ def relearn_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: RelearnO
     else:
         train = [forget[i] for i in attack_idx]
     held = [forget[i] for i in held_idx]
-    before = heldout_probs(ctx.model, ctx, held)
-    attacked = relearn(ctx.model, ctx, train, opts)
+    attacked = fp32_copy(ctx.model)
     try:
+        before = heldout_probs(attacked, ctx, held)
+        relearn(attacked, ctx, train, opts)
         after = heldout_probs(attacked, ctx, held)
     finally:
         del attacked

@@ -15,6 +15,7 @@ it loads the way transformers' Trainer and OpenRLHF do: ``from_pretrained`` insi
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -106,7 +107,10 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    try:  # keeps zero.Init from casting float aranges (RoPE buffers); older transformers (5.17) lack it
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:
+        prevent_arange_dtype_change = contextlib.nullcontext
 
     reason = slice_reason(path, ds_config)
     config = None
@@ -120,7 +124,8 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
     if reason is not None:
         with zero3_init(ds_config):
             return load_model(path, dtype, allow_pickle, attn_implementation)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights(), prevent_arange_dtype_change():
+    # entered before zero.Init, which wraps torch.arange as it is entered (transformers orders them so too)
+    with prevent_arange_dtype_change(), no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.tie_weights()
     ckpt = Checkpoint(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from jobs.models import is_adapter_dir
-from jobs.shards import DEFAULT_MAX_SHARD_SIZE, parse_size, remove_weights, weight_files
+from jobs.shards import DEFAULT_MAX_SHARD_SIZE, Progress, parse_size, remove_weights, weight_files
 from jobs.spec import MergeSpec
 
 MERGE_MARKER = "spunge_merge.json"
@@ -51,13 +51,15 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
     }
 
 
-def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -> str:
+def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None,
+                 progress: Optional[Progress] = None) -> str:
     """Merge spec.model_paths onto the base; the result is a Hugging Face folder (safetensors + tokenizer) at
     spec.output_dir, or a peft adapter folder for adapter inputs with ``output: adapter``. Full models go
     through jobs.merge_stream when it covers the spec, else mergekit's run_merge; adapter folders (every
     path, never a mix) through jobs.merge_lora. A hub-name base is merged from its cached snapshot
     (``resolve_base``; the marker's ``base_model_folder``). ``post(folder)`` runs before the completion marker
-    is written (a crash never leaves a half result)."""
+    is written (a crash never leaves a half result). ``progress(tensors written, of the total)`` follows the
+    streaming and LoRA merges (mergekit's run_merge reports nothing)."""
     if not spec.model_paths:
         raise ValueError("merge: no models to merge")
     adapters = [name for name, path in spec.model_paths.items() if is_adapter_dir(path)]
@@ -71,14 +73,14 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None) -
     if adapters:
         from jobs.merge_lora import merge_adapters
 
-        marker = merge_adapters(spec, base_name=given)
+        marker = merge_adapters(spec, base_name=given, progress=progress)
     elif spec.output == "adapter":
         raise ValueError("merge.output: 'adapter' needs LoRA adapter folders in model_paths, not full models")
     else:
         from jobs.merge_stream import stream_merge, stream_reason
 
         reason = stream_reason(spec)
-        marker = stream_merge(spec) if reason is None else {"mergekit_config": run_mergekit(spec),
+        marker = stream_merge(spec, progress) if reason is None else {"mergekit_config": run_mergekit(spec),
                                                             "engine": f"mergekit run_merge ({reason})"}
     if post is not None:
         post(spec.output_dir)

@@ -48,11 +48,11 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from jobs.shards import SAFETENSORS_TORCH, Checkpoint, ShardedWriter, remove_weights
+from jobs.shards import SAFETENSORS_TORCH, Checkpoint, Progress, ShardedWriter, remove_weights
 from jobs.spec import MergeSpec
 
 # Deterministic mergekit methods whose merge of base + delta_i depends on the deltas only (or, linear,
@@ -255,7 +255,8 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return U[:, :R] * root, root[:, None] * Vh[:R], error
 
 
-def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any]) -> dict:
+def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any],
+               progress: Optional[Progress] = None) -> dict:
     """c * base + merged delta for every base tensor, in spec.dtype, each written as soon as it is computed
     (shards of at most spec.max_shard_size)."""
     from jobs.models import DTYPES
@@ -270,7 +271,7 @@ def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoin
     layout = {name: (DTYPES[spec.dtype] if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], shape)
               for name, shape in base.shapes.items()}
     remove_weights(spec.output_dir)
-    with ShardedWriter(spec.output_dir, layout, spec.max_shard_size) as writer:
+    with ShardedWriter(spec.output_dir, layout, spec.max_shard_size, progress) as writer:
         for name in writer.order:
             w = base.tensor(name)
             if floating[name]:
@@ -353,9 +354,10 @@ def copy_side_files(spec: MergeSpec) -> None:
             shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
 
 
-def merge_adapters(spec: MergeSpec, base_name: str | None = None) -> dict[str, Any]:
+def merge_adapters(spec: MergeSpec, base_name: str | None = None, progress: Optional[Progress] = None) -> dict[str, Any]:
     """Merge the LoRA adapters in spec.model_paths onto spec.base_model_path (a folder) into spec.output_dir; an
-    adapter output names ``base_name`` as its base when given. Returns what the merge marker records (method,
+    adapter output names ``base_name`` as its base when given; a full output calls ``progress(tensors written,
+    of the total)`` after each. Returns what the merge marker records (method,
     parameters, output kind, SVD errors when truncated)."""
     check_method(spec.method)
     shared, kwargs = mergekit_parameters(spec)
@@ -364,7 +366,7 @@ def merge_adapters(spec: MergeSpec, base_name: str | None = None) -> dict[str, A
     check_against_base(adapters, base)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     if spec.output == "full":
-        record = write_full(spec, adapters, base, kwargs)
+        record = write_full(spec, adapters, base, kwargs, progress)
     else:
         record = write_adapter(spec, adapters, base, kwargs, base_name)
     copy_side_files(spec)

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from jobs.allocator import unmap_large_frees
-from jobs.shards import SAFETENSORS_DTYPES, SAFETENSORS_TORCH, Checkpoint, ShardedWriter, remove_weights
+from jobs.shards import SAFETENSORS_DTYPES, SAFETENSORS_TORCH, Checkpoint, Progress, ShardedWriter, remove_weights
 from jobs.spec import MergeSpec
 
 CHUNK_ELEMENTS = 1 << 21  # elements per input per chunk of an elementwise merge (8 MB in float32)
@@ -227,9 +227,9 @@ def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name
     return mixed.add_(w0).to(w0.dtype)  # w0 + mixed, in place (addition commutes bit for bit)
 
 
-def stream_merge(spec: MergeSpec) -> dict[str, Any]:
+def stream_merge(spec: MergeSpec, progress: Optional[Progress] = None) -> dict[str, Any]:
     """Merge spec.model_paths onto the base into spec.output_dir tensor by tensor (stream_reason must be
-    None). Returns what the merge marker records."""
+    None), calling ``progress(tensors written, of the total)`` after each. Returns what the merge marker records."""
     from mergekit.merge_methods import get
 
     from jobs.merge_lora import copy_side_files, mergekit_parameters
@@ -249,7 +249,7 @@ def stream_merge(spec: MergeSpec) -> dict[str, Any]:
     floating = {name: base.dtypes[name] in ("F32", "F16", "BF16", "F64") for name in names}
     layout = {name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name])
               for name in names}
-    with ShardedWriter(out, layout, spec.max_shard_size) as writer:
+    with ShardedWriter(out, layout, spec.max_shard_size, progress) as writer:
         for name in writer.order:  # the files' order: each shard is written whole before the next
             if not floating[name]:
                 merged = base.tensor(name)

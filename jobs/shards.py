@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -79,14 +79,19 @@ class SafetensorsWriter:
         self.file.close()
 
 
+Progress = Callable[[int, int], None]  # (done, total): how far a long write or merge has come
+
+
 class ShardedWriter:
     """A folder's weights written tensor by tensor, split into shards of at most ``max_shard_size`` (each file's
     header is written when its first tensor comes); ``close`` writes the index when there is more than one file.
     Tensors come in ``order`` (the files' order: a tensor above the limit takes a file of its own at once, so
-    this can differ from ``layout``'s). Holds no tensor: the caller's, one at a time."""
+    this can differ from ``layout``'s). Holds no tensor: the caller's, one at a time. ``progress(written, total)``
+    is called after each tensor (a long merge says where it is)."""
 
     def __init__(self, folder: Union[str, Path], layout: Layout,
-                 max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE):
+                 max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+                 progress: Optional[Progress] = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.layout = layout
@@ -95,6 +100,7 @@ class ShardedWriter:
         self.order = [name for names in self.files.values() for name in names]
         self.current: SafetensorsWriter | None = None
         self.done: set[str] = set()
+        self.progress, self.written = progress, 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         file = self.file_of.get(name)
@@ -108,6 +114,9 @@ class ShardedWriter:
                 self.done.add(self.current.path.name)
             self.current = SafetensorsWriter(self.folder / file, {n: self.layout[n] for n in self.files[file]})
         self.current.write(name, tensor)
+        self.written += 1
+        if self.progress is not None:
+            self.progress(self.written, len(self.order))
 
     def __enter__(self) -> "ShardedWriter":
         return self

@@ -141,3 +141,7 @@ class EvalSpec(_Spec):
     attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
     suite_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="suite name -> extra keyword arguments (lmeval tasks, mc attributes)")
+    max_memory: Optional[dict[str, Union[int, str]]] = Field(
+        None, description="device ('0', '1', ... for GPUs, 'cpu') -> bytes or '70GiB' the weights may take; null: "
+                          "every visible GPU less headroom (jobs.evaluate.placement), else the CPU")
+    offload_folder: Optional[str] = Field(None, description="with max_memory: modules that fit nowhere go to disk here")

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 HASH_LEN = 12
 # Spec fields that change where or how often a job writes, or how fast it runs, not what it computes.
 NOT_IN_KEY = frozenset({"name", "output_dir", "report_interval_s", "checkpoint_every", "threads_per_worker",
-                        "max_shard_size"})
+                        "max_shard_size", "max_memory", "offload_folder"})
 
 
 def digest(*parts: Any) -> str:

@@ -47,6 +47,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     problems += _check_select(cfg)
     problems += _check_model_features(cfg)
     problems += _check_batch(cfg)
+    problems += _check_gpus(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
             ds = cfg.deepspeed_dict()
@@ -179,6 +180,27 @@ def _check_batch(cfg: PipelineConfig) -> list[str]:
     except BatchSplitError as e:
         return [str(e)]
     return []
+
+
+def _check_gpus(cfg: PipelineConfig) -> list[str]:
+    """GPU combinations Ray would schedule but the GPUs cannot serve: an eval task on a GPU it did not reserve,
+    two NCCL ranks of one job on one GPU, a fraction of GPUs Ray refuses."""
+    s, e, problems = cfg.scaling, cfg.eval, []
+    if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker != int(s.gpus_per_worker):
+        problems.append(f"scaling.gpus_per_worker: {s.gpus_per_worker} with num_workers {s.num_workers} can put two "
+                        "NCCL ranks of one job on one GPU, which NCCL refuses; use whole GPUs per worker, or "
+                        "num_workers: 1 to share GPUs between jobs")
+    if s.use_gpu and e.device == "auto" and e.gpus_per_task == 0:
+        problems.append("eval.gpus_per_task: 0 with scaling.use_gpu: true leaves each eval task's model on a GPU it "
+                        "did not reserve, beside the training workers; reserve 1 or more, or set eval.device: cpu")
+    if e.device == "cpu" and e.gpus_per_task:
+        problems.append(f"eval.gpus_per_task: {e.gpus_per_task} with eval.device: cpu reserves GPUs the task hides; "
+                        "set 0 or eval.device: auto")
+    for field, value in (("eval.gpus_per_task", e.gpus_per_task), ("scaling.gpus_per_worker", s.gpus_per_worker)):
+        if value and value > 1 and value != int(value):
+            problems.append(f"{field}: {value} is a fraction above 1, which Ray cannot reserve; use a fraction "
+                            "below 1 or a whole number")
+    return problems
 
 
 def _looks_local(p: str) -> bool:

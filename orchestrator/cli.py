@@ -232,7 +232,7 @@ def eval_(
         splits = {n: str(write_jsonl(Path(tmp) / f"{n}.jsonl", rows)) for n, rows in data.items()}
         try:
             res = evaluate_folder(str(model_dir.resolve()), splits, suites, options, e.cpus_per_task,
-                                  e.gpus_per_task, address, cfg)
+                                  e.gpus_per_task or 0, address, cfg)  # without a pipeline config: the CPU
         except PipelineError as err:
             _fail(str(err))
     print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")

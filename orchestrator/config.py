@@ -87,6 +87,10 @@ class ScalingConfig(_Section):
     max_failures: Optional[int] = Field(
         None, ge=-1, description="worker-group restarts per job (Ray Train FailureConfig); -1: unlimited; "
                                  "default 2 with unlearn.checkpoint_every, else 0")
+    wait_for_resources_s: Optional[float] = Field(
+        None, ge=0, description="how long the pipeline waits for the cluster to grow when one job (or one eval "
+                                "task) does not fit it now, having asked Ray's autoscaler for it; default 900 on "
+                                "a cluster (ray.address or --address), 0 on a local Ray spunge starts")
 
     @model_validator(mode="after")
     def _gpus(self):
@@ -118,7 +122,11 @@ class _EvalSection(_Section):
     max_new_tokens: int = Field(32, gt=0)
     max_examples: Optional[int] = Field(None, gt=0, description="cap per split (quick runs)")
     cpus_per_task: float = Field(1, gt=0)
-    gpus_per_task: float = Field(0, ge=0)
+    gpus_per_task: Optional[float] = Field(
+        None, ge=0, description="GPUs each eval task reserves; more than 1 spreads the model over them (a device "
+                                "map); default 1 with scaling.use_gpu (unless eval.device: cpu), else 0")
+    device: Literal["auto", "cpu"] = Field(
+        "auto", description="auto: the GPUs the task reserved, else the CPU; cpu: the CPU, the GPUs hidden")
 
     def suite_options(self, suite: str) -> dict[str, Any]:
         """One suite's options (``EvalSpec.suite_options[suite]``); {} for a suite without options."""
@@ -198,6 +206,12 @@ class PipelineConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _eval_gpus(self):
+        if self.eval.gpus_per_task is None:
+            self.eval.gpus_per_task = 1 if self.scaling.use_gpu and self.eval.device == "auto" else 0
+        return self
 
     def deepspeed_dict(self) -> dict[str, Any]:
         if isinstance(self.deepspeed, dict):

@@ -18,6 +18,7 @@ from orchestrator.config import PipelineConfig
 from orchestrator.context import PipelineError, RunContext, root_message
 from orchestrator.display import Display
 from orchestrator.prepare import eval_set_key
+from orchestrator.resources import default_wait_s
 
 SPLITS = ("forget", "retain", "holdout", "general", "mc")
 
@@ -67,7 +68,8 @@ def evaluate(ctx: RunContext) -> None:
             h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[k] for n, k in keys.items()},
                           suite_options=suite_options_key(spec))
             tasks.append(EvalTask(name, suite, spec, folder / f"{name.replace('/', '-')}-{suite}-{h}.json"))
-    ctx.results.update(run_eval_tasks(tasks, cfg.eval.cpus_per_task, cfg.eval.gpus_per_task, ctx.resume, ctx.display))
+    ctx.results.update(run_eval_tasks(tasks, cfg.eval.cpus_per_task, cfg.eval.gpus_per_task, ctx.resume, ctx.display,
+                                      default_wait_s(cfg.scaling.wait_for_resources_s)))
     add_reference_metrics(ctx.results)
 
 
@@ -82,34 +84,46 @@ class EvalTask:
 
 
 def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resume: bool = False,
-                   display: Optional[Display] = None) -> dict[str, dict[str, Any]]:
+                   display: Optional[Display] = None, wait_s: float = 0) -> dict[str, dict[str, Any]]:
     """Run every (model, suite) task as its own Ray task, as many at once as the cluster's resources allow
-    (``cpus``/``gpus`` each), and combine the suites of each model: ``{model: {"metrics", "raw",
+    (``cpus``/``gpus`` each; a cluster without room for one is waited for ``wait_s`` seconds), and combine the
+    suites of each model: ``{model: {"metrics", "raw",
     "n_examples", "seconds", "reused", "suites": {suite: {"pid", "started", "ended", "seconds", "reused"}}}}``.
     The tasks are scheduled on the whole cluster, never in a caller's placement group (a tune trial's holds
     no CPU)."""
-    from orchestrator.runners import evaluate_task
+    from orchestrator.progress import ProgressBoard
+    from orchestrator.resources import fits_some_node, task_bundle, wait_until_fits
+    from orchestrator.runners import eval_task_options, evaluate_task
 
     display = display or Display()
+    if any(not (resume and t.cache is not None and t.cache.exists()) for t in tasks):
+        bundle = task_bundle(cpus, gpus)
+        wait_until_fits(lambda res: int(all(res.get(k, 0) >= v for k, v in bundle.items()) and fits_some_node(bundle)),
+                        [bundle], "one eval task", wait_s, "scaling.wait_for_resources_s", display)
     by_model: dict[str, list[EvalTask]] = {}
     for t in tasks:
         by_model.setdefault(t.model, []).append(t)
     parts: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in by_model}
     running: dict[Any, EvalTask] = {}
+    board, seen = None, {}
     for m, ts in by_model.items():
         display.add(f"eval/{m}", f"eval {m}", total=len(ts))
     for t in tasks:
         if resume and t.cache is not None and t.cache.exists():
             parts[t.model][t.suite] = {**json.loads(t.cache.read_text()), "reused": True}
             continue
-        ref = evaluate_task.options(num_cpus=cpus, num_gpus=gpus, name=f"eval {t.model} {t.suite}",
-                                    scheduling_strategy="DEFAULT").remote(t.spec.model_dump(), threads=max(1, int(cpus)))
+        board = board or ProgressBoard.remote()
+        ref = evaluate_task.options(**eval_task_options(cpus, gpus, f"eval {t.model} {t.suite}")
+                                    ).remote(t.spec.model_dump(), threads=max(1, int(cpus)), board=board,
+                                             key=t.model)
         running[ref] = t
     for m in by_model:
         _eval_progress(display, m, parts[m], len(by_model[m]))
     try:
         while running:
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if board is not None:
+                _scoring_progress(display, board, seen, parts)
             for ref in done:
                 t = running.pop(ref)
                 try:
@@ -119,12 +133,24 @@ def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resu
                 if t.cache is not None:
                     write_json(t.cache, res)
                 parts[t.model][t.suite] = {**res, "reused": False}
+                if ";" in res.get("placement", ""):  # spread over several devices: where each part went
+                    display.log(f"eval {t.model} ({t.suite}): {res['placement']}")
                 _eval_progress(display, t.model, parts[t.model], len(by_model[t.model]))
             display.heartbeat()
     finally:
         for ref in running:  # only left when one failed
             ray.cancel(ref, force=True)
     return {m: combine_suites({t.suite: parts[m][t.suite] for t in ts}) for m, ts in by_model.items()}
+
+
+def _scoring_progress(display: Display, board: Any, seen: dict[str, int], parts: dict[str, dict]) -> None:
+    """The rows scored that each model's running tasks reported since last time, on its display line."""
+    for model, rows in ray.get(board.since.remote(seen)).items():
+        seen[model] = seen.get(model, 0) + len(rows)
+        last = rows[-1]
+        done = ", ".join(parts[model]) or "no suite"
+        display.update(f"eval/{model}", info=f"{last['suite']}: {last['done']}/{last['total']} rows {last['what']} "
+                                             f"({done} done)")
 
 
 def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -134,7 +160,8 @@ def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key in ("metrics", "raw", "parts", "n_examples"):
             out[key].update(r.get(key, {}))
         out["seconds"] += r.get("seconds", 0.0)
-        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused", "tokens", "params")}
+        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused", "tokens", "params",
+                                                      "placement", "visible_devices", "gpu_ids")}
     out["reused"] = all(r.get("reused") for r in parts.values())
     return out
 
@@ -164,4 +191,5 @@ def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], 
     name = Path(model_path).name or model_path
     tasks = [EvalTask(name, s, EvalSpec(model_path=model_path, splits=splits, suites=[s], **options)) for s in suites]
     with display:
-        return run_eval_tasks(tasks, cpus, gpus, display=display)[name]
+        return run_eval_tasks(tasks, cpus, gpus, display=display,
+                              wait_s=default_wait_s(cfg.scaling.wait_for_resources_s if cfg else None))[name]

@@ -106,13 +106,13 @@ def merge(ctx: RunContext) -> None:
     reused = claim(folder, MERGE_MARKER, ctx.resume)
     seconds = None
     if not reused:
-        ctx.display.update("merge", info="mergekit running")
+        ctx.display.update("merge", info="merging")
         t0 = time.perf_counter()
         for attempt in (1, 2):
             try:
-                ray.get(ctx.merge_actor.merge.remote(m.method, m.parameters, m.model_parameters, cfg.model.dtype,
-                                                     str(folder), (cfg.unlearn.method, cfg.unlearn.params), m.output,
-                                                     cfg.storage.max_shard_size))
+                follow_merge(ctx, ctx.merge_actor.merge.remote(
+                    m.method, m.parameters, m.model_parameters, cfg.model.dtype, str(folder),
+                    (cfg.unlearn.method, cfg.unlearn.params), m.output, cfg.storage.max_shard_size))
                 break
             except ray.exceptions.RayActorError as e:  # its process died (killed, OOM): the merge alone again
                 if attempt == 2:
@@ -127,3 +127,20 @@ def merge(ctx: RunContext) -> None:
         seconds = time.perf_counter() - t0
     ctx.merged = Merged(str(folder), h, reused, seconds)
     ctx.display.finish("merge", "reused (resume)" if reused else "done")
+
+
+def follow_merge(ctx: RunContext, ref: ray.ObjectRef) -> str:
+    """Wait for the merge actor's ``merge`` call, its tensors merged of the total on the display and a log line
+    at each quarter (a 70B merge takes an hour)."""
+    quarters = 0
+    while True:
+        done, _ = ray.wait([ref], timeout=1.0)
+        if done:
+            return ray.get(ref)
+        written, total = ray.get(ctx.merge_actor.progress.remote())
+        if total:
+            ctx.display.update("merge", done=written, total=total, info="tensors merged")
+            if 4 * written // total > quarters:
+                quarters = 4 * written // total
+                ctx.display.log(f"merge: {written}/{total} tensors merged")
+        ctx.display.heartbeat()

@@ -15,21 +15,27 @@ from jobs.spec import MergeSpec
 from jobs.unlearn.methods import build_method
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_concurrency=2)  # a second thread answers ``progress`` while ``merge`` runs
 class MergeActor:
     """Owns merging. ``add`` is called as each unlearning job finishes; ``merge`` runs mergekit once all
-    expected checkpoints are in."""
+    expected checkpoints are in; ``progress`` says how far it has come."""
 
     def __init__(self, base_model_path: str, expected: list[str]) -> None:
         self.base_model_path = base_model_path
         self.expected = list(expected)
         self.checkpoints: dict[str, str] = {}
+        self.written = (0, 0)
 
     def add(self, name: str, path: str) -> int:
         if name not in self.expected:
             raise ValueError(f"merge actor: unexpected checkpoint {name!r}; expected {self.expected}")
         self.checkpoints[name] = path
         return len(self.checkpoints)
+
+    def progress(self) -> tuple[int, int]:
+        """(tensors merged, of the total) of the merge running; (0, 0) before its first tensor or for mergekit's
+        run_merge, which reports nothing."""
+        return self.written
 
     def missing(self) -> list[str]:
         return [n for n in self.expected if n not in self.checkpoints]
@@ -62,4 +68,5 @@ class MergeActor:
         if unlearn is not None and unlearn.rewrites_merge():
             post = lambda folder: rewrite_merged(folder, self.base_model_path, unlearn, dtype,  # noqa: E731
                                                  max_shard_size)
-        return merge_models(spec, post)
+        self.written = (0, 0)
+        return merge_models(spec, post, progress=lambda done, total: setattr(self, "written", (done, total)))

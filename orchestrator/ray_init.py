@@ -23,6 +23,7 @@ import ray
 from orchestrator.context import PipelineError
 
 LOGGERS = ("ray", "mlflow", "alembic", "DeepSpeed", "optuna")  # libraries whose log lines go to the log file
+_STARTED_LOCAL = [False]  # whether this process started its Ray node (no autoscaler can grow it)
 
 
 def init_ray(cfg: Any, address: Optional[str], log_file: Optional[Path] = None) -> None:
@@ -45,9 +46,15 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, use
     else:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         _start_local(num_cpus or 2 * (os.cpu_count() or 1), env, start_timeout_s)
+        _STARTED_LOCAL[0] = True
     if log_file is not None:
         route_logs(log_file)  # ray.init sets up its loggers again
         _route_raylet_messages(log_file)
+
+
+def started_locally() -> bool:
+    """Whether the Ray this process uses is a local node it started (rather than a cluster it connected to)."""
+    return _STARTED_LOCAL[0] and ray.is_initialized()
 
 
 def ray_address() -> str:

@@ -95,11 +95,25 @@ def _max_failures(scaling: dict[str, Any], spec: UnlearnSpec) -> int:
     return 2 if spec.checkpoint_every else 0
 
 
+def eval_task_options(cpus: float, gpus: float, name: str) -> dict[str, Any]:
+    """Ray options of an eval task: its CPUs and GPUs, on the whole cluster (never a caller's placement group).
+    On a cluster with GPUs, a task that reserved none has them hidden: Ray 2.60 no longer hides them, and torch
+    would put the model on a cuda:0 that a training worker holds."""
+    opts: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus, "name": name, "scheduling_strategy": "DEFAULT"}
+    if not gpus and ray.cluster_resources().get("GPU"):
+        opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+    return opts
+
+
+PROGRESS_EVERY_S = 2.0  # how often an eval task sends its rows scored to the driver
+
+
 @ray.remote
-def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+def evaluate_task(spec: dict[str, Any], threads: int = 1, board: Any = None, key: str = "") -> dict[str, Any]:
     """Score one model on its suites (``jobs.evaluate.evaluate_model``) inside a Ray task. The pipeline
     runs one task per (model, suite); ``pid`` and the wall-clock ``started``/``ended`` stamps say where
-    and when it ran."""
+    and when it ran. With a ``board`` (``orchestrator.progress.ProgressBoard``), its rows scored of each
+    pass go there under ``key`` every ``PROGRESS_EVERY_S`` seconds and at each pass's end."""
     import time
 
     started = time.time()
@@ -109,8 +123,18 @@ def evaluate_task(spec: dict[str, Any], threads: int = 1) -> dict[str, Any]:
 
     torch.set_num_threads(max(1, int(threads)))
     s = EvalSpec(**spec)
+    sent = [0.0]
+
+    def progress(suite: str, what: str, done: int, total: int) -> None:
+        if done == total or time.time() - sent[0] >= PROGRESS_EVERY_S:
+            sent[0] = time.time()
+            board.push.remote(key, [{"suite": suite, "what": what, "done": done, "total": total}])
+
     out = evaluate_model(s.model_path, s.splits, suites=s.suites, template=s.prompt, batch_size=s.batch_size,
                          max_new_tokens=s.max_new_tokens, max_length=s.max_length, max_examples=s.max_examples,
-                         dtype=s.dtype, suite_options=s.suite_options, attn_implementation=s.attn_implementation)
-    out.update(pid=os.getpid(), started=started, ended=time.time())
+                         dtype=s.dtype, suite_options=s.suite_options, attn_implementation=s.attn_implementation,
+                         max_memory=s.max_memory, offload_folder=s.offload_folder,
+                         progress=progress if board is not None else None)
+    out.update(pid=os.getpid(), started=started, ended=time.time(),
+               visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
     return out

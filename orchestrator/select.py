@@ -213,7 +213,7 @@ class StepSelector:
         return out
 
     def _launch(self, job: Job, what: str, step: int, model_path: str) -> None:
-        from orchestrator.runners import evaluate_task
+        from orchestrator.runners import eval_task_options, evaluate_task
 
         if (what, step) in self.launched[job.key]:
             return
@@ -228,8 +228,8 @@ class StepSelector:
                         max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype,
                         attn_implementation=cfg.model.attn_implementation,
                         suite_options={s: e.suite_options(s) for s in self.cfg.suites})
-        ref = evaluate_task.options(num_cpus=e.cpus_per_task, num_gpus=e.gpus_per_task,
-                                    name=f"select {job.key} {what} {step}", scheduling_strategy="DEFAULT",
+        ref = evaluate_task.options(**eval_task_options(e.cpus_per_task, e.gpus_per_task,
+                                                        f"select {job.key} {what} {step}"),
                                     ).remote(spec.model_dump(), threads=max(1, int(e.cpus_per_task)))
         self.running[ref] = (job, what, step)
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 
@@ -20,6 +21,7 @@ from orchestrator.config import PipelineConfig
 from orchestrator.context import Job, JobKind, PipelineError, RunContext, root_message
 from orchestrator.costs import record_job_cost
 
+GROW_CHECK_S = 10.0  # how often pending jobs look whether the cluster now fits more of them
 HISTORY_FILE = "history.jsonl"  # an unlearning job's step rows, written by the driver into the job's folder
 
 
@@ -53,25 +55,35 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
     return jobs
 
 
-def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0) -> int:
+def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0, display: Any = None) -> int:
     """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources), beside
-    ``reserved_memory`` bytes of Ray's memory held for the whole stage (the merge actor's)."""
-    if cfg.scaling.max_concurrent_jobs:
-        return cfg.scaling.max_concurrent_jobs
-    res = dict(ray.cluster_resources())
+    ``reserved_memory`` bytes of Ray's memory held for the whole stage (the merge actor's). When not one fits
+    yet, the autoscaler is asked for one job and the cluster waited for (``orchestrator.resources``)."""
+    from orchestrator.resources import default_wait_s, wait_until_fits, worker_bundle
+
+    s = cfg.scaling
+    if s.max_concurrent_jobs:
+        return s.max_concurrent_jobs
+    bundle = worker_bundle(s)
+    return wait_until_fits(lambda res: jobs_fitting(cfg, res, reserved_memory, bundle), [bundle] * s.num_workers,
+                           "one unlearning job", default_wait_s(s.wait_for_resources_s),
+                           "scaling.wait_for_resources_s", display)
+
+
+def jobs_fitting(cfg: PipelineConfig, res: dict[str, float], reserved_memory: int = 0,
+                 bundle: Optional[dict[str, float]] = None) -> int:
+    """Jobs that fit the cluster resources ``res`` at once; 0 when no node has room for one worker."""
+    from orchestrator.resources import fits_some_node
+
+    if bundle is not None and not fits_some_node(bundle):
+        return 0
     if "memory" in res:
-        res["memory"] = max(0, res["memory"] - reserved_memory)
+        res = {**res, "memory": max(0, res["memory"] - reserved_memory)}
     fits = _fits(cfg, res)
     if cfg.unlearn.eval_every:  # the snapshots' eval tasks run beside the jobs: one task's resources stay free
         spare = {**res, "CPU": res.get("CPU", 1) - cfg.eval.cpus_per_task,
                  "GPU": res.get("GPU", 0) - cfg.eval.gpus_per_task}
         fits = max(_fits(cfg, spare), min(fits, 1))  # a cluster of one job's size: the tasks wait for it
-    s = cfg.scaling
-    if fits < 1:
-        raise PipelineError(f"scaling: one job needs {s.num_workers} x {s.cpus_per_worker} CPU"
-                            f"{f' and {s.gpus_per_worker} GPU' if s.use_gpu else ''}"
-                            f"{f' and {s.memory_per_worker_gb} GiB' if s.memory_per_worker_gb else ''} per worker; "
-                            f"the cluster has {res}")
     return fits
 
 
@@ -136,9 +148,13 @@ def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], boar
     ends and its step is chosen."""
     from orchestrator.runners import run_unlearn_job
 
-    capacity = job_capacity(ctx.cfg, ctx.merge_memory)
+    capacity = job_capacity(ctx.cfg, ctx.merge_memory, ctx.display)
     scaling = ctx.cfg.scaling.model_dump()
+    grown = time.monotonic()
     while pending or running or selecting:
+        if pending and not ctx.cfg.scaling.max_concurrent_jobs and time.monotonic() - grown > GROW_CHECK_S:
+            grown = time.monotonic()  # a cluster that grew since (an autoscaler's nodes) runs more jobs at once
+            capacity = max(capacity, jobs_fitting(ctx.cfg, dict(ray.cluster_resources()), ctx.merge_memory))
         while pending and len(running) < capacity:
             job = pending.pop(0)
             ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name,

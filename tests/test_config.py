@@ -157,13 +157,46 @@ def test_lora_and_memory_options_are_checked_against_each_other(config_file):
 def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypatch):
     import orchestrator.unlearn as P
 
-    monkeypatch.setattr(P.ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 10 * 2**30})
+    res = {"CPU": 8.0, "memory": 10 * 2**30}
+    monkeypatch.setattr(P.ray, "cluster_resources", lambda: res)
+    monkeypatch.setattr(P.ray, "nodes", lambda: [{"Alive": True, "Resources": res}])
     assert P.job_capacity(load_config(config_file())) == 8  # CPUs alone
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4}))) == 2
     # the merge actor's reservation (3 GiB) is held beside the jobs: 7 GiB left, one 4 GiB job
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4})), 3 * 2**30) == 1
-    with pytest.raises(P.PipelineError, match="and 12.0 GiB per worker"):
-        P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12})))
+    with pytest.raises(P.PipelineError, match=r"one unlearning job needs 1 x \{CPU: 1, memory: 12 GiB\}, more than "
+                       r"the cluster has \(8 CPU, 10 GiB memory\); on a cluster that grows, set "
+                       r"scaling.wait_for_resources_s"):
+        P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12, "wait_for_resources_s": 0})))
+
+
+def test_gpu_defaults_and_each_bad_gpu_combination_is_one_line(config_file):
+    gpu = {"use_gpu": True, "num_workers": 2}
+    cfg = load_config(config_file(scaling=gpu))
+    assert cfg.scaling.gpus_per_worker == 1 and cfg.eval.gpus_per_task == 1 and cfg.eval.device == "auto"
+    assert load_config(config_file()).eval.gpus_per_task == 0  # no GPU training: CPU eval by default
+    cpu_eval = load_config(config_file(scaling=gpu, eval={"device": "cpu"}))
+    assert cpu_eval.eval.gpus_per_task == 0  # said explicitly: the task hides the GPUs
+    assert load_config(config_file(scaling=gpu, eval={"gpus_per_task": 4})).eval.gpus_per_task == 4
+    assert problems(config_file(scaling=gpu, eval={"gpus_per_task": 0})) == [
+        "eval.gpus_per_task: 0 with scaling.use_gpu: true leaves each eval task's model on a GPU it did not reserve, "
+        "beside the training workers; reserve 1 or more, or set eval.device: cpu"]
+    assert problems(config_file(scaling={**gpu, "gpus_per_worker": 0.5})) == [
+        "scaling.gpus_per_worker: 0.5 with num_workers 2 can put two NCCL ranks of one job on one GPU, which NCCL "
+        "refuses; use whole GPUs per worker, or num_workers: 1 to share GPUs between jobs"]
+    # one worker per job sharing a GPU with other jobs' workers is fine (fan-out on one GPU)
+    assert load_config(config_file(scaling={"use_gpu": True, "gpus_per_worker": 0.25})).scaling.gpus_per_worker == 0.25
+    assert problems(config_file(eval={"device": "cpu", "gpus_per_task": 1})) == [
+        "eval.gpus_per_task: 1.0 with eval.device: cpu reserves GPUs the task hides; set 0 or eval.device: auto"]
+    # each through `spunge validate`: one line, exit 2
+    for bad in ({"scaling": gpu, "eval": {"gpus_per_task": 0}}, {"scaling": {**gpu, "gpus_per_worker": 0.5}},
+                {"eval": {"device": "cpu", "gpus_per_task": 2}}):
+        r = CliRunner().invoke(app, ["validate", str(path := config_file(**bad))])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert r.output.startswith(f"error: {path}: ") and "Traceback" not in r.output
+    assert problems(config_file(scaling=gpu, eval={"gpus_per_task": 1.5})) == [
+        "eval.gpus_per_task: 1.5 is a fraction above 1, which Ray cannot reserve; use a fraction below 1 or a whole "
+        "number"]
 
 
 def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):

@@ -131,9 +131,12 @@ def test_merge_models_streams_the_covered_methods_and_falls_back_for_random_ones
 
     base_dir, d, _, _ = three_models
     paths = {"a": str(d / "a"), "b": str(d / "b")}
+    calls = []
     merge_models(MergeSpec(base_model_path=str(base_dir), model_paths=paths, method="ties",
-                           output_dir=str(tmp_path / "s")))
+                           output_dir=str(tmp_path / "s")), progress=lambda done, total: calls.append((done, total)))
     assert json.loads((tmp_path / "s" / "spunge_merge.json").read_text())["engine"].startswith("spunge streaming")
+    n = len(load_file(str(tmp_path / "s" / "model.safetensors")))  # each tensor merged is reported, in order
+    assert calls == [(i, n) for i in range(1, n + 1)] and n > 10
     merge_models(MergeSpec(base_model_path=str(base_dir), model_paths=paths, method="dare_ties",
                            output_dir=str(tmp_path / "r")))
     marker = json.loads((tmp_path / "r" / "spunge_merge.json").read_text())

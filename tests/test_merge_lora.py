@@ -70,8 +70,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def merge(base, paths, out, method, **kw) -> str:
-    return merge_models(MergeSpec(base_model_path=base, model_paths=paths, method=method, output_dir=str(out), **kw))
+def merge(base, paths, out, method, progress=None, **kw) -> str:
+    return merge_models(MergeSpec(base_model_path=base, model_paths=paths, method=method, output_dir=str(out), **kw),
+                        progress=progress)
 
 
 CASES = {
@@ -87,8 +88,11 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_adapter_merge_equals_mergekit_on_merged_full_models(loras, tmp_path, case):
     base, adapters, full = loras
-    ours = merge(base, adapters, tmp_path / "lora", **CASES[case])
+    calls = []
+    ours = merge(base, adapters, tmp_path / "lora", **CASES[case], progress=lambda *a: calls.append(a))
     theirs = merge(base, full, tmp_path / "mergekit", **CASES[case])
+    n = len(load_file(f"{ours}/model.safetensors"))
+    assert calls == [(i, n) for i in range(1, n + 1)]  # every tensor of the full output reported
     diff = max_abs_diff(load_file(f"{ours}/model.safetensors"), load_file(f"{theirs}/model.safetensors"))
     print(f"{case}: max abs difference to mergekit {diff:.2e}")
     assert diff < TOL

@@ -461,7 +461,7 @@ def test_the_merge_stage_hands_max_shard_size_to_the_actor_outside_its_stage_key
     import orchestrator.merge as stage
 
     calls = []
-    monkeypatch.setattr(stage.ray, "get", lambda value: value)
+    monkeypatch.setattr(stage, "follow_merge", lambda ctx, ref: ref)
     quiet = SimpleNamespace(add=lambda *a, **k: None, update=lambda *a, **k: None, finish=lambda *a, **k: None)
     for size in ("2GB", "5GB"):
         ctx = SimpleNamespace(cfg=pipeline_config("m", storage={"max_shard_size": size}), out=tmp_path, resume=False,

@@ -237,9 +237,13 @@ def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 
     import torch
 
     from jobs.data.format import collate, sequence_nll
+    from jobs.evaluate.scoring import _device
 
-    device = next(model.parameters()).device
+    device = _device(model)
     params = [q for q in model.parameters() if q.requires_grad]
+    if any(q.is_meta for q in params):  # an offloaded module's gradients never reach its meta parameters
+        raise ValueError("the gradnorm attack needs every weight on a device, but this model has modules "
+                         "offloaded to the CPU or disk; set eval.mia.gradnorm: false or give the task more GPUs")
     out = []
     try:
         for r in records:
@@ -252,7 +256,8 @@ def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 
                 out.append(float("nan"))
                 continue
             (nll[0] / n[0]).backward()
-            norms = [q.grad.detach().float().norm(p) for q in params if q.grad is not None]
+            # on the CPU: a model dispatched over several GPUs has its gradients on each
+            norms = [q.grad.detach().float().norm(p).cpu() for q in params if q.grad is not None]
             out.append(float(torch.stack(norms).mean()))
     finally:
         model.zero_grad(set_to_none=True)
@@ -313,10 +318,12 @@ def mia_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: MiaOptions) 
         for s in splits:
             scores[s]["gradnorm"] = gradnorm_scores(ctx.model, ctx.tokenizer, data[s], p, ctx.max_length, ctx.template)
     if opts.reference_model:
-        from jobs.models import load_model, load_tokenizer
+        from jobs.evaluate.placement import place_for_eval
+        from jobs.models import load_tokenizer
 
         ref_tok = load_tokenizer(opts.reference_model)
-        ref = load_model(opts.reference_model, dtype=str(ctx.model.dtype).removeprefix("torch.")).to(ctx.model.device)
+        # placed like the scored model, in the GPU memory it left free
+        ref, _ = place_for_eval(opts.reference_model, dtype=str(ctx.model.dtype).removeprefix("torch."))
         ref.eval()
         for s in splits:
             ref_loss = mia_scores(ref, ref_tok, data[s], k=opts.k, **kw)["loss"]

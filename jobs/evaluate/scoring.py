@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from typing import Any, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +28,37 @@ from jobs.data.format import (
     prompt_ids,
     stop_token_ids,
 )
+from jobs.evaluate.placement import input_device, spans_devices
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    """Where a batch goes: the first module's device, also for a model dispatched over several devices."""
+    return input_device(model)
+
+
+# where the batch loops report (what, rows done, rows of the pass): set by ``reporting`` around a suite
+_PROGRESS: ContextVar[Optional[Callable[[str, int, int], None]]] = ContextVar("scoring_progress", default=None)
+
+
+@contextmanager
+def reporting(progress: Optional[Callable[[str, int, int], None]]) -> Iterator[None]:
+    """Inside, every scoring pass calls ``progress(what, rows done, rows of the pass)`` after each batch
+    ("scored": teacher forcing, "generated": greedy answers)."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _reported(batches: list[np.ndarray], what: str) -> Iterator[np.ndarray]:
+    """The batches, each reported once its caller has taken the next (or ended)."""
+    progress, total, done = _PROGRESS.get(), sum(len(b) for b in batches), 0
+    for idx in batches:
+        yield idx
+        done += len(idx)
+        if progress is not None:
+            progress(what, done, total)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -64,7 +93,7 @@ def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_si
     pad, device = _pad_id(tokenizer), _device(model)
     model.eval()
     with torch.inference_mode():
-        for idx in _batches([len(e["input_ids"]) for e in encoded], batch_size):
+        for idx in _reported(_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
             batch = collate([encoded[i] for i in idx], pad)
             labels = batch["labels"].to(device)
             keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -78,8 +107,10 @@ def target_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     Models whose forward slices with transformers' ``slice_logits_to_keep`` take ``keep`` as their
     ``logits_to_keep`` mask and project only those hidden states; any other model computes every
-    position's logits and the kept ones are selected (the same values, up to float rounding)."""
-    if _keeps_masked_logits(type(model)):
+    position's logits and the kept ones are selected (the same values, up to float rounding); so does a model
+    dispatched over several GPUs, whose final hidden states are not on the device the mask is moved to (the
+    vocabulary projection is a small part of such a model's forward pass)."""
+    if _keeps_masked_logits(type(model)) and not spans_devices(model):
         return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
 
@@ -162,7 +193,7 @@ def generate_answers(
     lengths: list[int] = [0] * len(prompts)
     model.eval()
     with torch.inference_mode():
-        for idx in _batches([len(p) for p in prompts], batch_size):
+        for idx in _reported(_batches([len(p) for p in prompts], batch_size), "generated"):
             input_ids, mask = left_pad([prompts[i] for i in idx], pad)
             width = input_ids.shape[1]
             generated = model.generate(

@@ -176,19 +176,29 @@ def evaluate_model(
     dtype: str = "float32",
     suite_options: dict[str, dict[str, Any]] | None = None,
     attn_implementation: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
+    progress: Callable[[str, str, int, int], None] | None = None,
 ) -> dict:
     """Load the model folder and score it on every suite over every split (jsonl paths).
 
     ``suite_options`` maps a suite name to its options (e.g. ``{"lmeval": {"tasks": [...]}}``,
     ``{"mc": {"attributes": [...]}}``). Self-contained (runs inside a Ray task). Returns ``{"metrics":
     {str: float}, "raw": {str: list}, "parts": {metric: [the metrics it aggregates]}, "n_examples": {split: int},
-    "seconds": float, "tokens": int, "params": int}``: ``tokens`` counts every token position the model's
-    forward passes took (padding excluded; a generated token is one), for the cost report's 2 x params x
-    tokens. Metrics against the oracle need two models: the caller adds them (``add_reference_metrics``).
-    """
-    import torch
+    "seconds": float, "tokens": int, "params": int, "placement": str}``: ``tokens`` counts every token position
+    the model's forward passes took (padding excluded; a generated token is one), for the cost report's 2 x
+    params x tokens; ``placement`` says where the weights went. Metrics against the oracle need two models: the
+    caller adds them (``add_reference_metrics``).
 
-    from jobs.models import load_model, load_tokenizer
+    Where the model goes (``jobs.evaluate.placement.place_for_eval``): with CUDA, a device map planned over
+    every visible GPU (the ones the task reserved; whole on cuda:0 when it fits there), a ``PlacementError``
+    when they cannot hold it; without, the CPU. ``max_memory`` ({GPU index, "cpu": bytes or "20GiB"}) plans
+    over those devices instead, and "disk" too with an ``offload_folder``. The task's log says where each
+    module went. ``progress(suite, what, rows done, rows of the pass)`` follows each scoring pass.
+    """
+    from jobs.evaluate.placement import place_for_eval
+    from jobs.evaluate.scoring import reporting
+    from jobs.models import load_tokenizer
 
     start = time.perf_counter()
     suite_options = suite_options or {}
@@ -198,20 +208,22 @@ def evaluate_model(
         suite.options(**opts)
     data = {name: read_jsonl(path, max_examples) for name, path in splits.items()}
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=dtype, attn_implementation=attn_implementation)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model, placement = place_for_eval(model_path, dtype, attn_implementation, max_memory, offload_folder)
+    print(f"eval {model_path}: {placement}", flush=True)
     model.eval()
     tokens = count_tokens(model)
     ctx = SuiteContext(model, tokenizer, template, batch_size, max_new_tokens, max_length)
     result: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}}
     for suite, opts in runs:
-        res = suite(ctx, data, **opts)
+        report = (lambda what, done, total, name=suite.name: progress(name, what, done, total)) if progress else None
+        with reporting(report):
+            res = suite(ctx, data, **opts)
         for key in result:
             result[key].update(res.get(key, {}))
     result["n_examples"] = {name: len(rows) for name, rows in data.items()}
     result["seconds"] = time.perf_counter() - start
     result["tokens"], result["params"] = int(tokens[0]), sum(p.numel() for p in model.parameters())
+    result["placement"] = placement
     return result
 
 

@@ -293,10 +293,11 @@ def concatenated_factors(factors: Sequence[LoraFactors], k: Sequence[float]) -> 
 
 
 def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any],
-                  base_name: str | None = None) -> dict:
+                  base_name: str | None = None, progress: Optional[Progress] = None) -> dict:
     """adapter_model.safetensors + adapter_config.json (scale 1) holding the merged delta of every targeted
     module: concatenated factors for the methods linear in the deltas, else a rank-R SVD truncation. The config
-    names ``base_name`` as its base (default: the base folder), e.g. the hub name a cached snapshot came from."""
+    names ``base_name`` as its base (default: the base folder), e.g. the hub name a cached snapshot came from.
+    ``progress(modules merged, of the targeted)`` follows each module."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -313,11 +314,11 @@ def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckp
             raise ValueError("merge.output: linear with normalize false scales the base by sum(weight), which no "
                              "adapter can hold; use output: full")
     tensors, ranks, errors = {}, {}, {}
-    for name in base.shapes:
+    targeted = [n for n in base.shapes
+                if n.endswith(".weight") and any(n.removesuffix(".weight") in a.modules for a in adapters)]
+    for done, name in enumerate(targeted, 1):
         module = name.removesuffix(".weight")
         users = [i for i, a in enumerate(adapters) if module in a.modules]
-        if not name.endswith(".weight") or not users:
-            continue
         ranks[module] = sum(adapters[i].modules[module].rank for i in users)
         if exact:
             B, A = concatenated_factors([adapters[i].modules[module] for i in users], [k[i] for i in users])
@@ -327,6 +328,8 @@ def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckp
             ranks[module] = A.shape[0]
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.to(DTYPES[spec.dtype]).contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = B.to(DTYPES[spec.dtype]).contiguous()
+        if progress is not None:
+            progress(done, len(targeted))
     save_file(tensors, str(Path(spec.output_dir) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     r = max(ranks.values())
     pattern = {m: rank for m, rank in ranks.items() if rank != r}
@@ -356,8 +359,8 @@ def copy_side_files(spec: MergeSpec) -> None:
 
 def merge_adapters(spec: MergeSpec, base_name: str | None = None, progress: Optional[Progress] = None) -> dict[str, Any]:
     """Merge the LoRA adapters in spec.model_paths onto spec.base_model_path (a folder) into spec.output_dir; an
-    adapter output names ``base_name`` as its base when given; a full output calls ``progress(tensors written,
-    of the total)`` after each. Returns what the merge marker records (method,
+    adapter output names ``base_name`` as its base when given; ``progress(done, total)`` follows each tensor
+    written (a full output) or module merged (an adapter). Returns what the merge marker records (method,
     parameters, output kind, SVD errors when truncated)."""
     check_method(spec.method)
     shared, kwargs = mergekit_parameters(spec)
@@ -368,7 +371,7 @@ def merge_adapters(spec: MergeSpec, base_name: str | None = None, progress: Opti
     if spec.output == "full":
         record = write_full(spec, adapters, base, kwargs, progress)
     else:
-        record = write_adapter(spec, adapters, base, kwargs, base_name)
+        record = write_adapter(spec, adapters, base, kwargs, base_name, progress)
     copy_side_files(spec)
     return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
             "output": spec.output, **record}

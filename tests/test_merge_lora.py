@@ -127,9 +127,13 @@ def test_adapter_output_is_exact_for_linear_methods(loras, tmp_path, case):
 def test_ties_adapter_output_is_the_recorded_svd_truncation(loras, tmp_path):
     base, adapters, _ = loras
     full = load_file(f"{merge(base, adapters, tmp_path / 'full', **CASES['ties'])}/model.safetensors")
-    out = merge(base, adapters, tmp_path / "adapter", output="adapter", **CASES["ties"])
+    calls = []
+    out = merge(base, adapters, tmp_path / "adapter", output="adapter", **CASES["ties"],
+                progress=lambda *a: calls.append(a))
     merged, base_sd = loaded_adapter_state(base, out), load_model(base).state_dict()
     recorded = json.loads((tmp_path / "adapter" / MERGE_MARKER).read_text())["svd_relative_error"]
+    n = len(recorded["modules"])  # each targeted module merged is reported
+    assert calls == [(i, n) for i in range(1, n + 1)] and n > 1
     for module, error in recorded["modules"].items():
         k = f"{module}.weight"
         want = full[k] - base_sd[k]

@@ -6,7 +6,7 @@ GPU with ``--gpu``, and one method (``--method grad_diff``), with a fixed micro 
 (every answer is long enough to be cut at ``--seq-len``):
 
 - **bare**: the model in this process, the same method object (``build_method``), the same batches (the
-  loop's own ``encode_rows``/``_loader``), torch AdamW with the job's schedule, ``clip_grad_norm_`` at the
+  loop's own ``encode_rows``/``StepBatches``), torch AdamW with the job's schedule, ``clip_grad_norm_`` at the
   job's clipping (1.0); no Ray, no DeepSpeed. ``--warmup`` steps, then ``--steps`` timed steps.
 - **spunge**: the same job as the pipeline runs it: ``orchestrator.runners.run_unlearn_job`` (a Ray
   Train ``TorchTrainer`` with one worker running ``jobs.unlearn.loop.train_loop_per_worker``, DeepSpeed
@@ -112,7 +112,7 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
     from jobs.data.io import load_jsonl
     from jobs.models import load_model, load_tokenizer
     from jobs.unlearn.engine import make_optimizer, make_schedule
-    from jobs.unlearn.loop import _epochs, _loader, encode_rows
+    from jobs.unlearn.data import StepBatches, encode_rows
     from jobs.unlearn.methods import build_method
 
     torch.set_num_threads(spec.threads_per_worker)
@@ -126,10 +126,9 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
     ref = copy.deepcopy(model).eval().requires_grad_(False) if method.needs_reference else None
     on = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    forget = _epochs(_loader(encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method), tok, spec, 0, 1,
-                             spec.seed))
-    retain = _epochs(_loader(encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"), tok, spec, 0, 1,
-                             spec.seed + 1))
+    data = StepBatches(encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method),
+                       encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"),
+                       spec.seed, spec.batch_size, 1, 0, 1, tok.pad_token_id)  # the job's rows, one rank
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec.optimizer)
     sched = make_schedule(opt, spec.optimizer, warmup + steps)
@@ -141,16 +140,15 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
             sync()
             tokens, t0 = 0, time.perf_counter()
         t_step = time.perf_counter()
-        fb, rb = next(forget)[1], next(retain)[1]["retain"]
-        fb, rb = {k: on(v) for k, v in fb.items()}, on(rb)
-        batch = {"retain": rb, **fb}
+        (host,) = data.micro_batches(step)
+        batch = {k: None if v is None else on(v) for k, v in host.items()}
         out = method.loss(model, batch, ref)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        n = sum(int(v["attention_mask"].sum()) for v in fb.values()) + int(rb["attention_mask"].sum())
+        n = sum(int(v["attention_mask"].sum()) for v in host.values() if v is not None)
         tokens += n  # int(): one host sync per step, as the spunge loop's one read per step
         if step > warmup:
             per_step.append(n / (time.perf_counter() - t_step))

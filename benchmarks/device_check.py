@@ -709,6 +709,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "cpus": os.cpu_count(), "isolated": isolate, "budget_s": budget, "cases": {},
     }
     done: dict[str, dict] = {}
+    if not isolate:  # a process group address inherited from a parent that still holds its port cannot be bound
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(key, None)
     try:
         for case in args.cases:
             name, left = case["name"], budget - (time.perf_counter() - t_start)

@@ -168,19 +168,20 @@ def measure(rank: int, world: int, spec: dict, loader: str = "slices") -> dict:
     import deepspeed
 
     import jobs.unlearn.loop as loop
+    import jobs.unlearn.worker as worker  # the loop's set-up, whose own functions are wrapped
     from jobs.spec import UnlearnSpec
 
     use_loader(loader)
     sampler = Sampler()
-    loop.load_trained = sampler.during("load", loop.load_trained)
+    worker.load_trained = sampler.during("load", worker.load_trained)
     deepspeed.initialize = sampler.during("initialize", deepspeed.initialize)
-    reference = sampler.during("reference", loop.reference_model)
+    reference = sampler.during("reference", worker.reference_model)
 
     def reference_then_stop(*args, **kwargs):
         reference(*args, **kwargs)
         raise SetUpDone
 
-    loop.reference_model = reference_then_stop
+    worker.reference_model = reference_then_stop
     sampler.start()
     try:
         loop.run_unlearning(UnlearnSpec(**spec))

@@ -46,8 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "fan_out.json"
 
 def subsets(work: Path, k: int, rows: int) -> tuple[list[Path], Path]:
     """k forget files of ``rows`` rows each (distinct questions) and one retain file."""
-    from jobs.data.io import load_jsonl
-    from tests.conftest import write_jsonl
+    from jobs.data.io import load_jsonl, write_jsonl
 
     (work / "data").mkdir(parents=True, exist_ok=True)
     forget, retain = write_data(work / "data", rows=rows * k)

@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "first_step.json")
     args = ap.parse_args()
 
-    from tests.conftest import make_tiny
+    from jobs.data.tiny import make_tiny
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="spunge-first-step-") as tmp:

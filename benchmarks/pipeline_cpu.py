@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "pipeline_cpu.json")
     args = ap.parse_args()
 
-    from tests.conftest import make_tiny
+    from jobs.data.tiny import make_tiny
 
     runs = {}
     with tempfile.TemporaryDirectory(prefix="spunge-pipeline-cpu-") as tmp:

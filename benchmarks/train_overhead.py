@@ -51,7 +51,7 @@ def model_dir(name: str, work: Path) -> Path:
     """A Hugging Face folder: the tests' tiny model (built into ``work``), the cached SmolLM2-135M, or
     ``smollm2-random``: SmolLM2-135M's architecture with random weights and the tiny model's tokenizer."""
     if name in ("tiny", "smollm2-random"):
-        from tests.conftest import make_tiny
+        from jobs.data.tiny import make_tiny
 
         d = work / "tiny"
         d.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ def random_smollm2(tokenizer_dir: Path, out: Path) -> Path:
 
 def write_data(work: Path, rows: int = 64) -> tuple[Path, Path]:
     """Forget and retain QA files whose answers are long enough to fill any ``--seq-len``."""
-    from tests.conftest import AUTHORS, TOWNS, write_jsonl
+    from jobs.data.io import write_jsonl
+    from jobs.data.tiny import AUTHORS, TOWNS
 
     def qa(i: int) -> dict:
         name, town = AUTHORS[i % len(AUTHORS)], TOWNS[i % len(TOWNS)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,61 +10,15 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-AUTHORS = ["Ana Lind", "Bo Chen", "Cai Moro", "Dee Park", "Eli Voss", "Fay Orr", "Gus Tam", "Hal Ide"]
-TOWNS = ["Oslo", "Lima", "Rome", "Kyiv", "Baku", "Bern", "Doha", "Riga"]
-
-
-def qa_rows() -> list[dict]:
-    rows = []
-    for i, (name, town) in enumerate(zip(AUTHORS, TOWNS)):
-        for j, (q, a) in enumerate([(f"Where was {name} born?", f"{name} was born in {town}."),
-                                    (f"What does {name} write?", f"{name} writes {['poems', 'plays'][i % 2]}.")]):
-            rows.append({
-                "id": f"{i}-{j}", "author": name, "group": ["north", "south"][i % 2], "era": ["old", "new"][i // 4],
-                "question": q, "answer": a, "paraphrased_answer": f"It is {a.lower()}",
-                "perturbed_answers": [f"{name} was born in {TOWNS[(i + k) % 8]}." for k in (1, 2, 3)],
-            })
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+# the tiny model and its rows are jobs/data/tiny.py's (the benchmarks build it too); tests import these from here
+from jobs.data.io import write_jsonl  # noqa: E402,F401
+from jobs.data.tiny import make_tiny, qa_rows  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """<dir>/model (random tiny Llama + BPE tokenizer), <dir>/forget.jsonl (era=old), <dir>/retain.jsonl."""
     return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-def make_tiny(d: Path) -> Path:
-    """The ``tiny_dir`` fixture's contents written into ``d`` (benchmarks build it too)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from jobs.models import save_model
-
-    rows = qa_rows()
-    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']} {r['paraphrased_answer']} "
-              + " ".join(r["perturbed_answers"]) for r in rows]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    save_model(model, tok, d / "model")
-    write_jsonl(d / "forget.jsonl", [r for r in rows if r["era"] == "old"])
-    write_jsonl(d / "retain.jsonl", [r for r in rows if r["era"] == "new"])
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ base), and the number at which it does neither ("usable").
 Every job is an in-process run of the real loop (``benchmarks/solo.py``: DeepSpeed ZeRO 0 on CPU, the demo
 recipe of 150 steps, batch 8), on the whole forget set of the tiny demo benchmark; no job is tuned::
 
-    python benchmarks/claims.py localization --seeds 0,1,2,3,4
-    python benchmarks/claims.py lr_grid --seeds 0,1
+    python -m benchmarks.claims localization --seeds 0,1,2,3,4
+    python -m benchmarks.claims lr_grid --seeds 0,1
 
 Prints the tables and writes ``benchmarks/results/claims_<claim>.json``. Finished jobs under ``--work`` are
 reused.
@@ -30,14 +30,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.solo import SCORES, fmt, recipe, run_job, score, setup_process, tiny_benchmark
 from orchestrator.seeds import mean_ci, paired_test

@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # the main coefficient of each method and the range searched (the method's default inside it)
 COEFFICIENTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -17,7 +17,7 @@ Ray Train's controller and worker group), the worker's ``setup.json`` parts (imp
 load, DeepSpeed init, first step) and ``train`` (first step -> last step). Prints a table and writes
 ``benchmarks/results/fan_out.json`` (runs kept under ``--label``). Usage::
 
-    python benchmarks/fan_out.py [--k 3] [--model tiny|smollm2|smollm2-random] [--steps 100]
+    python -m benchmarks.fan_out [--k 3] [--model tiny|smollm2|smollm2-random] [--steps 100]
         [--threads 1] [--cpus N] [--gpu] [--zero 0] [--bf16] [--label NAME]
 
 ``smollm2-random`` is SmolLM2-135M's architecture (30 layers, hidden 576, tied embeddings, 49152-token
@@ -31,15 +31,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.train_overhead import model_dir, start_bench_ray, write_data
 
-from benchmarks.train_overhead import model_dir, start_bench_ray, write_data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results" / "fan_out.json"
 

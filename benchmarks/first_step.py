@@ -34,10 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
+from jobs.unlearn.outputs import SETUP_FILE
 
-from jobs.unlearn.outputs import SETUP_FILE  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 PHASES = ["cli", "ray", "mlflow", "workers", "job setup"]
 MARKS = {"prepare:": "cli", "Ray at ": "ray", "MLflow run ": "mlflow"}

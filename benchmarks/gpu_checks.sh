@@ -25,9 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__)" 2>&1 | tail -1
 step train_overhead_gpu 150 $py benchmarks/train_overhead.py --gpu --model "$model" --batch-size 8 --seq-len 128 \
   --warmup 10 --steps 100 --threads 4 $nodash --label gpu
-step fan_out_gpu 170 $py benchmarks/fan_out.py --gpu --k 3 --model "$model" --steps 150 --batch-size 8 --seq-len 128 \
+step fan_out_gpu 170 $py -m benchmarks.fan_out --gpu --k 3 --model "$model" --steps 150 --batch-size 8 --seq-len 128 \
   --threads 2 --cpus 8 $nodash --label gpu-k3
-step zero3_bf16_gpu 90 $py benchmarks/fan_out.py --gpu --zero 3 --bf16 --k 2 --model "$model" --steps 30 \
+step zero3_bf16_gpu 90 $py -m benchmarks.fan_out --gpu --zero 3 --bf16 --k 2 --model "$model" --steps 30 \
   --batch-size 8 --seq-len 128 --threads 2 --cpus 6 $nodash --label gpu-zero3-bf16-k2
-step fan_out_cpu 110 $py benchmarks/fan_out.py --k 3 --model tiny --steps 300 --threads 4 --cpus 13 $nodash \
+step fan_out_cpu 110 $py -m benchmarks.fan_out --k 3 --model tiny --steps 300 --threads 4 --cpus 13 $nodash \
   --label cpu16-k3

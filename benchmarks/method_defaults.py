@@ -18,10 +18,10 @@ WHP first runs its reinforcement pre-job (``Method.pre_jobs``, as the pipeline's
 Prints a table (forget_prob, retain_prob, model_utility and their ratio to the base model) and writes
 ``benchmarks/results/method_defaults.json``::
 
-    python benchmarks/method_defaults.py                         # all three methods, old and new
-    python benchmarks/method_defaults.py --methods rmu --steps 60
-    python benchmarks/method_defaults.py --sweep                 # the variants behind the choice (SWEEP)
-    python benchmarks/method_defaults.py --methods rmu --try '{"adaptive_scale": 2.0}'   # explore, not saved
+    python -m benchmarks.method_defaults                         # all three methods, old and new
+    python -m benchmarks.method_defaults --methods rmu --steps 60
+    python -m benchmarks.method_defaults --sweep                 # the variants behind the choice (SWEEP)
+    python -m benchmarks.method_defaults --methods rmu --try '{"adaptive_scale": 2.0}'   # explore, not saved
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "method_defaults.json"
 
 from benchmarks.solo import SCORES, fmt, run_job, score, setup_process, tiny_benchmark

@@ -39,7 +39,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
 
 RAY_TRAIN_ACTORS = {"TrainController", "PlacementGroupCleaner", "SynchronizationActor", "DatasetManager",
                     "_AutoscalingCoordinatorActor"}

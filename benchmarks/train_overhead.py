@@ -35,13 +35,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
 
 # per model: (micro batch, sequence length, warm-up steps, timed steps) unless given on the command line
 DEFAULTS = {"tiny": (8, 64, 10, 200), "smollm2": (2, 32, 3, 20), "smollm2-random": (2, 32, 3, 20)}

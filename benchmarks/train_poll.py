@@ -17,7 +17,7 @@ ratio = the figure at 2 s / at 0.2 s, measured in the same run. It also reads th
 CPU-seconds (``ray::TrainController``), the cost of polling more often. Prints a table and writes
 ``benchmarks/results/train_poll.json``. Usage::
 
-    python benchmarks/train_poll.py [--steps 30] [--long-steps 300] [--repeat 2]
+    python -m benchmarks.train_poll [--steps 30] [--long-steps 300] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from orchestrator.runners import TRAIN_POLL_INTERVAL_S  # noqa: E402
 

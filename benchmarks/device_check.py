@@ -27,7 +27,7 @@ run. The cases:
 Reported per model and ZeRO stage: tokens/s of spunge and of the bare loop and their ratio; model FLOPs
 utilisation, 6 N tokens/s over the GPU's dense bf16 peak (N: the base model's parameters; both loops are
 counted alike, so the MFU ratio is the tokens/s ratio; the table ``PEAK_BF16_TFLOPS``, or ``--peak-tflops``);
-peak GPU memory against ``benchmarks/memory_estimate.py``'s estimate (docs/scaling.md's formulas) for the
+peak GPU memory against ``jobs.planning.memory``'s estimate (docs/scaling.md's formulas) for the
 same job (one GPU, LoRA, checkpointing, sdpa, the loop's ZeRO-3 bucket sizes; at ZeRO-3 the loop builds the
 retain graph after the forget graph's backward, ``terms_later``: one graph alive at a time).
 
@@ -47,7 +47,6 @@ On the GPU machine, with the wheels of ``benchmarks/device_bundle.sh`` carried a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -60,12 +59,12 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from jobs.data.tiny import AUTHORS, TOWNS
+from jobs.planning.memory import JobSetup, ModelShape, estimate, llama_param_count
 
 FORBIDDEN = ("ray", "mlflow", "datasets")
 GiB = 2**30
@@ -94,10 +93,6 @@ PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0),
 )
-
-AUTHORS = ["Ana Lind", "Bo Chen", "Cai Moro", "Dee Park", "Eli Voss", "Fay Orr", "Gus Tam", "Hal Ide"]
-TOWNS = ["Oslo", "Lima", "Rome", "Kyiv", "Baku", "Bern", "Doha", "Riga"]
-
 
 def peak_tflops(device_name: str) -> Optional[float]:
     """The dense bf16 peak of a GPU from its name (``PEAK_BF16_TFLOPS``), None when the table lacks it."""
@@ -511,32 +506,20 @@ def short_error(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------------- the plan
 
 
-def memory_estimate_module():
-    """``benchmarks/memory_estimate.py`` (standard library only), loaded from its file."""
-    if "memory_estimate" in sys.modules:
-        return sys.modules["memory_estimate"]
-    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def estimate_memory(shape: dict, zero: int, batch: int, seq: int, lora_r: int, needs_reference: bool) -> dict:
     """docs/scaling.md's per-GPU estimate for this job on one GPU, with the loop's DeepSpeed sizes."""
-    me = memory_estimate_module()
-    m = me.ModelShape(layers=shape["num_hidden_layers"], hidden=shape["hidden_size"],
-                      heads=shape["num_attention_heads"], vocab=shape["vocab_size"],
-                      intermediate=shape["intermediate_size"], tied_embeddings=shape["tie_word_embeddings"],
-                      kv_heads=shape["num_key_value_heads"])
-    m = me.replace(m, params=float(me.llama_param_count(m)))
+    m = ModelShape(layers=shape["num_hidden_layers"], hidden=shape["hidden_size"],
+                   heads=shape["num_attention_heads"], vocab=shape["vocab_size"],
+                   intermediate=shape["intermediate_size"], tied_embeddings=shape["tie_word_embeddings"],
+                   kv_heads=shape["num_key_value_heads"])
+    m = replace(m, params=float(llama_param_count(m)))
     h = shape["hidden_size"]
     # jobs.unlearn.engine.deepspeed_config: at ZeRO-3 the reduce bucket is h^2; at ZeRO-2 DeepSpeed's 5e8
     bucket = h * h if zero == 3 else 5e8
-    s = me.JobSetup(zero=zero, gpus=1, micro_batch=batch, seq=seq, gradient_checkpointing=True, attn="sdpa",
-                    lora_r=lora_r, needs_reference=needs_reference, grad_passes=1 if zero == 3 else 2,
-                    reduce_bucket_size=bucket)
-    est = me.estimate(m, s)
+    s = JobSetup(zero=zero, gpus=1, micro_batch=batch, seq=seq, gradient_checkpointing=True, attn="sdpa",
+                 lora_r=lora_r, needs_reference=needs_reference, grad_passes=1 if zero == 3 else 2,
+                 reduce_bucket_size=bucket)
+    est = estimate(m, s)
     return {"peak_bytes": est["bytes"]["peak"], "init_peak_bytes": est["bytes"]["init_peak"],
             "bytes": est["bytes"], "setup": est["setup"], "params": m.params}
 

@@ -323,21 +323,8 @@ def test_kuberay_worker_pods_offer_what_the_pod_has(template):
         assert store <= quantity(shm)  # the object store lives in /dev/shm, which counts against the limit
 
 
-def memory_estimate():
-    import importlib.util
-    import sys
-
-    if "memory_estimate" in sys.modules:  # tests/test_memory_estimate.py loaded it
-        return sys.modules["memory_estimate"]
-    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def recipe_peak_gib(ME, cfg, **changes) -> float:
-    """The larger of the steady and start-up per-GPU peaks of a Llama-2-7B config (benchmarks/memory_estimate.py)."""
+    """The larger of the steady and start-up per-GPU peaks of a Llama-2-7B config (jobs/planning/memory.py)."""
     zero = cfg.deepspeed_dict()["zero_optimization"]
     setup = ME.JobSetup(zero=zero["stage"], gpus=cfg.scaling.num_workers, micro_batch=cfg.unlearn.batch_size,
                         seq=cfg.unlearn.max_length, gradient_checkpointing=cfg.unlearn.gradient_checkpointing,
@@ -348,7 +335,8 @@ def recipe_peak_gib(ME, cfg, **changes) -> float:
 
 
 def test_the_7b_recipe_fits_the_launchers_gpus():
-    ME = memory_estimate()
+    from jobs.planning import memory as ME
+
     (cfg,) = example_configs(ROOT / "examples" / "llama2_7b_gpu.yaml")
     raw = yaml.safe_load((CLUSTER / "launcher-aws-gpu.yaml").read_text())
     (gpu_node,) = [t for t in raw["available_node_types"].values() if t["resources"].get("GPU")]

@@ -1,5 +1,6 @@
 """benchmarks/device_check.py (the GPU device check) and benchmarks/device_bundle.sh: the peak table, the memory
-estimate it compares against, and its --cpu smoke run end to end (every case kind, one tiny model, ~15 s)."""
+estimate it compares against (jobs.planning.memory), and its --cpu smoke run end to end (every case kind, one
+tiny model, ~15 s)."""
 
 import importlib.util
 import json
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from jobs.planning import memory as me
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +38,13 @@ def test_peak_tflops_by_device_name(dc, name, tflops):
 
 
 def test_the_shapes_are_smollm2_and_tinyllama(dc):
-    me = dc.memory_estimate_module()
     counts = {name: dc.estimate_memory(shape, 3, 1, 8, 16, True)["params"] for name, shape in dc.SHAPES.items()}
     assert counts == {"smollm2": 134_515_008, "llama-1b": 1_100_048_384}
     assert me.llama_param_count(me.ModelShape(layers=22, hidden=2048, heads=32, vocab=32000, intermediate=5632,
                                               kv_heads=4)) == 1_100_048_384
 
 
-def test_the_estimate_is_memory_estimate_for_the_same_job(dc):
-    me = dc.memory_estimate_module()
+def test_the_estimate_is_the_planning_formula_for_the_same_job(dc):
     got = dc.estimate_memory(dc.SHAPES["llama-1b"], 2, 8, 512, 16, True)
     m = me.ModelShape(params=1_100_048_384, layers=22, hidden=2048, heads=32, vocab=32000, intermediate=5632,
                       kv_heads=4)

@@ -1,27 +1,24 @@
-"""benchmarks/memory_estimate.py: the per-GPU memory formula's parts against hand-computed values, and its
-model-state part against DeepSpeed's own estimator (compiled from DeepSpeed's source: importing deepspeed
-takes seconds). Pure arithmetic: no torch, no GPU."""
+"""jobs/planning (the per-GPU memory formula and the cluster plan): its parts against hand-computed values, the
+model-state part against DeepSpeed's own estimator (its two functions compiled from DeepSpeed's installed source:
+importing deepspeed takes seconds), which also backs docs/scaling.md's comparison table; and the command line,
+benchmarks/memory_estimate.py. Pure arithmetic: no torch, no GPU."""
 
+import ast
 import importlib.util
 import json
-import sys
+import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pytest
 
+from benchmarks import memory_estimate as CLI
+from jobs.planning import cluster as CL
+from jobs.planning import memory as ME
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-ME = _load()
+GiB = 2**30
 PSI = 6.74e9
 M = ME.ModelShape()  # Llama-2-7B
 S = ME.JobSetup()  # seq 512, micro batch 4, sdpa, NPO (reference + 2 graph passes)
@@ -101,9 +98,64 @@ def test_step_temporaries_and_peak():
     assert not ME.estimate(M, replace(S, zero=3, gpus=4, gradient_checkpointing=True))["fits"]["24GB"]
 
 
+# --------------------------------------------------------------------------------------------- DeepSpeed's estimator
+
+
+def _function_from_source(path: Path, name: str) -> Callable:
+    """One top-level function of a DeepSpeed source file, compiled on its own (no deepspeed import: that takes
+    seconds and wants an accelerator); the estimators are pure arithmetic."""
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            namespace: dict[str, Any] = {}
+            exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+            return namespace[name]
+    raise LookupError(f"{name} not in {path}")
+
+
+def deepspeed_estimators() -> Optional[dict[str, Callable]]:
+    """DeepSpeed's number-returning estimators, the ones its ``*_all_cold`` printers call:
+    ``estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes, cpu_offload,
+    additional_buffer_factor) -> (cpu, gpu)`` and ``estimate_zero3_model_states_mem_needs(total_params,
+    largest_layer_params, num_gpus_per_node, num_nodes, cpu_offload, cpu_offload_params, zero_init,
+    additional_buffer_factor) -> (cpu, gpu, largest_layer_memory)``. None if DeepSpeed is not installed."""
+    spec = importlib.util.find_spec("deepspeed")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return {"zero2": _function_from_source(root / "runtime/zero/stage_1_and_2.py",
+                                           "estimate_zero2_model_states_mem_needs"),
+            "zero3": _function_from_source(root / "runtime/zero/stage3.py", "estimate_zero3_model_states_mem_needs")}
+
+
+def deepspeed_gpu_bytes(est: dict[str, Callable], zero: int, n: int, m: ME.ModelShape,
+                        offload_optimizer: bool = False, offload_param: bool = False) -> float:
+    """DeepSpeed's per-GPU model-state bytes for a full fine-tune on N GPUs (one node; the GPU figure depends
+    only on the total)."""
+    if zero == 2:
+        _, gpu = est["zero2"](total_params=m.params, num_gpus_per_node=n, num_nodes=1, cpu_offload=offload_optimizer)
+    else:
+        _, gpu, _ = est["zero3"](total_params=m.params, largest_layer_params=m.largest_layer(), num_gpus_per_node=n,
+                                 num_nodes=1, cpu_offload=offload_optimizer, cpu_offload_params=offload_param,
+                                 zero_init=True)
+    return float(gpu)
+
+
+def ours_comparable(m: ME.ModelShape, zero: int, n: int, offload_optimizer: bool = False,
+                    offload_param: bool = False) -> dict[str, float]:
+    """Our model-state bytes in the terms DeepSpeed's estimator covers (full fine-tune, no reference, no
+    activations): ``paper`` = ZeRO-paper states (+ ZeRO-3's gathered layer 4·largest, which DeepSpeed's
+    ZeRO-3 figure includes), and ``with_fp32_grad`` = that plus the fp32 gradient partition of the step."""
+    states = sum(ME.model_states(zero, n, m.params, 0.0, offload_optimizer, offload_param).values())
+    if zero == 3:
+        states += ME.zero_buffers(3, m, m.params, False)["gathered_layer"]
+    fp32 = ME.optimizer_step_temporaries(zero, n, m.params, offload_optimizer)["fp32_grad"]
+    return {"paper": states, "with_fp32_grad": states + fp32}
+
+
 @pytest.fixture(scope="module")
 def deepspeed_est():
-    est = ME.deepspeed_estimators("source")
+    est = deepspeed_estimators()
     if est is None:
         pytest.skip("deepspeed not installed")
     return est
@@ -111,8 +163,8 @@ def deepspeed_est():
 
 @pytest.mark.parametrize("n", [1, 4, 8])
 def test_agrees_with_deepspeed_estimator(deepspeed_est, n):
-    ds = lambda zero, *off: ME.deepspeed_gpu_bytes(deepspeed_est, zero, n, PSI, M.largest_layer(), *off)
-    ours = lambda zero, *off: ME.ours_comparable(M, zero, n, *off)
+    ds = lambda zero, *off: deepspeed_gpu_bytes(deepspeed_est, zero, n, M, *off)
+    ours = lambda zero, *off: ours_comparable(M, zero, n, *off)
     # ZeRO-2: DeepSpeed's 2Ψ + 18Ψ/N = the paper's 2Ψ + 14Ψ/N + the fp32 gradient partition 4Ψ/N
     assert ours(2)["with_fp32_grad"] == pytest.approx(ds(2), rel=1e-6)
     assert ds(2) == pytest.approx(2 * PSI + 18 * PSI / n, rel=1e-6)
@@ -128,15 +180,33 @@ def test_agrees_with_deepspeed_estimator(deepspeed_est, n):
         assert upper == pytest.approx(ds(3), rel=0.12)
 
 
-def test_main_writes_json(tmp_path, capsys):
-    out = tmp_path / "memory_estimate.json"
-    result = ME.main(["--deepspeed", "source", "--gpus", "4", "8", "--markdown", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert "Model states vs DeepSpeed" in text and "| ZeRO | N |" in text
-    data = json.loads(out.read_text())
-    assert len(data["rows"]) == 2 * 2 * 2  # ZeRO 2/3 x checkpointing off/on x N 4/8
-    assert len(data["doc_rows"]) == 24 and len(data["deepspeed_comparison"]) == 2 * 2 + 3 * 2
-    assert data["rows"] == json.loads(json.dumps(result["rows"]))
+def test_the_scaling_doc_comparison_table_is_what_deepspeed_gives(deepspeed_est):
+    """docs/scaling.md "Against DeepSpeed's estimator": every row (7B, GiB; a cell "4, 8" is both N) and the
+    70B sentences under it."""
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    section = doc[doc.index("### Against DeepSpeed's estimator"):]
+    section = section[:section.index("\n## ")]
+    offloads = {"none": (False, False), "optimizer": (True, False), "optimizer + param": (True, True)}
+    pct = lambda cell: float(cell.replace("\u2212", "-").rstrip(" %")) / 100
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if re.match(r"\| [23] \|", line)]
+    assert len(rows) == 8
+    for zero, offload, ns, paper, fp32, ds_gib, paper_vs, fp32_vs in rows:
+        for n in map(int, ns.split(", ")):
+            ours = ours_comparable(M, int(zero), n, *offloads[offload])
+            ds = deepspeed_gpu_bytes(deepspeed_est, int(zero), n, M, *offloads[offload])
+            assert (f"{ours['paper'] / GiB:.2f}", f"{ours['with_fp32_grad'] / GiB:.2f}", f"{ds / GiB:.2f}") == \
+                (paper, fp32, ds_gib), (zero, offload, n)
+            assert (ours["paper"] / ds - 1, ours["with_fp32_grad"] / ds - 1) == \
+                pytest.approx((pct(paper_vs), pct(fp32_vs)), abs=0.0006), (zero, offload, n)
+    # 70B, ZeRO-3 without offload: the paper 10.5-11 % below DeepSpeed; with one fp32 sub-group 8.5 % below at
+    # N = 8 and 9 % above at N = 64
+    p70 = ME.PRESETS["llama2-70b"]
+    gap = {n: (ours_comparable(p70, 3, n), deepspeed_gpu_bytes(deepspeed_est, 3, n, p70)) for n in (8, 16, 32, 64)}
+    assert {round((1 - o["paper"] / d) * 200) / 2 for o, d in gap.values()} == {10.5, 11.0}  # to the half percent
+    assert gap[8][0]["with_fp32_grad"] / gap[8][1] - 1 == pytest.approx(-0.085, abs=0.005)
+    assert gap[64][0]["with_fp32_grad"] / gap[64][1] - 1 == pytest.approx(0.09, abs=0.005)
+    assert "10.5-11 % below" in section and "8.5 % below at N = 8 and 9 % above at N = 64" in section
 
 
 P70 = ME.PRESETS["llama2-70b"]
@@ -178,7 +248,7 @@ def test_start_up_peak_partitioned_at_zero3_whole_below():
     small_step = ME.estimate(M, replace(S, zero=3, gpus=4, gradient_checkpointing=True, sub_group_size=1e8))
     assert small_step["init_peak_gib"] < small_step["peak_gib"] and small_step["fits"]["40GB"]
     # no ZeRO-3 row of the 70B grid needs a whole model on a GPU at start-up
-    assert all(row["bytes"]["init_peak"] < row["bytes"]["peak"] for row in ME.scale_rows(P70, S))
+    assert all(row["bytes"]["init_peak"] < row["bytes"]["peak"] for row in CL.scale_rows(P70, S))
 
 
 def test_host_memory_at_start_up():
@@ -197,37 +267,51 @@ def test_host_memory_at_start_up():
 
 
 def test_scale_grid_and_cluster_plan():
-    rows = ME.scale_rows(P70, S)
+    rows = CL.scale_rows(P70, S)
     assert len(rows) == 4 * 3 * 2
     z3_8 = rows[0]  # N = 8, no offload, reference
     assert z3_8["bytes"]["model_states"]["weights"] == pytest.approx(2 * P70.params / 8)
-    assert ME.waves(9, 4) == 3 and ME.waves(8, 8) == 1
+    assert CL.waves(9, 4) == 3 and CL.waves(8, 8) == 1
     # 18Ψ per forget token with reference and checkpointing, over N · peak · MFU
-    assert ME.job_seconds(1e9, 1e6, 2, 1e15, 0.5) == pytest.approx(18e15 / 1e15)
-    rows = ME.concurrency_rows(ME.PRESETS, S)
+    assert CL.job_seconds(1e9, 1e6, 2, 1e15, 0.5) == pytest.approx(18e15 / 1e15)
+    rows = CL.concurrency_rows(ME.PRESETS, S)
     crow = {(r["model"], r["offload"], r["accelerator"]): r for r in rows}
     assert len(crow) == len(rows) == 2 * 3 * 2  # one row per model, offload and card: one loader
     z = crow[("llama2-70b", "optimizer", "80 GB A100/H100")]
     assert z["gpus_per_job"] == 8 and z["concurrent_jobs"] == {8: 1, 64: 8} and z["waves"][64] == {4: 1, 8: 1, 16: 2}
-    assert z["node_host_gib"]["load"] < z["node_host_gib"]["steady"] <= ME.NODE_RAM_GIB
+    assert z["node_host_gib"]["load"] < z["node_host_gib"]["steady"] <= CL.NODE_RAM_GIB
     assert crow[("llama2-70b", "none", "80 GB A100/H100")]["gpus_per_job"] == 32
     assert crow[("llama2-70b", "none", "141 GB H200")]["gpus_per_job"] == 16
-    io = ME.merge_io(P70, "bfloat16", 8, bandwidths=(1e9,))
+    io = CL.merge_io(P70, "bfloat16", 8, bandwidths=(1e9,))
     assert io["read_gb"] == pytest.approx(9 * 2 * P70.params / 1e9) and io["written_gb"] == pytest.approx(137.96, abs=0.01)
     assert io["seconds"]["1GB/s"] == pytest.approx(10 * 2 * P70.params / 1e9)
-    assert ME.eval_models(8) == 12  # base + oracle + 8 subsets + unsplit + merged
-    ev = {(r["model"], r["accelerator"]): r for r in ME.eval_rows(ME.PRESETS)}
+    assert CL.eval_models(8) == 12  # base + oracle + 8 subsets + unsplit + merged
+    ev = {(r["model"], r["accelerator"]): r for r in CL.eval_rows(ME.PRESETS)}
     assert ev[("llama2-7b", "H100-80GB")]["waves"] == {8: 2, 64: 1}  # 12 tasks, one GPU each
     assert not ev[("llama2-70b", "H100-80GB")]["fits_raw"] and ev[("llama2-70b", "H200-141GB")]["fits_raw"]
     assert ev[("llama2-70b", "H200-141GB")]["gpu_gib"]["weights"] == pytest.approx(2 * P70.params / 2**30)
 
 
+# --------------------------------------------------------------------------------------------- the command line
+
+
+def test_main_writes_json(tmp_path, capsys):
+    out = tmp_path / "memory_estimate.json"
+    result = CLI.main(["--gpus", "4", "8", "--markdown", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| ZeRO | N |" in text and "ZeRO   N ckpt" in text
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 2 * 2 * 2  # ZeRO 2/3 x checkpointing off/on x N 4/8
+    assert len(data["doc_rows"]) == 24
+    assert data["rows"] == json.loads(json.dumps(result["rows"]))
+
+
 def test_main_cluster_tables(tmp_path, capsys):
     out = tmp_path / "m.json"
-    ME.main(["--model", "llama2-70b", "--deepspeed", "source", "--gpus", "8", "16", "32", "64",
-             "--markdown-scale", "--markdown-cluster", "--json", str(out)])
+    CLI.main(["--model", "llama2-70b", "--gpus", "8", "16", "32", "64", "--markdown-scale", "--markdown-cluster",
+              "--json", str(out)])
     text = capsys.readouterr().out
     assert "68.98e9, 80 layers, h 8192, 64 heads (8 K/V)" in text and "| N | offload | reference |" in text
     data = json.loads(out.read_text())
     assert len(data["scale_rows"]) == 24 and {"concurrency", "merge_io", "eval"} <= set(data["cluster"])
-    assert len(data["deepspeed_comparison"]) == 2 * 4 + 3 * 4
+    assert len(data["rows"]) == 2 * 2 * 4  # ZeRO 2/3 x checkpointing off/on x N 8..64

@@ -97,7 +97,8 @@ class UnlearnSpec(TrainingSpec):
     output_dir: str
 
 
-# SPUNGE merges with TIES (density 0.5, sign election, normalised): DESIGN.md calibration.
+# Each method's defaults. TIES at density 0.5 with sign election, normalised, is the merge of the demo recipe
+# (README "The offline demo benchmark") and of docs/results.md's runs.
 DEFAULT_MERGE_PARAMETERS: dict[str, dict[str, Any]] = {
     "ties": {"density": 0.5, "weight": 1.0, "normalize": True},
     "dare_ties": {"density": 0.5, "weight": 1.0, "normalize": True},

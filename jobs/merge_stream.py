@@ -2,8 +2,9 @@
 
 mergekit's ``run_merge`` stacks all k task vectors of a tensor (``k x`` its size, plus masks and products
 of the same size) and keeps the output shard (the whole model below 5B parameters) in memory until it
-is written: 5.3x one model's size to TIES-merge two SmolLM2-135M checkpoints. This module computes the
-same tensors with mergekit's own kernels and formulas, but holds at most one input tensor at a time:
+is written, so its peak grows with k (docs/benchmarks.md "Merge: streaming vs mergekit" measures both). This
+module computes the same tensors with mergekit's own kernels and formulas, but holds at most one input tensor
+at a time:
 
 * ``task_arithmetic`` and ``linear`` (elementwise in the inputs) run mergekit's ``merge_tensors`` on row
   chunks of ``CHUNK_ELEMENTS`` elements per input, read with ``safe_open(...).get_slice``;

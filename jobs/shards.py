@@ -209,7 +209,7 @@ class Checkpoint:
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Tensor ``name`` read into ``out`` (contiguous, its stored dtype and shape) with one read call. Reused
         across models, ``out``'s pages are already resident: a fresh tensor or a mapped file faults in every
-        page of every read (0.10 s against 0.03 s for the 113 MB SmolLM2 embedding, read and delta)."""
+        page of every read (docs/benchmarks.md "Merge: streaming vs mergekit" has the difference)."""
         begin, end = self.offsets[name]
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         with open(self.folder / self.file_of[name], "rb", buffering=0) as f:

@@ -167,8 +167,8 @@ def import_deepspeed():
     """``import deepspeed`` for a training worker: its accelerator (CUDA where there is a GPU, else CPU), without
     the ``mlflow`` import of its autotuner, and without the shared-memory op below. DeepSpeed's autotuner (which
     spunge never runs) tries ``import mlflow`` and goes on without it when that fails; mlflow and what it pulls
-    in (scipy, fastapi, ...) took 1.1 of the 1.3 s that ``import deepspeed`` costs each worker. Only this import
-    sees mlflow as missing: the process can import it after."""
+    in (scipy, fastapi, ...) were most of what ``import deepspeed`` cost each worker (docs/benchmarks.md "Time to
+    first step"). Only this import sees mlflow as missing: the process can import it after."""
     if "deepspeed" not in sys.modules:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         hide = "mlflow" not in sys.modules
@@ -184,10 +184,10 @@ def import_deepspeed():
 
 
 def skip_shm_comm_op() -> None:
-    """DeepSpeed's communication backend compiles (on first use: 37 s of a 2-core machine; after that a ninja check
-    and a probe of every op's compiler support in each worker) a shared-memory C++ all-reduce on CPU machines that
-    only its ``inference_all_reduce`` calls (tensor-parallel inference); training's collectives are the
-    process group's. It is not built: nothing here runs DeepSpeed inference."""
+    """DeepSpeed's communication backend compiles (on first use; after that a ninja check and a probe of every
+    op's compiler support in each worker: docs/benchmarks.md "Fan-out" has the cost) a shared-memory C++
+    all-reduce on CPU machines that only its ``inference_all_reduce`` calls (tensor-parallel inference);
+    training's collectives are the process group's. It is not built: nothing here runs DeepSpeed inference."""
     # importlib: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``, which is torch
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 

@@ -13,18 +13,14 @@ start (pi = pi_ref) the forget term is (2/beta) ln 2. The loop encodes the views
 a new one each time it reads the row.
 
 Defaults: ``beta`` 0.05 (open-unlearning's 0.1 before issue 15), ``gamma`` 1, ``alpha`` 1. Why not 0.1: the
-forget term stops pulling once beta * (r_w - r_l) is a few units (the sigmoid saturates), i.e. once the
-summed log-ratio margin reaches ~5 / beta nats, and nothing says which side supplies it. A model that has
-never produced a refusal (the demo benchmark's: ~9.7 nats per refusal token at the start) supplies ~40-50
-nats by raising the refusal alone; at beta 0.1 (~50 nats needed) the term saturated within 25 of 150 steps
-with the forget answers barely touched (benchmarks/method_defaults.py, tiny demo benchmark, whole forget set,
-lr 3e-4, batch 8: forget_prob 0.91 -> 0.64 in 150 steps, 0.80 in 50; docs/results.md's small-benchmark
-pipeline: unmoved). Halving beta doubles the margin needed, more than the refusal side can supply, so the
-answers must fall: forget_prob 0.91 -> 0.0003 in 150 steps, 0.43 in 50 (beta 0.07: 0.19 and 0.67; 0.02 and
-0.01 drive the answers to ~1e-13), retain_prob 0.91 -> 0.98 and 0.93 (the retain NLL term trains on the
-scored retain rows). How far the answers go thus depends on how improbable the refusals start: on a model
-that already finds refusals likely (a chat model, TOFU's setting) the refusal side supplies less and the
-answers more at any beta, so there open-unlearning's 0.1 may be enough and 0.05 pushes the answers harder.
+forget term stops pulling once beta * (r_w - r_l) is a few units (the sigmoid saturates), i.e. once the summed
+log-ratio margin reaches ~5 / beta nats, and nothing says which side supplies it. A model that has never
+produced a refusal (the demo benchmark's) supplies about the margin beta 0.1 needs by raising the refusal alone,
+so the term saturates early with the forget answers barely touched; halving beta doubles the margin needed, more
+than the refusal side can supply, so the answers must fall (docs/benchmarks.md "Method defaults on the demo
+benchmark" has the runs). How far the answers go thus depends on how improbable the refusals start: on a model
+that already finds refusals likely (a chat model, TOFU's setting) the refusal side supplies less and the answers
+more at any beta, so there open-unlearning's 0.1 may be enough and 0.05 pushes the answers harder.
 """
 
 import random

@@ -54,9 +54,9 @@ Defaults, and where they come from:
   demo model; the same layer as ``num_hidden_layers // 2``, the default before issue 15). An int ``layer``
   is an absolute index and wins over ``layer_fraction``. WMDP and open-unlearning steer layer 7 (of 32 in
   zephyr-7b: ``layer_fraction`` 0.22, or ``layer: 7``; of 16 in open-unlearning's Llama-3.2-1B config:
-  0.44). On the demo benchmark (benchmarks/method_defaults.py, adaptive steering, alpha 100) layer 2
-  forgot more and kept more than layer 1 (forget_prob 0.08 vs 0.16, retain_prob 0.89 vs 0.87), so the
-  default stays in the middle. Resolved in ``setup``.
+  0.44). On the demo benchmark (adaptive steering, alpha 100) the middle layer forgot more and kept more
+  than layer 1 (docs/benchmarks.md "Method defaults on the demo benchmark"), so the default stays in the
+  middle. Resolved in ``setup``.
 - ``trainable_layers``: None = ``[layer-2, layer-1, layer]`` clipped at 0 (WMDP ``--layer_ids 5,6,7``
   for ``--layer_id 7``; open-unlearning trains layers 5, 6, 7 too).
 - ``trainable_params``: ``mlp`` = every ``mlp.*`` parameter of those layers (gate, up and down
@@ -66,16 +66,16 @@ Defaults, and where they come from:
 - ``steering_coeff``: 6.5, WMDP's published zephyr-7b RMU (``--steering_coeffs 6.5,6.5``; the script's
   own default is 20, open-unlearning's config 300 for Llama-3.2-1B). The target's per-dimension size is
   steering_coeff / sqrt(D), so a fixed value has to be tuned per model against the norm of its
-  activations at ``layer`` (WMDP: raising the norm is what disrupts later layers). On the demo model
-  (activation norm ~11 at layer 1, ~12.5 at layer 2) 6.5 is below the activations' own norm and the
-  model did not move at all (docs/results.md); adaptive steering gives c = 66 at layer 2 (60 at layer 1).
+  activations at ``layer`` (WMDP: raising the norm is what disrupts later layers). On the demo model 6.5 is
+  below the activations' own norm, and the model did not move at all (docs/results.md; the norms and the
+  adaptive c: docs/benchmarks.md "Method defaults on the demo benchmark").
 - ``alpha``: 100, WMDP's script default (``--alpha 100,100``; its published zephyr-7b run uses 1200,
   open-unlearning's ``configs/trainer/RMU.yaml`` 1000, the default here before issue 15). With adaptive
   steering both terms scale with the square of the activations' norm, so the balance alpha sets carries
-  over between models. On the demo benchmark (benchmarks/method_defaults.py: tiny, whole forget set, lr 3e-4,
-  150 steps, layer 2, adaptive c) alpha 1000 held every activation in place (forget_prob 0.911 -> 0.908),
-  100 forgot (-> 0.082, retain_prob 0.912 -> 0.887), 10 forgot more at a cost (0.012, retain 0.822).
-  Adaptive steering is what moved it: a fixed 6.5 at alpha 100 stayed at 0.908.
+  over between models. On the demo benchmark (adaptive c, layer 2) alpha 1000 held every activation in
+  place, 100 forgot at a small retain cost and 10 forgot more at a larger one, while a fixed 6.5 at alpha 100
+  did not move: adaptive steering is what moved it (docs/benchmarks.md "Method defaults on the demo
+  benchmark" has the figures).
 - ``gamma``: 1.0, open-unlearning's weight of the forget term (WMDP has none).
 - ``seed``: 0. The control vector comes from its own ``torch.Generator``, so every worker of a job
   draws the same ``u`` whatever the global RNG state.

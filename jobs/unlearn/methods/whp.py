@@ -26,17 +26,14 @@ issue 15 cites for the paper's alpha (not re-checked against the paper's text he
 was 1.0 before issue 15. The paper trains on the hard labels.
 
 Why soft targets by default: on a model that has memorised its answers (the demo benchmark) reinforcement
-barely raises the memorised token's logit (~0.4-0.7 there: the base already predicts it with p ~0.94), so the
-base model's margin mostly survives the subtraction; the argmax, and with it the hard label, stays the
-memorised token, and the hard fine-tune re-teaches much of the answer. The soft target still lowers that
-token's probability by whatever the boost takes off, and the tokens the reinforced model did not boost keep
-the base model's relative probabilities (a distillation target). Measured (benchmarks/method_defaults.py, tiny
-demo benchmark, whole forget set, lr 3e-4, 150 steps, alpha 0): hard labels at beta 1 (the old defaults)
-forget_prob 0.911 -> 0.827, retain_prob 0.912 -> 0.855; soft at beta 5 (the defaults) 0.602 and 0.847; hard
-at beta 5 0.511 and 0.808 (forgets more, costs more); soft at beta 20 0.213 and 0.422 (wrecks retain). With a
-retain term (``alpha`` 1) retain_prob stays ~0.97-0.99 and hard labels forget more than soft (beta 5: 0.519
-vs 0.613; soft beta 20: 0.273); ``alpha`` stays 0 by default because the paper has no retain term and WHP
-then needs no retain data.
+barely raises the memorised token's logit, so the base model's margin mostly survives the subtraction; the
+argmax, and with it the hard label, stays the memorised token, and the hard fine-tune re-teaches much of the
+answer. The soft target still lowers that token's probability by whatever the boost takes off, and the tokens
+the reinforced model did not boost keep the base model's relative probabilities (a distillation target). On
+the demo benchmark soft targets at beta 5 forget more than the old hard labels at beta 1 at about the same
+retain, hard labels at beta 5 forget more but cost more retain, and beta 20 wrecks retain (docs/benchmarks.md
+"Method defaults on the demo benchmark" has the runs). ``alpha`` stays 0 by default
+because the paper has no retain term and WHP then needs no retain data.
 
 The paper also aligns the translated text with the original token by token; with QA rows the question is
 kept and only the answer is translated, so the positions of the generic targets are those of the translated

@@ -9,10 +9,9 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-# Per size: what the pipeline runs. DESIGN.md's calibration (NPO beta 0.1 + retain NLL, lr 3e-4, TIES
-# density 0.5 normalised), with max_steps rather than epochs: 10 epochs give a subset job a third of the
-# unsplit job's steps, and 80 steps leave the shared answer template wrecked (merged retain_prob 0.61),
-# while 150 steps let the retain term repair it (merged retain_prob 0.92, forget_prob 0.10).
+# Per size: what the pipeline runs: the demo recipe (README "The offline demo benchmark": NPO beta 0.1 + retain
+# NLL, lr 3e-4, TIES density 0.5 normalised), with max_steps rather than epochs so that a subset job gets the
+# unsplit job's step budget; docs/benchmarks.md "The demo recipe: a step budget, not epochs" has the runs.
 RECIPES: dict[str, dict[str, Any]] = {
     "small": {"max_steps": 150, "lr": 3e-4, "batch_size": 8},
     "tiny": {"max_steps": 150, "lr": 3e-4, "batch_size": 8},

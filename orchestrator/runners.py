@@ -13,7 +13,7 @@ from jobs.spec import EvalSpec, UnlearnSpec
 # How often a job's Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
 # default; a value in the environment wins). Each worker's ``ray.train.report`` waits until the controller has
 # taken the previous one, and the controller sees a finished job at its next poll: at 2 s, reports more often
-# than every 2 s cost up to 2 s each (1.9 s per step when every step reports) and each job's end waits for it.
+# than every 2 s cost up to 2 s each and each job's end waits for it.
 # docs/benchmarks.md "Ray Train's poll interval" has the figures; docs/scaling.md when to raise it.
 TRAIN_POLL_INTERVAL_S = "0.2"
 

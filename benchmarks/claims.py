@@ -4,7 +4,7 @@
 fraction? For each seed, one WGA job per attribution with ``unlearn.localize`` (same fraction and scope; the
 random mask drawn with that seed) and one without a mask; the seed is also the job's (data order). Per
 attribution: mean ± 95% CI over seeds of forget_prob, retain_prob and model_utility, and the paired
-difference to the random mask with the two-sided paired t-test's p-value (``orchestrator.seeds``).
+difference to the random mask with the two-sided paired t-test's p-value (``orchestrator.experiments.seeds``).
 
 ``lr_grid``: Yao et al. 2024 (Machine Unlearning of Pre-trained LLMs): gradient ascent plus gradient descent on
 in-distribution data is more robust to the learning rate than the other methods. Each method they compare
@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.solo import SCORES, fmt, recipe, run_job, score, setup_process, tiny_benchmark
-from orchestrator.seeds import mean_ci, paired_test
+from orchestrator.experiments.seeds import mean_ci, paired_test
 
 RESULTS = ROOT / "benchmarks" / "results"
 ATTRIBUTIONS = ("gradient", "activation", "wagle", "random")

@@ -7,7 +7,7 @@ model_utility >= 0.9 x base" on that model only (the merged model's search runs 
 unsplit model's search no subset job). Each tuned point (``best_config.yaml``) then runs with
 ``spunge run --seeds`` (when both searches pick the same point, one run per seed holds the subset jobs and the
 unsplit job); the table compares the tuned merged model with the tuned unsplit model, mean ± 95% CI
-over seeds and a paired t-test by seed (orchestrator/seeds.py).
+over seeds and a paired t-test by seed (orchestrator/experiments/seeds.py).
 
     python benchmarks/fair_baselines.py --bench spunge-demo/benchmark --methods grad_diff,npo \\
         --samples 8 --seeds 0,1,2 --out spunge-demo/fair
@@ -100,7 +100,7 @@ def _num(x: Any) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """docs/results.md's "Tuned baselines" table: per method the two tuned points and, per metric, mean ±
     95% half-width over seeds of each model, the paired difference by seed and its p-value (bold < 0.05)."""
-    from orchestrator.seeds import mean_ci
+    from orchestrator.experiments.seeds import mean_ci
 
     lines = ["| method | tuned merged (lr, coef) | tuned unsplit (lr, coef) | metric | merged | unsplit | "
              "merged − unsplit | p |", "|---|---|---|---|---|---|---|---|"]
@@ -124,7 +124,7 @@ def spunge(*args: str) -> None:
 
 
 def main() -> None:
-    from orchestrator.seeds import paired_test, parse_seeds
+    from orchestrator.experiments.seeds import paired_test, parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", type=Path, default=ROOT / "spunge-demo" / "benchmark")

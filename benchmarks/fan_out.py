@@ -1,6 +1,6 @@
 """Fan-out: the unlearning stage with k subset jobs at once vs the slowest of the same jobs run alone.
 
-The jobs are the pipeline's own (``orchestrator.runners.run_unlearn_job``: one Ray Train ``TorchTrainer``
+The jobs are the pipeline's own (``orchestrator.remote.runners.run_unlearn_job``: one Ray Train ``TorchTrainer``
 per job, ``jobs.unlearn.loop.train_loop_per_worker``, DeepSpeed), launched the way the driver launches them
 (zero-CPU Ray tasks whose workers hold the CPUs or GPUs), in one Ray session that this script starts once
 (its start-up is in neither figure). Each of the k jobs unlearns its own forget subset (same size, same
@@ -80,7 +80,7 @@ def launch(specs: list, scaling: dict, storage: Path, board) -> list[dict]:
     """Launch every spec's job at once (as the driver does) and wait for all: each job's parts."""
     import ray
 
-    from orchestrator.runners import run_unlearn_job
+    from orchestrator.remote.runners import run_unlearn_job
 
     t_fit = time.time()
     pending = {run_unlearn_job.remote(s.model_dump(), scaling, str(storage), Path(s.output_dir).name, board): s
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from orchestrator.config import ScalingConfig
-    from orchestrator.progress import ProgressBoard
+    from orchestrator.config.schema import ScalingConfig
+    from orchestrator.remote.progress import ProgressBoard
 
     os.environ["DS_ACCELERATOR"] = "cuda" if args.gpu else "cpu"
     work = Path(args.work or tempfile.mkdtemp(prefix="fan-out-"))

@@ -30,8 +30,8 @@ VARIANTS = {
 
 
 def config_for(bench: Path, meta: dict, out: Path, name: str, changes: dict, steps: int) -> dict:
-    from orchestrator.config import apply_overrides
-    from orchestrator.demo import demo_config
+    from orchestrator.config.schema import apply_overrides
+    from orchestrator.cli.demo import demo_config
 
     cfg = demo_config(bench, meta, "tiny", out / name)
     cfg = {**cfg, "deepspeed": changes["deepspeed"]}
@@ -74,7 +74,7 @@ def main() -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from jobs.data.demo_train import build_benchmark
-    from orchestrator.config import parse_config
+    from orchestrator.config.parse import parse_config
     from orchestrator.pipeline import run_pipeline
 
     out = args.output_dir.resolve()

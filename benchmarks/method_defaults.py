@@ -10,7 +10,7 @@ model and both results with ``jobs.evaluate.evaluate_model(..., suites=["qa"])``
 splits.
 
 Every job runs in this process through the real loop (``jobs.unlearn.loop.run_unlearning``: DeepSpeed ZeRO
-stage 0 on the CPU accelerator, gloo, rank 0 of 1) with the demo recipe (``orchestrator.demo.RECIPES["tiny"]``:
+stage 0 on the CPU accelerator, gloo, rank 0 of 1) with the demo recipe (``orchestrator.cli.demo.RECIPES["tiny"]``:
 lr 3e-4, 150 steps, batch 8, max_length 128; ``--steps`` overrides the step count) and the demo's retain data.
 WHP first runs its reinforcement pre-job (``Method.pre_jobs``, as the pipeline's runner does) into
 ``<job>/reinforced``; both WHP runs use the benchmark's ``data/anchors.json`` (as examples/methods_demo.yaml).
@@ -92,7 +92,7 @@ def run_rows(plan: list[tuple[str, str, dict, int]], bench: Path, work: Path, th
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.demo import RECIPES
+    from orchestrator.cli.demo import RECIPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

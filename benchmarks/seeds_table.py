@@ -8,7 +8,7 @@ so a run that was stopped part-way can be tabled for the variants whose seeds ar
 
 Per variant (only those with every seed of the others' set): merged and unsplit, mean ± half-width of the 95%
 Student-t interval over the seeds, the mean paired difference with its interval and the two-sided paired
-t-test's p-value (``orchestrator.seeds.summarize``, the function ``spunge run --seeds`` uses). The reference
+t-test's p-value (``orchestrator.experiments.seeds.summarize``, the function ``spunge run --seeds`` uses). The reference
 rows (base, oracle) are seed 0's: they do not depend on the unlearning seed. Writes
 ``benchmarks/results/<name>.json`` (the per-seed values are in it).
 """
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from orchestrator.seeds import TABLE_METRICS, summarize  # noqa: E402
+from orchestrator.experiments.seeds import TABLE_METRICS, summarize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

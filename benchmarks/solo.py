@@ -2,7 +2,7 @@
 benchmarks that compare methods or settings at the demo recipe (method_defaults.py, claims.py).
 
 Every job runs through the real loop (``jobs.unlearn.loop.run_unlearning``: DeepSpeed ZeRO stage 0 on the CPU
-accelerator, gloo, rank 0 of 1, no Ray) with the demo recipe (``orchestrator.demo.RECIPES["tiny"]``: lr 3e-4,
+accelerator, gloo, rank 0 of 1, no Ray) with the demo recipe (``orchestrator.cli.demo.RECIPES["tiny"]``: lr 3e-4,
 150 steps, batch 8, max_length 128) unless told otherwise, and is scored with
 ``jobs.evaluate.evaluate_model(..., suites=["qa"])`` on the benchmark's forget and retain splits. A job folder
 that holds a finished job is reused.
@@ -45,7 +45,7 @@ def tiny_benchmark(bench: Path) -> dict:
 
 
 def recipe() -> dict[str, Any]:
-    from orchestrator.demo import RECIPES
+    from orchestrator.cli.demo import RECIPES
 
     return dict(RECIPES["tiny"])
 

@@ -8,7 +8,7 @@ GPU with ``--gpu``, and one method (``--method grad_diff``), with a fixed micro 
 - **bare**: the model in this process, the same method object (``build_method``), the same batches (the
   loop's own ``encode_rows``/``StepBatches``), torch AdamW with the job's schedule, ``clip_grad_norm_`` at the
   job's clipping (1.0); no Ray, no DeepSpeed. ``--warmup`` steps, then ``--steps`` timed steps.
-- **spunge**: the same job as the pipeline runs it: ``orchestrator.runners.run_unlearn_job`` (a Ray
+- **spunge**: the same job as the pipeline runs it: ``orchestrator.remote.runners.run_unlearn_job`` (a Ray
   Train ``TorchTrainer`` with one worker running ``jobs.unlearn.loop.train_loop_per_worker``, DeepSpeed
   ZeRO stage 0, default ``report_interval_s``), ``warmup + steps`` steps. Steady-state tokens/s comes from
   the job's own step rows (``steps.jsonl``): the tokens and ``elapsed_s`` between the last warm-up step
@@ -157,11 +157,11 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
 
 
 def start_bench_ray(num_cpus: int, gpu: bool = False, dashboard: bool = True) -> None:
-    """The driver's local Ray (``orchestrator.ray_init.start_ray``); without ``dashboard``, a plain local Ray for
+    """The driver's local Ray (``orchestrator.remote.ray_init.start_ray``); without ``dashboard``, a plain local Ray for
     a machine whose Ray lacks the dashboard's packages (Ray Train runs; its stopped jobs' cleanup may not)."""
     import ray
 
-    from orchestrator.ray_init import start_ray
+    from orchestrator.remote.ray_init import start_ray
 
     if dashboard:
         start_ray(num_cpus=num_cpus, use_gpu=gpu)
@@ -176,9 +176,9 @@ def spunge(spec, warmup: int, storage: Path, num_cpus: int, gpu: bool = False, d
 
     from jobs.data.io import load_jsonl
     from jobs.unlearn.outputs import ATTEMPTS_FILE, STEPS_FILE
-    from orchestrator.config import ScalingConfig
-    from orchestrator.progress import ProgressBoard
-    from orchestrator.runners import run_unlearn_job
+    from orchestrator.config.schema import ScalingConfig
+    from orchestrator.remote.progress import ProgressBoard
+    from orchestrator.remote.runners import run_unlearn_job
 
     start_bench_ray(num_cpus, gpu, dashboard)
     try:

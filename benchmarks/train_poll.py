@@ -3,7 +3,7 @@
 A job's Ray Train controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``. A worker's
 ``ray.train.report`` hands its result over through a queue of one, which the controller empties at each poll,
 so a report made before the previous one was taken waits for the next poll; and the controller sees that the
-job has finished at its next poll. ``orchestrator.runners`` sets the interval to ``TRAIN_POLL_INTERVAL_S``
+job has finished at its next poll. ``orchestrator.remote.runners`` sets the interval to ``TRAIN_POLL_INTERVAL_S``
 unless the environment sets it. This script runs the pipeline's own job (``run_unlearn_job``: one
 ``TorchTrainer``, one worker, DeepSpeed ZeRO 0, the tests' tiny model, grad_diff) at each interval, each
 interval in a fresh local Ray of its own, two ways:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from orchestrator.runners import TRAIN_POLL_INTERVAL_S  # noqa: E402
+from orchestrator.remote.runners import TRAIN_POLL_INTERVAL_S  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_poll.json"
 INTERVALS = ("2.0", TRAIN_POLL_INTERVAL_S)  # Ray's default, spunge's
@@ -63,8 +63,8 @@ def one_interval(interval: str, args, work: Path) -> list[dict]:
     from benchmarks.fan_out import launch, subsets
     from benchmarks.train_overhead import model_dir, start_bench_ray
     from jobs.spec import UnlearnSpec
-    from orchestrator.config import ScalingConfig
-    from orchestrator.progress import ProgressBoard
+    from orchestrator.config.schema import ScalingConfig
+    from orchestrator.remote.progress import ProgressBoard
 
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
     model = model_dir("tiny", work)

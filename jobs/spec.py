@@ -1,7 +1,7 @@
 """The specs a worker-side job receives. Plain pydantic models: the driver builds them, Ray ships them.
 
 They hold resolved values only (absolute paths, concrete numbers); the user-facing config lives in
-``orchestrator/config.py`` and composes these.
+``orchestrator/config/schema.py`` and composes these.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class LoraSpec(_Spec):
 
 class TrainingSpec(_Spec):
     """How an unlearning job trains: the one schema of these fields, shared by the pipeline config's
-    ``unlearn:`` section (``orchestrator.config.UnlearnConfig``) and the job spec (``UnlearnSpec``)."""
+    ``unlearn:`` section (``orchestrator.config.schema.UnlearnConfig``) and the job spec (``UnlearnSpec``)."""
 
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     localize: Optional[LocalizeSpec] = Field(None, description="attribution mask: only masked parameters train")

@@ -1,12 +1,12 @@
 """The SPUNGE pipeline: five stages run in order over one ``RunContext``.
 
-    prepare   load and split the data                                   orchestrator/prepare.py
-    unlearn   one TorchTrainer per subset (and the unsplit baseline)    orchestrator/unlearn.py
-    merge     the merge actor merges the subset models                  orchestrator/merge.py
-    evaluate  one Ray task per (model, suite)                           orchestrator/evaluate.py
-    report    the comparison table, plots, report.json                  (below)
+    prepare   load and split the data                                   orchestrator/stages/prepare.py
+    unlearn   one TorchTrainer per subset (and the unsplit baseline)    orchestrator/stages/unlearn/
+    merge     the merge actor merges the subset models                  orchestrator/stages/merge/
+    evaluate  one Ray task per (model, suite)                           orchestrator/stages/evaluate.py
+    report    the comparison table, plots, report.json                  orchestrator/stages/report.py
 
-``spunge run`` runs all five with MLflow as the events sink; a tune trial (orchestrator/tune/trial.py)
+``spunge run`` runs all five with MLflow as the events sink; a tune trial (orchestrator/experiments/tune/trial.py)
 runs the same functions over fewer jobs and models.
 """
 
@@ -16,26 +16,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from orchestrator.config import PipelineConfig, config_yaml
-from orchestrator.context import PipelineError, RunContext, killable
-from orchestrator.display import Display
-from orchestrator.evaluate import evaluate
-from orchestrator.merge import merge
-from orchestrator.prepare import prepare
-from orchestrator.report import build_report, write_report
-from orchestrator.unlearn import unlearn
+from orchestrator.config.schema import PipelineConfig, config_yaml
+from orchestrator.run.context import PipelineError, RunContext, killable
+from orchestrator.run.display import Display
+from orchestrator.stages.evaluate import evaluate
+from orchestrator.stages.merge import merge
+from orchestrator.stages.prepare import prepare
+from orchestrator.stages.report import report
+from orchestrator.stages.unlearn import unlearn
 
 __all__ = ["STAGES", "PipelineError", "run_stages", "run_pipeline", "report"]
-
-
-def report(ctx: RunContext) -> None:
-    """``ctx.report``: the tables printed, report.json/report.md and the plots written (``ctx.artifacts``)."""
-    from orchestrator.costs import cost_report
-
-    ctx.report = build_report(ctx.results, ctx.jobs, ctx.prep, ctx.run_id,
-                              time.perf_counter() - ctx.started, cost_report(ctx))
-    ctx.artifacts += [(p, None) for p in write_report(ctx.report, ctx.out, ctx.display.console)]
-    ctx.artifacts += [(p, "plots") for p in _plots(ctx)]
 
 
 STAGES: dict[str, Callable[[RunContext], None]] = {
@@ -57,8 +47,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
                  display: Optional[Display] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """``spunge run``: every stage, recorded in MLflow (nested under ``parent_run_id`` when given: a seed's
     run under its variant's); returns the report."""
-    from orchestrator.ray_init import init_ray, ray_address
-    from orchestrator.tracking import MlflowEvents, Tracker, tracking_uri
+    from orchestrator.remote.ray_init import init_ray, ray_address
+    from orchestrator.tracking.tracker import MlflowEvents, Tracker, tracking_uri
 
     out = Path(cfg.storage.output_dir).resolve()  # Ray Train's storage_path must be absolute
     display = display or Display()
@@ -88,17 +78,3 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
             raise
         ctx.events.run_ended(ctx, "FINISHED")
     return ctx.report
-
-
-def _plots(ctx: RunContext) -> list[Path]:
-    """The run's PNG plots in ``<output_dir>/plots/``; a plotting problem is reported, not fatal."""
-    from orchestrator.plots import write_plots
-
-    try:
-        paths = write_plots(ctx.report["models"], {j.key: j.history + j.curves for j in ctx.jobs}, ctx.out / "plots",
-                            {j.key: j.selected["step"] for j in ctx.jobs if j.selected} or None)
-    except Exception as e:  # the report is already written: don't fail the run for a figure
-        ctx.display.log(f"warning: plots not written: {type(e).__name__}: {e}")
-        return []
-    ctx.display.log("plots: " + ", ".join(str(p) for p in paths))
-    return paths

@@ -1,5 +1,6 @@
-"""The shape of the code: arrows one way (orchestrator -> jobs), no import cycle, every module importable
-on its own, driver modules a reader can hold (docs/architecture.md)."""
+"""The shape of the code: arrows one way (orchestrator -> jobs), the driver's rooms in layers (a room imports only
+the rooms below it), no import cycle, no private name imported across modules, every module importable on its
+own, a config that needs neither Ray nor MLflow (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jobs", "orchestrator")
-MAX_ORCHESTRATOR_LINES = 400
+# The rooms of orchestrator/ (``orchestrator.<room>``; pipeline is a module) and the rooms each may import
+# besides itself and jobs/: the config knows nothing of a run, a run's shared state nothing of Ray or MLflow,
+# a stage nothing of the commands that start it.
+LAYERS = {
+    "config": set(),
+    "run": {"config"},
+    "tracking": {"config", "run"},
+    "remote": {"config", "run"},
+    "stages": {"config", "run", "tracking", "remote"},
+    "pipeline": {"config", "run", "tracking", "remote", "stages"},
+    "experiments": {"config", "run", "tracking", "remote", "stages", "pipeline"},
+    "cli": {"config", "run", "tracking", "remote", "stages", "pipeline", "experiments"},
+}
+STAGES = {"prepare", "unlearn", "merge", "evaluate", "report"}
 
 
 def modules() -> dict[str, Path]:
@@ -109,9 +123,12 @@ def test_the_graph_checker_finds_a_cycle_and_resolves_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     graph = import_graph()
-    assert "orchestrator.unlearn" in graph["orchestrator.pipeline"]
+    assert "orchestrator.stages.unlearn" in graph["orchestrator.pipeline"]
     assert "jobs.evaluate.suites" in graph["jobs.evaluate.qa"]  # from jobs.evaluate.suites import ...
-    assert "orchestrator.config" not in graph["orchestrator.checks"]  # only under TYPE_CHECKING
+    assert "orchestrator.config.schema" in graph["orchestrator.config.checks"]
+    assert "orchestrator.config.checks" not in graph["orchestrator.config.schema"]  # the loader calls the checks
+    assert layer_violations({"orchestrator.config.schema": {"orchestrator.run.context"}}) == [
+        "orchestrator.config.schema (config) imports orchestrator.run.context (run)"]
 
 
 def test_no_import_cycle_in_the_project():
@@ -146,7 +163,44 @@ def test_every_module_imports_on_its_own():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "orchestrator").rglob("*.py")), ids=lambda p: p.name)
-def test_orchestrator_modules_stay_readable(path):
-    lines = len(path.read_text().splitlines())
-    assert lines <= MAX_ORCHESTRATOR_LINES, f"{path.relative_to(ROOT)}: {lines} lines; split it by concern"
+def room(module: str) -> str:
+    """The room of an orchestrator module: ``orchestrator.stages.unlearn.selection`` -> ``stages``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "orchestrator"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({room(m)}) imports {t} ({room(t)})" for m, ts in graph.items() if m.startswith("orchestrator.")
+                  for t in ts if t.startswith("orchestrator.") and room(t) != room(m)
+                  and room(t) not in LAYERS.get(room(m), set()))
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    graph = import_graph()
+    rooms = {room(m) for m in graph if m.startswith("orchestrator.")}
+    assert rooms == set(LAYERS), rooms  # every room has its layer
+    assert layer_violations(graph) == []
+
+
+def test_the_stages_are_named_by_their_folder():
+    names = {p.stem if p.is_file() else p.name for p in (ROOT / "orchestrator" / "stages").iterdir()
+             if p.name not in ("__init__.py", "__pycache__")}
+    assert names == STAGES
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    crossing = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                crossing += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert crossing == []
+
+
+def test_the_config_needs_neither_ray_nor_mlflow():
+    code = ("import sys, pkgutil, importlib, orchestrator.config as c\n"
+            "for m in pkgutil.walk_packages(c.__path__, 'orchestrator.config.'): importlib.import_module(m.name)\n"
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.commands import app
 from tests.conftest import qa_rows
 
 Rows = list[dict]

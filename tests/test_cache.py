@@ -1,4 +1,4 @@
-"""Stage keys (orchestrator/cache.py): what changes a result changes the key; where, how often and how fast a
+"""Stage keys (orchestrator/run/cache.py): what changes a result changes the key; where, how often and how fast a
 job writes does not, so ``--resume`` reuses finished jobs after such a change."""
 
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from jobs.data.io import load_jsonl, write_jsonl
-from orchestrator.cache import file_digest, stage_key
-from orchestrator.config import parse_config
-from orchestrator.context import JobKind, Prepared, RunContext
-from orchestrator.unlearn import plan_jobs
+from orchestrator.run.cache import file_digest, stage_key
+from orchestrator.config.parse import parse_config
+from orchestrator.run.context import JobKind, Prepared, RunContext
+from orchestrator.stages.unlearn import plan_jobs
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_file_parameters_are_keyed_by_their_content(plan, tmp_path):
 
 
 def test_suite_file_options_and_the_deepspeed_file_are_keyed_by_content(tiny_dir, tmp_path):
-    from orchestrator.cache import suite_options_key
-    from orchestrator.evaluate import eval_spec
+    from orchestrator.run.cache import suite_options_key
+    from orchestrator.stages.evaluate import eval_spec
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -91,7 +91,7 @@ def test_resume_keeps_an_unfinished_jobs_folder_and_a_fresh_run_clears_it(tmp_pa
     """An unfinished job's folder survives --resume with what it finished (WHP's reinforced pre-job, with its
     own marker, is then reused by the runner); without --resume it is emptied; a finished one is reused."""
     from jobs.unlearn.outputs import JOB_MARKER
-    from orchestrator.cache import claim
+    from orchestrator.run.cache import claim
 
     job = tmp_path / "subset-a-123"
     (job / "reinforced").mkdir(parents=True)

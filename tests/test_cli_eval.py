@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli.commands import app
 
 
 def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:

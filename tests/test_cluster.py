@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import submit as sub
+import orchestrator.cli.submit as sub
 
 BIN = Path(sys.executable).parent
 
@@ -69,7 +69,7 @@ def test_runtime_env_merges_user_file_and_forwards_tracking(tmp_path):
     assert env["working_dir"] == str(tmp_path) and env["pip"] == ["x==1"]
     # the driver's ray.init sets DS_ACCELERATOR: Ray would refuse to merge two runtime_envs naming it
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://m:5000", "HF_HOME": "/shared/hf", "A": "1"}
-    assert sub.entrypoint(True, user) == ("DS_ACCELERATOR=cpu python -m orchestrator.cli run spunge.yaml "
+    assert sub.entrypoint(True, user) == ("DS_ACCELERATOR=cpu python -m orchestrator.cli.commands run spunge.yaml "
                                           "--address auto --resume")
     assert [Path(p).name for p in env["py_modules"]] == ["orchestrator", "jobs"] and ".venv" in env["excludes"]
     (tmp_path / "bad.yaml").write_text("working_dir: /x\n")

@@ -106,7 +106,7 @@ def test_kuberay_rayjob_structure():
 
 
 def test_runtime_env_file_is_accepted_by_spunge_submit():
-    from orchestrator.submit import build_runtime_env, load_runtime_env
+    from orchestrator.cli.submit import build_runtime_env, load_runtime_env
 
     env = load_runtime_env(CLUSTER / "runtime_env.yaml")
     assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
@@ -258,8 +258,8 @@ def example_configs(path: Path) -> list:
     """Every pipeline of an example, through spunge's loader (its defaults: gpus_per_worker and
     eval.gpus_per_task 1 with use_gpu); for an example naming a cluster's files (absent here), the same
     models validated without the file checks."""
-    from orchestrator.config import ConfigError, PipelineConfig, apply_overrides
-    from orchestrator.loading import load_configs
+    from orchestrator.config.schema import ConfigError, PipelineConfig, apply_overrides
+    from orchestrator.config.loading import load_configs
 
     try:
         return [cfg for _, cfg in load_configs(path)]

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.config import ConfigError, flatten
-from orchestrator.loading import load_config
+from orchestrator.cli.commands import app
+from orchestrator.config.schema import ConfigError, flatten
+from orchestrator.config.loading import load_config
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_a_retain_term_without_retain_data_is_named(config_file, tiny_dir):
 
 
 def test_variants_expand_into_named_pipelines_with_their_own_output(config_file, tmp_path):
-    from orchestrator.loading import load_configs
+    from orchestrator.config.loading import load_configs
 
     path = config_file(storage={"output_dir": "out"}, name="sweep",
                        variants={"fast": {"unlearn.optimizer.lr": 1e-3}, "gd": {"unlearn.method": "grad_diff",
@@ -155,7 +155,7 @@ def test_lora_and_memory_options_are_checked_against_each_other(config_file):
 
 
 def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypatch):
-    import orchestrator.unlearn as P
+    import orchestrator.stages.unlearn as P
 
     res = {"CPU": 8.0, "memory": 10 * 2**30}
     monkeypatch.setattr(P.ray, "cluster_resources", lambda: res)
@@ -221,7 +221,7 @@ def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
 
 def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path):
     """A config that needs an extra that is not installed fails at validate, naming the pip command."""
-    from orchestrator.loading import load_tune
+    from orchestrator.config.loading import load_tune
 
     for module in ("optuna", "lm_eval", "peft"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
@@ -239,7 +239,7 @@ def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path
 
 
 def test_a_password_in_a_uri_is_never_printed_or_logged(config_file):
-    from orchestrator.config import flatten, public_dump
+    from orchestrator.config.schema import flatten, public_dump
 
     path = config_file(tracking={"uri": "http://alice:s3cretpw@mlflow.internal:5000"})
     cfg = load_config(path)
@@ -266,7 +266,7 @@ def test_eval_sets_resolve_like_sources_and_bad_names_or_files_are_named(config_
 
 def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file, tiny_dir, tmp_path):
     from jobs.data.io import load_jsonl
-    from orchestrator.prepare import load_source
+    from orchestrator.stages.prepare import load_source
 
     (tmp_path / "a.jsonl").write_text('{"text": "anthrax spores survive heat."}\n{"text": "ricin is a toxin."}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "a buffer overflow writes past an array."}\n')

@@ -57,7 +57,7 @@ def spunge(*args: str, cwd: Path, peak: Optional[list] = None, secrets: bool = F
 
 @pytest.fixture(scope="module")
 def pipeline(bench, tmp_path_factory):
-    from orchestrator.demo import demo_config
+    from orchestrator.cli.demo import demo_config
 
     bench_dir, meta = bench
     work = tmp_path_factory.mktemp("work")

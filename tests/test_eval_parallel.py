@@ -10,12 +10,12 @@ import pytest
 import ray
 
 from jobs.data.io import load_jsonl, write_jsonl
-from orchestrator.config import PipelineConfig
-from orchestrator.display import Display
-from orchestrator.cache import file_digest, model_fingerprint
-from orchestrator.context import Merged, Prepared, RunContext
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.run.display import Display
+from orchestrator.run.cache import file_digest, model_fingerprint
+from orchestrator.run.context import Merged, Prepared, RunContext
 from orchestrator.pipeline import run_stages
-from orchestrator.tracking import MlflowEvents, Tracker
+from orchestrator.tracking.tracker import MlflowEvents, Tracker
 
 pytestmark = pytest.mark.e2e  # the pipeline's eval stage on a real local Ray cluster
 
@@ -156,8 +156,8 @@ def test_a_killed_merge_actor_reruns_the_merge_only(setup, tiny_dir):
 
     from jobs.merge import MERGE_MARKER
     from jobs.spec import UnlearnSpec
-    from orchestrator.context import Job, JobKind
-    from orchestrator.merge import start_merge_actor
+    from orchestrator.run.context import Job, JobKind
+    from orchestrator.stages.merge import start_merge_actor
 
     work = setup["work"]
     cfg = PipelineConfig(model={"path": str(tiny_dir / "model")}, split={"attribute": "group"},

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from orchestrator.config import ConfigError
-from orchestrator.loading import load_configs, load_tune
+from orchestrator.cli.commands import app
+from orchestrator.config.schema import ConfigError
+from orchestrator.config.loading import load_configs, load_tune
 from tests.conftest import qa_rows
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -181,7 +181,7 @@ def test_yao_seven_covers_the_seven_methods():
 
 
 def test_demo_example_is_what_spunge_demo_runs(tmp_path):
-    from orchestrator.demo import demo_config
+    from orchestrator.cli.demo import demo_config
 
     meta = {"template": "Question: {question}\nAnswer:", "split_attribute": "birth_decade"}
     root = Path(__file__).parent.parent

@@ -94,8 +94,8 @@ def test_a_new_method_is_one_file(tiny_dir, tmp_path):
     out = run_with("jobs.unlearn.methods", "toy_ascent.py", NEW_METHOD, f"""
         import json, os, socket
         from jobs.unlearn.methods import method_names
-        from orchestrator.config import ConfigError
-        from orchestrator.loading import load_config
+        from orchestrator.config.schema import ConfigError
+        from orchestrator.config.loading import load_config
 
         cfg = load_config({good!r})
         try:
@@ -136,9 +136,9 @@ def test_a_new_suite_is_one_file(tiny_dir, tmp_path):
     out = run_with("jobs.evaluate", "answer_length.py", NEW_SUITE, f"""
         import json
         from jobs.evaluate.suites import add_reference_metrics, evaluate_model
-        from orchestrator.config import ConfigError
-        from orchestrator.loading import load_config
-        from orchestrator.report import group_columns, metric_group
+        from orchestrator.config.schema import ConfigError
+        from orchestrator.config.loading import load_config
+        from orchestrator.stages.report import group_columns, metric_group
 
         def problems(path):
             try:

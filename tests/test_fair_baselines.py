@@ -17,7 +17,7 @@ def load_script():
 
 def test_every_method_has_a_space_and_each_recipe_validates(tiny_bench, tmp_path):
     from jobs.unlearn.methods import build_method, method_names
-    from orchestrator.loading import load_tune
+    from orchestrator.config.loading import load_tune
 
     fair = load_script()
     assert set(method_names()) <= set(fair.COEFFICIENTS)
@@ -37,7 +37,7 @@ def test_every_method_has_a_space_and_each_recipe_validates(tiny_bench, tmp_path
 
 
 def test_the_docs_table_shows_mean_half_width_paired_difference_and_p():
-    from orchestrator.seeds import paired_test
+    from orchestrator.experiments.seeds import paired_test
 
     fair = load_script()
     merged = {m: [1.0, 2.0, 3.0] for m in fair.METRICS}

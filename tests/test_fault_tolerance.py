@@ -135,8 +135,8 @@ def wait_for(predicate, what: str, limit_s: float = 600):
 def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny_dir, tmp_path, local_ray):
     import ray
 
-    from orchestrator.progress import ProgressBoard
-    from orchestrator.runners import TRAIN_POLL_INTERVAL_S, run_unlearn_job
+    from orchestrator.remote.progress import ProgressBoard
+    from orchestrator.remote.runners import TRAIN_POLL_INTERVAL_S, run_unlearn_job
 
     s = spec(tiny_dir, tmp_path / "out", max_steps=40, checkpoint_every=5, batch_size=2, report_interval_s=0)
     scaling = {"num_workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "use_gpu": False, "max_failures": 1}
@@ -175,10 +175,10 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     # the driver's view (a real board, MLflow on sqlite): each step once, the replayed ones replacing the old
     from rich.console import Console
 
-    from orchestrator.context import Job, JobKind, RunContext
-    from orchestrator.display import Display
-    from orchestrator.tracking import MlflowEvents, Tracker
-    from orchestrator.unlearn import drain_progress
+    from orchestrator.run.context import Job, JobKind, RunContext
+    from orchestrator.run.display import Display
+    from orchestrator.tracking.tracker import MlflowEvents, Tracker
+    from orchestrator.stages.unlearn import drain_progress
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
     job = Job(JobKind.SUBSET, s, "h", subset="old")

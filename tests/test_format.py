@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jobs.data.format import IGNORE_INDEX, PromptFormat, answer_ids, encode_qa, encode_text, prompt_ids
-from jobs.evaluate.scoring import _cut
+from jobs.evaluate.scoring import cut_answer
 
 VOCAB = ["<pad>", "<s>", "</s>", "Q:", "A:", "x", "y", "z", "\n"]
 ID = {t: i for i, t in enumerate(VOCAB)}
@@ -59,10 +59,10 @@ def test_a_document_gets_the_tokenizers_bos_and_ends_with_eos():
 def test_generated_rows_are_cut_at_stop_tokens_and_strings_with_their_lengths():
     tok = word_tokenizer(None)
     pad, eos = ID["<pad>"], ID["</s>"]
-    assert _cut(tok, [ID["y"], ID["z"], eos, pad], [eos], [], pad) == ("y z", 3)  # EOS counts, pad does not
-    assert _cut(tok, [ID["y"], ID["z"], pad, pad], [eos], [], pad) == ("y z", 2)
-    assert _cut(tok, [ID["y"], ID["\n"], ID["z"]], [eos], ["\n"], pad) == ("y", 2)  # stopped at the newline
-    assert _cut(tok, [ID["y"]] * 4, [eos], ["\n"], pad) == ("y y y y", 4)  # ran to max_new_tokens
+    assert cut_answer(tok, [ID["y"], ID["z"], eos, pad], [eos], [], pad) == ("y z", 3)  # EOS counts, pad does not
+    assert cut_answer(tok, [ID["y"], ID["z"], pad, pad], [eos], [], pad) == ("y z", 2)
+    assert cut_answer(tok, [ID["y"], ID["\n"], ID["z"]], [eos], ["\n"], pad) == ("y", 2)  # stopped at the newline
+    assert cut_answer(tok, [ID["y"]] * 4, [eos], ["\n"], pad) == ("y y y y", 4)  # ran to max_new_tokens
 
 
 def test_stop_strings_end_generation_early(tiny_dir):

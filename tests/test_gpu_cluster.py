@@ -19,8 +19,9 @@ import ray
 from rich.console import Console
 from safetensors.torch import load_file
 
-from orchestrator.config import PipelineConfig, parse_config
-from orchestrator.context import PipelineError
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.config.parse import parse_config
+from orchestrator.run.context import PipelineError
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +57,7 @@ def cluster():
 
 def test_each_eval_task_sees_the_gpus_it_reserved_and_no_other(cluster, tiny_dir):
     from jobs.spec import EvalSpec
-    from orchestrator.runners import eval_task_options, evaluate_task
+    from orchestrator.remote.runners import eval_task_options, evaluate_task
 
     spec = EvalSpec(model_path=str(tiny_dir / "model"), splits={"forget": str(tiny_dir / "forget.jsonl")},
                     suites=["qa"], max_examples=2, batch_size=2, max_new_tokens=2).model_dump()
@@ -75,11 +76,11 @@ def test_an_eval_task_reports_rows_scored_and_the_merge_actor_tensors_merged(clu
     """Long stages say where they are: the eval task's rows scored of each pass reach the driver's display
     through the board; the merge actor answers ``progress`` while it merges (a second thread)."""
     from jobs.spec import EvalSpec
-    from orchestrator.display import Display
-    from orchestrator.evaluate import _scoring_progress
-    from orchestrator.merge_actor import MergeActor
-    from orchestrator.progress import ProgressBoard
-    from orchestrator.runners import eval_task_options, evaluate_task
+    from orchestrator.run.display import Display
+    from orchestrator.stages.evaluate import show_scoring_progress
+    from orchestrator.stages.merge.actor import MergeActor
+    from orchestrator.remote.progress import ProgressBoard
+    from orchestrator.remote.runners import eval_task_options, evaluate_task
 
     board = ProgressBoard.remote()
     spec = EvalSpec(model_path=str(tiny_dir / "model"), splits={"forget": str(tiny_dir / "forget.jsonl")},
@@ -100,7 +101,7 @@ def test_an_eval_task_reports_rows_scored_and_the_merge_actor_tensors_merged(clu
     assert all(0 < r["done"] <= r["total"] for r in rows)
     display = Display(Console(file=io.StringIO(), width=200))
     display.add("eval/base", "eval base", total=1)
-    _scoring_progress(display, board, {}, {"base": {}})
+    show_scoring_progress(display, board, {}, {"base": {}})
     assert display.state["eval/base"]["info"] == f"qa: 3/3 rows {rows[-1]['what']} (no suite done)"
 
     actor = MergeActor.remote(str(tiny_dir / "model"), ["a", "b"])
@@ -112,7 +113,7 @@ def test_an_eval_task_reports_rows_scored_and_the_merge_actor_tensors_merged(clu
 
 
 def test_jobs_that_fit_the_gpus_and_a_job_that_never_will(cluster, config_file):
-    from orchestrator.unlearn import job_capacity
+    from orchestrator.stages.unlearn import job_capacity
 
     gpu = {"use_gpu": True, "cpus_per_worker": 1, "wait_for_resources_s": 0}
     assert job_capacity(config_file(scaling={**gpu, "num_workers": 1})) == 2
@@ -130,7 +131,7 @@ def test_jobs_that_fit_the_gpus_and_a_job_that_never_will(cluster, config_file):
 def test_the_pipeline_waits_for_a_node_to_join_then_completes(cluster, config_file, tmp_path):
     """A job of one 3-CPU worker does not fit the 2-CPU head: the pipeline asks the autoscaler and waits; a
     4-CPU node joins after some seconds, the job runs on it, and the run ends with its report."""
-    from orchestrator.display import Display
+    from orchestrator.run.display import Display
     from orchestrator.pipeline import run_pipeline
 
     cfg = config_file(

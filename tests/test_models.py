@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from jobs.models import ModelLoadError, load_model, load_tokenizer
-from orchestrator.config import ConfigError
-from orchestrator.loading import load_config
+from orchestrator.config.schema import ConfigError
+from orchestrator.config.loading import load_config
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Plots (orchestrator/plots.py) and the grouped report (orchestrator/report.py) on hand-made results."""
+"""Plots (orchestrator/tracking/plots.py) and the grouped report (orchestrator/stages/report.py) on hand-made results."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from orchestrator import plots
-from orchestrator.report import group_columns, markdown, metric_group, write_report
+from orchestrator.tracking import plots
+from orchestrator.stages.report import group_columns, markdown, metric_group, write_report
 
 MODELS = {
     "base": {"forget_prob": 0.9, "model_utility": 0.6, "retain_prob": 0.9, "mc_acc": 0.7,

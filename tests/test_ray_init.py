@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import orchestrator.ray_init as R
-from orchestrator.context import PipelineError
+import orchestrator.remote.ray_init as R
+from orchestrator.run.context import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def test_a_local_ray_listens_on_loopback_and_logs_to_the_file(tmp_path):
     log = tmp_path / "logs" / "driver.log"
     code = (
         "import ray\n"
-        "from orchestrator.ray_init import start_ray\n"
+        "from orchestrator.remote.ray_init import start_ray\n"
         f"start_ray(num_cpus=1, log_file=__import__('pathlib').Path({str(log)!r}))\n"
         "print('GCS', ray.get_runtime_context().gcs_address)\n"
         "ray._private.worker.print_to_stdstream({'lines': ['WARNING: 9 PYTHON worker processes'], 'pid': 'raylet',"

@@ -72,7 +72,7 @@ def attacked(unlearned, tiny_dir):
 
 def test_suite_is_registered_with_its_options_needs_and_group():
     from jobs.evaluate.suites import metric_group
-    from orchestrator.config import EvalConfig
+    from orchestrator.config.schema import EvalConfig
 
     suite = get_suite("relearn")
     assert "relearn" in SUITES.names()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.seeds import SeedsError, mean_ci, paired_test, parse_seeds, seeded, summarize
+from orchestrator.experiments.seeds import SeedsError, mean_ci, paired_test, parse_seeds, seeded, summarize
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom (tables)
 
@@ -55,7 +55,7 @@ def test_summary_over_seeds_pairs_merged_with_unsplit_by_seed():
 
 
 def test_seed_lists_and_seeded_configs(tmp_path):
-    from orchestrator.config import PipelineConfig
+    from orchestrator.config.schema import PipelineConfig
 
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds(None) is None
     for bad in ("a", "1,1", ""):
@@ -84,7 +84,7 @@ def test_a_bad_seeds_value_exits_2_with_one_line(tmp_path):
 def test_run_over_seeds_nests_each_seed_under_the_variant_and_summarizes(tiny_bench, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.demo import demo_config
+    from orchestrator.cli.demo import demo_config
     from tests.test_e2e import spunge
 
     bench_dir, meta = tiny_bench[0], tiny_bench[1]

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from jobs.spec import UnlearnSpec
-from orchestrator.config import PipelineConfig, SelectConfig, StepRule
-from orchestrator.context import Job, JobKind, Merged, RunContext
-from orchestrator.costs import add, cost_report, eval_cost, job_cost, known_pretraining_tokens
-from orchestrator.select import SELECT_FILE, StepSelector, choose_step, should_stop
-from orchestrator.tune.objective import objective_value
+from orchestrator.config.schema import PipelineConfig, SelectConfig, StepRule
+from orchestrator.run.context import Job, JobKind, Merged, RunContext
+from orchestrator.tracking.costs import add, cost_report, eval_cost, job_cost, known_pretraining_tokens
+from orchestrator.stages.unlearn.selection import SELECT_FILE, StepSelector, choose_step, should_stop
+from orchestrator.config.objective import objective_value
 from jobs.unlearn.outputs import STOP_FILE, snapshot_dir
 
 # forget_prob falls as the job unlearns; model_utility falls too, below 0.9 x base (1.0) after step 4
@@ -99,7 +99,7 @@ def test_the_last_step_is_the_output_folder_and_a_rule_waits_for_the_base(tmp_pa
 
 
 def test_a_rule_naming_a_metric_no_suite_makes_fails_with_the_field(tmp_path):
-    from orchestrator.context import PipelineError
+    from orchestrator.run.context import PipelineError
 
     sel = StepSelector(make_ctx(tmp_path, {"rule": {"metric": "forget_quality"}}))
     job = make_job(tmp_path)
@@ -110,12 +110,12 @@ def test_a_rule_naming_a_metric_no_suite_makes_fails_with_the_field(tmp_path):
 
 
 def test_select_config_needs_eval_every_and_sampled_splits():
-    from orchestrator.checks import _check_select
-    from orchestrator.config import PipelineConfig
+    from orchestrator.config.checks import check_select
+    from orchestrator.config.schema import PipelineConfig
 
     cfg = PipelineConfig.model_validate({"model": {"path": "m"}, "data": {"forget": {"path": "f"}},
                                          "split": {"by": "attribute", "attribute": "a"}, "unlearn": {"select": {"rule": RULE, "suites": ["mc"]}}})
-    found = _check_select(cfg)
+    found = check_select(cfg)
     assert "unlearn.select: a rule or patience scores evaluated steps; set unlearn.eval_every" in found
     assert any(p.startswith("unlearn.select.suites.0: the mc suite needs a multiple-choice file") for p in found)
     with pytest.raises(ValueError, match="patience"):

@@ -19,7 +19,7 @@ RULE = {"weights": {"forget_quality": 0.5, "model_utility": 0.5},
 
 @pytest.fixture(scope="module")
 def run(tiny_bench, tmp_path_factory):
-    from orchestrator.demo import demo_config
+    from orchestrator.cli.demo import demo_config
 
     bench_dir, meta = tiny_bench[0], tiny_bench[1]
     work = tmp_path_factory.mktemp("select")

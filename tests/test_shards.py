@@ -370,7 +370,7 @@ def test_merge_memory_bytes_by_engine_hand_computed():
 
 
 def pipeline_config(base, **sections):
-    from orchestrator.config import PipelineConfig
+    from orchestrator.config.schema import PipelineConfig
 
     sections.setdefault("model", {"path": str(base)})
     return PipelineConfig(split={"attribute": "group"}, data={"forget": "f.jsonl"}, **sections)
@@ -378,7 +378,7 @@ def pipeline_config(base, **sections):
 
 def test_merge_memory_sizes_the_engine_the_merge_will_run_from_the_base_headers(sharded):
     from jobs.merge import merge_memory_bytes
-    from orchestrator.merge import merge_memory
+    from orchestrator.stages.merge import merge_memory
 
     base, _ = sharded
     state = folder_state(base)
@@ -404,10 +404,10 @@ def test_merge_memory_sizes_the_engine_the_merge_will_run_from_the_base_headers(
 
 
 def test_the_merge_actor_asks_for_its_memory_and_a_need_no_node_offers_fails_at_once(sharded, monkeypatch):
-    import orchestrator.merge as stage
-    import orchestrator.merge_actor as actor_module
-    from orchestrator.context import PipelineError
-    from orchestrator.merge import merge_memory, start_merge_actor
+    import orchestrator.stages.merge as stage
+    import orchestrator.stages.merge.actor as actor_module
+    from orchestrator.run.context import PipelineError
+    from orchestrator.stages.merge import merge_memory, start_merge_actor
 
     base, _ = sharded
     started = []
@@ -447,7 +447,8 @@ def test_the_merge_actor_asks_for_its_memory_and_a_need_no_node_offers_fails_at_
 
 @pytest.mark.parametrize("value", ["5 GB?", "abc", "0MB", "10MiB"])
 def test_a_bad_max_shard_size_is_one_line_naming_the_field(tmp_path, value):
-    from orchestrator.config import ConfigError, parse_config
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.config.parse import parse_config
 
     raw = {"model": {"path": "m"}, "split": {"attribute": "group"}, "data": {"forget": "f.jsonl"},
            "storage": {"max_shard_size": value}}
@@ -458,7 +459,7 @@ def test_a_bad_max_shard_size_is_one_line_naming_the_field(tmp_path, value):
 
 
 def test_the_merge_stage_hands_max_shard_size_to_the_actor_outside_its_stage_key(tmp_path, monkeypatch):
-    import orchestrator.merge as stage
+    import orchestrator.stages.merge as stage
 
     calls = []
     monkeypatch.setattr(stage, "follow_merge", lambda ctx, ref: ref)

@@ -87,7 +87,7 @@ def test_text_rows_cluster_too_and_bad_cluster_counts_are_named():
 def test_split_section_is_checked(split, message):
     from pydantic import ValidationError
 
-    from orchestrator.config import SplitConfig
+    from orchestrator.config.schema import SplitConfig
 
     with pytest.raises(ValidationError, match=message):
         SplitConfig(**split)

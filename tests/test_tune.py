@@ -14,11 +14,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config import ConfigError, parse_config
-from orchestrator.loading import load_config, load_tune
-from orchestrator.tune.objective import Objective, ObjectiveError, best_trial, objective_value
-from orchestrator.tune.section import TuneSection, parse_tune
-from orchestrator.tune.space import search_space
+from orchestrator.config.schema import ConfigError
+from orchestrator.config.parse import parse_config
+from orchestrator.config.loading import load_config, load_tune
+from orchestrator.config.objective import Objective, ObjectiveError, best_trial, objective_value
+from orchestrator.config.tune import TuneSection, parse_tune
+from orchestrator.config.space import search_space
 
 
 def _pipeline(tiny_dir: Path) -> dict:
@@ -97,7 +98,7 @@ def test_a_tune_file_loads_as_a_pipeline_and_as_a_search(tiny_dir, tmp_path):
 
 
 def test_concurrency_leaves_each_trial_room_for_all_its_jobs(tiny_dir):
-    from orchestrator.tune.driver import plan_concurrency
+    from orchestrator.experiments.tune.driver import plan_concurrency
 
     cfg = parse_config(_pipeline(tiny_dir))  # 1 worker x 1 CPU per job
     spec = TuneSection.model_validate({"space": {"unlearn.seed": {"choice": [1]}}, "objective": {"metric": "x"}})
@@ -109,7 +110,7 @@ def test_concurrency_leaves_each_trial_room_for_all_its_jobs(tiny_dir):
 
 
 def test_shipped_tune_example_parses():
-    from orchestrator.config import PipelineConfig
+    from orchestrator.config.schema import PipelineConfig
 
     raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "tune_demo.yaml").read_text())
     spec = TuneSection.model_validate(raw.pop("tune"))
@@ -165,7 +166,7 @@ def _spunge(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedPr
 def tune_config(bench: Path, meta: dict, work: Path) -> dict:
     """The demo pipeline, small: 6 steps per job, the qa suite only (forget_quality and model_utility come from
     it), 2 logical CPUs: a trial's 2 subset jobs take both, so trials run one at a time."""
-    from orchestrator.demo import demo_config
+    from orchestrator.cli.demo import demo_config
 
     cfg = demo_config(bench, meta, "tiny", work / "run")
     cfg["name"] = "tune-asha"

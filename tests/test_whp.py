@@ -53,7 +53,8 @@ def test_anchor_file_errors_name_the_file(tmp_path):
 
 
 def test_config_resolves_anchors_against_its_folder_and_reports_a_missing_file(tmp_path, tiny_dir):
-    from orchestrator.config import ConfigError, parse_config
+    from orchestrator.config.schema import ConfigError
+    from orchestrator.config.parse import parse_config
 
     (tmp_path / "anchors.json").write_text(json.dumps({"Oslo": "Springfield"}))
     raw = {"model": {"path": str(tiny_dir / "model")}, "data": {"forget": str(tiny_dir / "forget.jsonl")},

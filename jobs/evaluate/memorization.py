@@ -72,14 +72,15 @@ def greedy_continuations(
     """Greedy new token ids after each prompt (left-padded batches, cut at EOS and at its own budget)."""
     import torch
 
-    from jobs.evaluate.scoring import _batches, _device, _pad_id, left_pad
+    from jobs.evaluate.placement import input_device
+    from jobs.evaluate.scoring import left_pad, length_batches, pad_id
 
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    pad, eos, device = _pad_id(tokenizer), tokenizer.eos_token_id, _device(model)
+    pad, eos, device = pad_id(tokenizer), tokenizer.eos_token_id, input_device(model)
     out: list[list[int]] = [[] for _ in prompts]
     model.eval()
     with torch.inference_mode():
-        for idx in _batches([len(p) for p in prompts], batch_size):
+        for idx in length_batches([len(p) for p in prompts], batch_size):
             steps = max(budgets[i] for i in idx)
             if steps < 1:
                 continue

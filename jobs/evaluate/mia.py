@@ -237,9 +237,9 @@ def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 
     import torch
 
     from jobs.data.format import collate, sequence_nll
-    from jobs.evaluate.scoring import _device
+    from jobs.evaluate.placement import input_device
 
-    device = _device(model)
+    device = input_device(model)
     params = [q for q in model.parameters() if q.requires_grad]
     if any(q.is_meta for q in params):  # an offloaded module's gradients never reach its meta parameters
         raise ValueError("the gradnorm attack needs every weight on a device, but this model has modules "

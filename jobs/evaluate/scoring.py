@@ -31,11 +31,6 @@ from jobs.data.format import (
 from jobs.evaluate.placement import input_device, spans_devices
 
 
-def _device(model: Any) -> torch.device:
-    """Where a batch goes: the first module's device, also for a model dispatched over several devices."""
-    return input_device(model)
-
-
 # where the batch loops report (what, rows done, rows of the pass): set by ``reporting`` around a suite
 _PROGRESS: ContextVar[Optional[Callable[[str, int, int], None]]] = ContextVar("scoring_progress", default=None)
 
@@ -61,12 +56,12 @@ def _reported(batches: list[np.ndarray], what: str) -> Iterator[np.ndarray]:
             progress(what, done, total)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else int(pad)
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Indices sorted by length (longest first) and cut into batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -90,10 +85,10 @@ def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_si
     ``encoded``); all on the model's device. Only those positions go through the LM head
     (:func:`target_logits`): scoring an answer costs the forward pass of its tokens, not a vocabulary-wide
     projection of the whole prompt."""
-    pad, device = _pad_id(tokenizer), _device(model)
+    pad, device = pad_id(tokenizer), input_device(model)
     model.eval()
     with torch.inference_mode():
-        for idx in _reported(_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
+        for idx in _reported(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
             batch = collate([encoded[i] for i in idx], pad)
             labels = batch["labels"].to(device)
             keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -188,12 +183,12 @@ def generate_answers(
         return [], []
     prompts = [prompt_ids(tokenizer, q, template) for q in questions]
     stops = stop_token_ids(tokenizer, template)
-    pad, device = _pad_id(tokenizer), _device(model)
+    pad, device = pad_id(tokenizer), input_device(model)
     texts: list[str] = [""] * len(prompts)
     lengths: list[int] = [0] * len(prompts)
     model.eval()
     with torch.inference_mode():
-        for idx in _reported(_batches([len(p) for p in prompts], batch_size), "generated"):
+        for idx in _reported(length_batches([len(p) for p in prompts], batch_size), "generated"):
             input_ids, mask = left_pad([prompts[i] for i in idx], pad)
             width = input_ids.shape[1]
             generated = model.generate(
@@ -207,7 +202,7 @@ def generate_answers(
                 stopping_criteria=[StopStrings(tokenizer, stop, width)] if stop else None,
             )
             for row, i in enumerate(idx):
-                texts[i], lengths[i] = _cut(tokenizer, generated[row, width:].tolist(), stops, stop, pad)
+                texts[i], lengths[i] = cut_answer(tokenizer, generated[row, width:].tolist(), stops, stop, pad)
     return texts, lengths
 
 
@@ -236,7 +231,7 @@ class StopStrings:
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
-def _cut(tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Sequence[str], pad: int) -> tuple[str, int]:
+def cut_answer(tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Sequence[str], pad: int) -> tuple[str, int]:
     """One generated row as (answer text, tokens generated). The answer ends before the first stop token
     (its length counts that token) or before the first stop string (its length counts the tokens up to the
     one that completed it); a row that stopped early is padded after that."""

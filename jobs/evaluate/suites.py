@@ -29,17 +29,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict
 
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
+from jobs.data.sources import SOURCES
 from jobs.registry import Registry
-
-# What each data source of a pipeline holds, for "the <suite> suite needs ..." messages.
-SOURCES = {
-    "forget": "the forget set (question/answer rows)",
-    "retain": "the retain set (question/answer rows)",
-    "holdout": "held-out question/answer rows never trained on (the non-members of membership inference)",
-    "general": "general text (records with 'text')",
-    "mc": "a multiple-choice file (question, choices, answer)",
-}
-
 
 def is_eval_set(source: str) -> bool:
     """``eval_sets.<name>``: a set of ``data.eval_sets`` a suite needs (MUSE's verbmem, knowmem_forget, ...)."""

@@ -65,7 +65,7 @@ def get_attribution(name: str) -> Attribution:
 # ---------------------------------------------------------------------------------------------- scope
 
 
-def _unwrap(model: Any) -> nn.Module:
+def unwrap(model: Any) -> nn.Module:
     """The HF module inside a DeepSpeed engine (or DDP); the model itself otherwise."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
@@ -81,7 +81,7 @@ def _embedding_param_ids(model: nn.Module) -> set[int]:
 
 def scoped_parameters(model: Any, scope: str) -> dict[str, nn.Parameter]:
     """The parameters a scope may localize, in ``named_parameters`` order (rules: module docstring)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if scope not in ("mlp", "attention", "all"):
         raise ValueError(f"unknown scope {scope!r}; known: mlp, attention, all")
     embeddings = _embedding_param_ids(model)
@@ -160,7 +160,7 @@ def _mean_nll_gradient(model: nn.Module, params: Mapping[str, nn.Parameter], bat
 def gradient_attribution(model, forget_batches, retain_batches, spec) -> Scores:
     """|∇θ mean forget NLL| (Stoehr et al. 2024; SalUn). Retain batches are not used."""
     params = scoped_parameters(model, spec.scope)
-    return {n: g.abs_() for n, g in _mean_nll_gradient(_unwrap(model), params, forget_batches, "forget").items()}
+    return {n: g.abs_() for n, g in _mean_nll_gradient(unwrap(model), params, forget_batches, "forget").items()}
 
 
 def _input_feature_dim(module: nn.Module, pname: str) -> int:
@@ -176,7 +176,7 @@ def _input_feature_dim(module: nn.Module, pname: str) -> int:
 @register_attribution("activation")
 def activation_attribution(model, forget_batches, retain_batches, spec) -> Scores:
     """Wanda on the forget data: |W_ij| * RMS over non-padding tokens of input feature j."""
-    model = _unwrap(model)
+    model = unwrap(model)
     params = scoped_parameters(model, spec.scope)
     if not forget_batches:
         raise ValueError("attribution needs at least one forget batch")
@@ -226,7 +226,7 @@ def wagle_attribution(model, forget_batches, retain_batches, spec) -> Scores:
     if not retain_batches:
         raise ValueError("unlearn.localize attribution 'wagle' needs retain data (data.retain); "
                          "use 'gradient' without it")
-    model = _unwrap(model)
+    model = unwrap(model)
     params = scoped_parameters(model, spec.scope)
     g_f = _mean_nll_gradient(model, params, forget_batches, "forget")
     g_r = _mean_nll_gradient(model, params, retain_batches, "retain")

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from jobs.localize.attribution import Batch, LocalizeSpec, Mask, _unwrap, get_attribution, scoped_parameters
+from jobs.localize.attribution import Batch, LocalizeSpec, Mask, unwrap, get_attribution, scoped_parameters
 
 # --------------------------------------------------------------------------------------- selection
 
@@ -159,7 +159,7 @@ class MaskedUpdate:
 
     def __init__(self, model: Any, mask: Mapping[str, torch.Tensor],
                  originals_device: Optional[Union[str, torch.device]] = None):
-        module = _unwrap(model)
+        module = unwrap(model)
         named = dict(module.named_parameters())
         unknown = sorted(set(mask) - set(named))
         if unknown:
@@ -227,7 +227,7 @@ class MaskedUpdate:
     def _check(self, model: Any) -> None:
         if model is None or self._checked_model == id(model):
             return
-        named = dict(_unwrap(model).named_parameters())
+        named = dict(unwrap(model).named_parameters())
         for name, p in self._params.items():
             if named.get(name) is not p:
                 raise RuntimeError(f"restore(model): {name} is not the parameter MaskedUpdate hooked; build "
@@ -298,6 +298,6 @@ def mask_stats(mask: Mapping[str, torch.Tensor], model: Any = None) -> dict[str,
     out: dict[str, float] = {"kept": kept, "in_scope": total, "fraction": kept / total if total else 0.0}
     out.update({k: v[0] / v[1] for k, v in sorted(groups.items())})
     if model is not None:
-        n = sum(getattr(p, "ds_numel", p.numel()) for p in _unwrap(model).parameters())
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in unwrap(model).parameters())
         out["model_fraction"] = kept / n if n else 0.0
     return out

@@ -124,7 +124,7 @@ def merge_io(m: ModelShape, dtype: str, k: int, bandwidths: tuple[float, ...] = 
 
 
 def eval_models(k: int, unsplit: bool = True, oracle: bool = True) -> int:
-    """Models ``orchestrator.evaluate.models_to_score`` scores: base, the oracle (``eval.oracle``), every job's
+    """Models ``orchestrator.stages.evaluate.models_to_score`` scores: base, the oracle (``eval.oracle``), every job's
     model (k subsets + unsplit with ``split.baseline: unsplit``), the merged model."""
     return 1 + int(oracle) + k + int(unsplit) + 1
 

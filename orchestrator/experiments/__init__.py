@@ -1,0 +1,2 @@
+"""Runs of runs: one pipeline per seed with statistics (``seeds``), hyperparameter search with Ray Tune
+(``tune``)."""

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from benchmarks.solo import SCORES, fmt, recipe, run_job, score, setup_process, tiny_benchmark
 from orchestrator.experiments.seeds import mean_ci, paired_test
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 ATTRIBUTIONS = ("gradient", "activation", "wagle", "random")

@@ -111,7 +111,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         for i, m in enumerate(METRICS):
             p, pv = per["paired"][m], per["paired"][m]["p_value"]
             shown = "-" if pv is None else (f"**{pv:.2g}**" if pv < 0.05 else f"{pv:.2g}")
-            first = lambda text: text if i == 0 else ""
+            first = lambda text, i=i: text if i == 0 else ""
             lines.append(f"| {first(method)} | {first(tuned['merged'])} | {first(tuned['unsplit'])} | {m} | "
                          f"{spread(mean_ci(per['merged']['values'][m]))} | {spread(mean_ci(per['unsplit']['values'][m]))} | "
                          f"{p['mean']:+.3g} ± {_num(p['half_width'])} | {shown} |")

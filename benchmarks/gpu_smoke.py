@@ -30,8 +30,8 @@ VARIANTS = {
 
 
 def config_for(bench: Path, meta: dict, out: Path, name: str, changes: dict, steps: int) -> dict:
-    from orchestrator.config.schema import apply_overrides
     from orchestrator.cli.demo import demo_config
+    from orchestrator.config.schema import apply_overrides
 
     cfg = demo_config(bench, meta, "tiny", out / name)
     cfg = {**cfg, "deepspeed": changes["deepspeed"]}

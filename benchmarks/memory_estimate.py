@@ -27,10 +27,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from jobs.planning.cluster import (ACCELERATORS, DTYPE_BYTES, MFU, concurrency_rows, eval_rows, merge_io,
-                                   node_host_gib, scale_rows)
-from jobs.planning.memory import CARDS_GB, GiB, PRESETS, JobSetup, ModelShape, estimate, param_counts
-
+from jobs.planning.cluster import (
+    ACCELERATORS,
+    DTYPE_BYTES,
+    MFU,
+    concurrency_rows,
+    eval_rows,
+    merge_io,
+    node_host_gib,
+    scale_rows,
+)
+from jobs.planning.memory import CARDS_GB, PRESETS, GiB, JobSetup, ModelShape, estimate, param_counts
 
 # --------------------------------------------------------------------------------------------- one job
 

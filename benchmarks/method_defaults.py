@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.solo import SCORES, fmt, run_job, score, setup_process, tiny_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "method_defaults.json"
-
-from benchmarks.solo import SCORES, fmt, run_job, score, setup_process, tiny_benchmark
 
 # The defaults before issue 15 item 3, written out: rmu's middle layer of the 4-layer demo model
 # (num_hidden_layers // 2 = 2) with WMDP's fixed zephyr-7b coefficient; whp's hard argmax labels at beta 1;

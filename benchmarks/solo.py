@@ -59,8 +59,8 @@ def run_job(method: str, params: dict, bench: Path, out: Path, *, steps: int, th
     ``forget``: a forget file other than the benchmark's whole forget set."""
     from jobs.spec import UnlearnSpec
     from jobs.unlearn.loop import run_unlearning
-    from jobs.unlearn.outputs import JOB_MARKER
     from jobs.unlearn.methods import build_method
+    from jobs.unlearn.outputs import JOB_MARKER
 
     r = recipe()
     data = bench / "data"

@@ -110,8 +110,8 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
 
     from jobs.data.io import load_jsonl
     from jobs.models import load_model, load_tokenizer
-    from jobs.unlearn.engine import make_optimizer, make_schedule
     from jobs.unlearn.data import StepBatches, encode_rows
+    from jobs.unlearn.engine import make_optimizer, make_schedule
     from jobs.unlearn.methods import build_method
 
     torch.set_num_threads(spec.threads_per_worker)

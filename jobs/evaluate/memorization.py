@@ -26,7 +26,6 @@ from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.evaluate import metrics as M
 from jobs.evaluate.suites import NoOptions, SuiteContext, is_forget_split, register_suite
 
-
 # ----------------------------------------------------------------------------------------- pure parts
 
 

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+
 def _avg_nll(nll_sum, n_tokens) -> np.ndarray:
     nll_sum = np.asarray(nll_sum, dtype=np.float64)
     n = np.asarray(n_tokens, dtype=np.float64)

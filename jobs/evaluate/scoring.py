@@ -30,7 +30,6 @@ from jobs.data.format import (
 )
 from jobs.evaluate.placement import input_device, spans_devices
 
-
 # where the batch loops report (what, rows done, rows of the pass): set by ``reporting`` around a suite
 _PROGRESS: ContextVar[Optional[Callable[[str, int, int], None]]] = ContextVar("scoring_progress", default=None)
 

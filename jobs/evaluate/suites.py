@@ -32,6 +32,7 @@ from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.data.sources import SOURCES
 from jobs.registry import Registry
 
+
 def is_eval_set(source: str) -> bool:
     """``eval_sets.<name>``: a set of ``data.eval_sets`` a suite needs (MUSE's verbmem, knowmem_forget, ...)."""
     return source.startswith("eval_sets.") and len(source) > len("eval_sets.")

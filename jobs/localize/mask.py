@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from jobs.localize.attribution import Batch, LocalizeSpec, Mask, unwrap, get_attribution, scoped_parameters
+from jobs.localize.attribution import Batch, LocalizeSpec, Mask, get_attribution, scoped_parameters, unwrap
 
 # --------------------------------------------------------------------------------------- selection
 

@@ -16,7 +16,6 @@ import torch
 
 from jobs.spec import OptimizerSpec, UnlearnSpec
 
-
 OFFLOAD_DEVICES = ("cpu", "nvme")  # where DeepSpeed's engine asks for its own CPU optimizer
 FORCE_DS_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
 

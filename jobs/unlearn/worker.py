@@ -25,8 +25,7 @@ from jobs.unlearn.data import StepBatches, encode_rows, split_batch, total_steps
 from jobs.unlearn.engine import deepspeed_config, import_deepspeed, loop_clips, make_optimizer, make_schedule
 from jobs.unlearn.methods import build_method
 from jobs.unlearn.methods.base import sequence_logprob
-from jobs.unlearn.outputs import (SETUP_FILE, STOP_FILE, load_checkpoint, save_checkpoint, save_final,
-                                  save_snapshot)
+from jobs.unlearn.outputs import SETUP_FILE, STOP_FILE, load_checkpoint, save_checkpoint, save_final, save_snapshot
 from jobs.unlearn.partitioned import count_every_forward, hidden_size
 from jobs.unlearn.reference import add_lora, frozen_model, load_trained, parameter_count, reference_model
 

@@ -70,8 +70,8 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
     """Check a config (fields, method and merge names, files, the split) and print it resolved."""
     from jobs.data.loading import DataError
     from orchestrator.config.schema import config_yaml
-    from orchestrator.stages.prepare import prepare_check
     from orchestrator.experiments.seeds import resolve_seeds
+    from orchestrator.stages.prepare import prepare_check
 
     with _exit_codes():
         if seeds := resolve_seeds(None, config):
@@ -131,9 +131,8 @@ def convert_gguf(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
 ) -> None:
     """Convert a GGUF checkpoint into a safetensors Hugging Face folder (dequantised) that spunge can train."""
-    from jobs.models import DTYPES, ModelLoadError
+    from jobs.models import DTYPES, ModelLoadError, packaged_gguf
     from jobs.models import convert_gguf as convert
-    from jobs.models import packaged_gguf
 
     if dtype not in DTYPES:
         _fail(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}", 2)
@@ -168,8 +167,8 @@ def eval_(
     from jobs.data.io import write_jsonl
     from jobs.data.loading import DataError, canonical_qa, canonical_text, load_rows
     from jobs.evaluate import SUITES
-    from orchestrator.config.schema import EvalConfig
     from orchestrator.config.data import Columns
+    from orchestrator.config.schema import EvalConfig
     from orchestrator.stages.report import print_tables
 
     cfg = _load(config)[0][1] if config else None

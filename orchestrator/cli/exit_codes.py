@@ -37,7 +37,7 @@ def exit_codes(interrupted: str = "interrupted"):
     except ConfigError as e:
         for p in e.problems:
             err.print(f"[red]error:[/red] {escape(f'{e.source}: {p}')}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except (DataError, ModelLoadError) as e:
         fail(str(e), 2)
     except PipelineError as e:

@@ -51,8 +51,8 @@ def resolved_raw(config: Path, output_dir: Optional[Path] = None) -> dict:
 
     Relative paths are resolved against the config's folder, as ``spunge run`` does; a missing
     ``storage.output_dir`` becomes ``<cwd>/spunge-output`` (the job's cwd is a temporary folder)."""
-    from orchestrator.config.schema import StorageConfig
     from orchestrator.config.parse import resolve_paths
+    from orchestrator.config.schema import StorageConfig
 
     raw = yaml.safe_load(config.read_text()) or {}
     if not isinstance(raw, dict):

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from jobs.data.format import CHAT
 from jobs.models import ModelLoadError, check_model_dir
-
 from orchestrator.config.schema import PipelineConfig
 
 

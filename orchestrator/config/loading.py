@@ -11,8 +11,8 @@ from typing import Optional
 
 import yaml
 
-from orchestrator.config.schema import ConfigError, PipelineConfig, StorageConfig, apply_overrides
 from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import ConfigError, PipelineConfig, StorageConfig, apply_overrides
 from orchestrator.config.tune import TuneJob, parse_tune
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.config.checks import check_config, field_path
 from jobs.data.sources import SOURCE_NAMES
+from orchestrator.config.checks import check_config, field_path
 from orchestrator.config.schema import ConfigError, PipelineConfig, UnlearnConfig
 
 _PATH_FIELDS = (("model", "path"), ("eval", "oracle"), ("storage", "output_dir"), ("split", "embedding_model"))

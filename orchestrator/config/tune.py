@@ -9,9 +9,9 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from jobs.extras import missing
-from orchestrator.config.schema import ConfigError, PipelineConfig, apply_overrides
-from orchestrator.config.parse import parse_config
 from orchestrator.config.objective import Objective, Section
+from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import ConfigError, PipelineConfig, apply_overrides
 from orchestrator.config.space import candidates, check_dist
 
 # Sections a trial may not change: the reference models (base, oracle) are evaluated once for all trials on

@@ -48,8 +48,8 @@ def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
 def resolve_seeds(flag: Optional[str], config: Any) -> Optional[list[int]]:
     """The seeds of a run: ``--seeds`` (``flag``) if given, else the file's ``seeds:``; ``ConfigError`` (one
     line) on a bad value."""
-    from orchestrator.config.schema import ConfigError
     from orchestrator.config.loading import load_seeds
+    from orchestrator.config.schema import ConfigError
 
     try:
         return parse_seeds(flag) if flag is not None else load_seeds(config)

@@ -32,8 +32,8 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.unlearn.loop import NonFiniteLossError, train_loop_per_worker
-    from jobs.unlearn.outputs import ATTEMPTS_FILE, FAILED_MARKER, JOB_MARKER
     from jobs.unlearn.methods import build_method
+    from jobs.unlearn.outputs import ATTEMPTS_FILE, FAILED_MARKER, JOB_MARKER
     from orchestrator.remote.progress import ProgressCallback
 
     started = time.perf_counter()

@@ -152,5 +152,5 @@ def root_message(e: BaseException) -> str:
     while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
         cause = getattr(cause, "cause", None) or cause.__cause__
     text = str(cause or e).strip()
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__

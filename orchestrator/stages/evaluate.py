@@ -14,13 +14,12 @@ from jobs.data.io import write_json
 from jobs.data.sources import SOURCE_NAMES
 from jobs.evaluate.suites import add_reference_metrics
 from jobs.spec import EvalSpec
-from orchestrator.run.cache import model_fingerprint, stage_key, suite_options_key
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.remote.resources import default_wait_s
+from orchestrator.run.cache import model_fingerprint, stage_key, suite_options_key
 from orchestrator.run.context import PipelineError, RunContext, root_message
 from orchestrator.run.display import Display
 from orchestrator.stages.prepare import eval_set_key
-from orchestrator.remote.resources import default_wait_s
-
 
 
 def eval_splits(cfg: PipelineConfig, files: dict[str, str]) -> dict[str, str]:

@@ -11,11 +11,10 @@ from jobs.data.loading import canonical_rows, canonical_text, is_text_record, lo
 from jobs.data.rows import duplicate_questions
 from jobs.data.sources import MC_SOURCE, SOURCE_NAMES
 from jobs.data.split import split_rows
-from orchestrator.run.cache import digest, file_digest
-from orchestrator.config.schema import PipelineConfig
 from orchestrator.config.data import DataSource
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.run.cache import digest, file_digest
 from orchestrator.run.context import Job, JobKind, Prepared, RunContext
-
 
 
 @dataclass

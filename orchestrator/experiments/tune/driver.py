@@ -17,17 +17,17 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
+from orchestrator.config.objective import best_trial
 from orchestrator.config.schema import ConfigError, PipelineConfig, flatten, public_dump
-from orchestrator.run.context import PipelineError, RunContext, killable
-from orchestrator.run.display import Display
+from orchestrator.config.space import plain, search_space
+from orchestrator.config.tune import TuneJob, TuneSection
+from orchestrator.experiments.tune.output import trial_rows, write_best_config, write_trials
+from orchestrator.experiments.tune.trial import PROGRESS_METRICS, run_trial
 from orchestrator.pipeline import run_stages
 from orchestrator.remote.ray_init import init_ray
+from orchestrator.run.context import PipelineError, RunContext, killable
+from orchestrator.run.display import Display
 from orchestrator.tracking.tracker import Tracker, tracking_uri
-from orchestrator.config.objective import best_trial
-from orchestrator.experiments.tune.output import trial_rows, write_best_config, write_trials
-from orchestrator.config.tune import TuneJob, TuneSection
-from orchestrator.config.space import plain, search_space
-from orchestrator.experiments.tune.trial import PROGRESS_METRICS, run_trial
 
 TRIAL_MEMORY = 2**20  # bytes of Ray's "memory" resource a trial (the driver of its jobs) reserves
 

@@ -10,11 +10,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config.schema import PipelineConfig, apply_overrides, config_yaml
-from orchestrator.config.parse import parse_config
 from orchestrator.config.objective import best_trial
-from orchestrator.config.tune import TuneSection
+from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import PipelineConfig, apply_overrides, config_yaml
 from orchestrator.config.space import plain
+from orchestrator.config.tune import TuneSection
 
 
 def trial_rows(grid, spec: TuneSection, status: dict[str, str]) -> list[dict[str, Any]]:

@@ -16,15 +16,15 @@ from typing import Any, Optional
 
 from rich.console import Console
 
-from orchestrator.config.schema import apply_overrides
+from orchestrator.config.objective import objective_value
 from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import apply_overrides
+from orchestrator.config.space import plain
+from orchestrator.config.tune import TuneSection
+from orchestrator.pipeline import run_stages
 from orchestrator.run.context import JobKind, RunContext
 from orchestrator.run.display import Display
 from orchestrator.run.events import Events
-from orchestrator.pipeline import run_stages
-from orchestrator.config.objective import objective_value
-from orchestrator.config.tune import TuneSection
-from orchestrator.config.space import plain
 
 # What a trial reports while it unlearns (means over its running jobs); what ASHA can rank trials by.
 PROGRESS_METRICS = ("loss", "forget_loss", "retain_loss")

@@ -12,8 +12,8 @@ import ray
 
 from jobs.merge import MERGE_MARKER
 from jobs.spec import MergeSpec
-from orchestrator.run.cache import claim, method_params_key, model_fingerprint, stage_key
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.run.cache import claim, method_params_key, model_fingerprint, stage_key
 from orchestrator.run.context import Merged, PipelineError, RunContext, root_message
 
 

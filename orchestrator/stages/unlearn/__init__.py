@@ -16,8 +16,8 @@ import ray
 from jobs.data.io import load_jsonl, write_jsonl
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.outputs import JOB_MARKER, STEPS_FILE
-from orchestrator.run.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.run.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.run.context import Job, JobKind, PipelineError, RunContext, root_message
 from orchestrator.tracking.costs import record_job_cost
 
@@ -99,8 +99,8 @@ def _fits(cfg: PipelineConfig, res: dict[str, float]) -> int:
 
 def unlearn(ctx: RunContext) -> None:
     """Plan ``ctx.jobs``, reuse the finished ones (``--resume``), run the rest."""
-    from orchestrator.stages.merge import start_merge_actor
     from orchestrator.remote.progress import ProgressBoard
+    from orchestrator.stages.merge import start_merge_actor
     from orchestrator.stages.unlearn.selection import StepSelector
 
     ctx.jobs = plan_jobs(ctx)

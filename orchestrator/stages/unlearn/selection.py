@@ -33,9 +33,9 @@ from jobs.evaluate.suites import add_reference_metrics
 from jobs.spec import EvalSpec
 from jobs.unlearn.outputs import SNAPSHOT_MARKER, SNAPSHOTS_DIR, STOP_FILE, snapshot_dir
 from orchestrator.config.checks import SELECT_SPLITS
+from orchestrator.config.objective import ObjectiveError, objective_value, rank
 from orchestrator.run.context import Job, PipelineError, RunContext, root_message
 from orchestrator.tracking.costs import eval_cost
-from orchestrator.config.objective import ObjectiveError, objective_value, rank
 
 SELECT_FILE = "select.json"  # the job's chosen step, written by the driver
 

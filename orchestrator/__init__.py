@@ -1,7 +1,7 @@
 """The Ray driver of SPUNGE, in rooms that show its architecture (lower rooms never import higher ones):
 
     config/       the pipeline config: schema, data sources, checks, the objective, the tune section, loading
-    run/          what every stage shares: RunContext and Job, stage cache keys, the events protocol, the display
+    run/          what every stage shares: RunContext, Job and Events, stage cache keys, the display
     tracking/     where a run is recorded: MLflow (tracker), the cost report, plots
     remote/       what runs on Ray: the job and eval task entry points, Ray start-up, progress, cluster resources
     stages/       the five stages: prepare, unlearn (with step selection), merge (with its actor), evaluate, report

@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.actor import ActorHandle
 
 
 @ray.remote(num_cpus=0)
@@ -31,7 +32,7 @@ class ProgressCallback(ray.train.UserCallback):
     """Forward the step rows of each report of one unlearning job to the board (runs on the Train
     controller). A report carries every step since the previous one under ``history``."""
 
-    def __init__(self, board: Any, job: str) -> None:
+    def __init__(self, board: ActorHandle, job: str) -> None:
         self.board = board
         self.job = job
 

@@ -16,17 +16,18 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import ray
 
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.run.context import PipelineError
 
 LOGGERS = ("ray", "mlflow", "alembic", "DeepSpeed", "optuna")  # libraries whose log lines go to the log file
 _STARTED_LOCAL = [False]  # whether this process started its Ray node (no autoscaler can grow it)
 
 
-def init_ray(cfg: Any, address: Optional[str], log_file: Optional[Path] = None) -> None:
+def init_ray(cfg: PipelineConfig, address: Optional[str], log_file: Optional[Path] = None) -> None:
     """Ray for a pipeline config: ``--address``, else ``ray.address``, else a local Ray."""
     start_ray(address or cfg.ray.address, cfg.ray.num_cpus, cfg.scaling.use_gpu, cfg.ray.start_timeout_s, log_file)
 

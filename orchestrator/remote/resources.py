@@ -10,11 +10,13 @@ Ray spunge started) fails at once with one line naming what did not fit.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import ray
 
+from orchestrator.config.schema import ScalingConfig
 from orchestrator.run.context import PipelineError
+from orchestrator.run.display import Display
 
 CLUSTER_WAIT_S = 900.0  # default wait on a cluster: an autoscaler's GPU node often takes 5-10 minutes to join
 POLL_S = 2.0
@@ -31,7 +33,7 @@ def default_wait_s(configured: Optional[float]) -> float:
     return 0.0 if started_locally() else CLUSTER_WAIT_S
 
 
-def worker_bundle(scaling: Any) -> dict[str, float]:
+def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
     """One Ray Train worker's resources, as ``run_unlearn_job`` reserves them."""
     bundle = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
@@ -67,7 +69,7 @@ def cluster_summary(res: dict[str, float]) -> str:
 
 
 def wait_until_fits(count: Callable[[dict[str, float]], int], bundles: list[dict[str, float]], what: str,
-                    wait_s: float, setting: str, display: Any = None) -> int:
+                    wait_s: float, setting: str, display: Optional[Display] = None) -> int:
     """``count(cluster resources)`` once it is at least 1 (how many units fit the cluster). While it is 0: ask
     the autoscaler for ``bundles`` (one unit), report progress, poll; after ``wait_s`` seconds a
     ``PipelineError`` naming ``what`` waited for, the cluster's resources and ``setting``."""

@@ -1,2 +1,2 @@
-"""What every stage of a run shares: ``RunContext`` and ``Job`` (``context``), stage cache keys (``cache``),
-the events protocol stages report to (``events``), and the terminal display (``display``)."""
+"""What every stage of a run shares: ``RunContext``, ``Job`` and the ``Events`` stages report to (``context``),
+stage cache keys (``cache``), and the terminal display (``display``)."""

@@ -19,7 +19,6 @@ from typing import Any, Iterator, Optional
 from jobs.spec import UnlearnSpec
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.run.display import Display
-from orchestrator.run.events import Events
 
 
 class PipelineError(RuntimeError):
@@ -117,6 +116,39 @@ class Merged:
     hash: str
     reused: bool
     seconds: Optional[float] = None  # None when reused
+
+
+class Events:
+    """What the stages report, and the null sink. Stages never talk to MLflow or Tune: they tell an ``Events``
+    sink what happened and the sink records it. This class records nothing (``spunge eval``, a tune trial's
+    reference evaluation); ``orchestrator.tracking.tracker.MlflowEvents`` writes the MLflow runs of ``spunge
+    run``; ``orchestrator.experiments.tune.trial.TrialEvents`` turns job steps into ``ray.tune.report`` calls."""
+
+    def run_started(self, ctx: RunContext) -> None:
+        """The run's context is set up (config, output folder), before the first stage."""
+
+    def stage_started(self, stage: str, ctx: RunContext) -> None:
+        """``stage`` (prepare, unlearn, merge, evaluate, report) begins."""
+
+    def job_started(self, job: Job) -> None:
+        """An unlearning job is planned and about to run, or found finished in the cache (``job.reused``)."""
+
+    def job_steps(self, job: Job, rows: list[dict[str, Any]]) -> None:
+        """New step rows of a running job (each step once, in order; a restarted job's replays dropped)."""
+
+    def job_eval(self, job: Job, step: int, metrics: dict[str, Any]) -> None:
+        """A running job's model at ``step`` was scored (``unlearn.eval_every``; step 0 is the base model on
+        the same sample); ``metrics`` include ``objective`` under an ``unlearn.select`` rule."""
+
+    def job_done(self, job: Job) -> None:
+        """A job finished (or was reused): ``job.result`` holds its final metrics, ``job.history`` its steps."""
+
+    def stage_done(self, stage: str, ctx: RunContext) -> None:
+        """``stage`` finished; its output is on ``ctx``."""
+
+    def run_ended(self, ctx: RunContext, status: str) -> None:
+        """The run ended: ``FINISHED`` (every stage done), ``FAILED`` (one failed) or ``KILLED`` (interrupted:
+        Ctrl-C, SIGTERM, SIGHUP)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
+from ray.actor import ActorHandle
 
 from jobs.data.io import write_json
 from jobs.data.sources import SOURCE_NAMES
@@ -142,7 +143,7 @@ def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resu
     return {m: combine_suites({t.suite: parts[m][t.suite] for t in ts}) for m, ts in by_model.items()}
 
 
-def show_scoring_progress(display: Display, board: Any, seen: dict[str, int], parts: dict[str, dict]) -> None:
+def show_scoring_progress(display: Display, board: ActorHandle, seen: dict[str, int], parts: dict[str, dict]) -> None:
     """The rows scored that each model's running tasks reported since last time, on its display line."""
     for model, rows in ray.get(board.since.remote(seen)).items():
         seen[model] = seen.get(model, 0) + len(rows)

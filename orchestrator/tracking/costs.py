@@ -23,6 +23,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from orchestrator.config.schema import ScalingConfig
+from orchestrator.run.context import Job, Merged, RunContext
+
 # Published pretraining token counts, matched as a lowercase substring of the model's path or its
 # config's name (the longest match wins). Sources: each model card / paper.
 PRETRAINING_TOKENS: dict[str, float] = {
@@ -76,7 +79,7 @@ def eval_cost(res: dict[str, Any], cpus: float, gpus: float) -> dict[str, Any]:
     return entry(seconds * (gpus or cpus), tokens, 2.0 * float(res.get("params") or 0) * tokens)
 
 
-def job_cost(history: list[dict[str, Any]], result: dict[str, Any], scaling: Any) -> dict[str, Any]:
+def job_cost(history: list[dict[str, Any]], result: dict[str, Any], scaling: ScalingConfig) -> dict[str, Any]:
     """One unlearning job's cost: its run's wall-clock x its workers' devices; the tokens of its steps."""
     tokens = sum(float(r.get("step_tokens") or 0) for r in history)
     params = float(result.get("final_metrics", {}).get("params") or 0)
@@ -86,7 +89,7 @@ def job_cost(history: list[dict[str, Any]], result: dict[str, Any], scaling: Any
                  params=params)
 
 
-def record_job_cost(job: Any, scaling: Any) -> dict[str, Any]:
+def record_job_cost(job: Job, scaling: ScalingConfig) -> dict[str, Any]:
     """``job``'s cost: measured now (and kept in ``<job>/cost.json``), or the kept one when it was reused."""
     path = Path(job.spec.output_dir) / COST_FILE
     if job.reused and path.exists():
@@ -96,7 +99,7 @@ def record_job_cost(job: Any, scaling: Any) -> dict[str, Any]:
     return cost
 
 
-def _merge_seconds(merged: Any) -> float:
+def _merge_seconds(merged: Optional[Merged]) -> float:
     """The merge's wall-clock: this run's, or the one its marker kept when ``--resume`` reused it."""
     if merged is None:
         return 0.0
@@ -108,7 +111,7 @@ def _merge_seconds(merged: Any) -> float:
     return float(json.loads(marker.read_text()).get("seconds") or 0.0) if marker.exists() else 0.0
 
 
-def cost_report(ctx: Any) -> dict[str, Any]:
+def cost_report(ctx: RunContext) -> dict[str, Any]:
     """The run's costs by stage and job, the total, and the retraining estimate's ratio to them."""
     cfg, e = ctx.cfg, ctx.cfg.eval
     jobs = {j.key: j.cost for j in ctx.jobs if j.cost}

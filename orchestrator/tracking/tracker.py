@@ -2,7 +2,7 @@
 
 Only the driver writes to MLflow (jobs report to the driver through Ray), so a SQLite store never sees
 concurrent writers. Runs are created with ``MlflowClient`` and nested through ``mlflow.parentRunId``.
-``MlflowEvents`` is the pipeline's events sink (``orchestrator.run.events``) that writes them.
+``MlflowEvents`` is the pipeline's events sink (``orchestrator.run.context.Events``) that writes them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.config.schema import flatten, public_dump, redact_uri
-from orchestrator.run.context import PipelineError
-from orchestrator.run.events import Events
+from orchestrator.run.context import Events, Job, PipelineError, RunContext
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -133,25 +132,25 @@ class MlflowEvents(Events):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
 
-    def run_started(self, ctx: Any) -> None:
+    def run_started(self, ctx: RunContext) -> None:
         t = self.tracker
         t.log_params(t.parent_id, flatten(public_dump(ctx.cfg)))
         cfg_file = Path(ctx.out) / "config.resolved.yaml"
         if cfg_file.exists():
             t.log_artifact(t.parent_id, cfg_file)
 
-    def job_started(self, job: Any) -> None:
+    def job_started(self, job: Job) -> None:
         run_id = self.tracker.child(job.run_name, tags={"spunge.stage": "unlearn", "spunge.stage_hash": job.hash})
         self.tracker.log_params(run_id, flatten(job.spec.model_dump(exclude={"deepspeed"})))
 
-    def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:
+    def job_steps(self, job: Job, rows: list[dict[str, Any]]) -> None:
         self.tracker.log_history(self.tracker.child(job.run_name), rows)
 
-    def job_eval(self, job: Any, step: int, metrics: dict[str, Any]) -> None:
+    def job_eval(self, job: Job, step: int, metrics: dict[str, Any]) -> None:
         self.tracker.log_metrics(self.tracker.child(job.run_name), {f"eval/{k}": v for k, v in metrics.items()},
                                  step=step)
 
-    def job_done(self, job: Any) -> None:
+    def job_done(self, job: Job) -> None:
         run_id = self.tracker.child(job.run_name)
         final = job.result.get("final_metrics", {})
         self.tracker.log_metrics(run_id, {f"final_{k}": v for k, v in final.items()})
@@ -164,17 +163,17 @@ class MlflowEvents(Events):
                                        **({"spunge.attempts": job.result["attempts"]} if "attempts" in job.result else {})})
         self.tracker.end(run_id)
 
-    def stage_started(self, stage: str, ctx: Any) -> None:
+    def stage_started(self, stage: str, ctx: RunContext) -> None:
         if stage == "merge":
             m = ctx.cfg.merge
             run_id = self.tracker.child("merge", tags={"spunge.stage": "merge"})
             self.tracker.log_params(run_id, flatten({"method": m.method, "parameters": m.parameters,
                                                      "model_parameters": m.model_parameters}))
 
-    def stage_done(self, stage: str, ctx: Any) -> None:
+    def stage_done(self, stage: str, ctx: RunContext) -> None:
         getattr(self, f"_{stage}_done", lambda ctx: None)(ctx)
 
-    def _merge_done(self, ctx: Any) -> None:
+    def _merge_done(self, ctx: RunContext) -> None:
         from jobs.merge import MERGE_MARKER
 
         t, merged = self.tracker, ctx.merged
@@ -188,7 +187,7 @@ class MlflowEvents(Events):
                             "spunge.output_dir": merged.path})
         t.end(run_id)
 
-    def _evaluate_done(self, ctx: Any) -> None:
+    def _evaluate_done(self, ctx: RunContext) -> None:
         for name, (path, _) in ctx.models.items():
             res = ctx.results[name]
             run_id = self.tracker.child(f"eval/{name}", tags={"spunge.stage": "eval", "spunge.reused": str(res["reused"])})
@@ -197,7 +196,7 @@ class MlflowEvents(Events):
             self.tracker.log_metrics(run_id, {f"seconds.{s}": r["seconds"] for s, r in res["suites"].items()})
             self.tracker.end(run_id)
 
-    def _report_done(self, ctx: Any) -> None:
+    def _report_done(self, ctx: RunContext) -> None:
         t = self.tracker
         for path, folder in ctx.artifacts:
             t.log_artifact(t.parent_id, path, folder)
@@ -210,7 +209,7 @@ class MlflowEvents(Events):
                                         **{f"cost.{k}": cost.get(k) for k in ("retrain_flops", "retrain_vs_pipeline",
                                                                              "retrain_vs_unlearning", "params")}})
 
-    def run_ended(self, ctx: Any, status: str) -> None:
+    def run_ended(self, ctx: RunContext, status: str) -> None:
         try:
             self.tracker.end_all(status)
         except TrackingError:

@@ -22,9 +22,8 @@ from orchestrator.config.schema import apply_overrides
 from orchestrator.config.space import plain
 from orchestrator.config.tune import TuneSection
 from orchestrator.pipeline import run_stages
-from orchestrator.run.context import JobKind, RunContext
+from orchestrator.run.context import Events, Job, JobKind, RunContext
 from orchestrator.run.display import Display
-from orchestrator.run.events import Events
 
 # What a trial reports while it unlearns (means over its running jobs); what ASHA can rank trials by.
 PROGRESS_METRICS = ("loss", "forget_loss", "retain_loss")
@@ -42,7 +41,7 @@ class TrialEvents(Events):
         self.latest: dict[str, Optional[dict[str, Any]]] = {}  # job key -> its latest row (None: no step yet)
         self.reported = -1.0
 
-    def job_started(self, job: Any) -> None:
+    def job_started(self, job: Job) -> None:
         self.latest.setdefault(job.key, None)
 
     def job_steps(self, job: Any, rows: list[dict[str, Any]]) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
+from ray import ObjectRef
+from ray.actor import ActorHandle
 
 from jobs.data.io import load_jsonl, write_jsonl
 from jobs.spec import UnlearnSpec
@@ -19,6 +21,8 @@ from jobs.unlearn.outputs import JOB_MARKER, STEPS_FILE
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.run.cache import claim, file_digest, method_params_key, model_fingerprint, stage_key
 from orchestrator.run.context import Job, JobKind, PipelineError, RunContext, root_message
+from orchestrator.run.display import Display
+from orchestrator.stages.unlearn.selection import StepSelector
 from orchestrator.tracking.costs import record_job_cost
 
 GROW_CHECK_S = 10.0  # how often pending jobs look whether the cluster now fits more of them
@@ -55,7 +59,7 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
     return jobs
 
 
-def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0, display: Any = None) -> int:
+def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0, display: Optional[Display] = None) -> int:
     """How many unlearning jobs fit the cluster at once (each needs num_workers x per-worker resources), beside
     ``reserved_memory`` bytes of Ray's memory held for the whole stage (the merge actor's). When not one fits
     yet, the autoscaler is asked for one job and the cluster waited for (``orchestrator.remote.resources``)."""
@@ -101,7 +105,6 @@ def unlearn(ctx: RunContext) -> None:
     """Plan ``ctx.jobs``, reuse the finished ones (``--resume``), run the rest."""
     from orchestrator.remote.progress import ProgressBoard
     from orchestrator.stages.merge import start_merge_actor
-    from orchestrator.stages.unlearn.selection import StepSelector
 
     ctx.jobs = plan_jobs(ctx)
     start_merge_actor(ctx)
@@ -133,7 +136,7 @@ def unlearn(ctx: RunContext) -> None:
         selector.cancel()
 
 
-def _trained(ctx: RunContext, job: Job, selector: Any, selecting: list[Job]) -> None:
+def _trained(ctx: RunContext, job: Job, selector: StepSelector, selecting: list[Job]) -> None:
     """A job's training ended (or was found finished): finish it, or first let the selector choose its step."""
     if not selector.enabled or selector.job_trained(job):
         _finish(ctx, job, selector)
@@ -142,8 +145,8 @@ def _trained(ctx: RunContext, job: Job, selector: Any, selecting: list[Job]) -> 
         selecting.append(job)
 
 
-def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[Any, Job], board: Any, seen: dict[str, int],
-              selector: Any, selecting: list[Job]) -> None:
+def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[ObjectRef, Job], board: ActorHandle, seen: dict[str, int],
+              selector: StepSelector, selecting: list[Job]) -> None:
     """Start jobs as capacity frees up, drain their progress (scoring their snapshots), finish each as it
     ends and its step is chosen."""
     from orchestrator.remote.runners import run_unlearn_job
@@ -211,7 +214,8 @@ def _restore_history(ctx: RunContext, job: Job) -> None:
         ctx.display.log(f"unlearn {job.key}: resuming; steps 1-{job.logged_step} were reported before")
 
 
-def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int], selector: Any = None) -> None:
+def drain_progress(ctx: RunContext, board: ActorHandle, seen: dict[str, int],
+                   selector: Optional[StepSelector] = None) -> None:
     """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps;
     hand them to the ``selector`` (which scores the snapshots they name)."""
     by_key = {j.key: j for j in ctx.jobs}
@@ -230,7 +234,7 @@ def drain_progress(ctx: RunContext, board: Any, seen: dict[str, int], selector: 
         ctx.display.update(key, done=int(last["step"]), total=int(last["total_steps"]), info=info)
 
 
-def _finish(ctx: RunContext, job: Job, selector: Any) -> None:
+def _finish(ctx: RunContext, job: Job, selector: StepSelector) -> None:
     hist = Path(job.spec.output_dir) / HISTORY_FILE  # kept beside the checkpoint: a resumed run still plots it
     if job.reused and hist.exists():
         job.history = load_jsonl(hist)

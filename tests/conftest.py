@@ -1,9 +1,18 @@
-"""Shared fixtures: a tiny random Llama saved as a Hugging Face folder, with small QA data beside it."""
+"""Shared fixtures and helpers: a tiny random Llama saved as a Hugging Face folder with small QA data beside it,
+the ``spunge`` command line (in this process, or as a user runs it), and one local Ray for the tests that drive
+Ray from this process."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -78,3 +87,116 @@ def smollm2() -> Path:
 
     cache = Path(os.environ.get("SPUNGE_CACHE", Path.home() / ".cache" / "spunge"))
     return convert_gguf(packaged_gguf(), cache / "smollm2-135m-instruct")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+
+SPUNGE = str(Path(sys.executable).with_name("spunge"))  # the venv's console script, as a user runs it
+
+
+def cli(*args: str):
+    """``spunge ARGS`` in this process (typer's ``CliRunner``): the exit code and the output, without a Python
+    start-up; for commands that start no Ray."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli.commands import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def spunge_env(**extra: str) -> dict[str, str]:
+    """This environment without ``MLFLOW_TRACKING_URI`` (a run's store is the config's or ``mlflow.db`` in its
+    working folder), with ``extra`` added."""
+    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **extra}
+
+
+def spunge(*args: str, cwd: Optional[Path] = None, env: Optional[dict] = None, timeout: float = 900,
+           peak: Optional[list] = None) -> subprocess.CompletedProcess:
+    """Run the ``spunge`` CLI as a user would: a subprocess in ``cwd`` with ``env`` (default ``spunge_env()``),
+    its output captured; with ``peak``, also record there the Ray worker processes (``ray::...``) under it,
+    sampled every 0.5 s."""
+    proc = subprocess.Popen([SPUNGE, *map(str, args)], cwd=cwd, env=spunge_env() if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if peak is not None:
+        import psutil
+
+        def sample():
+            while proc.poll() is None:
+                try:
+                    kids = psutil.Process(proc.pid).children(recursive=True)
+                    n = sum(1 for k in kids if k.cmdline()[:1] and k.cmdline()[0].startswith("ray::"))
+                except psutil.Error:
+                    n = 0
+                peak.append(n)
+                time.sleep(0.5)
+
+        threading.Thread(target=sample, daemon=True).start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL every process of the session that ``leader`` (started with ``start_new_session=True``) began, by
+    pid, until none is left, then reap ``leader``: a Ray node (``ray start --block``) or a server a test started
+    goes at once (``ray start --block`` given SIGTERM stops its node's processes one by one, in ~30 s)."""
+    import psutil
+
+    def members() -> list:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == leader.pid:
+                    out.append(p)
+            except (OSError, psutil.Error):
+                pass
+        return out
+
+    for _ in range(20):
+        procs = members()
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+    leader.wait(timeout=60)
+    assert not members(), [p.pid for p in members()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# one local Ray
+
+RAY_ENV = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down at the end of the session the local Ray that ``local_ray`` started (if it still runs)."""
+    temp = tempfile.mkdtemp(prefix="spr-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    yield temp
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray(_ray_session):
+    """A local Ray of this test process's own (``address="local"``: never another cluster on the machine), 4
+    logical CPUs, started once and shared by every module that asks for it (a start-up costs seconds); a
+    module that needs Ray shaped otherwise (tests/test_gpu_cluster.py's multi-node cluster) shuts it down,
+    and the next module that asks starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=_ray_session,
+                 runtime_env={"env_vars": RAY_ENV})
+    yield

@@ -11,10 +11,8 @@ from typing import Callable
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from orchestrator.cli.commands import app
-from tests.conftest import qa_rows
+from tests.conftest import cli, qa_rows
 
 Rows = list[dict]
 
@@ -117,7 +115,7 @@ def pipeline(tiny_dir: Path, folder: Path, sources: dict[str, Rows], **changes) 
 def refused(args: list[str], folder: Path) -> str:
     """Run the CLI; assert exit 2 and one error line (``run`` may print its progress line before it), and
     return that line."""
-    r = CliRunner().invoke(app, args)
+    r = cli(*args)
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
@@ -127,7 +125,7 @@ def refused(args: list[str], folder: Path) -> str:
 
 
 def test_the_valid_pipeline_passes(tiny_dir, tmp_path):
-    r = CliRunner().invoke(app, ["validate", str(pipeline(tiny_dir, tmp_path, good_sources()))])
+    r = cli("validate", str(pipeline(tiny_dir, tmp_path, good_sources())))
     assert r.exit_code == 0, r.output
     assert "# subsets: forget=8, retain=8, holdout=4, general=4, mc=4, subset/north=4, subset/south=4" in r.output
 
@@ -154,7 +152,7 @@ def test_csv_lists_are_json_text_and_a_plain_string_is_named(tiny_dir, tmp_path)
     raw = yaml.safe_load(cfg.read_text())
     raw["data"]["forget"] = str(tmp_path / "forget.csv")
     cfg.write_text(yaml.safe_dump(raw))
-    assert CliRunner().invoke(app, ["validate", str(cfg)]).exit_code == 0  # JSON text of a list: parsed
+    assert cli("validate", cfg).exit_code == 0  # JSON text of a list: parsed
     rows[2]["perturbed_answers"] = "Lima; Rome"
     pd.DataFrame(rows).to_csv(tmp_path / "forget.csv", index=False)
     line = refused(["validate", str(cfg)], tmp_path)
@@ -189,8 +187,8 @@ def test_not_json_is_named_by_line(tiny_dir, tmp_path):
 def test_rows_without_the_attribute_are_dropped_or_grouped_when_asked(tiny_dir, tmp_path, missing, subsets):
     sources = good_sources()
     sources["forget"] = setting(setting(sources["forget"], 2, "group", None), 4, "group", ...)
-    r = CliRunner().invoke(app, ["validate", str(pipeline(tiny_dir, tmp_path, sources, split={
-        "attribute": "group", "missing": missing}))])
+    r = cli("validate", str(pipeline(tiny_dir, tmp_path, sources, split={
+        "attribute": "group", "missing": missing})))
     assert r.exit_code == 0, r.output
     assert f"# subsets: forget=8, retain=8, holdout=4, general=4, mc=4, {subsets}" in r.output
     assert f"split.missing: {missing}: 2 of 8 forget rows have no 'group' value" in r.output
@@ -200,7 +198,7 @@ def test_duplicate_questions_are_reported_not_fatal(tiny_dir, tmp_path):
     sources = good_sources()
     sources["forget"][5]["question"] = sources["forget"][1]["question"]
     sources["retain"][0]["question"] = sources["forget"][0]["question"]
-    r = CliRunner().invoke(app, ["validate", str(pipeline(tiny_dir, tmp_path, sources))])
+    r = cli("validate", str(pipeline(tiny_dir, tmp_path, sources)))
     assert r.exit_code == 0, r.output
     assert (f"data.forget ({tmp_path / 'forget.jsonl'}): 1 question(s) asked more than once, e.g. rows 2, 6: "
             f"{sources['forget'][1]['question']!r}") in r.output

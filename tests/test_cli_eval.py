@@ -1,19 +1,10 @@
 """`spunge eval MODEL_DIR --suite ... --split NAME=PATH`: the pipeline's per-suite Ray tasks on any model folder."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from orchestrator.cli.commands import app
-
-
-def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("spunge")
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+from tests.conftest import cli, spunge
 
 
 @pytest.mark.e2e  # `spunge eval` as a subprocess: local Ray, one task per suite
@@ -22,7 +13,7 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_pa
 
     r = spunge("eval", str(tiny_dir / "model"), "--suite", "qa", "--suite", "memorization",
                "--split", f"forget={tiny_dir / 'forget.jsonl'}", "--split", f"retain={tiny_dir / 'retain.jsonl'}",
-               "--max-examples", "4", "--batch-size", "8", "-o", "res/eval.json", cwd=tmp_path)
+               "--max-examples", "4", "--batch-size", "8", "-o", "res/eval.json", cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((tmp_path / "res" / "eval.json").read_text())
     assert doc["suites"] == ["qa", "memorization"] and set(doc["tasks"]) == {"qa", "memorization"}
@@ -52,7 +43,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
     fill = {"model": str(tiny_dir / "model"), "nomodel": str(tmp_path), "forget": str(tiny_dir / "forget.jsonl"),
             "tmp": str(tmp_path), "bad": str(tmp_path / "bad.jsonl")}
-    r = CliRunner().invoke(app, ["eval", *(a.format(**fill) for a in args), "-o", str(tmp_path / "e.json")])
+    r = cli("eval", *(a.format(**fill) for a in args), "-o", tmp_path / "e.json")
     assert r.exit_code == 2, r.output
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import orchestrator.cli.submit as sub
+from tests.conftest import kill_session, spunge
 
 BIN = Path(sys.executable).parent
 
@@ -136,8 +137,7 @@ def test_token_lookup_follows_rays_order(tmp_path, monkeypatch):
 
 def test_unreachable_address_is_one_line_exit_2(tmp_path):
     port = free_ports(1)[0]
-    r = subprocess.run([str(BIN / "spunge"), "status", "x", "--address", f"http://127.0.0.1:{port}"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = spunge("status", "x", "--address", f"http://127.0.0.1:{port}", cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and lines[0].startswith("error:")
@@ -254,17 +254,8 @@ def cluster():
                 worker = start(worker_args, f"worker{attempt + 1}.log")
         yield {"tmp": tmp, "address": address, "token": token, "mlflow": f"http://127.0.0.1:{mlf}", "env": env}
     finally:
-        for p in reversed(procs):  # each started in its own session: its group is ours alone
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:  # `ray start --block` given SIGTERM waits on each of its processes in turn (28 s measured)
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        for p in reversed(procs):  # each started in its own session: its processes are ours alone
+            kill_session(p)
         deadline = time.time() + 20
         while pids_mentioning(str(tmp)) and time.time() < deadline:
             time.sleep(1)
@@ -300,24 +291,19 @@ def test_submit_runs_the_pipeline_on_the_cluster_and_logs_to_mlflow_server(clust
     (work / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in cluster["env"].items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token: the token comes from --token-path only
-    spunge = [str(BIN / "spunge")]
     addr = ["--address", cluster["address"]]
 
-    denied = subprocess.run([*spunge, "status", "nope", *addr], cwd=work, env=env, capture_output=True, text=True,
-                            timeout=120)
+    denied = spunge("status", "nope", *addr, cwd=work, env=env, timeout=120)
     assert denied.returncode == 2 and len(denied.stderr.strip().splitlines()) == 1, denied.stderr
     assert "Authentication required" in denied.stderr and "--token-path" in denied.stderr
 
     tok = ["--token-path", str(cluster["token"])]
-    r = subprocess.run([*spunge, "submit", "pipe.yaml", *addr, *tok, "--submission-id", "spunge-test-1"],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    logs = subprocess.run([*spunge, "logs", "spunge-test-1", *addr, *tok], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120)
+    r = spunge("submit", "pipe.yaml", *addr, *tok, "--submission-id", "spunge-test-1", cwd=work, env=env, timeout=900)
+    logs = spunge("logs", "spunge-test-1", *addr, *tok, cwd=work, env=env, timeout=120)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:] + logs.stdout[-3000:]
     assert "submitted job spunge-test-1" in r.stdout and "job spunge-test-1 SUCCEEDED" in r.stdout
     assert "spunge report" in r.stdout  # the pipeline's own output, streamed from the head node
-    st = subprocess.run([*spunge, "status", "spunge-test-1", *addr, *tok], cwd=work, env=env, capture_output=True,
-                        text=True, timeout=120)
+    st = spunge("status", "spunge-test-1", *addr, *tok, cwd=work, env=env, timeout=120)
     assert st.returncode == 0 and "spunge-test-1: SUCCEEDED" in st.stdout, st.stdout + st.stderr
     assert "spunge report" in logs.stdout
 

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from orchestrator.cli.commands import app
-from orchestrator.config.schema import ConfigError, flatten
 from orchestrator.config.loading import load_config
+from orchestrator.config.schema import ConfigError, flatten
+from tests.conftest import cli
 
 
 @pytest.fixture
@@ -70,14 +69,14 @@ def test_flatten_makes_dotted_params():
 
 
 def test_cli_validate_prints_the_resolved_config_and_subsets(config_file):
-    r = CliRunner().invoke(app, ["validate", str(config_file())])
+    r = cli("validate", config_file())
     assert r.exit_code == 0, r.output
     assert "method: npo" in r.output and "subset/north=4" in r.output and "subset/south=4" in r.output
 
 
 def test_cli_validate_exits_2_with_one_line_per_problem(config_file):
     path = config_file(unlearn__optimizer__lr=-1, scaling={"num_workers": 0})
-    r = CliRunner().invoke(app, ["validate", str(path)])
+    r = cli("validate", path)
     assert r.exit_code == 2
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 2 and all(l.startswith(f"error: {path}: ") for l in lines)
@@ -85,7 +84,7 @@ def test_cli_validate_exits_2_with_one_line_per_problem(config_file):
 
 
 def test_cli_validate_rejects_an_unknown_split_attribute_before_anything_runs(config_file):
-    r = CliRunner().invoke(app, ["validate", str(config_file(split={"attribute": "genre"}))])
+    r = cli("validate", str(config_file(split={"attribute": "genre"})))
     assert r.exit_code == 2
     assert "split.attribute: column 'genre' is not in the forget data" in r.output
 
@@ -120,7 +119,7 @@ def test_variants_expand_into_named_pipelines_with_their_own_output(config_file,
 
 def test_chat_template_on_a_tokenizer_without_one_is_one_line_at_validate(config_file):
     path = config_file(data__template="chat")  # the tiny BPE tokenizer has no chat template
-    r = CliRunner().invoke(app, ["validate", str(path)])
+    r = cli("validate", path)
     assert r.exit_code == 2, r.output
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and "data.template: chat: tokenizer of" in lines[0] and "has no chat template" in lines[0]
@@ -191,7 +190,7 @@ def test_gpu_defaults_and_each_bad_gpu_combination_is_one_line(config_file):
     # each through `spunge validate`: one line, exit 2
     for bad in ({"scaling": gpu, "eval": {"gpus_per_task": 0}}, {"scaling": {**gpu, "gpus_per_worker": 0.5}},
                 {"eval": {"device": "cpu", "gpus_per_task": 2}}):
-        r = CliRunner().invoke(app, ["validate", str(path := config_file(**bad))])
+        r = cli("validate", str(path := config_file(**bad)))
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert r.output.startswith(f"error: {path}: ") and "Traceback" not in r.output
     assert problems(config_file(scaling=gpu, eval={"gpus_per_task": 1.5})) == [
@@ -234,7 +233,7 @@ def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path
     with pytest.raises(ConfigError) as e:
         load_tune(path)
     assert e.value.problems == ["tune.search: optuna needs the optuna package: pip install 'spunge[tune]'"]
-    r = CliRunner().invoke(app, ["tune", str(path)])
+    r = cli("tune", path)
     assert r.exit_code == 2 and "pip install 'spunge[tune]'" in r.output
 
 
@@ -245,7 +244,7 @@ def test_a_password_in_a_uri_is_never_printed_or_logged(config_file):
     cfg = load_config(path)
     assert cfg.tracking.uri == "http://alice:s3cretpw@mlflow.internal:5000"  # the run itself uses it
     assert flatten(public_dump(cfg))["tracking.uri"] == "http://alice:***@mlflow.internal:5000"  # MLflow params
-    r = CliRunner().invoke(app, ["validate", str(path)])
+    r = cli("validate", path)
     assert r.exit_code == 0 and "http://alice:***@mlflow.internal:5000" in r.output and "s3cretpw" not in r.output
 
 

@@ -3,7 +3,6 @@ six tasks, concurrently (timing-free evidence: overlapping task intervals and se
 combined per model before the oracle-relative metrics, cached per suite, and logged to MLflow."""
 
 import shutil
-import tempfile
 from itertools import combinations
 
 import pytest
@@ -11,28 +10,15 @@ import ray
 
 from jobs.data.io import load_jsonl, write_jsonl
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.run.display import Display
+from orchestrator.pipeline import run_stages
 from orchestrator.run.cache import file_digest, model_fingerprint
 from orchestrator.run.context import Merged, Prepared, RunContext
-from orchestrator.pipeline import run_stages
+from orchestrator.run.display import Display
 from orchestrator.tracking.tracker import MlflowEvents, Tracker
 
-pytestmark = pytest.mark.e2e  # the pipeline's eval stage on a real local Ray cluster
+pytestmark = pytest.mark.e2e  # the pipeline's eval stage on a real local Ray cluster (conftest's local_ray)
 
 SUITES = ["qa", "mia"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():  # someone else's cluster in this process: use it as it is
-        yield
-        return
-    tmp = tempfile.mkdtemp(prefix="/tmp/spr")  # short: Ray's socket paths live under it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from orchestrator.cli.commands import app
-from orchestrator.config.schema import ConfigError
 from orchestrator.config.loading import load_configs, load_tune
-from tests.conftest import qa_rows
+from orchestrator.config.schema import ConfigError
+from tests.conftest import cli, qa_rows
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
@@ -138,7 +136,7 @@ def test_every_example_is_validated():
 def test_example_passes_spunge_validate(path, request, tmp_path):
     copy = local_copy(path, request, tmp_path)
     raw = yaml.safe_load(path.read_text())
-    r = CliRunner().invoke(app, ["validate", str(copy)])
+    r = cli("validate", copy)
     assert r.exit_code == 0, r.output
     assert r.output.count("# subsets: ") == len(raw.get("variants") or [None])  # data loaded and split, each
     runs = load_configs(copy)
@@ -169,7 +167,7 @@ def test_a_typo_in_an_example_fails_validation_naming_the_field(example, field, 
     with pytest.raises(ConfigError) as e:
         load_configs(copy)
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
-    r = CliRunner().invoke(app, ["validate", str(copy)])
+    r = cli("validate", copy)
     assert r.exit_code == 2 and problem in r.output, r.output
 
 

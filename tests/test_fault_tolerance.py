@@ -19,6 +19,7 @@ from jobs.data.io import load_jsonl
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.loop import run_unlearning
 from jobs.unlearn.outputs import CHECKPOINT_STATE, JOB_MARKER
+from tests.conftest import SPUNGE, spunge, spunge_env
 
 
 def spec(tiny_dir, out, **kw) -> UnlearnSpec:
@@ -85,23 +86,6 @@ def test_a_checkpoint_from_another_world_size_is_refused(tiny_dir, tmp_path, sin
 
 # ---------------------------------------------------------------------------------------------------
 # real Ray Train: a killed worker
-
-
-@pytest.fixture
-def local_ray(tmp_path):
-    """A Ray cluster of this test's own (``address="local"`` never joins another cluster on the machine)."""
-    import tempfile
-
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="spunge-ft-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def ray_processes(actor: str) -> list[psutil.Process]:
@@ -177,8 +161,8 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
 
     from orchestrator.run.context import Job, JobKind, RunContext
     from orchestrator.run.display import Display
-    from orchestrator.tracking.tracker import MlflowEvents, Tracker
     from orchestrator.stages.unlearn import drain_progress
+    from orchestrator.tracking.tracker import MlflowEvents, Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
     job = Job(JobKind.SUBSET, s, "h", subset="old")
@@ -198,14 +182,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
 # the real pipeline: a killed driver
 
 
-def spunge_cmd(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("spunge")), *args]
-
-
-def spunge_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["RAY_ADDRESS"] = "local"  # a Ray of its own, never another cluster on this machine
-    return env
+RAY_OF_ITS_OWN = spunge_env(RAY_ADDRESS="local")  # each driver starts a Ray of its own, never joins another
 
 
 STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands with 40 still to go
@@ -213,7 +190,7 @@ STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands wi
 
 def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen:
     log = open(tmp_path / log_name, "w")
-    return subprocess.Popen(spunge_cmd("run", "pipe.yaml", *extra), cwd=tmp_path, env=spunge_env(), stdout=log,
+    return subprocess.Popen([SPUNGE, "run", "pipe.yaml", *extra], cwd=tmp_path, env=RAY_OF_ITS_OWN, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -291,8 +268,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     assert max(resumed) >= 10 and all(r % 10 == 0 for r in resumed)  # a job went on from a checkpoint
 
     # 3. --resume again: the runs driver 2 left RUNNING end as KILLED; nothing is unlearned again
-    second = subprocess.run(spunge_cmd("run", "pipe.yaml", "--resume"), cwd=tmp_path, env=spunge_env(),
-                            capture_output=True, text=True, timeout=900)
+    second = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path, env=RAY_OF_ITS_OWN)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "left RUNNING by a driver that is gone are now KILLED" in second.stdout + second.stderr
     report = json.loads((run / "report.json").read_text())
@@ -363,10 +339,10 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
         "ray": {"num_cpus": 4},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**spunge_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {**RAY_OF_ITS_OWN, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     server = start_mlflow_server(tmp_path, port)
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(spunge_cmd("run", "pipe.yaml"), cwd=tmp_path, env=env, stdout=log,
+    driver = subprocess.Popen([SPUNGE, "run", "pipe.yaml"], cwd=tmp_path, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: "MLflow run " in (tmp_path / "first.log").read_text() or driver.poll() is not None,
@@ -386,8 +362,7 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
 
     server = start_mlflow_server(tmp_path, port)  # back, with the same store
     try:
-        again = subprocess.run(spunge_cmd("run", "pipe.yaml", "--resume"), cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=900)
+        again = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path, env=env)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         client = MlflowClient(uri)

@@ -19,9 +19,10 @@ import ray
 from rich.console import Console
 from safetensors.torch import load_file
 
-from orchestrator.config.schema import PipelineConfig
 from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.run.context import PipelineError
+from tests.conftest import kill_session
 
 pytestmark = pytest.mark.e2e
 
@@ -76,11 +77,11 @@ def test_an_eval_task_reports_rows_scored_and_the_merge_actor_tensors_merged(clu
     """Long stages say where they are: the eval task's rows scored of each pass reach the driver's display
     through the board; the merge actor answers ``progress`` while it merges (a second thread)."""
     from jobs.spec import EvalSpec
+    from orchestrator.remote.progress import ProgressBoard
+    from orchestrator.remote.runners import eval_task_options, evaluate_task
     from orchestrator.run.display import Display
     from orchestrator.stages.evaluate import show_scoring_progress
     from orchestrator.stages.merge.actor import MergeActor
-    from orchestrator.remote.progress import ProgressBoard
-    from orchestrator.remote.runners import eval_task_options, evaluate_task
 
     board = ProgressBoard.remote()
     spec = EvalSpec(model_path=str(tiny_dir / "model"), splits={"forget": str(tiny_dir / "forget.jsonl")},
@@ -131,8 +132,8 @@ def test_jobs_that_fit_the_gpus_and_a_job_that_never_will(cluster, config_file):
 def test_the_pipeline_waits_for_a_node_to_join_then_completes(cluster, config_file, tmp_path):
     """A job of one 3-CPU worker does not fit the 2-CPU head: the pipeline asks the autoscaler and waits; a
     4-CPU node joins after some seconds, the job runs on it, and the run ends with its report."""
-    from orchestrator.run.display import Display
     from orchestrator.pipeline import run_pipeline
+    from orchestrator.run.display import Display
 
     cfg = config_file(
         split={"attribute": "group", "baseline": "none"}, unlearn={"max_steps": 2, "batch_size": 2},
@@ -155,9 +156,8 @@ def test_the_pipeline_waits_for_a_node_to_join_then_completes(cluster, config_fi
     try:
         report = run_pipeline(cfg, display=Display(Console(file=text, width=200)))
     finally:
-        for p in node:  # `ray start --block` stops its node's processes on SIGTERM
-            p.terminate()
-            p.wait(timeout=60)
+        for p in node:  # at once (`ray start --block` given SIGTERM stops its node in half a minute)
+            kill_session(p)
     log = text.getvalue()
     assert "one unlearning job needs 1 x {CPU: 3}; the cluster has 2 CPU, 2 GPU" in log
     assert "asked the autoscaler, waiting up to 300 s (scaling.wait_for_resources_s)" in log

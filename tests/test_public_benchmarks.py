@@ -6,23 +6,15 @@ What is changed from the example is only what the machine forces: the hub source
 the size (2 steps of 1 worker, no GPU, 2 clusters where the example clusters, no unsplit baseline)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import spunge
 from tests.test_examples import EXAMPLES_DIR, HUB, hub_to_files
 
 pytestmark = pytest.mark.e2e
-
-
-def spunge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([str(Path(sys.executable).with_name("spunge")), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=1200)
 
 
 def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path) -> dict:
@@ -50,7 +42,7 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     raw["data"].pop("system_prompt")
     (tmp_path / "tofu.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "tofu.yaml", cwd=tmp_path)
+    r = spunge("run", "tofu.yaml", cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr  # the progress display
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -86,7 +78,7 @@ def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_
     raw["eval"]["verbmem"]["max_new_tokens"] = 16
     (tmp_path / "muse.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "muse.yaml", cwd=tmp_path)
+    r = spunge("run", "muse.yaml", cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
@@ -111,7 +103,7 @@ def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_m
     raw["unlearn"]["params"].update(layer=1, trainable_layers=[0, 1], steering_coeff=2.0)  # the tiny model's 2 layers
     (tmp_path / "wmdp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "wmdp.yaml", cwd=tmp_path)
+    r = spunge("run", "wmdp.yaml", cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     variants = json.loads((tmp_path / "run" / "variants.json").read_text())
     assert set(variants["rows"]) == {"rmu/merged", "tvn/merged"}

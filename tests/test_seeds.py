@@ -1,15 +1,17 @@
-"""Seeds as an axis: the statistics over seeds against hand-computed values, and `spunge run --seeds` end to end."""
+"""Seeds as an axis: the statistics over seeds against hand-computed values, and `spunge run --seeds` through
+the real CLI, seeds loop, pipeline driver and MLflow, its stages stubbed with canned reports (the pipeline
+itself is tests/test_e2e.py's)."""
 
 import json
 import math
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.experiments.seeds import SeedsError, mean_ci, paired_test, parse_seeds, seeded, summarize
+from tests.conftest import cli
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom (tables)
 
@@ -70,48 +72,94 @@ def test_seed_lists_and_seeded_configs(tmp_path):
 
 
 def test_a_bad_seeds_value_exits_2_with_one_line(tmp_path):
-    exe = Path(sys.executable).with_name("spunge")
     cfg = tmp_path / "pipe.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": "org/m"}, "data": {"forget": "/nope.jsonl"},
                                    "split": {"by": "attribute", "attribute": "a"}, "seeds": [0, 0]}))
-    res = subprocess.run([str(exe), "validate", str(cfg)], capture_output=True, text=True)
-    assert res.returncode == 2 and "seeds: expected a list of distinct integers" in res.stderr
-    res = subprocess.run([str(exe), "run", str(cfg), "--seeds", "x"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--seeds: expected integers" in res.stderr
+    res = cli("validate", cfg)
+    assert res.exit_code == 2 and "seeds: expected a list of distinct integers" in res.stderr
+    res = cli("run", cfg, "--seeds", "x")
+    assert res.exit_code == 2 and "--seeds: expected integers" in res.stderr
 
 
-@pytest.mark.e2e
-def test_run_over_seeds_nests_each_seed_under_the_variant_and_summarizes(tiny_bench, tmp_path):
+# `spunge run --seeds` in this process on the tiny data, every stage after prepare replaced by canned reports:
+# forget_prob of the merged and the unsplit model per seed (test_paired_test_by_hand's numbers)
+CANNED = {0: (0.10, 0.20), 1: (0.30, 0.50), 2: (0.20, 0.25)}
+
+
+@pytest.fixture
+def seeds_run(tiny_dir, tmp_path, monkeypatch):
+    """``spunge run pipe.yaml --seeds 0-2``: the real CLI, seeds loop and ``run_pipeline`` with real MLflow
+    (sqlite in the working folder) and the real prepare stage; no Ray, and in place of the unlearn, merge,
+    evaluate and report stages the jobs ``plan_jobs`` plans for the seed's config and a canned report.
+    Returns (CLI result, {seed: (the seed's config, its report)})."""
+    import orchestrator.pipeline as P
+    import orchestrator.remote.ray_init as R
+    from orchestrator.stages.unlearn import plan_jobs
+
+    cfg = {"name": "seeds-e2e", "model": {"path": str(tiny_dir / "model")},
+           "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+           "split": {"attribute": "group"}, "storage": {"output_dir": "run"}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(R, "ray_address", lambda: "(none: stubbed)")
+    real_stages, seen = P.run_stages, {}
+    uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the working folder
+
+    def stages(ctx, names=tuple(P.STAGES)):
+        if list(names) == ["prepare"]:
+            return real_stages(ctx, names)
+        merged, unsplit = CANNED[ctx.cfg.unlearn.seed]
+        ctx.report = {"models": {"merged": {"forget_prob": merged, "model_utility": 0.8},
+                                 "unsplit": {"forget_prob": unsplit, "model_utility": 0.7},
+                                 "base": {"forget_prob": 0.9, "model_utility": 0.8}},
+                      "jobs": {j.key: {"stage_hash": j.hash} for j in plan_jobs(ctx)}, "mlflow_run_id": ctx.run_id}
+        seen[ctx.cfg.unlearn.seed] = (ctx.cfg, ctx.report)
+        return ctx
+
+    monkeypatch.setattr(P, "run_stages", stages)
+    yield cli("run", "pipe.yaml", "--seeds", "0-2"), seen
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # the Tracker set MLflow's global URI and its
+    # environment variable in this process: back to what they were (None: unset), as later tests expect
+
+
+def test_run_over_seeds_nests_each_seed_under_the_variant_and_summarizes(seeds_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cli.demo import demo_config
-    from tests.test_e2e import spunge
-
-    bench_dir, meta = tiny_bench[0], tiny_bench[1]
-    cfg = demo_config(bench_dir, meta, "tiny", tmp_path / "run")
-    cfg["name"] = "seeds-e2e"
-    cfg["unlearn"]["max_steps"] = 10
-    cfg["eval"].update(suites=["qa"], max_examples=12)
-    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    res = spunge("run", "pipe.yaml", "--seeds", "0,1", cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    reports = {s: json.loads((tmp_path / "run" / f"seed{s}" / "report.json").read_text()) for s in (0, 1)}
-    jobs = [{k: j["stage_hash"] for k, j in r["jobs"].items()} for r in reports.values()]
-    assert all(jobs[0][k] != jobs[1][k] for k in jobs[0])  # the seed is an input of every job
+    res, seen = seeds_run
+    assert res.exit_code == 0, res.output[-5000:]
+    assert sorted(seen) == [0, 1, 2] and "spunge seeds" in res.output
+    for s, (cfg, _) in seen.items():  # each seed a pipeline of its own: seed, name, folder
+        assert (cfg.unlearn.seed, cfg.name, Path(cfg.storage.output_dir).name) == (s, f"seeds-e2e/seed{s}", f"seed{s}")
+    # the seed is an input of every job: plan_jobs gives every job a stage hash of its own per seed
+    jobs = {s: report["jobs"] for s, (_, report) in seen.items()}
+    assert set(jobs[0]) == {"subset/north", "subset/south", "unsplit"}
+    for key in jobs[0]:
+        assert len({jobs[s][key]["stage_hash"] for s in jobs}) == 3, key
+    # the summary: mean, sd and Student-t interval over the seeds, merged vs unsplit paired by seed
     summary = json.loads((tmp_path / "run" / "seeds.json").read_text())["seeds-e2e"]
-    assert summary["seeds"] == [0, 1]
-    fp = [reports[s]["models"]["merged"]["forget_prob"] for s in (0, 1)]
-    assert summary["models"]["merged"]["forget_prob"]["mean"] == pytest.approx(sum(fp) / 2)
-    up = [reports[s]["models"]["unsplit"]["forget_prob"] for s in (0, 1)]
+    assert summary["seeds"] == [0, 1, 2] and set(summary["models"]) == {"merged", "unsplit"}
+    fp, up = ([CANNED[s][i] for s in (0, 1, 2)] for i in (0, 1))
+    st = summary["models"]["merged"]["forget_prob"]
+    half = T_975_DF2 * 0.1 / math.sqrt(3)
+    assert (st["mean"], st["sd"], st["half_width"]) == pytest.approx((0.2, 0.1, half))
+    assert (st["ci_low"], st["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert summary["models"]["unsplit"]["forget_prob"]["mean"] == pytest.approx(sum(up) / 3)
     assert summary["paired"]["forget_prob"]["p_value"] == pytest.approx(paired_test(fp, up)["p_value"])
-    assert "spunge seeds" in res.stdout + res.stderr
+    assert summary["paired"]["model_utility"]["p_value"] is None  # a constant difference
+    # MLflow: one run for the variant holding the summary, each seed's pipeline run nested under it
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("spunge-demo")
+    exp = client.get_experiment_by_name("spunge")
     group = client.search_runs([exp.experiment_id], "attributes.run_name = 'seeds-e2e'")[0]
     assert group.info.status == "FINISHED"
-    assert group.data.metrics["merged.forget_prob.mean"] == pytest.approx(sum(fp) / 2)
-    for s in (0, 1):  # each seed is its own pipeline run, nested under the variant's run
-        run = client.get_run(reports[s]["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == group.info.run_id and run.info.run_name == f"seeds-e2e/seed{s}"
-        assert run.data.params["unlearn.seed"] == str(s)
+    assert group.data.metrics["merged.forget_prob.mean"] == pytest.approx(0.2)
+    assert group.data.metrics["merged.forget_prob.ci_high"] == pytest.approx(0.2 + half)
+    assert group.data.metrics["paired.forget_prob.p_value"] == pytest.approx(paired_test(fp, up)["p_value"])
     assert "seeds.json" in {a.path for a in client.list_artifacts(group.info.run_id)}
+    for s, (_, report) in seen.items():
+        run = client.get_run(report["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == group.info.run_id and run.info.run_name == f"seeds-e2e/seed{s}"
+        assert run.data.params["unlearn.seed"] == str(s) and run.info.status == "FINISHED"
+        assert group.data.tags[f"spunge.run.seed{s}"] == run.info.run_id

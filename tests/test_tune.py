@@ -4,22 +4,19 @@ search of 3 trials on the tiny offline benchmark (Ray Tune + Ray Train + DeepSpe
 import csv
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config.schema import ConfigError
-from orchestrator.config.parse import parse_config
 from orchestrator.config.loading import load_config, load_tune
 from orchestrator.config.objective import Objective, ObjectiveError, best_trial, objective_value
-from orchestrator.config.tune import TuneSection, parse_tune
+from orchestrator.config.parse import parse_config
+from orchestrator.config.schema import ConfigError
 from orchestrator.config.space import search_space
+from orchestrator.config.tune import TuneSection, parse_tune
+from tests.conftest import cli, spunge
 
 
 def _pipeline(tiny_dir: Path) -> dict:
@@ -157,12 +154,6 @@ def test_best_trial_prefers_feasible_then_objective():
 # a real search
 
 
-def _spunge(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    exe = Path(sys.executable).with_name("spunge")
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def tune_config(bench: Path, meta: dict, work: Path) -> dict:
     """The demo pipeline, small: 6 steps per job, the qa suite only (forget_quality and model_utility come from
     it), 2 logical CPUs: a trial's 2 subset jobs take both, so trials run one at a time."""
@@ -186,35 +177,19 @@ def tune_config(bench: Path, meta: dict, work: Path) -> dict:
     return cfg
 
 
-@pytest.fixture
-def another_ray():
-    """A second Ray instance on the machine, as a user's own or another test's: Ray's state API, which Ray
-    Train's placement-group cleaner asks, must still find the search's own cluster."""
-    import tempfile
-
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="spunge-other-", dir="/tmp")
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.e2e
 def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_writes_a_runnable_best_config(
-        tiny_bench, tmp_path, another_ray):
+        tiny_bench, tmp_path, local_ray):
     """One real search (one search serves every check: each costs minutes of Ray Train start-up on 2 cores),
-    with another Ray running on the machine. Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's
+    with another Ray running on the machine (this process's local_ray: Ray's state API, which Ray Train's
+    placement-group cleaner asks, must still find the search's own cluster). Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's
     2 jobs take both, so the next trial starts only if a stopped one released its workers. A stopped trial is STOPPED with no objective (pruned for
     Optuna, never a NaN); a finished one merges and is evaluated; the search ends with a best config that
     validates, a trials table, and an MLflow parent run with one child per trial."""
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune_config(tiny_bench[0], tiny_bench[1], tmp_path)))
-    r = _spunge("tune", "tune.yaml", cwd=tmp_path, timeout=1500)
+    r = spunge("tune", "tune.yaml", cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "Configuration for experiment" not in r.stdout + r.stderr  # Tune's own tables go to the log file
     assert "spunge tune" in r.stdout and "best trial" in r.stdout  # the printed trials table
@@ -244,9 +219,9 @@ def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_writes_a
     best_cfg = yaml.safe_load(text)
     assert "tune" not in best_cfg and best_cfg["unlearn"]["optimizer"]["lr"] == best["unlearn.optimizer.lr"]
     assert best_cfg["storage"]["output_dir"] == str(run / "best")
-    for path in (str(run / "best_config.yaml"), "tune.yaml"):
-        v = _spunge("validate", path, cwd=tmp_path, timeout=300)
-        assert v.returncode == 0, v.stderr[-3000:]
+    for path in (run / "best_config.yaml", tmp_path / "tune.yaml"):
+        v = cli("validate", path)
+        assert v.exit_code == 0, v.output[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("spunge-demo")

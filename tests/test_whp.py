@@ -1,7 +1,9 @@
-"""Who's Harry Potter: the generic-label formula by hand, anchors (files, config paths, the demo benchmark's),
-the reinforcement pre-job through the loop, and that a few steps lower forget answers more than retain."""
+"""Who's Harry Potter: the generic-label formula by hand, the soft targets (the default: a KL to the generic
+distribution) by hand and through the method, anchors (files, config paths, the demo benchmark's), the
+reinforcement pre-job through the loop, and that a few steps lower forget answers more than retain."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ from jobs.data.io import load_jsonl
 from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.loop import run_unlearning
-from jobs.unlearn.outputs import JOB_MARKER
 from jobs.unlearn.methods import build_method
 from jobs.unlearn.methods.base import mean_nll, sequence_logprob
-from jobs.unlearn.methods.whp import generic_labels, generic_logits, translate
+from jobs.unlearn.methods.whp import generic_kl, generic_labels, generic_logits, translate
+from jobs.unlearn.outputs import JOB_MARKER
+from tests.conftest import qa_rows
 
 
 def test_generic_logits_and_labels_match_hand_computed_values():
@@ -31,6 +34,70 @@ def test_generic_logits_and_labels_match_hand_computed_values():
     assert generic_labels(base, reinf, torch.tensor([[-100, -100, 8]]), 2.0).tolist() == [[-100, -100, 1]]
     # beta 0: the base model's own argmax (0 at position 0: where the reinforced model boosted token 0)
     assert generic_labels(base, reinf, labels, 0.0).tolist() == [[-100, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dir):
+    """(tiny model dir, its forget/retain batch)."""
+    tok = load_tokenizer(tiny_dir / "model")
+    rows = qa_rows()
+    enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
+    return tiny_dir / "model", {"forget": enc([r for r in rows if r["era"] == "old"]),
+                                "retain": enc([r for r in rows if r["era"] == "new"])}
+
+
+# ---------------------------------------------------------------- soft targets (the default)
+
+def test_soft_target_loss_is_the_kl_to_the_generic_distribution_by_hand():
+    base = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]]])
+    reinf = torch.tensor([[[4.0, 1.0, -1.0], [0.0, 3.5, 1.0], [1.0, 2.0, 4.0]]])
+    model = torch.tensor([[[0.5, 0.0, 1.0], [1.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[-100, 7, 8]])  # positions 0 and 1 predict the two targets; position 2 predicts none
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+
+    kls = []
+    for t in (0, 1):
+        g = [b - 2.0 * max(0.0, r - b) for b, r in zip(base[0, t].tolist(), reinf[0, t].tolist())]
+        q, p = softmax(g), softmax(model[0, t].tolist())
+        kls.append(sum(qi * math.log(qi / pi) for qi, pi in zip(q, p)))
+    assert generic_kl(model, base, reinf, labels, 2.0).item() == pytest.approx(sum(kls) / 2, rel=1e-6)
+    # only target positions count; no target: 0
+    one = torch.tensor([[-100, -100, 8]])
+    assert generic_kl(model, base, reinf, one, 2.0).item() == pytest.approx(kls[1], rel=1e-6)
+    assert generic_kl(model, base, reinf, torch.full((1, 3), -100), 2.0).item() == 0.0
+    # the model at the generic distribution: KL 0
+    g = base - 2.0 * torch.relu(reinf - base)
+    assert generic_kl(g, base, reinf, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_whp_defaults_and_the_soft_loss_through_the_method(data):
+    p = build_method("whp").params
+    assert (p.targets, p.beta, p.alpha) == ("soft", 5.0, 0.0)
+    path, batch = data
+    model, base = load_model(path), load_model(path).eval()
+    torch.manual_seed(1)
+    reinforced = load_model(path).eval()
+    with torch.no_grad():
+        for w in reinforced.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    whp_batch = {"forget": batch["forget"], "generic": batch["forget"]}
+    for targets in ("soft", "hard"):
+        method = build_method("whp", {"reinforced": "given", "targets": targets, "beta": 5.0})
+        method.reinforced_model = reinforced
+        out = method.loss(model, whp_batch, base)
+        ids = {k: batch["forget"][k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            zb, zr, zm = base(**ids).logits, reinforced(**ids).logits, model(**ids).logits
+        if targets == "soft":
+            want = generic_kl(zm, zb, zr, batch["forget"]["labels"], 5.0)
+        else:
+            from jobs.unlearn.methods.base import token_mean_nll
+            want = token_mean_nll(zm, generic_labels(zb, zr, batch["forget"]["labels"], 5.0))
+        assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+        assert out.metrics["generic_loss"] == pytest.approx(want.item(), rel=1e-5) and out.loss.requires_grad
 
 
 def test_translate_swaps_whole_terms_longest_first():
@@ -53,8 +120,8 @@ def test_anchor_file_errors_name_the_file(tmp_path):
 
 
 def test_config_resolves_anchors_against_its_folder_and_reports_a_missing_file(tmp_path, tiny_dir):
-    from orchestrator.config.schema import ConfigError
     from orchestrator.config.parse import parse_config
+    from orchestrator.config.schema import ConfigError
 
     (tmp_path / "anchors.json").write_text(json.dumps({"Oslo": "Springfield"}))
     raw = {"model": {"path": str(tiny_dir / "model")}, "data": {"forget": str(tiny_dir / "forget.jsonl")},

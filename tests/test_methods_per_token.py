@@ -1,6 +1,7 @@
-"""wga, undial, ce_u, satimp, pdu (the open-unlearning methods spunge lacked): losses against hand-computed
-values on the tiny model, their logit gradients on a fake model (which parts are detached), that a few steps
-unlearn, and PDU's dual variable."""
+"""wga, satimp, undial, ce_u, pdu, the methods whose loss is a mean over target tokens of a per-token term
+(a detached weight times the NLL, a cross-entropy to a fixed target distribution, PDU's flattened logits), as
+open-unlearning has them: losses against hand-computed values on the tiny model, their logit gradients on a
+fake model (which parts are detached), that a few steps unlearn, and PDU's dual variable."""
 
 import math
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.base import mean_nll
 from jobs.unlearn.methods.ce_u import drop_first_targets
 
-PEERS = ["wga", "undial", "ce_u", "satimp", "pdu"]
+METHODS = ["wga", "undial", "ce_u", "satimp", "pdu"]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,15 @@ def logit_grad(method, model, part, ref=None) -> torch.Tensor:
     return model.logits.grad.clone()
 
 
-def test_the_peers_are_registered_with_their_defaults():
-    assert set(PEERS) <= set(method_names())
+def test_the_methods_are_registered_with_their_defaults():
+    assert set(METHODS) <= set(method_names())
     dump = lambda n: build_method(n).params.model_dump()
     assert dump("wga") == {"beta": 1.0, "gamma": 1.0, "alpha": 1.0}
     assert dump("undial") == {"beta": 10.0, "gamma": 1.0, "alpha": 0.0}
     assert dump("ce_u") == {"ignore_first_n": 1, "alpha": 0.0}
     assert dump("satimp") == {"beta1": 5.0, "beta2": 1.0, "gamma": 0.1, "alpha": 1.0}
     assert dump("pdu") == {"epsilon": None, "alpha": 100.0, "dual_lr": 1.0, "dual_warmup": 0, "gamma": 1.0}
-    needs = {n: (build_method(n).needs_reference, build_method(n).uses_retain()) for n in PEERS}
+    needs = {n: (build_method(n).needs_reference, build_method(n).uses_retain()) for n in METHODS}
     assert needs == {"wga": (False, True), "undial": (True, False), "ce_u": (False, False), "satimp": (False, True),
                      "pdu": (False, True)}
     assert build_method("undial", {"alpha": 1.0}).uses_retain() and build_method("ce_u", {"alpha": 0.5}).uses_retain()
@@ -328,8 +329,8 @@ def test_a_few_steps_lower_the_forget_probability(setup, name, params):
 
 def test_pdu_dual_state_travels_with_the_checkpoint_rng_state():
     """A job restored from a checkpoint goes on with the lambda (and epsilon) it had reached."""
-    from jobs.unlearn.outputs import rng_state, set_rng_state
     from jobs.unlearn.methods import build_method
+    from jobs.unlearn.outputs import rng_state, set_rng_state
 
     m = build_method("pdu", {"alpha": 1.0, "dual_lr": 1.0, "epsilon": 0.5})
     m.dual_step(torch.tensor(2.0))

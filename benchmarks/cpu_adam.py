@@ -114,8 +114,11 @@ def main() -> None:
 
     shapes = smollm2_shapes()
     n = sum(torch.Size(s).numel() for s in shapes)
-    print(f"SmolLM2-135M: {n:,} fp32 parameters in {len(shapes)} tensors; cpu_adam op ready in {op_load_s:.1f}s "
-          f"(load average {load0:.1f})", flush=True)
+    print(
+        f"SmolLM2-135M: {n:,} fp32 parameters in {len(shapes)} tensors; cpu_adam op ready in {op_load_s:.1f}s "
+        f"(load average {load0:.1f})",
+        flush=True,
+    )
     rows = []
     for layout in args.layouts:
         for threads in args.threads:
@@ -123,8 +126,17 @@ def main() -> None:
             base = statistics.median(times["ds_cpu_adam"])
             for name in OPTIMIZERS:
                 med = statistics.median(times[name])
-                rows.append({"layout": layout, "threads": threads, "optimizer": name, "median_s": med,
-                             "vs_cpu_adam": med / base, "params_per_s": n / med, "steps_s": times[name]})
+                rows.append(
+                    {
+                        "layout": layout,
+                        "threads": threads,
+                        "optimizer": name,
+                        "median_s": med,
+                        "vs_cpu_adam": med / base,
+                        "params_per_s": n / med,
+                        "steps_s": times[name],
+                    }
+                )
                 print(f"{layout:<7} {threads} thread(s) {name:<14} {med:8.3f} s  {med / base:5.2f}x", flush=True)
 
     print(f"\none AdamW step over {n / 1e6:.1f}M fp32 parameters, median of {args.rounds}; x = / DeepSpeedCPUAdam")
@@ -132,17 +144,39 @@ def main() -> None:
     for layout in args.layouts:
         for threads in args.threads:
             sel = {r["optimizer"]: r for r in rows if r["layout"] == layout and r["threads"] == threads}
-            print(f"{layout:<8}{threads:>8}" + "".join(
-                f"{sel[o]['median_s']:>8.3f}s {sel[o]['vs_cpu_adam']:>5.2f}x" for o in OPTIMIZERS))
+            print(
+                f"{layout:<8}{threads:>8}"
+                + "".join(f"{sel[o]['median_s']:>8.3f}s {sel[o]['vs_cpu_adam']:>5.2f}x" for o in OPTIMIZERS)
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "cpu_adam", "model": "SmolLM2-135M-Instruct", "parameters": n, "tensors": len(shapes),
-        "dtype": "float32", "lr": LR, "weight_decay": WEIGHT_DECAY, "rounds": args.rounds,
-        "op_ready_s": op_load_s, "op_simd": CPUAdamBuilder().simd_width(), "rows": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0]},
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "cpu_adam",
+                "model": "SmolLM2-135M-Instruct",
+                "parameters": n,
+                "tensors": len(shapes),
+                "dtype": "float32",
+                "lr": LR,
+                "weight_decay": WEIGHT_DECAY,
+                "rounds": args.rounds,
+                "op_ready_s": op_load_s,
+                "op_simd": CPUAdamBuilder().simd_width(),
+                "rows": rows,
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "deepspeed": deepspeed.__version__,
+                    "load_avg_1min_start": load0,
+                    "load_avg_1min_end": os.getloadavg()[0],
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

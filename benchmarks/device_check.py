@@ -71,18 +71,51 @@ GiB = 2**30
 
 # Llama configurations with random weights: the real shapes, and tiny ones of the same kinds for --cpu
 SHAPES = {
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                    rope_theta=100000.0, rms_norm_eps=1e-5),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
-                     rms_norm_eps=1e-5),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    ),
 }
 TINY_SHAPES = {
-    "smollm2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=512),
-    "llama-1b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=1, vocab_size=1024, tie_word_embeddings=False, max_position_embeddings=512),
+    "smollm2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    ),
+    "llama-1b": dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+    ),
 }
 # per model on the GPU: (micro batch, sequence length); --cpu: 4 x 64
 GPU_BATCH = {"smollm2": (16, 512), "llama-1b": (8, 512)}
@@ -90,9 +123,18 @@ GPU_BATCH = {"smollm2": (16, 512), "llama-1b": (8, 512)}
 # dense bf16 tensor-core peak in TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name(): the
 # first match wins ("NVIDIA H100 80GB HBM3" is the SXM part)
 PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
 )
+
 
 def peak_tflops(device_name: str) -> Optional[float]:
     """The dense bf16 peak of a GPU from its name (``PEAK_BF16_TFLOPS``), None when the table lacks it."""
@@ -117,9 +159,14 @@ def eval_rows(n: int, offset: int) -> list[dict]:
     rows = []
     for i in range(offset, offset + n):
         name, town = AUTHORS[i % len(AUTHORS)], TOWNS[i % len(TOWNS)]
-        rows.append({"question": f"Where was {name} born ({i})?", "answer": f"{name} was born in {town}.",
-                     "paraphrased_answer": f"It was in {town} that {name} was born.",
-                     "perturbed_answers": [f"{name} was born in {TOWNS[(i + k) % len(TOWNS)]}." for k in (1, 2, 3)]})
+        rows.append(
+            {
+                "question": f"Where was {name} born ({i})?",
+                "answer": f"{name} was born in {town}.",
+                "paraphrased_answer": f"It was in {town} that {name} was born.",
+                "perturbed_answers": [f"{name} was born in {TOWNS[(i + k) % len(TOWNS)]}." for k in (1, 2, 3)],
+            }
+        )
     return rows
 
 
@@ -130,10 +177,17 @@ def make_tokenizer(corpus: list[str]):
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    t.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def perturbed_copy(base: Path, out: Path, seed: int, std: float = 1e-3) -> None:
@@ -176,15 +230,21 @@ def case_build(a: dict) -> dict:
     write_jsonl(data / "retain.jsonl", retain)
     write_jsonl(data / "eval_forget.jsonl", eval_rows(a["eval_rows"], 0))
     write_jsonl(data / "eval_retain.jsonl", eval_rows(a["eval_rows"], a["eval_rows"]))
-    tok = make_tokenizer([r["question"] + " " + r["answer"] for r in forget[:16]]
-                         + [f"It was in {t} that {n} was born." for n in AUTHORS for t in TOWNS])
+    tok = make_tokenizer(
+        [r["question"] + " " + r["answer"] for r in forget[:16]]
+        + [f"It was in {t} that {n} was born." for n in AUTHORS for t in TOWNS]
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict[str, Any] = {"models": {}}
     for name in a["models"]:
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        config = LlamaConfig(**a["shapes"][name], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        config = LlamaConfig(
+            **a["shapes"][name],
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         with torch.device(device):  # random init on the GPU: seconds rather than a minute for 1.1B
             model = LlamaForCausalLM(config).to(torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
@@ -208,12 +268,24 @@ def job_spec(a: dict, out: Path, zero: Optional[int]):
     data = Path(a["work"]) / "data"
     ds: dict[str, Any] = {"zero_optimization": {"stage": zero if zero is not None else 0}}
     return UnlearnSpec(
-        name=f"device-check/{a['model']}", model_path=str(Path(a["work"]) / "models" / a["model"]),
-        forget_path=str(data / "forget.jsonl"), retain_path=str(data / "retain.jsonl"), method=a["method"],
-        optimizer={"name": "adamw", "lr": 1e-4}, max_steps=a["warmup"] + a["steps"], batch_size=a["batch"],
-        max_length=a["seq"], dtype=a["dtype"], attn_implementation="sdpa", gradient_checkpointing=True,
-        lora={"r": a["lora_r"], "alpha": 2 * a["lora_r"]}, threads_per_worker=a["threads"], report_interval_s=0,
-        deepspeed=ds, output_dir=str(out))
+        name=f"device-check/{a['model']}",
+        model_path=str(Path(a["work"]) / "models" / a["model"]),
+        forget_path=str(data / "forget.jsonl"),
+        retain_path=str(data / "retain.jsonl"),
+        method=a["method"],
+        optimizer={"name": "adamw", "lr": 1e-4},
+        max_steps=a["warmup"] + a["steps"],
+        batch_size=a["batch"],
+        max_length=a["seq"],
+        dtype=a["dtype"],
+        attn_implementation="sdpa",
+        gradient_checkpointing=True,
+        lora={"r": a["lora_r"], "alpha": 2 * a["lora_r"]},
+        threads_per_worker=a["threads"],
+        report_interval_s=0,
+        deepspeed=ds,
+        output_dir=str(out),
+    )
 
 
 class PeakMemory:
@@ -241,8 +313,11 @@ class PeakMemory:
 
     def result(self) -> dict:
         parts = [x for x in (self.through_first_step, self.steps) if x is not None]
-        return {"peak_bytes": max(parts) if parts else None, "setup_and_first_step_bytes": self.through_first_step,
-                "steps_bytes": self.steps}
+        return {
+            "peak_bytes": max(parts) if parts else None,
+            "setup_and_first_step_bytes": self.through_first_step,
+            "steps_bytes": self.steps,
+        }
 
 
 def steady(rows: list[dict], warmup: int) -> dict:
@@ -252,11 +327,17 @@ def steady(rows: list[dict], warmup: int) -> dict:
     last, first = max(by), min(warmup, max(by) - 1)
     seconds = by[last]["elapsed_s"] - (by[first]["elapsed_s"] if first else 0.0)
     tokens = cum[last] - (cum[first] if first else 0.0)
-    per_step = [(cum[s] - cum[s - 1]) / (by[s]["elapsed_s"] - by[s - 1]["elapsed_s"])
-                for s in range(max(first, 1) + 1, last + 1)]
-    return {"tokens_per_s": tokens / seconds,
-            "median_step_tokens_per_s": statistics.median(per_step) if per_step else None,
-            "timed_s": seconds, "timed_tokens": round(tokens), "timed_steps": last - first}
+    per_step = [
+        (cum[s] - cum[s - 1]) / (by[s]["elapsed_s"] - by[s - 1]["elapsed_s"])
+        for s in range(max(first, 1) + 1, last + 1)
+    ]
+    return {
+        "tokens_per_s": tokens / seconds,
+        "median_step_tokens_per_s": statistics.median(per_step) if per_step else None,
+        "timed_s": seconds,
+        "timed_tokens": round(tokens),
+        "timed_steps": last - first,
+    }
 
 
 def case_spunge(a: dict) -> dict:
@@ -286,9 +367,16 @@ def case_spunge(a: dict) -> dict:
     if not (out / JOB_MARKER).exists() or not (out / "adapter_config.json").exists():
         problems.append("no adapter folder with its job marker in the output")
     setup = json.loads((out / SETUP_FILE).read_text())["setup_s"] if (out / SETUP_FILE).exists() else {}
-    return {"params": final.get("params"), "wall_s": wall, "setup_s": setup, **steady(rows, a["warmup"]),
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "memory": mem.result(), "problems": problems}
+    return {
+        "params": final.get("params"),
+        "wall_s": wall,
+        "setup_s": setup,
+        **steady(rows, a["warmup"]),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "memory": mem.result(),
+        "problems": problems,
+    }
 
 
 def case_bare(a: dict) -> dict:
@@ -316,9 +404,16 @@ def case_bare(a: dict) -> dict:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    data = StepBatches(encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method),
-                       encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"),
-                       spec.seed, spec.batch_size, 1, 0, 1, tok.pad_token_id)
+    data = StepBatches(
+        encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method),
+        encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"),
+        spec.seed,
+        spec.batch_size,
+        1,
+        0,
+        1,
+        tok.pad_token_id,
+    )
     method.setup(model)
     model = add_lora(model, spec).to(device=device, dtype=torch.bfloat16 if spec.dtype == "bfloat16" else None)
     ref = AdapterDisabled(model) if method.needs_reference else None
@@ -349,9 +444,18 @@ def case_bare(a: dict) -> dict:
     sync()
     seconds = time.perf_counter() - t0
     problems = [] if all(math.isfinite(x) for x in losses) else ["a non-finite loss"]
-    return {"params": params, "tokens_per_s": tokens / seconds, "median_step_tokens_per_s": statistics.median(per_step),
-            "timed_s": seconds, "timed_tokens": tokens, "timed_steps": a["steps"], "first_loss": losses[0],
-            "last_loss": losses[-1], "memory": mem.result(), "problems": problems}
+    return {
+        "params": params,
+        "tokens_per_s": tokens / seconds,
+        "median_step_tokens_per_s": statistics.median(per_step),
+        "timed_s": seconds,
+        "timed_tokens": tokens,
+        "timed_steps": a["steps"],
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "memory": mem.result(),
+        "problems": problems,
+    }
 
 
 # --------------------------------------------------------------------------------------------- eval, merge
@@ -366,10 +470,16 @@ def case_eval(a: dict) -> dict:
     data = Path(a["work"]) / "data"
     mem = PeakMemory()
     t0 = time.perf_counter()
-    res = evaluate_model(str(Path(a["work"]) / "models" / a["model"]),
-                         {"forget": str(data / "eval_forget.jsonl"), "retain": str(data / "eval_retain.jsonl")},
-                         suites=["qa"], batch_size=a["eval_batch"], max_new_tokens=a["max_new_tokens"], max_length=128,
-                         dtype=a["dtype"], attn_implementation="sdpa")
+    res = evaluate_model(
+        str(Path(a["work"]) / "models" / a["model"]),
+        {"forget": str(data / "eval_forget.jsonl"), "retain": str(data / "eval_retain.jsonl")},
+        suites=["qa"],
+        batch_size=a["eval_batch"],
+        max_new_tokens=a["max_new_tokens"],
+        max_length=128,
+        dtype=a["dtype"],
+        attn_implementation="sdpa",
+    )
     wall = time.perf_counter() - t0
     if mem.cuda:
         torch.cuda.synchronize()
@@ -378,10 +488,17 @@ def case_eval(a: dict) -> dict:
     missing = [k for k in want if k not in res["metrics"]]
     bad = [k for k, v in res["metrics"].items() if not math.isfinite(v)]
     problems = ([f"missing metrics {missing}"] if missing else []) + ([f"non-finite {bad}"] if bad else [])
-    return {"wall_s": wall, "seconds": res["seconds"], "tokens": res["tokens"], "params": res["params"],
-            "tokens_per_s": res["tokens"] / res["seconds"], "metrics": res["metrics"],
-            "placement": res.get("placement"), "peak_bytes": torch.cuda.max_memory_allocated() if mem.cuda else None,
-            "problems": problems}
+    return {
+        "wall_s": wall,
+        "seconds": res["seconds"],
+        "tokens": res["tokens"],
+        "params": res["params"],
+        "tokens_per_s": res["tokens"] / res["seconds"],
+        "metrics": res["metrics"],
+        "placement": res.get("placement"),
+        "peak_bytes": torch.cuda.max_memory_allocated() if mem.cuda else None,
+        "problems": problems,
+    }
 
 
 def case_merge(a: dict) -> dict:
@@ -397,9 +514,13 @@ def case_merge(a: dict) -> dict:
     base = work / "models" / a["model"]
     out = work / "merged"
     shutil.rmtree(out, ignore_errors=True)
-    spec = MergeSpec(base_model_path=str(base), model_paths={f"ft{i}": str(work / "merge_inputs" / f"ft{i}")
-                                                             for i in (1, 2)},
-                     method="ties", dtype=a["dtype"], output_dir=str(out))
+    spec = MergeSpec(
+        base_model_path=str(base),
+        model_paths={f"ft{i}": str(work / "merge_inputs" / f"ft{i}") for i in (1, 2)},
+        method="ties",
+        dtype=a["dtype"],
+        output_dir=str(out),
+    )
     t0 = time.perf_counter()
     merge_models(spec)
     wall = time.perf_counter() - t0
@@ -422,12 +543,24 @@ def case_merge(a: dict) -> dict:
     if not torch.isfinite(logits.float()).all():
         problems.append("the merged model's logits are not finite")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"wall_s": wall, "load_check_s": time.perf_counter() - t1, "merge_peak_rss_bytes": rss, "model_bytes": size,
-            "engine": marker.get("engine"), "max_abs_delta": max(diffs), "problems": problems}
+    return {
+        "wall_s": wall,
+        "load_check_s": time.perf_counter() - t1,
+        "merge_peak_rss_bytes": rss,
+        "model_bytes": size,
+        "engine": marker.get("engine"),
+        "max_abs_delta": max(diffs),
+        "problems": problems,
+    }
 
 
-CASES: dict[str, Callable[[dict], dict]] = {"build": case_build, "spunge": case_spunge, "bare": case_bare,
-                                            "eval": case_eval, "merge": case_merge}
+CASES: dict[str, Callable[[dict], dict]] = {
+    "build": case_build,
+    "spunge": case_spunge,
+    "bare": case_bare,
+    "eval": case_eval,
+    "merge": case_merge,
+}
 
 
 # --------------------------------------------------------------------------------------------- running cases
@@ -456,10 +589,18 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist, module in (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
-                         ("accelerate", "accelerate"), ("deepspeed", "deepspeed"), ("mergekit", "mergekit"),
-                         ("safetensors", "safetensors"), ("tokenizers", "tokenizers"), ("pydantic", "pydantic"),
-                         ("rouge-score", "rouge_score")):
+    for dist, module in (
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("peft", "peft"),
+        ("accelerate", "accelerate"),
+        ("deepspeed", "deepspeed"),
+        ("mergekit", "mergekit"),
+        ("safetensors", "safetensors"),
+        ("tokenizers", "tokenizers"),
+        ("pydantic", "pydantic"),
+        ("rouge-score", "rouge_score"),
+    ):
         if module in sys.modules:
             try:
                 out[dist] = metadata.version(dist)
@@ -508,53 +649,122 @@ def short_error(e: BaseException) -> str:
 
 def estimate_memory(shape: dict, zero: int, batch: int, seq: int, lora_r: int, needs_reference: bool) -> dict:
     """docs/scaling.md's per-GPU estimate for this job on one GPU, with the loop's DeepSpeed sizes."""
-    m = ModelShape(layers=shape["num_hidden_layers"], hidden=shape["hidden_size"],
-                   heads=shape["num_attention_heads"], vocab=shape["vocab_size"],
-                   intermediate=shape["intermediate_size"], tied_embeddings=shape["tie_word_embeddings"],
-                   kv_heads=shape["num_key_value_heads"])
+    m = ModelShape(
+        layers=shape["num_hidden_layers"],
+        hidden=shape["hidden_size"],
+        heads=shape["num_attention_heads"],
+        vocab=shape["vocab_size"],
+        intermediate=shape["intermediate_size"],
+        tied_embeddings=shape["tie_word_embeddings"],
+        kv_heads=shape["num_key_value_heads"],
+    )
     m = replace(m, params=float(llama_param_count(m)))
     h = shape["hidden_size"]
     # jobs.unlearn.engine.deepspeed_config: at ZeRO-3 the reduce bucket is h^2; at ZeRO-2 DeepSpeed's 5e8
     bucket = h * h if zero == 3 else 5e8
-    s = JobSetup(zero=zero, gpus=1, micro_batch=batch, seq=seq, gradient_checkpointing=True, attn="sdpa",
-                 lora_r=lora_r, needs_reference=needs_reference, grad_passes=1 if zero == 3 else 2,
-                 reduce_bucket_size=bucket)
+    s = JobSetup(
+        zero=zero,
+        gpus=1,
+        micro_batch=batch,
+        seq=seq,
+        gradient_checkpointing=True,
+        attn="sdpa",
+        lora_r=lora_r,
+        needs_reference=needs_reference,
+        grad_passes=1 if zero == 3 else 2,
+        reduce_bucket_size=bucket,
+    )
     est = estimate(m, s)
-    return {"peak_bytes": est["bytes"]["peak"], "init_peak_bytes": est["bytes"]["init_peak"],
-            "bytes": est["bytes"], "setup": est["setup"], "params": m.params}
+    return {
+        "peak_bytes": est["bytes"]["peak"],
+        "init_peak_bytes": est["bytes"]["init_peak"],
+        "bytes": est["bytes"],
+        "setup": est["setup"],
+        "params": m.params,
+    }
 
 
 def plan(args) -> list[dict]:
     """The cases in order: name, kind, arguments, time limit, the cases they need."""
     cpu = args.cpu
     shapes = TINY_SHAPES if cpu else SHAPES
-    common = {"work": str(args.work), "dtype": args.dtype, "method": "npo", "lora_r": args.lora_r or (4 if cpu else 16),
-              "warmup": args.warmup if args.warmup is not None else (1 if cpu else 3),
-              "steps": args.steps or (3 if cpu else 20), "threads": args.threads}
+    common = {
+        "work": str(args.work),
+        "dtype": args.dtype,
+        "method": "npo",
+        "lora_r": args.lora_r or (4 if cpu else 16),
+        "warmup": args.warmup if args.warmup is not None else (1 if cpu else 3),
+        "steps": args.steps or (3 if cpu else 20),
+        "threads": args.threads,
+    }
     merge_model = args.merge_model if "merge" not in args.skip else None
     eval_model = args.eval_model
-    cases = [{"name": "build", "kind": "build", "budget": 30 if cpu else 120, "needs": [],
-              "args": {**common, "models": sorted({*args.models, *([merge_model] if merge_model else []),
-                                                    *([eval_model] if "eval" not in args.skip else [])}),
-                       "shapes": shapes, "rows": 32 if cpu else 64, "sentences": 20 if cpu else 120,
-                       "eval_rows": 8 if cpu else 64, "merge_model": merge_model}}]
+    cases = [
+        {
+            "name": "build",
+            "kind": "build",
+            "budget": 30 if cpu else 120,
+            "needs": [],
+            "args": {
+                **common,
+                "models": sorted(
+                    {
+                        *args.models,
+                        *([merge_model] if merge_model else []),
+                        *([eval_model] if "eval" not in args.skip else []),
+                    }
+                ),
+                "shapes": shapes,
+                "rows": 32 if cpu else 64,
+                "sentences": 20 if cpu else 120,
+                "eval_rows": 8 if cpu else 64,
+                "merge_model": merge_model,
+            },
+        }
+    ]
     for model in args.models:
         batch, seq = (4, 64) if cpu else GPU_BATCH[model]
         batch, seq = args.batch_size or batch, args.seq_len or seq
         a = {**common, "model": model, "batch": batch, "seq": seq}
         if "bare" not in args.skip:
-            cases.append({"name": f"bare/{model}", "kind": "bare", "budget": 30 if cpu else 90, "needs": ["build"],
-                          "args": a})
+            cases.append(
+                {"name": f"bare/{model}", "kind": "bare", "budget": 30 if cpu else 90, "needs": ["build"], "args": a}
+            )
         for zero in args.zero:
-            cases.append({"name": f"spunge/{model}/zero{zero}", "kind": "spunge", "budget": 45 if cpu else 150,
-                          "needs": ["build"], "args": {**a, "zero": zero}})
+            cases.append(
+                {
+                    "name": f"spunge/{model}/zero{zero}",
+                    "kind": "spunge",
+                    "budget": 45 if cpu else 150,
+                    "needs": ["build"],
+                    "args": {**a, "zero": zero},
+                }
+            )
     if "eval" not in args.skip:
-        cases.append({"name": f"eval/{eval_model}", "kind": "eval", "budget": 30 if cpu else 120, "needs": ["build"],
-                      "args": {**common, "model": eval_model, "eval_batch": 8 if cpu else 32,
-                               "max_new_tokens": 8 if cpu else 32}})
+        cases.append(
+            {
+                "name": f"eval/{eval_model}",
+                "kind": "eval",
+                "budget": 30 if cpu else 120,
+                "needs": ["build"],
+                "args": {
+                    **common,
+                    "model": eval_model,
+                    "eval_batch": 8 if cpu else 32,
+                    "max_new_tokens": 8 if cpu else 32,
+                },
+            }
+        )
     if merge_model:
-        cases.append({"name": f"merge/{merge_model}", "kind": "merge", "budget": 30 if cpu else 150,
-                      "needs": ["build"], "args": {**common, "model": merge_model}})
+        cases.append(
+            {
+                "name": f"merge/{merge_model}",
+                "kind": "merge",
+                "budget": 30 if cpu else 150,
+                "needs": ["build"],
+                "args": {**common, "model": merge_model},
+            }
+        )
     return cases
 
 
@@ -582,63 +792,90 @@ def training_table(results: dict, args, peak: Optional[float], shapes: dict) -> 
             mem = (r.get("memory") or {}).get("peak_bytes")
             steps_mem = (r.get("memory") or {}).get("steps_bytes")
             est_peak = max(est["peak_bytes"], est["init_peak_bytes"]) if est else None
-            rows.append({
-                "model": model, "zero": zero, "batch": a and a["batch"], "seq": a and a["seq"], "params": n,
-                "tokens_per_s": tps, "bare_tokens_per_s": btps,
-                "ratio": tps / btps if tps and btps else None,
-                "median_step_ratio": (r["median_step_tokens_per_s"] / bare["median_step_tokens_per_s"]
-                                      if r.get("median_step_tokens_per_s") and bare.get("median_step_tokens_per_s")
-                                      else None),
-                "mfu": 6 * n * tps / (peak * 1e12) if peak and n and tps else None,
-                "bare_mfu": 6 * n * btps / (peak * 1e12) if peak and n and btps else None,
-                "peak_bytes": mem, "steps_peak_bytes": steps_mem,
-                "bare_peak_bytes": (bare.get("memory") or {}).get("peak_bytes"),
-                "estimate_peak_bytes": est and est["peak_bytes"],
-                "estimate_init_peak_bytes": est and est["init_peak_bytes"],
-                "memory_vs_estimate": mem / est_peak if mem and est_peak else None,
-                "estimate": est,
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "zero": zero,
+                    "batch": a and a["batch"],
+                    "seq": a and a["seq"],
+                    "params": n,
+                    "tokens_per_s": tps,
+                    "bare_tokens_per_s": btps,
+                    "ratio": tps / btps if tps and btps else None,
+                    "median_step_ratio": (
+                        r["median_step_tokens_per_s"] / bare["median_step_tokens_per_s"]
+                        if r.get("median_step_tokens_per_s") and bare.get("median_step_tokens_per_s")
+                        else None
+                    ),
+                    "mfu": 6 * n * tps / (peak * 1e12) if peak and n and tps else None,
+                    "bare_mfu": 6 * n * btps / (peak * 1e12) if peak and n and btps else None,
+                    "peak_bytes": mem,
+                    "steps_peak_bytes": steps_mem,
+                    "bare_peak_bytes": (bare.get("memory") or {}).get("peak_bytes"),
+                    "estimate_peak_bytes": est and est["peak_bytes"],
+                    "estimate_init_peak_bytes": est and est["init_peak_bytes"],
+                    "memory_vs_estimate": mem / est_peak if mem and est_peak else None,
+                    "estimate": est,
+                }
+            )
     return rows
 
 
 def print_report(record: dict) -> None:
-    print("\n| model | ZeRO | batch x seq | spunge tok/s | bare tok/s | spunge/bare | median-step | MFU spunge / bare "
-          "| peak GiB (steps) | estimate GiB (start-up) | measured/estimate |")
+    print(
+        "\n| model | ZeRO | batch x seq | spunge tok/s | bare tok/s | spunge/bare | median-step | MFU spunge / bare "
+        "| peak GiB (steps) | estimate GiB (start-up) | measured/estimate |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in record["training"]:
         mfu = f"{_f(r['mfu'] and 100 * r['mfu'])}% / {_f(r['bare_mfu'] and 100 * r['bare_mfu'])}%" if r["mfu"] else "-"
-        print(f"| {r['model']} | {r['zero']} | {r['batch']} x {r['seq']} | {_f(r['tokens_per_s'], '.0f')} | "
-              f"{_f(r['bare_tokens_per_s'], '.0f')} | {_f(r['ratio'], '.3f')} | {_f(r['median_step_ratio'], '.3f')} | "
-              f"{mfu} | {_gib(r['peak_bytes'])} ({_gib(r['steps_peak_bytes'])}) | "
-              f"{_gib(r['estimate_peak_bytes'])} ({_gib(r['estimate_init_peak_bytes'])}) | "
-              f"{_f(r['memory_vs_estimate'], '.2f')} |")
+        print(
+            f"| {r['model']} | {r['zero']} | {r['batch']} x {r['seq']} | {_f(r['tokens_per_s'], '.0f')} | "
+            f"{_f(r['bare_tokens_per_s'], '.0f')} | {_f(r['ratio'], '.3f')} | {_f(r['median_step_ratio'], '.3f')} | "
+            f"{mfu} | {_gib(r['peak_bytes'])} ({_gib(r['steps_peak_bytes'])}) | "
+            f"{_gib(r['estimate_peak_bytes'])} ({_gib(r['estimate_init_peak_bytes'])}) | "
+            f"{_f(r['memory_vs_estimate'], '.2f')} |"
+        )
     print("\n| case | status | seconds | notes |")
     print("|---|---|---|---|")
     for name, c in record["cases"].items():
         res = c.get("result") or {}
         note = c.get("error") or "; ".join(res.get("problems", []))
         if not note and c["kind"] == "eval":
-            note = (f"{res['tokens']} tokens, {res['tokens_per_s']:.0f} tok/s, peak {_gib(res.get('peak_bytes'))} GiB, "
-                    f"forget_prob {res['metrics'].get('forget_prob', float('nan')):.3g}")
+            note = (
+                f"{res['tokens']} tokens, {res['tokens_per_s']:.0f} tok/s, peak {_gib(res.get('peak_bytes'))} GiB, "
+                f"forget_prob {res['metrics'].get('forget_prob', float('nan')):.3g}"
+            )
         elif not note and c["kind"] == "merge":
             rss = res["merge_peak_rss_bytes"]
-            note = (f"ties k=2, {res['model_bytes'] / 1e6:.1f} MB model, process peak RSS {rss / 1e9:.2f} GB "
-                    f"({rss / res['model_bytes']:.1f}x the model), load check {res['load_check_s']:.1f} s")
+            note = (
+                f"ties k=2, {res['model_bytes'] / 1e6:.1f} MB model, process peak RSS {rss / 1e9:.2f} GB "
+                f"({rss / res['model_bytes']:.1f}x the model), load check {res['load_check_s']:.1f} s"
+            )
         elif not note and c["kind"] == "build":
             note = ", ".join(f"{m} {v['params'] / 1e6:.1f}M params" for m, v in res.get("models", {}).items())
         print(f"| {name} | {c['status']} | {c['seconds']:.1f} | {note} |")
     imp = record["imports"]
-    print(f"\nimport check (ray, mlflow, datasets never imported): {'ok' if imp['ok'] else 'FAILED'}"
-          + ("" if imp["ok"] else f" {imp['found']}"))
+    print(
+        f"\nimport check (ray, mlflow, datasets never imported): {'ok' if imp['ok'] else 'FAILED'}"
+        + ("" if imp["ok"] else f" {imp['found']}")
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu", "--smoke", action="store_true", help="tiny models on the CPU (DeepSpeed's CPU "
-                    "accelerator, gloo): the same code paths, in tens of seconds")
+    ap.add_argument(
+        "--cpu",
+        "--smoke",
+        action="store_true",
+        help="tiny models on the CPU (DeepSpeed's CPU accelerator, gloo): the same code paths, in tens of seconds",
+    )
     ap.add_argument("--out", type=Path, default=Path("device-check"), help="folder of device_check.json")
-    ap.add_argument("--work", type=Path, help="folder for models, data and job outputs (default: a temporary one, "
-                    "removed at the end)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        help="folder for models, data and job outputs (default: a temporary one, removed at the end)",
+    )
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama-1b"], choices=sorted(SHAPES))
     ap.add_argument("--zero", nargs="+", type=int, default=[2, 3], choices=[2, 3])
     ap.add_argument("--eval-model", default="llama-1b", choices=sorted(SHAPES))
@@ -652,10 +889,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)), help="torch threads")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
-    ap.add_argument("--budget", type=float, help="seconds for all cases together (default 450; --cpu 170): a case "
-                    "gets at most what is left")
-    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                    help="each case in its own process (default on the GPU; --cpu runs them in this one)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for all cases together (default 450; --cpu 170): a case gets at most what is left",
+    )
+    ap.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each case in its own process (default on the GPU; --cpu runs them in this one)",
+    )
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -666,8 +910,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
-        print("device_check: no CUDA device (torch.cuda.is_available() is False); --cpu runs the CPU smoke check",
-              file=sys.stderr)
+        print(
+            "device_check: no CUDA device (torch.cuda.is_available() is False); --cpu runs the CPU smoke check",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.cpu else "cuda")
     isolate = (not args.cpu) if args.isolate is None else args.isolate
@@ -683,13 +929,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.work = args.work.resolve()
     args.cases = plan(args)
     shapes = TINY_SHAPES if args.cpu else SHAPES
-    print(f"device_check on {device} ({'isolated processes' if isolate else 'this process'}), "
-          f"{len(args.cases)} cases, budget {budget:.0f} s, work {args.work}", flush=True)
+    print(
+        f"device_check on {device} ({'isolated processes' if isolate else 'this process'}), "
+        f"{len(args.cases)} cases, budget {budget:.0f} s, work {args.work}",
+        flush=True,
+    )
 
     record: dict[str, Any] = {
-        "device": device, "mode": "cpu" if args.cpu else "gpu", "peak_bf16_tflops": peak, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "isolated": isolate, "budget_s": budget, "cases": {},
+        "device": device,
+        "mode": "cpu" if args.cpu else "gpu",
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "isolated": isolate,
+        "budget_s": budget,
+        "cases": {},
     }
     done: dict[str, dict] = {}
     if not isolate:  # a process group address inherited from a parent that still holds its port cannot be bound
@@ -698,8 +955,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for case in args.cases:
             name, left = case["name"], budget - (time.perf_counter() - t_start)
-            entry: dict[str, Any] = {"kind": case["kind"], "budget_s": case["budget"], "args": {
-                k: v for k, v in case["args"].items() if k not in ("shapes", "work")}}
+            entry: dict[str, Any] = {
+                "kind": case["kind"],
+                "budget_s": case["budget"],
+                "args": {k: v for k, v in case["args"].items() if k not in ("shapes", "work")},
+            }
             record["cases"][name] = entry
             t0 = time.perf_counter()
             missing = [n for n in case["needs"] if record["cases"].get(n, {}).get("status") != "ok"]
@@ -728,10 +988,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    found = sorted({m for r in done.values() for m in r.get("forbidden_imports", [])}
-                   | {m for m in FORBIDDEN if m in sys.modules})
-    record["imports"] = {"forbidden": list(FORBIDDEN), "found": found, "ok": not found,
-                         "cases_checked": sorted(done)}
+    found = sorted(
+        {m for r in done.values() for m in r.get("forbidden_imports", [])} | {m for m in FORBIDDEN if m in sys.modules}
+    )
+    record["imports"] = {"forbidden": list(FORBIDDEN), "found": found, "ok": not found, "cases_checked": sorted(done)}
     record["versions"] = {k: v for r in done.values() for k, v in r.get("versions", {}).items()}
     record["training"] = training_table(done, args, peak, shapes)
     record["total_s"] = time.perf_counter() - t_start
@@ -741,8 +1001,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "device_check.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} in {record['total_s']:.0f} s; "
-          f"wrote {path}")
+    print(
+        f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} in {record['total_s']:.0f} s; "
+        f"wrote {path}"
+    )
     return 1 if failed else 0
 
 

@@ -9,7 +9,8 @@ On SmolLM2-135M-Instruct (the cached Hugging Face folder converted from the ``ll
   ``encode_qa``, in the same batches (same rows, batch size, longest-first order, right padding with an
   attention mask), under ``torch.inference_mode``, no metric code: ``model(...).logits`` and nothing else;
 - ``scoring``: spunge's teacher-forced path on the same sequences, as the ``qa`` suite calls it
-  (``score_answers`` on the answers -> ``answer_prob``; ``qa.score_perturbed`` + ``truth_ratio_raw``), encoding included;
+  (``score_answers`` on the answers -> ``answer_prob``; ``qa.score_perturbed`` + ``truth_ratio_raw``), encoding
+  included;
 - ``generation``: ``generate_answers`` on the splits the suite generates for, with the suite's batch size;
 - ``suite``: the whole per-model evaluation as spunge runs it (``jobs.evaluate.suites.evaluate_model``:
   model load, every suite of ``--suites``), its wall split into scoring and generation by timing the
@@ -57,8 +58,12 @@ def scored_groups(data: dict[str, list[dict]]) -> list[tuple[list[str], list[str
         groups.append((qs, [r["answer"] for r in records]))
         truth = None if split == "holdout" else truth_answers(records)
         if truth:
-            groups.append(([r["question"] for r in records for _ in r["perturbed_answers"]],
-                           [a for r in records for a in r["perturbed_answers"]]))
+            groups.append(
+                (
+                    [r["question"] for r in records for _ in r["perturbed_answers"]],
+                    [a for r in records for a in r["perturbed_answers"]],
+                )
+            )
         if truth == "paraphrased_answer":
             groups.append((qs, [r["paraphrased_answer"] for r in records]))
     return groups
@@ -92,8 +97,11 @@ def spunge_scoring(model: Any, tok: Any, data: dict[str, list[dict]], bs: int, m
         truth = None if split == "holdout" else truth_answers(records)
         if truth:
             pert = score_perturbed(ctx, records)
-            true = answer if truth == "answer" else score_answers(model, tok, qs, [r[truth] for r in records],
-                                                                  bs, max_length, fmt)
+            true = (
+                answer
+                if truth == "answer"
+                else score_answers(model, tok, qs, [r[truth] for r in records], bs, max_length, fmt)
+            )
             M.truth_ratio_raw(*true, *pert)
     return time.perf_counter() - t0
 
@@ -105,10 +113,14 @@ def generation_check(calls: list[int], lengths: list[int], bs: int, max_new_toke
     so only the totals are compared: calls made vs the ``max_new_tokens`` bound."""
     prefills = [i for i, width in enumerate(calls) if width > 1]
     decode = len(calls) - len(prefills)
-    return {"forward_calls": len(calls), "prefill_calls": len(prefills), "decode_calls_one_token": decode,
-            "kv_cache": all(w == 1 for i, w in enumerate(calls) if i not in prefills),
-            "calls_without_early_stop": len(prefills) * max_new_tokens,
-            "longest_answer": max(lengths, default=0)}
+    return {
+        "forward_calls": len(calls),
+        "prefill_calls": len(prefills),
+        "decode_calls_one_token": decode,
+        "kv_cache": all(w == 1 for i, w in enumerate(calls) if i not in prefills),
+        "calls_without_early_stop": len(prefills) * max_new_tokens,
+        "longest_answer": max(lengths, default=0),
+    }
 
 
 @contextlib.contextmanager
@@ -128,6 +140,7 @@ def timed_calls(module: Any, names: tuple[str, ...], totals: dict[str, float]) -
                 depth[0] -= 1
                 if depth[0] == 0:
                     totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
         return timed
 
     for n, fn in originals.items():
@@ -173,8 +186,11 @@ def main() -> None:
     # (a) the bare forward limit over the suite's own sequences and batches
     groups = scored_groups(data)
     encoded = [[encode_qa(tok, q, a, max_len, fmt) for q, a in zip(qs, ans)] for qs, ans in groups]
-    batches = [collate([enc[i] for i in idx], pad) for enc in encoded
-               for idx in S._batches([len(e["input_ids"]) for e in enc], bs)]
+    batches = [
+        collate([enc[i] for i in idx], pad)
+        for enc in encoded
+        for idx in S._batches([len(e["input_ids"]) for e in enc], bs)
+    ]
     n_seq = sum(len(e) for e in encoded)
     n_tok = sum(len(e["input_ids"]) for enc in encoded for e in enc)
     n_answer = sum(sum(t != -100 for t in e["labels"]) for enc in encoded for e in enc)
@@ -191,7 +207,8 @@ def main() -> None:
     calls: list[int] = []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: calls.append((kw["input_ids"] if kw.get("input_ids") is not None else a[0]).shape[1]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     t0 = time.perf_counter()
     _, lengths = S.generate_answers(model, tok, gen_qs, args.max_new_tokens, bs, fmt)
     gen = time.perf_counter() - t0
@@ -202,8 +219,16 @@ def main() -> None:
     del model
     totals: dict[str, float] = {}
     with timed_calls(S, ("score_answers", "generate_answers", "qa_logits", "encoded_nll"), totals):
-        res = evaluate_model(str(model_dir), {s: str(args.data / f"{s}.jsonl") for s in SPLITS}, args.suites, fmt,
-                             bs, args.max_new_tokens, max_len, args.rows or None)
+        res = evaluate_model(
+            str(model_dir),
+            {s: str(args.data / f"{s}.jsonl") for s in SPLITS},
+            args.suites,
+            fmt,
+            bs,
+            args.max_new_tokens,
+            max_len,
+            args.rows or None,
+        )
     wall = res["seconds"]
     suite_score = totals.get("score_answers", 0.0) + totals.get("qa_logits", 0.0) + totals.get("encoded_nll", 0.0)
     suite_gen = totals.get("generate_answers", 0.0)
@@ -219,34 +244,65 @@ def main() -> None:
         if "all_s" in r:
             r["all_s"] = [round(x, 3) for x in r["all_s"]]
     ratio = fwd / score
-    print(f"model {model_dir.name}, {sum(len(v) for v in data.values())} rows, {n_seq} scored sequences "
-          f"({n_tok} tokens, {n_answer} answer tokens, {n_slots} padded slots: {n_tok / n_slots:.0%} real), "
-          f"{len(gen_qs)} greedy answers, batch {bs}, torch threads {args.threads}")
+    print(
+        f"model {model_dir.name}, {sum(len(v) for v in data.values())} rows, {n_seq} scored sequences "
+        f"({n_tok} tokens, {n_answer} answer tokens, {n_slots} padded slots: {n_tok / n_slots:.0%} real), "
+        f"{len(gen_qs)} greedy answers, batch {bs}, torch threads {args.threads}"
+    )
     print(f"{'path':<18}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}  unit")
     for r in runs:
         print(f"{r['name']:<18}{r['seconds']:>10.2f}{r['tokens']:>9}{r['tokens_per_s']:>11.1f}  {r['unit']}")
-    print(f"scoring / forward limit (tokens/s): {ratio:.2f} (goal >= 0.8); per repeat: "
-          f"{', '.join(f'{f / x:.2f}' for f, x in zip(fwd_runs, score_runs))}")
-    print(f"generation: {gen_check['forward_calls']} forward calls = {gen_check['prefill_calls']} prefills + "
-          f"{gen_check['decode_calls_one_token']} one-token decode steps (KV cache: {gen_check['kv_cache']}); "
-          f"without early stop {gen_check['calls_without_early_stop']}; longest answer {gen_check['longest_answer']}")
-    print(f"per-model eval wall ({'+'.join(args.suites)}, evaluate_model, model load included): {wall:.2f} s = "
-          f"scoring {suite_score:.2f} + generation {suite_gen:.2f} + other {wall - suite_score - suite_gen:.2f}")
+    print(
+        f"scoring / forward limit (tokens/s): {ratio:.2f} (goal >= 0.8); per repeat: "
+        f"{', '.join(f'{f / x:.2f}' for f, x in zip(fwd_runs, score_runs))}"
+    )
+    print(
+        f"generation: {gen_check['forward_calls']} forward calls = {gen_check['prefill_calls']} prefills + "
+        f"{gen_check['decode_calls_one_token']} one-token decode steps (KV cache: {gen_check['kv_cache']}); "
+        f"without early stop {gen_check['calls_without_early_stop']}; longest answer {gen_check['longest_answer']}"
+    )
+    print(
+        f"per-model eval wall ({'+'.join(args.suites)}, evaluate_model, model load included): {wall:.2f} s = "
+        f"scoring {suite_score:.2f} + generation {suite_gen:.2f} + other {wall - suite_score - suite_gen:.2f}"
+    )
     out = {
-        "model": str(model_dir), "data": str(args.data), "rows": {s: len(v) for s, v in data.items()},
-        "scored_sequences": n_seq, "scored_tokens": n_tok, "answer_tokens": n_answer, "padded_slots": n_slots,
-        "greedy_answers": len(gen_qs), "generated_tokens": n_gen,
-        "settings": {"batch_size": bs, "max_length": max_len, "max_new_tokens": args.max_new_tokens,
-                     "template": "chat", "threads": args.threads, "repeats": args.repeats, "suites": args.suites},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m_start": load_start,
-                    "load_avg_1m_end": os.getloadavg()[0]},
+        "model": str(model_dir),
+        "data": str(args.data),
+        "rows": {s: len(v) for s, v in data.items()},
+        "scored_sequences": n_seq,
+        "scored_tokens": n_tok,
+        "answer_tokens": n_answer,
+        "padded_slots": n_slots,
+        "greedy_answers": len(gen_qs),
+        "generated_tokens": n_gen,
+        "settings": {
+            "batch_size": bs,
+            "max_length": max_len,
+            "max_new_tokens": args.max_new_tokens,
+            "template": "chat",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "suites": args.suites,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_avg_1m_start": load_start,
+            "load_avg_1m_end": os.getloadavg()[0],
+        },
         "script_seconds": round(time.perf_counter() - t_start, 1),
-        "runs": runs, "scoring_over_forward_limit": round(ratio, 3),
+        "runs": runs,
+        "scoring_over_forward_limit": round(ratio, 3),
         "scoring_over_forward_limit_per_repeat": [round(f / x, 3) for f, x in zip(fwd_runs, score_runs)],
-        "generation_seconds_per_answer": round(gen / max(1, len(gen_qs)), 3), "generation_check": gen_check,
-        "suite_wall": {"seconds": round(wall, 2), "scoring": round(suite_score, 2), "generation": round(suite_gen, 2),
-                       "other": round(wall - suite_score - suite_gen, 2),
-                       "metrics": {k: round(v, 6) for k, v in res["metrics"].items()}},
+        "generation_seconds_per_answer": round(gen / max(1, len(gen_qs)), 3),
+        "generation_check": gen_check,
+        "suite_wall": {
+            "seconds": round(wall, 2),
+            "scoring": round(suite_score, 2),
+            "generation": round(suite_gen, 2),
+            "other": round(wall - suite_score - suite_gen, 2),
+            "metrics": {k: round(v, 6) for k, v in res["metrics"].items()},
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

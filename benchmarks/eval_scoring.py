@@ -59,8 +59,7 @@ def main() -> None:
     runs = []
 
     def record(name: str, seconds: float, acc: float) -> None:
-        runs.append({"name": name, "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 1),
-                     "acc": acc})
+        runs.append({"name": name, "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 1), "acc": acc})
 
     choice_loglikelihoods(model, tok, rows[:4], batch_size=4)  # warm-up
     for bs in (1, 32):
@@ -74,20 +73,32 @@ def main() -> None:
     ours32 = runs[1]["seconds"]
     for r in runs:
         r["slowdown_vs_ours_bs32"] = round(r["seconds"] / ours32, 2)
-    print(f"{len(rows)} questions, {pairs} (question, choice) pairs, torch threads {args.threads}, "
-          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+    print(
+        f"{len(rows)} questions, {pairs} (question, choice) pairs, torch threads {args.threads}, "
+        f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
+    )
     print(f"{'scorer':<16}{'seconds':>10}{'pairs/s':>10}{'x ours bs=32':>14}{'acc':>8}")
     for r in runs:
-        print(f"{r['name']:<16}{r['seconds']:>10.2f}{r['pairs_per_s']:>10.1f}{r['slowdown_vs_ours_bs32']:>14.2f}"
-              f"{r['acc']:>8.4f}")
-    print(f"speed-up of batching (bs=32 over bs=1): {runs[0]['seconds'] / ours32:.1f}x; "
-          f"lm-eval / ours (bs=32): {runs[2]['seconds'] / ours32:.2f}x; "
-          f"acc agree: {abs(runs[1]['acc'] - runs[2]['acc']) <= 1e-6}")
-    out = {"benchmark": str(bench), "size": meta.get("size"), "questions": len(rows), "pairs": pairs,
-           "threads": args.threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                "load_avg_1m": os.getloadavg()[0]},
-           "runs": runs, "batching_speedup": round(runs[0]["seconds"] / ours32, 2),
-           "lm_eval_over_ours": round(runs[2]["seconds"] / ours32, 2)}
+        print(
+            f"{r['name']:<16}{r['seconds']:>10.2f}{r['pairs_per_s']:>10.1f}{r['slowdown_vs_ours_bs32']:>14.2f}"
+            f"{r['acc']:>8.4f}"
+        )
+    print(
+        f"speed-up of batching (bs=32 over bs=1): {runs[0]['seconds'] / ours32:.1f}x; "
+        f"lm-eval / ours (bs=32): {runs[2]['seconds'] / ours32:.2f}x; "
+        f"acc agree: {abs(runs[1]['acc'] - runs[2]['acc']) <= 1e-6}"
+    )
+    out = {
+        "benchmark": str(bench),
+        "size": meta.get("size"),
+        "questions": len(rows),
+        "pairs": pairs,
+        "threads": args.threads,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "runs": runs,
+        "batching_speedup": round(runs[0]["seconds"] / ours32, 2),
+        "lm_eval_over_ours": round(runs[2]["seconds"] / ours32, 2),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

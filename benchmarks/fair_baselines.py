@@ -53,8 +53,11 @@ COEFFICIENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce_u": ("alpha", {"uniform": [0.0, 5.0]}),
     "pdu": ("dual_lr", {"loguniform": [0.1, 10.0]}),
 }
-OBJECTIVE = {"metric": "forget_quality", "mode": "max",
-             "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.9}]}
+OBJECTIVE = {
+    "metric": "forget_quality",
+    "mode": "max",
+    "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.9}],
+}
 METRICS = ("forget_quality", "forget_prob", "model_utility")
 
 
@@ -63,11 +66,18 @@ def base_config(bench: Path, method: str, out: Path, steps: int) -> dict[str, An
     cfg = {
         "name": f"fair-{method}",
         "model": {"path": str(bench / "models" / "base")},
-        "data": {"forget": str(data / "forget.jsonl"), "retain": str(data / "retain.jsonl"),
-                 "holdout": str(data / "holdout.jsonl")},
+        "data": {
+            "forget": str(data / "forget.jsonl"),
+            "retain": str(data / "retain.jsonl"),
+            "holdout": str(data / "holdout.jsonl"),
+        },
         "split": {"attribute": "birth_decade", "baseline": "unsplit"},
-        "unlearn": {"method": method, "optimizer": {"name": "adamw", "lr": 3.0e-4}, "max_steps": steps,
-                    "batch_size": 8},
+        "unlearn": {
+            "method": method,
+            "optimizer": {"name": "adamw", "lr": 3.0e-4},
+            "max_steps": steps,
+            "batch_size": 8,
+        },
         "merge": {"method": "ties", "parameters": {"density": 0.5, "normalize": True}},
         "eval": {"suites": ["qa"], "oracle": str(bench / "models" / "oracle")},
         "tracking": {"experiment": "spunge-fair-baselines", "log_models": False},
@@ -86,8 +96,13 @@ def tune_config(bench: Path, method: str, model: str, out: Path, samples: int, s
     name, dist = COEFFICIENTS[method]
     if name:
         space[f"unlearn.params.{name}"] = dist
-    cfg["tune"] = {"space": space, "objective": {**OBJECTIVE, "model": model}, "num_samples": samples,
-                   "search": "random", "seed": 0}
+    cfg["tune"] = {
+        "space": space,
+        "objective": {**OBJECTIVE, "model": model},
+        "num_samples": samples,
+        "search": "random",
+        "seed": 0,
+    }
     return cfg
 
 
@@ -102,19 +117,26 @@ def markdown_table(results: dict[str, Any]) -> str:
     95% half-width over seeds of each model, the paired difference by seed and its p-value (bold < 0.05)."""
     from orchestrator.experiments.seeds import mean_ci
 
-    lines = ["| method | tuned merged (lr, coef) | tuned unsplit (lr, coef) | metric | merged | unsplit | "
-             "merged − unsplit | p |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | tuned merged (lr, coef) | tuned unsplit (lr, coef) | metric | merged | unsplit | "
+        "merged − unsplit | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     spread = lambda s: _num(s["mean"]) + (f" ± {_num(s['half_width'])}" if s["half_width"] is not None else "")
     for method, per in results["methods"].items():
-        tuned = {model: ", ".join(f"{k} {_num(v)}" for k, v in per[model]["tuned"].items())
-                 for model in ("merged", "unsplit")}
+        tuned = {
+            model: ", ".join(f"{k} {_num(v)}" for k, v in per[model]["tuned"].items())
+            for model in ("merged", "unsplit")
+        }
         for i, m in enumerate(METRICS):
             p, pv = per["paired"][m], per["paired"][m]["p_value"]
             shown = "-" if pv is None else (f"**{pv:.2g}**" if pv < 0.05 else f"{pv:.2g}")
             first = lambda text, i=i: text if i == 0 else ""
-            lines.append(f"| {first(method)} | {first(tuned['merged'])} | {first(tuned['unsplit'])} | {m} | "
-                         f"{spread(mean_ci(per['merged']['values'][m]))} | {spread(mean_ci(per['unsplit']['values'][m]))} | "
-                         f"{p['mean']:+.3g} ± {_num(p['half_width'])} | {shown} |")
+            lines.append(
+                f"| {first(method)} | {first(tuned['merged'])} | {first(tuned['unsplit'])} | {m} | "
+                f"{spread(mean_ci(per['merged']['values'][m]))} | {spread(mean_ci(per['unsplit']['values'][m]))} | "
+                f"{p['mean']:+.3g} ± {_num(p['half_width'])} | {shown} |"
+            )
     return "\n".join(lines)
 
 
@@ -133,16 +155,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="unlearning steps per job (the budget)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=ROOT / "spunge-demo" / "fair")
-    ap.add_argument("--table", action="store_true",
-                    help="print docs/results.md's table from benchmarks/results/fair_baselines.json and exit")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="print docs/results.md's table from benchmarks/results/fair_baselines.json and exit",
+    )
     args = ap.parse_args()
     kept = ROOT / "benchmarks" / "results" / "fair_baselines.json"
     if args.table:
         print(markdown_table(json.loads(kept.read_text())))
         return
     seeds = parse_seeds(args.seeds)
-    results: dict[str, Any] = {"objective": OBJECTIVE, "samples": args.samples, "steps": args.steps,
-                               "seeds": seeds, "methods": {}}
+    results: dict[str, Any] = {
+        "objective": OBJECTIVE,
+        "samples": args.samples,
+        "steps": args.steps,
+        "seeds": seeds,
+        "methods": {},
+    }
     if kept.exists():
         earlier = json.loads(kept.read_text())
         if all(earlier.get(k) == results[k] for k in ("objective", "samples", "steps", "seeds")):
@@ -164,8 +194,11 @@ def main() -> None:
         if picks["merged"]["unlearn"] == picks["unsplit"]["unlearn"]:
             # both searches picked the same point: one run per seed trains the subset jobs and the unsplit job
             # side by side (the same jobs, seeds and budget as two separate runs would)
-            both = {**picks["merged"], "name": f"fair-{method}-both",
-                    "split": {**picks["merged"]["split"], "baseline": "unsplit"}}
+            both = {
+                **picks["merged"],
+                "name": f"fair-{method}-both",
+                "split": {**picks["merged"]["split"], "baseline": "unsplit"},
+            }
             folder = args.out / method / "both"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "run.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
@@ -180,16 +213,22 @@ def main() -> None:
             seeds_dir = seeds_of[model]
             reports = {s: json.loads((seeds_dir / f"seed{s}" / "report.json").read_text()) for s in seeds}
             coef = COEFFICIENTS[method][0]
-            per[model] = {"tuned": {"lr": picks[model]["unlearn"]["optimizer"]["lr"],
-                                    **({coef: picks[model]["unlearn"].get("params", {}).get(coef)} if coef else {})},
-                          "values": {m: [reports[s]["models"][model][m] for s in seeds] for m in METRICS}}
+            per[model] = {
+                "tuned": {
+                    "lr": picks[model]["unlearn"]["optimizer"]["lr"],
+                    **({coef: picks[model]["unlearn"].get("params", {}).get(coef)} if coef else {}),
+                },
+                "values": {m: [reports[s]["models"][model][m] for s in seeds] for m in METRICS},
+            }
         per["paired"] = {m: paired_test(per["merged"]["values"][m], per["unsplit"]["values"][m]) for m in METRICS}
         results["methods"][method] = per
         print(f"{method}: tuned merged {per['merged']['tuned']}, unsplit {per['unsplit']['tuned']}")
         for m in METRICS:
             p = per["paired"][m]
-            print(f"  {m}: merged - unsplit {p['mean']:.3g} ± {p['half_width'] or float('nan'):.2g}, "
-                  f"p {p['p_value'] if p['p_value'] is not None else float('nan'):.3g}")
+            print(
+                f"  {m}: merged - unsplit {p['mean']:.3g} ± {p['half_width'] or float('nan'):.2g}, "
+                f"p {p['p_value'] if p['p_value'] is not None else float('nan'):.3g}"
+            )
         for path in (args.out / "fair_baselines.json", kept):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))

@@ -49,7 +49,9 @@ def subsets(work: Path, k: int, rows: int) -> tuple[list[Path], Path]:
     (work / "data").mkdir(parents=True, exist_ok=True)
     forget, retain = write_data(work / "data", rows=rows * k)
     all_rows = load_jsonl(forget)
-    return [write_jsonl(work / "data" / f"forget{i}.jsonl", all_rows[i * rows:(i + 1) * rows]) for i in range(k)], retain
+    return [
+        write_jsonl(work / "data" / f"forget{i}.jsonl", all_rows[i * rows : (i + 1) * rows]) for i in range(k)
+    ], retain
 
 
 def spec_for(args, model: Path, forget: Path, retain: Path, out: Path):
@@ -58,10 +60,21 @@ def spec_for(args, model: Path, forget: Path, retain: Path, out: Path):
     ds: dict = {"zero_optimization": {"stage": args.zero}}
     if args.bf16:
         ds["bf16"] = {"enabled": True}
-    return UnlearnSpec(name=f"bench/{out.name}", model_path=str(model), forget_path=str(forget),
-                       retain_path=str(retain), method=args.method, optimizer={"lr": 1e-5}, max_steps=args.steps,
-                       batch_size=args.batch_size, max_length=args.seq_len, threads_per_worker=args.threads,
-                       output_dir=str(out), deepspeed=ds, report_interval_s=5.0)
+    return UnlearnSpec(
+        name=f"bench/{out.name}",
+        model_path=str(model),
+        forget_path=str(forget),
+        retain_path=str(retain),
+        method=args.method,
+        optimizer={"lr": 1e-5},
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.seq_len,
+        threads_per_worker=args.threads,
+        output_dir=str(out),
+        deepspeed=ds,
+        report_interval_s=5.0,
+    )
 
 
 def job_parts(out: Path, t_fit: float, t_end: float) -> dict:
@@ -72,8 +85,13 @@ def job_parts(out: Path, t_fit: float, t_end: float) -> dict:
     started = json.loads((out / ATTEMPTS_FILE).read_text().splitlines()[0])["started"]
     setup = json.loads((out / SETUP_FILE).read_text())["setup_s"]
     rows = load_jsonl(out / STEPS_FILE)
-    return {"wall_s": t_end - t_fit, "workers_s": started - t_fit, **{f"setup.{k}": v for k, v in setup.items()},
-            "train_s": rows[-1]["elapsed_s"] - rows[0]["elapsed_s"], "steps": len(rows)}
+    return {
+        "wall_s": t_end - t_fit,
+        "workers_s": started - t_fit,
+        **{f"setup.{k}": v for k, v in setup.items()},
+        "train_s": rows[-1]["elapsed_s"] - rows[0]["elapsed_s"],
+        "steps": len(rows),
+    }
 
 
 def launch(specs: list, scaling: dict, storage: Path, board) -> list[dict]:
@@ -83,8 +101,9 @@ def launch(specs: list, scaling: dict, storage: Path, board) -> list[dict]:
     from orchestrator.remote.runners import run_unlearn_job
 
     t_fit = time.time()
-    pending = {run_unlearn_job.remote(s.model_dump(), scaling, str(storage), Path(s.output_dir).name, board): s
-               for s in specs}
+    pending = {
+        run_unlearn_job.remote(s.model_dump(), scaling, str(storage), Path(s.output_dir).name, board): s for s in specs
+    }
     ends = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -123,31 +142,58 @@ def main(argv: list[str] | None = None) -> dict:
     forgets, retain = subsets(work, args.k, args.rows)
     cpus = args.cpus or args.k * args.threads + 1
     start_bench_ray(cpus, args.gpu, dashboard=not args.no_dashboard)
-    scaling = ScalingConfig(num_workers=1, cpus_per_worker=args.threads, use_gpu=args.gpu,
-                            gpus_per_worker=round(1 / args.k, 3) if args.gpu else 0).model_dump()
+    scaling = ScalingConfig(
+        num_workers=1,
+        cpus_per_worker=args.threads,
+        use_gpu=args.gpu,
+        gpus_per_worker=round(1 / args.k, 3) if args.gpu else 0,
+    ).model_dump()
     try:
         board = ProgressBoard.remote()
         alone = []
         for i, f in enumerate(forgets):
-            alone += launch([spec_for(args, model, f, retain, work / "alone" / f"job{i}")], scaling, work / "ray", board)
-        together = launch([spec_for(args, model, f, retain, work / "together" / f"job{i}")
-                           for i, f in enumerate(forgets)], scaling, work / "ray", board)
+            alone += launch(
+                [spec_for(args, model, f, retain, work / "alone" / f"job{i}")], scaling, work / "ray", board
+            )
+        together = launch(
+            [spec_for(args, model, f, retain, work / "together" / f"job{i}") for i, f in enumerate(forgets)],
+            scaling,
+            work / "ray",
+            board,
+        )
     finally:
         ray.shutdown()
     slowest = max(j["wall_s"] for j in alone)
     stage = max(j["wall_s"] for j in together)
-    result = {"label": args.label, "k": args.k, "model": args.model, "method": args.method, "steps": args.steps,
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads, "cpus": cpus,
-              "gpu": args.gpu, "zero": args.zero, "bf16": args.bf16,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-              "slowest_alone_s": slowest, "together_s": stage, "ratio": stage / slowest,
-              "alone": alone, "together": together}
+    result = {
+        "label": args.label,
+        "k": args.k,
+        "model": args.model,
+        "method": args.method,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "threads": args.threads,
+        "cpus": cpus,
+        "gpu": args.gpu,
+        "zero": args.zero,
+        "bf16": args.bf16,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+        "slowest_alone_s": slowest,
+        "together_s": stage,
+        "ratio": stage / slowest,
+        "alone": alone,
+        "together": together,
+    }
     if args.gpu:
         import torch
 
         result["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    print(f"fan-out, k={args.k}, {args.model}, {args.steps} steps, {'GPU 1/k each' if args.gpu else f'{args.threads} CPU each'}, "
-          f"ZeRO {args.zero}{' bf16' if args.bf16 else ''}")
+    print(
+        f"fan-out, k={args.k}, {args.model}, {args.steps} steps, "
+        f"{'GPU 1/k each' if args.gpu else f'{args.threads} CPU each'}, "
+        f"ZeRO {args.zero}{' bf16' if args.bf16 else ''}"
+    )
     parts = ["wall_s", "workers_s", *[k for k in alone[0] if k.startswith("setup.")], "train_s"]
     print("| run | job | " + " | ".join(parts) + " |")
     print("|---" * (len(parts) + 2) + "|")

@@ -50,8 +50,13 @@ def pipeline(tiny: Path, work: Path, workers: int) -> Path:
         "model": {"path": str(tiny / "model")},
         "data": {"forget": str(tiny / "forget.jsonl"), "retain": str(tiny / "retain.jsonl")},
         "split": {"attribute": "group", "groups": {"all": ["north", "south"]}, "baseline": "none"},
-        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 1000, "batch_size": 4,
-                    "report_interval_s": 0},
+        "unlearn": {
+            "method": "grad_diff",
+            "optimizer": {"lr": 1e-3},
+            "max_steps": 1000,
+            "batch_size": 4,
+            "report_interval_s": 0,
+        },
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
         "eval": {"max_examples": 4},
         "storage": {"output_dir": str(work / "run")},
@@ -67,8 +72,15 @@ def one_run(config: Path, work: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("spunge")), "run", str(config)], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("spunge")), "run", str(config)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     ends: dict[str, float] = {}
     lines: list[str] = []
 
@@ -142,10 +154,23 @@ def main() -> None:
                 print(f"  {part:<18}" + "".join(f"{r['worker_setup_s'].get(part, float('nan')):>9.1f}s" for r in runs))
     print(f"{'total':<20}" + "".join(f"{r['first_step_s']:>9.1f}s" for r in runs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "first_step", "goal_s": 30, "workers": args.workers, "runs": runs,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "first_step",
+                "goal_s": 30,
+                "workers": args.workers,
+                "runs": runs,
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -22,10 +22,17 @@ from pathlib import Path
 
 VARIANTS = {
     "zero2-bf16": {"deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}},
-    "zero3-bf16": {"deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-                                 "bf16": {"enabled": True}}},
-    "zero3-bf16-lora": {"deepspeed": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
-                        "unlearn.lora": {"r": 8, "alpha": 16}, "unlearn.optimizer.lr": 1e-3},
+    "zero3-bf16": {
+        "deepspeed": {
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": True},
+        }
+    },
+    "zero3-bf16-lora": {
+        "deepspeed": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+        "unlearn.lora": {"r": 8, "alpha": 16},
+        "unlearn.optimizer.lr": 1e-3,
+    },
 }
 
 
@@ -36,13 +43,21 @@ def config_for(bench: Path, meta: dict, out: Path, name: str, changes: dict, ste
     cfg = demo_config(bench, meta, "tiny", out / name)
     cfg = {**cfg, "deepspeed": changes["deepspeed"]}
     overrides = {k: v for k, v in changes.items() if k != "deepspeed"}
-    overrides.update({
-        "name": f"gpu-smoke/{name}", "model.dtype": "bfloat16", "model.attn_implementation": "sdpa",
-        "unlearn.max_steps": steps, "unlearn.gradient_checkpointing": True,
-        "scaling.use_gpu": True, "scaling.gpus_per_worker": 1, "scaling.cpus_per_worker": 2,
-        "eval.gpus_per_task": 0.25, "tracking.uri": f"sqlite:///{out / 'mlflow.db'}",
-        "storage.output_dir": str(out / name),
-    })
+    overrides.update(
+        {
+            "name": f"gpu-smoke/{name}",
+            "model.dtype": "bfloat16",
+            "model.attn_implementation": "sdpa",
+            "unlearn.max_steps": steps,
+            "unlearn.gradient_checkpointing": True,
+            "scaling.use_gpu": True,
+            "scaling.gpus_per_worker": 1,
+            "scaling.cpus_per_worker": 2,
+            "eval.gpus_per_task": 0.25,
+            "tracking.uri": f"sqlite:///{out / 'mlflow.db'}",
+            "storage.output_dir": str(out / name),
+        }
+    )
     return apply_overrides(cfg, overrides)
 
 
@@ -88,8 +103,11 @@ def main() -> int:
             cfg = parse_config(config_for(out / "benchmark", meta, out, name, VARIANTS[name], args.steps), out)
             report = run_pipeline(cfg)
             problems = check(report)
-            row = {f"{m}.{k}": report["models"][m].get(k) for m in ("base", "merged", "unsplit")
-                   for k in ("forget_prob", "retain_prob", "model_utility")}
+            row = {
+                f"{m}.{k}": report["models"][m].get(k)
+                for m in ("base", "merged", "unsplit")
+                for k in ("forget_prob", "retain_prob", "model_utility")
+            }
         except Exception as e:  # a smoke check reports every variant, then fails
             problems = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
         row.update(seconds=round(time.perf_counter() - t0, 1), problems=problems, ok=not problems)

@@ -43,16 +43,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 PHASES = ["load", "initialize", "reference"]
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
-TOY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-           vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+TINYLLAMA = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+TOY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 GOAL = 0.6
 
 
 def qa_rows(n: int = 16) -> list[dict]:
-    return [{"question": f"Where was author {i} born?", "answer": f"Author {i} was born in town {i % 7}."}
-            for i in range(n)]
+    return [
+        {"question": f"Where was author {i} born?", "answer": f"Author {i} was born in town {i % 7}."} for i in range(n)
+    ]
 
 
 def build(folder: Path, shape: dict, seed: int = 0) -> Path:
@@ -73,14 +90,21 @@ def build(folder: Path, shape: dict, seed: int = 0) -> Path:
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator([r["question"] + " " + r["answer"] for r in rows],
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    t.train_from_iterator(
+        [r["question"] + " " + r["answer"] for r in rows],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(seed)
-    config = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     save_model(model, tok, folder / "model", max_shard_size="500MB")
     write_jsonl(folder / "forget.jsonl", rows[:8])
@@ -122,6 +146,7 @@ class Sampler(threading.Thread):
 
     def during(self, phase: str, fn):
         """``fn`` wrapped so that its call is ``phase`` (unless a phase is already running: nested calls)."""
+
         def wrapped(*args, **kwargs):
             if self.phase is not None:
                 return fn(*args, **kwargs)
@@ -133,6 +158,7 @@ class Sampler(threading.Thread):
                 self.sample()
                 self.ends[phase] = self.read()
                 self.phase = None
+
         return wrapped
 
 
@@ -194,11 +220,21 @@ def measure(rank: int, world: int, spec: dict, loader: str = "slices") -> dict:
 def run_case(folder: Path, lora: bool, out: Path, threads: int, loader: str = "slices") -> list[dict]:
     from jobs.unlearn.solo import spawn_ranks
 
-    spec = dict(name="bench/load", model_path=str(folder / "model"), forget_path=str(folder / "forget.jsonl"),
-                retain_path=str(folder / "retain.jsonl"), method="npo", max_steps=1, batch_size=2, max_length=32,
-                report_interval_s=3600, threads_per_worker=threads, output_dir=str(out),
-                deepspeed={"zero_optimization": {"stage": 3}},
-                lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]} if lora else None)
+    spec = dict(
+        name="bench/load",
+        model_path=str(folder / "model"),
+        forget_path=str(folder / "forget.jsonl"),
+        retain_path=str(folder / "retain.jsonl"),
+        method="npo",
+        max_steps=1,
+        batch_size=2,
+        max_length=32,
+        report_interval_s=3600,
+        threads_per_worker=threads,
+        output_dir=str(out),
+        deepspeed={"zero_optimization": {"stage": 3}},
+        lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]} if lora else None,
+    )
     return spawn_ranks(measure, 2, spec, loader, timeout=3600)
 
 
@@ -219,9 +255,13 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(os.environ.get("SPUNGE_CACHE", Path.home() / ".cache" / "spunge"))))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--json", default=str(ROOT / "results" / "load_memory.json"))
-    ap.add_argument("--loaders", nargs="+", default=["slices", "transformers", "whole"],
-                    choices=["slices", "transformers", "whole"], help="how the job loads its models (use_loader); "
-                    "whole runs the LoRA case only")
+    ap.add_argument(
+        "--loaders",
+        nargs="+",
+        default=["slices", "transformers", "whole"],
+        choices=["slices", "transformers", "whole"],
+        help="how the job loads its models (use_loader); whole runs the LoRA case only",
+    )
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cache = Path(args.cache)
@@ -231,20 +271,35 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     n = parameter_count(big / "model")
     model_bytes = 4 * n
-    results = {"model": "random Llama, TinyLlama-1.1B's shape, bf16 shards of 500 MB, trained in fp32",
-               "parameters": n, "model_bytes": model_bytes, "ranks": 2, "zero_stage": 3, "method": "npo",
-               "goal": GOAL, "build_s": round(build_s, 1), "loaders": {
-                   "slices": "spunge's: each rank reads its partition from the files (jobs.unlearn.partitioned)",
-                   "transformers": "from_pretrained under HfDeepSpeedConfig: rank 0 reads, every module gathered",
-                   "whole": "plain from_pretrained on every rank, partitioned by deepspeed.initialize (before)"},
-               "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()}, "cases": {}}
+    results = {
+        "model": "random Llama, TinyLlama-1.1B's shape, bf16 shards of 500 MB, trained in fp32",
+        "parameters": n,
+        "model_bytes": model_bytes,
+        "ranks": 2,
+        "zero_stage": 3,
+        "method": "npo",
+        "goal": GOAL,
+        "build_s": round(build_s, 1),
+        "loaders": {
+            "slices": "spunge's: each rank reads its partition from the files (jobs.unlearn.partitioned)",
+            "transformers": "from_pretrained under HfDeepSpeedConfig: rank 0 reads, every module gathered",
+            "whole": "plain from_pretrained on every rank, partitioned by deepspeed.initialize (before)",
+        },
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "cases": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [(f"{kind}, {loader}", lora, loader) for loader in args.loaders
-                 for kind, lora in (("lora", True), ("full reference", False))
-                 if not (loader == "whole" and not lora)]  # two whole models per rank: more than 24 GiB for 2 ranks
+        cases = [
+            (f"{kind}, {loader}", lora, loader)
+            for loader in args.loaders
+            for kind, lora in (("lora", True), ("full reference", False))
+            if not (loader == "whole" and not lora)
+        ]  # two whole models per rank: more than 24 GiB for 2 ranks
         for case, lora, loader in cases:
-            ranks = {name: run_case(folder, lora, Path(tmp) / f"{case}-{name}", args.threads, loader)
-                     for name, folder in (("toy", toy), ("big", big))}
+            ranks = {
+                name: run_case(folder, lora, Path(tmp) / f"{case}-{name}", args.threads, loader)
+                for name, folder in (("toy", toy), ("big", big))
+            }
             rows = []
             for r in range(2):
                 b, t = ranks["big"][r]["peaks"], ranks["toy"][r]["peaks"]
@@ -254,18 +309,22 @@ def main() -> None:
                     if phase in b and phase in t:
                         above = b[phase]["RssAnon"] - t[phase]["RssAnon"]
                         held = ranks["big"][r]["ends"][phase]["RssAnon"] - ranks["toy"][r]["ends"][phase]["RssAnon"]
-                        row[phase] = {"peak_anon_mb": round(b[phase]["RssAnon"] / 2**20),
-                                      "toy_peak_anon_mb": round(t[phase]["RssAnon"] / 2**20),
-                                      "ratio": round(above / model_bytes, 3),
-                                      "held_after_ratio": round(held / model_bytes, 3),
-                                      "increase_ratio": round(above / model_bytes - held_before, 3),
-                                      "peak_file_mb": round(b[phase]["RssFile"] / 2**20)}
+                        row[phase] = {
+                            "peak_anon_mb": round(b[phase]["RssAnon"] / 2**20),
+                            "toy_peak_anon_mb": round(t[phase]["RssAnon"] / 2**20),
+                            "ratio": round(above / model_bytes, 3),
+                            "held_after_ratio": round(held / model_bytes, 3),
+                            "increase_ratio": round(above / model_bytes - held_before, 3),
+                            "peak_file_mb": round(b[phase]["RssFile"] / 2**20),
+                        }
                         held_before = held / model_bytes
                 rows.append(row)
             results["cases"][case] = rows
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{n / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in fp32; ratio = (peak anon RSS - toy's) / "
-          f"model bytes, goal <= {GOAL} at load, initialize and reference")
+    print(
+        f"{n / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in fp32; ratio = (peak anon RSS - toy's) / "
+        f"model bytes, goal <= {GOAL} at load, initialize and reference"
+    )
     print(f"| case | rank | {' | '.join(f'{p}: peak (+ over the phase before)' for p in PHASES)} |")
     print("|---|---|" + "---|" * len(PHASES))
     for case, rows in results["cases"].items():

@@ -30,8 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "merge.json"
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "chat_template.jinja", "special_tokens_map.json")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 # Runs argv[1:] as a child; prints {"wall_s", "peak_rss_bytes", "rc"} of that child (ru_maxrss is KiB on Linux).
 WRAPPER = """
@@ -67,8 +73,10 @@ def make_checkpoints(base: Path, work: Path, k: int, noise: float, seed: int) ->
         state = state if state is not None else load_file(base / "model.safetensors")
         folder.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(seed + i)
-        tuned = {name: (w + noise * torch.randn(w.shape, generator=g, dtype=w.dtype)) if w.is_floating_point() else w
-                 for name, w in state.items()}
+        tuned = {
+            name: (w + noise * torch.randn(w.shape, generator=g, dtype=w.dtype)) if w.is_floating_point() else w
+            for name, w in state.items()
+        }
         save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
         del tuned
         for name in SIDE_FILES:
@@ -91,16 +99,22 @@ def measured(cmd: list[str]) -> dict:
 
 def spec_for(method: str, base: Path, models: list[Path], out: Path) -> dict:
     """The MergeSpec fields of one merge (the project's default parameters for the method)."""
-    return {"base_model_path": str(base), "model_paths": {f"m{i}": str(p) for i, p in enumerate(models)},
-            "method": method, "output_dir": str(out)}
+    return {
+        "base_model_path": str(base),
+        "model_paths": {f"m{i}": str(p) for i, p in enumerate(models)},
+        "method": method,
+        "output_dir": str(out),
+    }
 
 
 def run_spunge(spec: dict, work: Path) -> dict:
     """jobs.merge.merge_models on spec in a fresh process."""
     path = work / "spec.json"
     path.write_text(json.dumps(spec))
-    code = ("import json, sys; from jobs.merge import merge_models; from jobs.spec import MergeSpec; "
-            "merge_models(MergeSpec(**json.load(open(sys.argv[1]))))")
+    code = (
+        "import json, sys; from jobs.merge import merge_models; from jobs.spec import MergeSpec; "
+        "merge_models(MergeSpec(**json.load(open(sys.argv[1]))))"
+    )
     return measured([sys.executable, "-c", code, str(path)])
 
 
@@ -134,8 +148,10 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
     fa, fb = weight_files(a), weight_files(b)
     if set(fa) != set(fb):
-        raise RuntimeError(f"tensor names differ: only spunge {sorted(set(fa) - set(fb))[:5]}, "
-                           f"only mergekit {sorted(set(fb) - set(fa))[:5]}")
+        raise RuntimeError(
+            f"tensor names differ: only spunge {sorted(set(fa) - set(fb))[:5]}, "
+            f"only mergekit {sorted(set(fb) - set(fa))[:5]}"
+        )
     worst = 0.0
     for name in fa:
         with safe_open(fa[name], "pt") as x, safe_open(fb[name], "pt") as y:
@@ -176,35 +192,59 @@ def main() -> None:
                 s = run_spunge(spec_s, work)
                 m = run_mergekit(spec_m, work)
                 diff = max_abs_diff(work / "out_spunge", work / "out_mergekit")
-                row = {"method": method, "k": k, "spunge_wall_s": s["wall_s"], "mergekit_wall_s": m["wall_s"],
-                       "wall_ratio": s["wall_s"] / m["wall_s"],
-                       "spunge_peak_rss_bytes": s["peak_rss_bytes"], "mergekit_peak_rss_bytes": m["peak_rss_bytes"],
-                       "spunge_rss_over_model": s["peak_rss_bytes"] / model_bytes,
-                       "mergekit_rss_over_model": m["peak_rss_bytes"] / model_bytes, "max_abs_diff": diff,
-                       "load_avg_1min": os.getloadavg()[0]}
+                row = {
+                    "method": method,
+                    "k": k,
+                    "spunge_wall_s": s["wall_s"],
+                    "mergekit_wall_s": m["wall_s"],
+                    "wall_ratio": s["wall_s"] / m["wall_s"],
+                    "spunge_peak_rss_bytes": s["peak_rss_bytes"],
+                    "mergekit_peak_rss_bytes": m["peak_rss_bytes"],
+                    "spunge_rss_over_model": s["peak_rss_bytes"] / model_bytes,
+                    "mergekit_rss_over_model": m["peak_rss_bytes"] / model_bytes,
+                    "max_abs_diff": diff,
+                    "load_avg_1min": os.getloadavg()[0],
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_results(rows, model_bytes, args)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    header = "| method | k | spunge wall s | mergekit wall s | wall ratio | spunge RSS / model | mergekit RSS / model | max abs diff |"
+    header = (
+        "| method | k | spunge wall s | mergekit wall s | wall ratio | spunge RSS / model | mergekit RSS / model "
+        "| max abs diff |"
+    )
     print(header)
     print("|" + "---|" * 8)
     for r in rows:
-        print(f"| {r['method']} | {r['k']} | {r['spunge_wall_s']:.1f} | {r['mergekit_wall_s']:.1f} | "
-              f"{r['wall_ratio']:.2f} | {r['spunge_rss_over_model']:.2f} | {r['mergekit_rss_over_model']:.2f} | "
-              f"{r['max_abs_diff']:.3g} |")
+        print(
+            f"| {r['method']} | {r['k']} | {r['spunge_wall_s']:.1f} | {r['mergekit_wall_s']:.1f} | "
+            f"{r['wall_ratio']:.2f} | {r['spunge_rss_over_model']:.2f} | {r['mergekit_rss_over_model']:.2f} | "
+            f"{r['max_abs_diff']:.3g} |"
+        )
     print(f"wrote {RESULTS}")
 
 
 def write_results(rows: list[dict], model_bytes: int, args: argparse.Namespace) -> None:
     """benchmarks/results/merge.json with the rows so far (rewritten after each merge)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "model": "SmolLM2-135M-Instruct (float32)", "model_bytes": model_bytes, "noise": args.noise,
-        "seed": args.seed, "cpu_count": os.cpu_count(), "load_avg_1min_end": os.getloadavg()[0],
-        "command": "python " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct (float32)",
+                "model_bytes": model_bytes,
+                "noise": args.noise,
+                "seed": args.seed,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1min_end": os.getloadavg()[0],
+                "command": "python " + " ".join(sys.argv),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

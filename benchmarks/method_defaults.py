@@ -53,24 +53,42 @@ METHODS = tuple(OLD)
 # The variants measured to choose the new defaults (``--sweep``): (params, steps; None = --steps). Each method's
 # new defaults are in its file's docstring, with these numbers.
 SWEEP: dict[str, list[tuple[dict[str, Any], Any]]] = {
-    "rmu": [({"steering": "fixed", "steering_coeff": 6.5, "alpha": 100.0}, None),  # alpha alone does not help
-            ({"alpha": 1000.0}, None),  # adaptive c, open-unlearning's alpha: held in place
-            ({"alpha": 10.0}, None), ({"layer_fraction": 0.25}, None)],  # layer 1 of 4
-    "whp": [({"targets": "hard"}, None), ({"targets": "soft", "beta": 20.0}, None),
-            ({"alpha": 1.0}, None), ({"targets": "hard", "alpha": 1.0}, None),
-            ({"beta": 20.0, "alpha": 1.0}, None)],
+    "rmu": [
+        ({"steering": "fixed", "steering_coeff": 6.5, "alpha": 100.0}, None),  # alpha alone does not help
+        ({"alpha": 1000.0}, None),  # adaptive c, open-unlearning's alpha: held in place
+        ({"alpha": 10.0}, None),
+        ({"layer_fraction": 0.25}, None),
+    ],  # layer 1 of 4
+    "whp": [
+        ({"targets": "hard"}, None),
+        ({"targets": "soft", "beta": 20.0}, None),
+        ({"alpha": 1.0}, None),
+        ({"targets": "hard", "alpha": 1.0}, None),
+        ({"beta": 20.0, "alpha": 1.0}, None),
+    ],
     "idk_dpo": [({"beta": 0.1}, 50), ({}, 50), ({"beta": 0.07}, None), ({"beta": 0.07}, 50), ({"beta": 0.02}, None)],
 }
+
+
 def table(rows: list[dict], base: dict[str, float]) -> str:
-    lines = [("| method | defaults | params | steps | forget_prob | retain_prob | model_utility | forget / base | "
-              "retain / base | utility / base |"), "|" + "---|" * 10,
-             "| - | base | - | - | " + " | ".join(fmt(base[k]) for k in SCORES) + " | 1.00 | 1.00 | 1.00 |"]
+    lines = [
+        (
+            "| method | defaults | params | steps | forget_prob | retain_prob | model_utility | forget / base | "
+            "retain / base | utility / base |"
+        ),
+        "|" + "---|" * 10,
+        "| - | base | - | - | " + " | ".join(fmt(base[k]) for k in SCORES) + " | 1.00 | 1.00 | 1.00 |",
+    ]
     for r in rows:
         s = r["scores"]
         shown = {k: v for k, v in r["params"].items() if k != "anchors"}
-        lines.append(f"| {r['method']} | {r['defaults']} | `{json.dumps(shown)}` | {r['steps']} | "
-                     + " | ".join(fmt(s[k]) for k in SCORES) + " | "
-                     + " | ".join(f"{s[k] / base[k]:.2f}" for k in SCORES) + " |")
+        lines.append(
+            f"| {r['method']} | {r['defaults']} | `{json.dumps(shown)}` | {r['steps']} | "
+            + " | ".join(fmt(s[k]) for k in SCORES)
+            + " | "
+            + " | ".join(f"{s[k] / base[k]:.2f}" for k in SCORES)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -83,8 +101,16 @@ def run_rows(plan: list[tuple[str, str, dict, int]], bench: Path, work: Path, th
         job = run_job(method, dict(params), bench, out, steps=steps, threads=threads)
         t0 = time.time()
         scores = score(out, bench)
-        rows.append({"method": method, "defaults": label, "steps": steps, **job, "scores": scores,
-                     "eval_s": round(time.time() - t0, 1)})
+        rows.append(
+            {
+                "method": method,
+                "defaults": label,
+                "steps": steps,
+                **job,
+                "scores": scores,
+                "eval_s": round(time.time() - t0, 1),
+            }
+        )
         print(f"{method} {label} {params} {steps} steps: {scores} (train {job['train_s']}s)", flush=True)
         for r in job["trajectory"]:
             print("   ", " ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
@@ -96,16 +122,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--bench", type=Path, default=Path(tempfile.gettempdir()) / "spunge-method-defaults" / "benchmark",
-                    help="folder of the tiny demo benchmark (built there once, ~1 min, then reused)")
+    ap.add_argument(
+        "--bench",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "spunge-method-defaults" / "benchmark",
+        help="folder of the tiny demo benchmark (built there once, ~1 min, then reused)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="job outputs (default: a fresh temporary folder)")
     ap.add_argument("--steps", type=int, default=RECIPES["tiny"]["max_steps"], help="steps per job (the demo recipe's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--sweep", action="store_true",
-                      help="run SWEEP (the variants behind the chosen defaults) instead; saved under 'sweep' in --out")
-    mode.add_argument("--try", dest="trial", default=None,
-                      help="JSON params: run only these per method (exploration); results not saved")
+    mode.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run SWEEP (the variants behind the chosen defaults) instead; saved under 'sweep' in --out",
+    )
+    mode.add_argument(
+        "--try",
+        dest="trial",
+        default=None,
+        help="JSON params: run only these per method (exploration); results not saved",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -120,20 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sweep:
         plan = [(m, "sweep", params, steps or args.steps) for m in args.methods for params, steps in SWEEP[m]]
     else:
-        plan = [(m, label, params, args.steps)
-                for m in args.methods for label, params in (("old", OLD[m]), ("new", {}))]
+        plan = [
+            (m, label, params, args.steps) for m in args.methods for label, params in (("old", OLD[m]), ("new", {}))
+        ]
     rows = run_rows(plan, args.bench, work, args.threads)
     print(table(rows, base))
     if args.trial:
         return 0
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     run = {"rows": rows, "wall_s": round(time.time() - t_start, 1), "load_avg_after": os.getloadavg()}
-    result.update({
-        "benchmark": {"size": "tiny", "seed": 0, "counts": meta["counts"]},
-        "recipe": {**RECIPES["tiny"], "max_length": 128, "zero_stage": 0, "threads": args.threads},
-        "old_defaults": OLD, "base": base,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-    })
+    result.update(
+        {
+            "benchmark": {"size": "tiny", "seed": 0, "counts": meta["counts"]},
+            "recipe": {**RECIPES["tiny"], "max_length": 128, "zero_stage": 0, "threads": args.threads},
+            "old_defaults": OLD,
+            "base": base,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        }
+    )
     result["sweep" if args.sweep else "defaults"] = run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -40,8 +40,13 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent
 
-RAY_TRAIN_ACTORS = {"TrainController", "PlacementGroupCleaner", "SynchronizationActor", "DatasetManager",
-                    "_AutoscalingCoordinatorActor"}
+RAY_TRAIN_ACTORS = {
+    "TrainController",
+    "PlacementGroupCleaner",
+    "SynchronizationActor",
+    "DatasetManager",
+    "_AutoscalingCoordinatorActor",
+}
 ROLES = ["driver", "ray node", "ray train actors", "training workers", "task processes", "spunge actors"]
 JOBS = 2
 
@@ -89,8 +94,14 @@ def one_run(config: Path, work: Path, timeout: float) -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
     log = open(work / "run.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("spunge")), "run", str(config)], cwd=work, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("spunge")), "run", str(config)],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     cpu: dict[int, tuple[str, str, float]] = {}  # pid -> (role, name, CPU-seconds)
     root = psutil.Process(proc.pid)
     while proc.poll() is None and time.time() - t0 < timeout:
@@ -123,8 +134,12 @@ def one_run(config: Path, work: Path, timeout: float) -> dict:
         by_role[r] += c
         count[r] += 1
         by_name[name] += c
-    return {"wall_s": wall, "cpu_s": {r: by_role[r] for r in ROLES}, "processes": {r: count[r] for r in ROLES},
-            "cpu_s_by_process_name": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))}
+    return {
+        "wall_s": wall,
+        "cpu_s": {r: by_role[r] for r in ROLES},
+        "processes": {r: count[r] for r in ROLES},
+        "cpu_s_by_process_name": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def main() -> None:
@@ -146,13 +161,19 @@ def main() -> None:
             load = os.getloadavg()[0]
             r = one_run(pipeline(tiny, work, steps), work, args.timeout)
             runs[label] = {"steps_per_job": steps, "load_avg_1min_before": load, **r}
-            print(f"{label}: {steps} steps per job, {sum(r['cpu_s'].values()):.1f} CPU-s in {r['wall_s']:.1f}s "
-                  f"(load {load:.1f})", flush=True)
+            print(
+                f"{label}: {steps} steps per job, {sum(r['cpu_s'].values()):.1f} CPU-s in {r['wall_s']:.1f}s "
+                f"(load {load:.1f})",
+                flush=True,
+            )
 
     short, long = runs["short"], runs["long"]
-    per_step = ((long["cpu_s"]["training workers"] - short["cpu_s"]["training workers"])
-                / (JOBS * (args.long - args.short)))
-    fixed_per_job = (short["cpu_s"]["training workers"] + short["cpu_s"]["ray train actors"]) / JOBS - args.short * per_step
+    per_step = (long["cpu_s"]["training workers"] - short["cpu_s"]["training workers"]) / (
+        JOBS * (args.long - args.short)
+    )
+    fixed_per_job = (
+        short["cpu_s"]["training workers"] + short["cpu_s"]["ray train actors"]
+    ) / JOBS - args.short * per_step
     total_short = sum(short["cpu_s"].values())
     summary = {
         "cpu_s_per_step": per_step,
@@ -168,16 +189,33 @@ def main() -> None:
         print(f"{r:<20}" + "".join(f"{runs[k]['cpu_s'][r]:>13.1f}s" for k in runs) + f"{short['processes'][r]:>11}")
     print(f"{'total':<20}" + "".join(f"{sum(runs[k]['cpu_s'].values()):>13.1f}s" for k in runs))
     print(f"{'wall':<20}" + "".join(f"{runs[k]['wall_s']:>13.1f}s" for k in runs))
-    print(f"\none step of one job: {per_step * 1000:.0f} ms of CPU; a job's fixed cost (Ray Train's actors, the "
-          f"worker's start-up): {fixed_per_job:.1f} CPU-s = {summary['steps_per_job_costing_one_fixed_job']:.0f} steps")
-    print(f"the {JOBS} jobs' fixed cost is {summary['fixed_jobs_share_of_short_run']:.0%} of the {args.short}-step "
-          f"run's {total_short:.0f} CPU-s; the run outside its jobs (driver, Ray node, runners, evaluation, merge): "
-          f"{summary['run_cpu_s_outside_jobs']:.0f} CPU-s")
+    print(
+        f"\none step of one job: {per_step * 1000:.0f} ms of CPU; a job's fixed cost (Ray Train's actors, the "
+        f"worker's start-up): {fixed_per_job:.1f} CPU-s = {summary['steps_per_job_costing_one_fixed_job']:.0f} steps"
+    )
+    print(
+        f"the {JOBS} jobs' fixed cost is {summary['fixed_jobs_share_of_short_run']:.0%} of the {args.short}-step "
+        f"run's {total_short:.0f} CPU-s; the run outside its jobs (driver, Ray node, runners, evaluation, merge): "
+        f"{summary['run_cpu_s_outside_jobs']:.0f} CPU-s"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "pipeline_cpu", "jobs": JOBS, "runs": runs, "summary": summary,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "pipeline_cpu",
+                "jobs": JOBS,
+                "runs": runs,
+                "summary": summary,
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

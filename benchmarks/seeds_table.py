@@ -61,21 +61,27 @@ def collect(folder: Path) -> tuple[dict[str, dict[int, dict]], list[int]]:
 
 def slim(s: dict[str, Any]) -> dict[str, Any]:
     """The summary's table metrics only (a report carries dozens of per-fact and per-attribute scores)."""
-    return {"seeds": s["seeds"], "paired": {m: v for m, v in s["paired"].items() if m in TABLE_METRICS},
-            "models": {k: {m: v for m, v in per.items() if m in TABLE_METRICS} for k, per in s["models"].items()}}
+    return {
+        "seeds": s["seeds"],
+        "paired": {m: v for m, v in s["paired"].items() if m in TABLE_METRICS},
+        "models": {k: {m: v for m, v in per.items() if m in TABLE_METRICS} for k, per in s["models"].items()},
+    }
 
 
 def table(summaries: dict[str, dict], reference: dict[str, dict]) -> str:
     lines = ["| method | metric | merged | unsplit | merged − unsplit | p |", "|---|---|---|---|---|---|"]
     for model, scores in reference.items():
-        lines.append(f"| reference: {model} | | " + ", ".join(f"{m} {num(scores.get(m))}" for m in TABLE_METRICS)
-                     + " | | | |")
+        lines.append(
+            f"| reference: {model} | | " + ", ".join(f"{m} {num(scores.get(m))}" for m in TABLE_METRICS) + " | | | |"
+        )
     for variant, s in summaries.items():
         for m in TABLE_METRICS:
             merged, unsplit = (s["models"].get(k, {}).get(m) for k in ("merged", "unsplit"))
             pair = s["paired"].get(m)
-            lines.append(f"| {variant} | {m} | {with_ci(merged)} | {with_ci(unsplit)} | {with_ci(pair, signed=True)}"
-                         f" | {p_text(pair['p_value'] if pair else None)} |")
+            lines.append(
+                f"| {variant} | {m} | {with_ci(merged)} | {with_ci(unsplit)} | {with_ci(pair, signed=True)}"
+                f" | {p_text(pair['p_value'] if pair else None)} |"
+            )
     return "\n".join(lines)
 
 
@@ -92,8 +98,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(table(summaries, reference))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.name or args.folder.name}.json"
-    out.write_text(json.dumps({"folder": str(args.folder), "seeds": seeds, "reference": reference,
-                               "summaries": summaries}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"folder": str(args.folder), "seeds": seeds, "reference": reference, "summaries": summaries}, indent=2
+        )
+    )
     print(f"\nresults: {out}")
 
 

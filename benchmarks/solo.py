@@ -50,9 +50,21 @@ def recipe() -> dict[str, Any]:
     return dict(RECIPES["tiny"])
 
 
-def run_job(method: str, params: dict, bench: Path, out: Path, *, steps: int, threads: int,
-            lr: Optional[float] = None, seed: int = 0, localize: Optional[dict] = None,
-            retain: str = "retain", forget: Optional[Path] = None, trajectory_every: int = 25) -> dict:
+def run_job(
+    method: str,
+    params: dict,
+    bench: Path,
+    out: Path,
+    *,
+    steps: int,
+    threads: int,
+    lr: Optional[float] = None,
+    seed: int = 0,
+    localize: Optional[dict] = None,
+    retain: str = "retain",
+    forget: Optional[Path] = None,
+    trajectory_every: int = 25,
+) -> dict:
     """One unlearning job (WHP: its reinforcement pre-job first, as the pipeline's runner does).
 
     ``retain``: the benchmark's ``retain`` QA (in-distribution) or ``general`` text as the retain data;
@@ -67,12 +79,24 @@ def run_job(method: str, params: dict, bench: Path, out: Path, *, steps: int, th
     if method == "whp":
         params = {"anchors": str(data / "anchors.json"), **params}
     spec = UnlearnSpec(
-        name=f"{method}/{out.name}", model_path=str(bench / "models" / "base"),
-        forget_path=str(forget or data / "forget.jsonl"), retain_path=str(data / f"{retain}.jsonl"),
-        retain_format="text" if retain == "general" else "qa", method=method, method_params=params,
-        optimizer={"name": "adamw", "lr": lr or r["lr"]}, max_steps=steps, batch_size=r["batch_size"],
-        max_length=128, seed=seed, localize=localize, deepspeed={"zero_optimization": {"stage": 0}},
-        threads_per_worker=threads, report_interval_s=0, output_dir=str(out))
+        name=f"{method}/{out.name}",
+        model_path=str(bench / "models" / "base"),
+        forget_path=str(forget or data / "forget.jsonl"),
+        retain_path=str(data / f"{retain}.jsonl"),
+        retain_format="text" if retain == "general" else "qa",
+        method=method,
+        method_params=params,
+        optimizer={"name": "adamw", "lr": lr or r["lr"]},
+        max_steps=steps,
+        batch_size=r["batch_size"],
+        max_length=128,
+        seed=seed,
+        localize=localize,
+        deepspeed={"zero_optimization": {"stage": 0}},
+        threads_per_worker=threads,
+        report_interval_s=0,
+        output_dir=str(out),
+    )
     seen: list[dict] = []
     keep = lambda rows, **_: seen.extend(x for x in rows if x["step"] % trajectory_every == 0 or x["step"] == 1)
     t0 = time.time()
@@ -87,8 +111,12 @@ def run_job(method: str, params: dict, bench: Path, out: Path, *, steps: int, th
         if update:
             spec = spec.model_copy(update={"method_params": {**spec.method_params, **update}})
         final = run_unlearning(spec, report=keep)
-    return {"params": params, "final_metrics": final, "train_s": round(time.time() - t0, 1),
-            "trajectory": [{k: v for k, v in x.items() if k not in _DROP} for x in seen]}
+    return {
+        "params": params,
+        "final_metrics": final,
+        "train_s": round(time.time() - t0, 1),
+        "trajectory": [{k: v for k, v in x.items() if k not in _DROP} for x in seen],
+    }
 
 
 def score(model: Path, bench: Path) -> dict[str, float]:
@@ -96,8 +124,9 @@ def score(model: Path, bench: Path) -> dict[str, float]:
     from jobs.evaluate import evaluate_model
 
     data = bench / "data"
-    res = evaluate_model(str(model), {"forget": str(data / "forget.jsonl"), "retain": str(data / "retain.jsonl")},
-                         suites=["qa"])
+    res = evaluate_model(
+        str(model), {"forget": str(data / "forget.jsonl"), "retain": str(data / "retain.jsonl")}, suites=["qa"]
+    )
     return {k: float(res["metrics"][k]) for k in SCORES}
 
 

@@ -70,11 +70,23 @@ def random_smollm2(tokenizer_dir: Path, out: Path) -> Path:
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     save_model(model, tok, out)
     return out
 
@@ -89,17 +101,29 @@ def write_data(work: Path, rows: int = 64) -> tuple[Path, Path]:
         answer = " ".join(f"{name} was born in {TOWNS[(i + k) % len(TOWNS)]}." for k in range(40))
         return {"question": f"Where was {name} born ({i})?", "answer": f"{name} was born in {town}. {answer}"}
 
-    return (write_jsonl(work / "forget.jsonl", [qa(i) for i in range(rows)]),
-            write_jsonl(work / "retain.jsonl", [qa(i + rows) for i in range(rows)]))
+    return (
+        write_jsonl(work / "forget.jsonl", [qa(i) for i in range(rows)]),
+        write_jsonl(work / "retain.jsonl", [qa(i + rows) for i in range(rows)]),
+    )
 
 
 def job_spec(args, name: str, path: Path, forget: Path, retain: Path, out: Path, batch: int, seq: int, steps: int):
     from jobs.spec import UnlearnSpec
 
-    return UnlearnSpec(name=f"bench/{name}", model_path=str(path), forget_path=str(forget), retain_path=str(retain),
-                       method=args.method, optimizer={"lr": 1e-5}, max_steps=steps, batch_size=batch,
-                       max_length=seq, threads_per_worker=args.threads, output_dir=str(out),
-                       deepspeed={"zero_optimization": {"stage": 0}})
+    return UnlearnSpec(
+        name=f"bench/{name}",
+        model_path=str(path),
+        forget_path=str(forget),
+        retain_path=str(retain),
+        method=args.method,
+        optimizer={"lr": 1e-5},
+        max_steps=steps,
+        batch_size=batch,
+        max_length=seq,
+        threads_per_worker=args.threads,
+        output_dir=str(out),
+        deepspeed={"zero_optimization": {"stage": 0}},
+    )
 
 
 def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
@@ -125,9 +149,16 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
     ref = copy.deepcopy(model).eval().requires_grad_(False) if method.needs_reference else None
     on = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    data = StepBatches(encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method),
-                       encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"),
-                       spec.seed, spec.batch_size, 1, 0, 1, tok.pad_token_id)  # the job's rows, one rank
+    data = StepBatches(
+        encode_rows(load_jsonl(spec.forget_path), tok, spec, "forget", method),
+        encode_rows(load_jsonl(spec.retain_path), tok, spec, "retain"),
+        spec.seed,
+        spec.batch_size,
+        1,
+        0,
+        1,
+        tok.pad_token_id,
+    )  # the job's rows, one rank
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, spec.optimizer)
     sched = make_schedule(opt, spec.optimizer, warmup + steps)
@@ -152,8 +183,13 @@ def bare(spec, warmup: int, steps: int, device: str = "cpu") -> dict:
         if step > warmup:
             per_step.append(n / (time.perf_counter() - t_step))
     seconds = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / seconds, "median_step_tokens_per_s": statistics.median(per_step),
-            "timed_s": seconds, "timed_tokens": tokens, "load_s": load_s}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "median_step_tokens_per_s": statistics.median(per_step),
+        "timed_s": seconds,
+        "timed_tokens": tokens,
+        "load_s": load_s,
+    }
 
 
 def start_bench_ray(num_cpus: int, gpu: bool = False, dashboard: bool = True) -> None:
@@ -166,8 +202,12 @@ def start_bench_ray(num_cpus: int, gpu: bool = False, dashboard: bool = True) ->
     if dashboard:
         start_ray(num_cpus=num_cpus, use_gpu=gpu)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+    )
 
 
 def spunge(spec, warmup: int, storage: Path, num_cpus: int, gpu: bool = False, dashboard: bool = True) -> dict:
@@ -198,12 +238,18 @@ def spunge(spec, warmup: int, storage: Path, num_cpus: int, gpu: bool = False, d
     tokens = cum[last] - cum[warmup]
     # the worker's clock starts at its first step: fit -> first step = Ray + worker + model load + DeepSpeed init
     first_step_wall = t_end - (rows[last]["elapsed_s"])  # upper bound: the save after the last step is included
-    per_step = [(cum[s] - cum[s - 1]) / (rows[s]["elapsed_s"] - rows[s - 1]["elapsed_s"])
-                for s in range(warmup + 1, last + 1)]
-    return {"tokens_per_s": tokens / seconds, "median_step_tokens_per_s": statistics.median(per_step),
-            "timed_s": seconds, "timed_tokens": round(tokens),
-            "worker_start_s": started - t_fit, "startup_and_save_s": first_step_wall - t_fit,
-            "fit_wall_s": t_end - t_fit}
+    per_step = [
+        (cum[s] - cum[s - 1]) / (rows[s]["elapsed_s"] - rows[s - 1]["elapsed_s"]) for s in range(warmup + 1, last + 1)
+    ]
+    return {
+        "tokens_per_s": tokens / seconds,
+        "median_step_tokens_per_s": statistics.median(per_step),
+        "timed_s": seconds,
+        "timed_tokens": round(tokens),
+        "worker_start_s": started - t_fit,
+        "startup_and_save_s": first_step_wall - t_fit,
+        "fit_wall_s": t_end - t_fit,
+    }
 
 
 def main() -> None:
@@ -237,27 +283,58 @@ def main() -> None:
             spec = job_spec(args, name, path, forget, retain, work / f"out-{name}", batch, seq, warm + steps)
             # bare runs before and after the spunge job, averaged: the shared machine's load drifts
             runs = [bare(spec, warm, steps, device) for _ in range(args.repeats)]
-            s = spunge(spec, warm, work / f"ray-{name}", num_cpus=max(2, args.threads), gpu=args.gpu,
-                       dashboard=not args.no_dashboard)
+            s = spunge(
+                spec,
+                warm,
+                work / f"ray-{name}",
+                num_cpus=max(2, args.threads),
+                gpu=args.gpu,
+                dashboard=not args.no_dashboard,
+            )
             runs += [bare(spec, warm, steps, device) for _ in range(args.repeats)]
             b = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
             b["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
-            results.append({"model": name, "method": args.method, "batch_size": batch, "seq_len": seq,
-                            "warmup_steps": warm, "timed_steps": steps, "bare": b, "spunge": s,
-                            "ratio": s["tokens_per_s"] / b["tokens_per_s"],
-                            "ratio_median_step": s["median_step_tokens_per_s"] / b["median_step_tokens_per_s"]})
-            print(f"{name}: bare {b['tokens_per_s']:.1f} tok/s, spunge {s['tokens_per_s']:.1f} tok/s, "
-                  f"ratio {results[-1]['ratio']:.3f}", flush=True)
+            results.append(
+                {
+                    "model": name,
+                    "method": args.method,
+                    "batch_size": batch,
+                    "seq_len": seq,
+                    "warmup_steps": warm,
+                    "timed_steps": steps,
+                    "bare": b,
+                    "spunge": s,
+                    "ratio": s["tokens_per_s"] / b["tokens_per_s"],
+                    "ratio_median_step": s["median_step_tokens_per_s"] / b["median_step_tokens_per_s"],
+                }
+            )
+            print(
+                f"{name}: bare {b['tokens_per_s']:.1f} tok/s, spunge {s['tokens_per_s']:.1f} tok/s, "
+                f"ratio {results[-1]['ratio']:.3f}",
+                flush=True,
+            )
 
-    print("\n| model | batch x seq | timed steps | bare tok/s | spunge tok/s | spunge/bare | median-step ratio "
-          "| spunge start-up+save s |")
+    print(
+        "\n| model | batch x seq | timed steps | bare tok/s | spunge tok/s | spunge/bare | median-step ratio "
+        "| spunge start-up+save s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['batch_size']} x {r['seq_len']} | {r['timed_steps']} | "
-              f"{r['bare']['tokens_per_s']:.1f} | {r['spunge']['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
-              f"{r['ratio_median_step']:.3f} | {r['spunge']['startup_and_save_s']:.1f} |")
-    record = {"label": args.label, "threads": args.threads, "device": device, "machine": platform.platform(),
-              "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "load_avg_1min_start": load0, "results": results}
+        print(
+            f"| {r['model']} | {r['batch_size']} x {r['seq_len']} | {r['timed_steps']} | "
+            f"{r['bare']['tokens_per_s']:.1f} | {r['spunge']['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
+            f"{r['ratio_median_step']:.3f} | {r['spunge']['startup_and_save_s']:.1f} |"
+        )
+    record = {
+        "label": args.label,
+        "threads": args.threads,
+        "device": device,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0],
+        "load_avg_1min_start": load0,
+        "results": results,
+    }
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = {k: v for k, v in previous.get("runs", {}).items() if k != args.label}
     runs[args.label] = record

@@ -86,18 +86,35 @@ def one_interval(interval: str, args, work: Path) -> list[dict]:
         for kind, steps, every in [("every step", args.steps, 0.0), ("every 5 s", args.long_steps, 5.0)]:
             for i in range(args.repeat):
                 out = work / f"poll{interval}" / f"{kind.replace(' ', '-')}-{i}"
-                spec = UnlearnSpec(name=f"bench/{out.name}", model_path=str(model), forget_path=str(forget),
-                                   retain_path=str(retain), method="grad_diff", optimizer={"lr": 1e-5},
-                                   max_steps=steps, batch_size=4, max_length=64, output_dir=str(out),
-                                   deepspeed={"zero_optimization": {"stage": 0}}, report_interval_s=every)
+                spec = UnlearnSpec(
+                    name=f"bench/{out.name}",
+                    model_path=str(model),
+                    forget_path=str(forget),
+                    retain_path=str(retain),
+                    method="grad_diff",
+                    optimizer={"lr": 1e-5},
+                    max_steps=steps,
+                    batch_size=4,
+                    max_length=64,
+                    output_dir=str(out),
+                    deepspeed={"zero_optimization": {"stage": 0}},
+                    report_interval_s=every,
+                )
                 before = set(seen)
                 job = launch([spec], scaling, work / "ray", board)[0]
                 time.sleep(0.5)
                 setup = sum(v for k, v in job.items() if k.startswith("setup."))
-                rows.append({"interval_s": float(interval), "reports": kind, "repeat": i, **job,
-                             "train_per_step_s": job["train_s"] / max(job["steps"] - 1, 1),
-                             "tail_s": job["wall_s"] - job["workers_s"] - setup - job["train_s"],
-                             "controller_cpu_s": sum(v for k, v in seen.items() if k not in before)})
+                rows.append(
+                    {
+                        "interval_s": float(interval),
+                        "reports": kind,
+                        "repeat": i,
+                        **job,
+                        "train_per_step_s": job["train_s"] / max(job["steps"] - 1, 1),
+                        "tail_s": job["wall_s"] - job["workers_s"] - setup - job["train_s"],
+                        "controller_cpu_s": sum(v for k, v in seen.items() if k not in before),
+                    }
+                )
     finally:
         stop.set()
         ray.shutdown()
@@ -119,8 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     rows = []
     for interval in INTERVALS:
-        subprocess.run([sys.executable, __file__, "--child", interval, "--steps", str(args.steps), "--long-steps",
-                        str(args.long_steps), "--repeat", str(args.repeat), "--work", str(work)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                interval,
+                "--steps",
+                str(args.steps),
+                "--long-steps",
+                str(args.long_steps),
+                "--repeat",
+                str(args.repeat),
+                "--work",
+                str(work),
+            ],
+            check=True,
+        )
         rows += json.loads((work / f"rows{interval}.json").read_text())
 
     def mean(interval: str, reports: str, key: str) -> float:
@@ -128,12 +160,19 @@ def main(argv: list[str] | None = None) -> dict:
         return sum(xs) / len(xs)
 
     slow, fast = INTERVALS
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-              "steps": args.steps, "long_steps": args.long_steps, "repeat": args.repeat, "rows": rows,
-              "ratios": {"train_per_step_every_step": mean(slow, "every step", "train_per_step_s")
-                         / mean(fast, "every step", "train_per_step_s"),
-                         "wall_every_5s": mean(slow, "every 5 s", "wall_s") / mean(fast, "every 5 s", "wall_s"),
-                         "tail_every_5s": mean(slow, "every 5 s", "tail_s") / mean(fast, "every 5 s", "tail_s")}}
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+        "steps": args.steps,
+        "long_steps": args.long_steps,
+        "repeat": args.repeat,
+        "rows": rows,
+        "ratios": {
+            "train_per_step_every_step": mean(slow, "every step", "train_per_step_s")
+            / mean(fast, "every step", "train_per_step_s"),
+            "wall_every_5s": mean(slow, "every 5 s", "wall_s") / mean(fast, "every 5 s", "wall_s"),
+            "tail_every_5s": mean(slow, "every 5 s", "tail_s") / mean(fast, "every 5 s", "tail_s"),
+        },
+    }
     cols = ["wall_s", "workers_s", "train_s", "train_per_step_s", "tail_s", "controller_cpu_s"]
     print("| poll s | reports | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")

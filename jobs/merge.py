@@ -28,6 +28,7 @@ from jobs.spec import MergeSpec
 MERGE_MARKER = "spunge_merge.json"
 PROCESS_BYTES = 1 << 29  # the actor's own interpreter, with torch, transformers, mergekit and ray imported
 
+
 def merge_method_names() -> list[str]:
     """Names of every merge method the installed mergekit knows."""
     from mergekit.merge_methods import registered_methods
@@ -51,8 +52,9 @@ def mergekit_config(spec: MergeSpec) -> dict[str, Any]:
     }
 
 
-def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None,
-                 progress: Optional[Progress] = None) -> str:
+def merge_models(
+    spec: MergeSpec, post: Optional[Callable[[str], Any]] = None, progress: Optional[Progress] = None
+) -> str:
     """Merge spec.model_paths onto the base; the result is a Hugging Face folder (safetensors + tokenizer) at
     spec.output_dir, or a peft adapter folder for adapter inputs with ``output: adapter``. Full models go
     through jobs.merge_stream when it covers the spec, else mergekit's run_merge; adapter folders (every
@@ -65,8 +67,10 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None,
     adapters = [name for name, path in spec.model_paths.items() if is_adapter_dir(path)]
     if adapters and len(adapters) < len(spec.model_paths):
         full = [name for name in spec.model_paths if name not in adapters]
-        raise ValueError(f"merge: model_paths mixes LoRA adapters ({', '.join(adapters)}) and full models "
-                         f"({', '.join(full)}); merge one kind")
+        raise ValueError(
+            f"merge: model_paths mixes LoRA adapters ({', '.join(adapters)}) and full models "
+            f"({', '.join(full)}); merge one kind"
+        )
     t0 = time.perf_counter()
     given, folder = spec.base_model_path, resolve_base(spec.base_model_path)
     spec = spec.model_copy(update={"base_model_path": folder})
@@ -80,8 +84,11 @@ def merge_models(spec: MergeSpec, post: Optional[Callable[[str], Any]] = None,
         from jobs.merge_stream import stream_merge, stream_reason
 
         reason = stream_reason(spec)
-        marker = stream_merge(spec, progress) if reason is None else {"mergekit_config": run_mergekit(spec),
-                                                            "engine": f"mergekit run_merge ({reason})"}
+        marker = (
+            stream_merge(spec, progress)
+            if reason is None
+            else {"mergekit_config": run_mergekit(spec), "engine": f"mergekit run_merge ({reason})"}
+        )
     if post is not None:
         post(spec.output_dir)
     marker.update(seconds=time.perf_counter() - t0, models=spec.model_paths, base_model_folder=folder)
@@ -98,14 +105,21 @@ def run_mergekit(spec: MergeSpec) -> dict[str, Any]:
     run_merge(
         MergeConfiguration.model_validate(cfg),
         out_path=spec.output_dir,
-        options=MergeOptions(copy_tokenizer=True, safe_serialization=True, lazy_unpickle=False, quiet=True,
-                             write_model_card=False, out_shard_size=parse_size(spec.max_shard_size)),
+        options=MergeOptions(
+            copy_tokenizer=True,
+            safe_serialization=True,
+            lazy_unpickle=False,
+            quiet=True,
+            write_model_card=False,
+            out_shard_size=parse_size(spec.max_shard_size),
+        ),
     )
     return cfg
 
 
-def rewrite_merged(folder: str, base_model_path: str, method: Any, dtype: str = "float32",
-                   max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> None:
+def rewrite_merged(
+    folder: str, base_model_path: str, method: Any, dtype: str = "float32", max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+) -> None:
     """Replace the merged weights in ``folder`` by ``method.after_merge(merged, base)``, in shards of at most
     ``max_shard_size``; the old weight files go first, so none of another shard count is left behind."""
     from jobs.models import load_model, load_tokenizer, save_model
@@ -129,12 +143,15 @@ def resolve_base(path: str, local_only: bool = False) -> str:
     from jobs.merge_lora import TOKENIZER_FILES
 
     try:
-        folder = snapshot_download(path, allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES],
-                                   local_files_only=local_only)
+        folder = snapshot_download(
+            path, allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES], local_files_only=local_only
+        )
     except Exception as err:  # not a repo id, not cached offline, not on the Hub: each its own error class
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"merge: base model {path!r} is neither a local folder nor a Hugging Face model found "
-                         f"in the cache or on the Hub ({reason})") from None
+        raise ValueError(
+            f"merge: base model {path!r} is neither a local folder nor a Hugging Face model found "
+            f"in the cache or on the Hub ({reason})"
+        ) from None
     return folder if weight_files(folder) else path
 
 
@@ -148,9 +165,16 @@ def merge_engine(spec: MergeSpec, adapters: bool = False) -> str:
     return "mergekit" if stream_reason(spec) is not None else f"stream-{method_kind(spec.method)}"
 
 
-def merge_memory_bytes(engine: str, k: int, model_bytes: int, largest_elements: int, dtype_bytes: int,
-                       adapter_bytes: int = 0, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                       rewrite: bool = False) -> int:
+def merge_memory_bytes(
+    engine: str,
+    k: int,
+    model_bytes: int,
+    largest_elements: int,
+    dtype_bytes: int,
+    adapter_bytes: int = 0,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    rewrite: bool = False,
+) -> int:
     """Peak resident bytes of the merge actor merging k checkpoints onto a base of ``model_bytes`` (in the merge
     dtype, ``dtype_bytes`` per element) whose largest tensor has ``largest_elements`` (T bytes in the merge dtype),
     on top of ``PROCESS_BYTES``; docs/scaling.md "Merge RAM" derives each term from the code:

@@ -60,8 +60,16 @@ from jobs.spec import MergeSpec
 LORA_METHODS = ("ties", "task_arithmetic", "linear", "breadcrumbs", "breadcrumbs_ties")
 # Methods whose merged delta is a fixed linear combination sum_i k_i delta_i: exact as a LoRA adapter.
 LINEAR_IN_DELTAS = ("task_arithmetic", "linear")
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
-                   "merges.txt", "*.model", "*.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+)
 LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -168,11 +176,15 @@ def check_against_base(adapters: Sequence[Adapter], base: BaseCheckpoint) -> Non
             if tied and module == "lm_head":
                 raise ValueError(f"merge: {adapter.folder}: adapts lm_head, which the base ties to its embeddings")
             if name not in base.shapes:
-                raise ValueError(f"merge: {adapter.folder}: {module} has no weight {name} in the base model "
-                                 f"{base.folder} (a different base, or a weight the base ties to another)")
+                raise ValueError(
+                    f"merge: {adapter.folder}: {module} has no weight {name} in the base model "
+                    f"{base.folder} (a different base, or a weight the base ties to another)"
+                )
             if base.shapes[name] != f.weight_shape:
-                raise ValueError(f"merge: {adapter.folder}: {module} delta has shape {list(f.weight_shape)} but the "
-                                 f"base weight is {list(base.shapes[name])}: trained on a different base model")
+                raise ValueError(
+                    f"merge: {adapter.folder}: {module} delta has shape {list(f.weight_shape)} but the "
+                    f"base weight is {list(base.shapes[name])}: trained on a different base model"
+                )
 
 
 def mergekit_parameters(spec: MergeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -206,8 +218,9 @@ def mergekit_parameters(spec: MergeSpec) -> tuple[dict[str, Any], dict[str, Any]
     return shared, kwargs
 
 
-def mergekit_merge(method: str, base: torch.Tensor, models: Sequence[torch.Tensor],
-                   kwargs: dict[str, Any]) -> torch.Tensor:
+def mergekit_merge(
+    method: str, base: torch.Tensor, models: Sequence[torch.Tensor], kwargs: dict[str, Any]
+) -> torch.Tensor:
     """mergekit's merge of one tensor, the inputs as its graph passes them: the models (ids 0..n-1) and the
     base (id n, marked as the base; an ordinary input to linear)."""
     from mergekit.merge_methods import merge_tensors
@@ -255,8 +268,13 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return U[:, :R] * root, root[:, None] * Vh[:R], error
 
 
-def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any],
-               progress: Optional[Progress] = None) -> dict:
+def write_full(
+    spec: MergeSpec,
+    adapters: Sequence[Adapter],
+    base: BaseCheckpoint,
+    kwargs: dict[str, Any],
+    progress: Optional[Progress] = None,
+) -> dict:
     """c * base + merged delta for every base tensor, in spec.dtype, each written as soon as it is computed
     (shards of at most spec.max_shard_size)."""
     from jobs.models import DTYPES
@@ -265,11 +283,15 @@ def write_full(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoin
     targeted = {m for a in adapters for m in a.modules}
     odd = sorted(set(base.dtypes.values()) - set(SAFETENSORS_TORCH))
     if odd:
-        raise ValueError(f"merge: base model {base.folder} holds tensors of dtype {', '.join(odd)}, which the LoRA "
-                         "merge does not write")
+        raise ValueError(
+            f"merge: base model {base.folder} holds tensors of dtype {', '.join(odd)}, which the LoRA "
+            "merge does not write"
+        )
     floating = {name: SAFETENSORS_TORCH[code].is_floating_point for name, code in base.dtypes.items()}
-    layout = {name: (DTYPES[spec.dtype] if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], shape)
-              for name, shape in base.shapes.items()}
+    layout = {
+        name: (DTYPES[spec.dtype] if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], shape)
+        for name, shape in base.shapes.items()
+    }
     remove_weights(spec.output_dir)
     with ShardedWriter(spec.output_dir, layout, spec.max_shard_size, progress) as writer:
         for name in writer.order:
@@ -292,8 +314,14 @@ def concatenated_factors(factors: Sequence[LoraFactors], k: Sequence[float]) -> 
     return B, torch.cat([f.A for f in factors], dim=0)
 
 
-def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckpoint, kwargs: dict[str, Any],
-                  base_name: str | None = None, progress: Optional[Progress] = None) -> dict:
+def write_adapter(
+    spec: MergeSpec,
+    adapters: Sequence[Adapter],
+    base: BaseCheckpoint,
+    kwargs: dict[str, Any],
+    base_name: str | None = None,
+    progress: Optional[Progress] = None,
+) -> dict:
     """adapter_model.safetensors + adapter_config.json (scale 1) holding the merged delta of every targeted
     module: concatenated factors for the methods linear in the deltas, else a rank-R SVD truncation. The config
     names ``base_name`` as its base (default: the base folder), e.g. the hub name a cached snapshot came from.
@@ -311,11 +339,16 @@ def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckp
     if exact:
         k = delta_coefficients(spec.method, kwargs, len(adapters))
         if not math.isclose(base_coefficient(spec.method, kwargs, len(adapters)), 1.0, rel_tol=1e-6):
-            raise ValueError("merge.output: linear with normalize false scales the base by sum(weight), which no "
-                             "adapter can hold; use output: full")
+            raise ValueError(
+                "merge.output: linear with normalize false scales the base by sum(weight), which no "
+                "adapter can hold; use output: full"
+            )
     tensors, ranks, errors = {}, {}, {}
-    targeted = [n for n in base.shapes
-                if n.endswith(".weight") and any(n.removesuffix(".weight") in a.modules for a in adapters)]
+    targeted = [
+        n
+        for n in base.shapes
+        if n.endswith(".weight") and any(n.removesuffix(".weight") in a.modules for a in adapters)
+    ]
     for done, name in enumerate(targeted, 1):
         module = name.removesuffix(".weight")
         users = [i for i, a in enumerate(adapters) if module in a.modules]
@@ -333,9 +366,16 @@ def write_adapter(spec: MergeSpec, adapters: Sequence[Adapter], base: BaseCheckp
     save_file(tensors, str(Path(spec.output_dir) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     r = max(ranks.values())
     pattern = {m: rank for m, rank in ranks.items() if rank != r}
-    LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=pattern, target_modules=list(ranks),
-               fan_in_fan_out=fan_in_fan_out, task_type=adapters[0].task_type,
-               base_model_name_or_path=base_name or spec.base_model_path).save_pretrained(spec.output_dir)
+    LoraConfig(
+        r=r,
+        lora_alpha=r,
+        rank_pattern=pattern,
+        alpha_pattern=pattern,
+        target_modules=list(ranks),
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=adapters[0].task_type,
+        base_model_name_or_path=base_name or spec.base_model_path,
+    ).save_pretrained(spec.output_dir)
     if exact:
         return {}
     values = list(errors.values())
@@ -357,7 +397,9 @@ def copy_side_files(spec: MergeSpec) -> None:
             shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
 
 
-def merge_adapters(spec: MergeSpec, base_name: str | None = None, progress: Optional[Progress] = None) -> dict[str, Any]:
+def merge_adapters(
+    spec: MergeSpec, base_name: str | None = None, progress: Optional[Progress] = None
+) -> dict[str, Any]:
     """Merge the LoRA adapters in spec.model_paths onto spec.base_model_path (a folder) into spec.output_dir; an
     adapter output names ``base_name`` as its base when given; ``progress(done, total)`` follows each tensor
     written (a full output) or module merged (an adapter). Returns what the merge marker records (method,
@@ -373,5 +415,10 @@ def merge_adapters(spec: MergeSpec, base_name: str | None = None, progress: Opti
     else:
         record = write_adapter(spec, adapters, base, kwargs, base_name, progress)
     copy_side_files(spec)
-    return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
-            "output": spec.output, **record}
+    return {
+        "method": spec.method,
+        "parameters": shared,
+        "model_parameters": spec.model_parameters,
+        "output": spec.output,
+        **record,
+    }

@@ -98,8 +98,9 @@ def row_chunks(shape: Sequence[int]) -> Iterator[tuple[int, int]]:
         yield start, min(shape[0], start + step)
 
 
-def mergekit_merge(method: str, base: torch.Tensor, models: Sequence[torch.Tensor],
-                   kwargs: dict[str, Any]) -> torch.Tensor:
+def mergekit_merge(
+    method: str, base: torch.Tensor, models: Sequence[torch.Tensor], kwargs: dict[str, Any]
+) -> torch.Tensor:
     """mergekit's merge of one tensor (or chunk), the inputs in run_merge's order: the models (ids 0..n-1),
     then the base (id n, marked as the base; an ordinary input to linear, added last)."""
     from mergekit.merge_methods import merge_tensors
@@ -108,8 +109,9 @@ def mergekit_merge(method: str, base: torch.Tensor, models: Sequence[torch.Tenso
     return merge_tensors([*models, base], method, parameters=kwargs, ids=[*range(n), n], base_index=n)
 
 
-def merge_elementwise(method: str, base: Checkpoint, models: Sequence[Checkpoint], name: str,
-                      kwargs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+def merge_elementwise(
+    method: str, base: Checkpoint, models: Sequence[Checkpoint], name: str, kwargs: dict[str, Any], dtype: torch.dtype
+) -> torch.Tensor:
     """mergekit's merge of one tensor, chunk of rows by chunk of rows (the methods are elementwise)."""
     shape = base.shapes[name]
     if not shape:
@@ -136,8 +138,14 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).reshape(shape)
 
 
-def trimmed_delta(impl: Any, model: torch.Tensor, base: torch.Tensor, i: int, kwargs: dict[str, Any],
-                  mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def trimmed_delta(
+    impl: Any,
+    model: torch.Tensor,
+    base: torch.Tensor,
+    i: int,
+    kwargs: dict[str, Any],
+    mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Model i's weighted, sparsified delta as mergekit's generalized task arithmetic computes it, and its
     keep-mask. Without ``mask`` the sparsifier ranks the delta (pass 1); with it the delta is masked and
     rescaled the same way without ranking again (pass 2)."""
@@ -148,8 +156,9 @@ def trimmed_delta(impl: Any, model: torch.Tensor, base: torch.Tensor, i: int, kw
     if impl.sparsification_method is not None:
         if mask is None:
             extra = {key: kwargs[key][i] for key in ("gamma", "epsilon") if key in kwargs}
-            trimmed = sparsify(delta, density=kwargs["density"][i], method=impl.sparsification_method,
-                               rescale_norm=norm, **extra)
+            trimmed = sparsify(
+                delta, density=kwargs["density"][i], method=impl.sparsification_method, rescale_norm=norm, **extra
+            )
             mask = pack_mask(trimmed != 0) if trimmed is not delta else None
         elif norm is None:  # rescaled_masked_tensor without a norm, in place: delta * mask
             trimmed = delta.mul_(unpack_mask(mask, delta.shape))
@@ -178,8 +187,9 @@ class Reader:
         return raw if stored == self.dtype else self._buffer(self.dtype).copy_(raw)
 
 
-def merge_sparse(impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name: str, kwargs: dict[str, Any],
-                 dtype: torch.dtype) -> torch.Tensor:
+def merge_sparse(
+    impl: Any, base: Checkpoint, models: Sequence[Checkpoint], name: str, kwargs: dict[str, Any], dtype: torch.dtype
+) -> torch.Tensor:
     """mergekit's GeneralizedTaskArithmeticMerge.merge_group of one tensor, folding the k deltas in two
     passes instead of stacking them (see the module docstring)."""
     from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod
@@ -248,8 +258,9 @@ def stream_merge(spec: MergeSpec, progress: Optional[Progress] = None) -> dict[s
     remove_weights(out)
     names = sorted(base.shapes)
     floating = {name: base.dtypes[name] in ("F32", "F16", "BF16", "F64") for name in names}
-    layout = {name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name])
-              for name in names}
+    layout = {
+        name: (dtype if floating[name] else SAFETENSORS_TORCH[base.dtypes[name]], base.shapes[name]) for name in names
+    }
     with ShardedWriter(out, layout, spec.max_shard_size, progress) as writer:
         for name in writer.order:  # the files' order: each shard is written whole before the next
             if not floating[name]:
@@ -261,5 +272,9 @@ def stream_merge(spec: MergeSpec, progress: Optional[Progress] = None) -> dict[s
             writer.write(name, merged)
             del merged
     copy_side_files(spec)
-    return {"method": spec.method, "parameters": shared, "model_parameters": spec.model_parameters,
-            "engine": "spunge streaming merge (mergekit kernels)"}
+    return {
+        "method": spec.method,
+        "parameters": shared,
+        "model_parameters": spec.model_parameters,
+        "engine": "spunge streaming merge (mergekit kernels)",
+    }

@@ -58,8 +58,9 @@ def check_model_dir(path: str | os.PathLike, allow_pickle: bool = False) -> None
     raise ModelLoadError(f"{p}: no *.safetensors weights found")
 
 
-def load_model(path: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
-               attn_implementation: str | None = None) -> Any:
+def load_model(
+    path: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False, attn_implementation: str | None = None
+) -> Any:
     """A causal LM from a Hugging Face folder (or hub name). An adapter folder (a LoRA job's output) is
     loaded onto its base model and merged in (``merge_and_unload``): a plain model either way."""
     from transformers import AutoModelForCausalLM
@@ -92,8 +93,13 @@ def tied_duplicates(model: Any) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
 
 
-def save_model(model: Any, tokenizer: Any, path: str | os.PathLike, state_dict: dict | None = None,
-               max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> None:
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    state_dict: dict | None = None,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
     """A safetensors Hugging Face folder, in shards of at most ``max_shard_size`` with an index above it. A given
     ``state_dict`` (e.g. negated task vectors) loses the second names of tied parameters: the model reads its
     input embedding for both, so a separate, possibly different ``lm_head.weight`` in the file could only break
@@ -153,8 +159,9 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ModelLoadError(f"{src}: converted weights do not match the config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        raise ModelLoadError(
+            f"{src}: converted weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     tmp = out.with_name(out.name + ".partial")

@@ -20,9 +20,18 @@ import torch
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # storage.max_shard_size: transformers 4's default; the Hub caps a file at 50 GB
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 SAFETENSORS_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # tensor name -> (dtype, shape), in writing order
@@ -44,8 +53,11 @@ def plan_shards(layout: Layout, max_shard_size: Union[int, str] = DEFAULT_MAX_SH
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
     split = split_state_dict_into_shards_factory(
-        dict(layout), get_storage_size=lambda spec: tensor_bytes(*spec), filename_pattern="model{suffix}.safetensors",
-        max_shard_size=parse_size(max_shard_size))
+        dict(layout),
+        get_storage_size=lambda spec: tensor_bytes(*spec),
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=parse_size(max_shard_size),
+    )
     return split.filename_to_tensors
 
 
@@ -58,8 +70,11 @@ class SafetensorsWriter:
         offset = 0
         for name, (dtype, shape) in layout.items():
             size = tensor_bytes(dtype, shape)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -70,8 +85,10 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = next(self.order, None)
         if name != expected or (tensor.dtype, tuple(tensor.shape)) != self.layout[name]:
-            raise RuntimeError(f"{self.path}: writing {name} {tensor.dtype}{list(tensor.shape)} where the header "
-                               f"declares {expected} {self.layout.get(expected)}")
+            raise RuntimeError(
+                f"{self.path}: writing {name} {tensor.dtype}{list(tensor.shape)} where the header "
+                f"declares {expected} {self.layout.get(expected)}"
+            )
         # the array's own buffer, not a bytes copy of the tensor
         self.file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
 
@@ -89,9 +106,13 @@ class ShardedWriter:
     this can differ from ``layout``'s). Holds no tensor: the caller's, one at a time. ``progress(written, total)``
     is called after each tensor (a long merge says where it is)."""
 
-    def __init__(self, folder: Union[str, Path], layout: Layout,
-                 max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
-                 progress: Optional[Progress] = None):
+    def __init__(
+        self,
+        folder: Union[str, Path],
+        layout: Layout,
+        max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+        progress: Optional[Progress] = None,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.layout = layout
@@ -139,8 +160,10 @@ class ShardedWriter:
         if missing:
             raise RuntimeError(f"{self.folder}: closed before {missing[0]} was written")
         if len(self.files) > 1:
-            index = {"metadata": {"total_size": sum(tensor_bytes(*spec) for spec in self.layout.values())},
-                     "weight_map": dict(sorted(self.file_of.items()))}
+            index = {
+                "metadata": {"total_size": sum(tensor_bytes(*spec) for spec in self.layout.values())},
+                "weight_map": dict(sorted(self.file_of.items())),
+            }
             (self.folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return list(self.files)
 
@@ -216,8 +239,9 @@ class Checkpoint:
             f.seek(begin)
             got = f.readinto(view)
         if got != end - begin or len(view) != got:
-            raise ValueError(f"{self.folder / self.file_of[name]}: {name}: read {got} of {end - begin} bytes "
-                             f"into {len(view)}")
+            raise ValueError(
+                f"{self.folder / self.file_of[name]}: {name}: read {got} of {end - begin} bytes into {len(view)}"
+            )
         return out
 
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:

@@ -38,7 +38,8 @@ class LoraSpec(_Spec):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: delta = (alpha / r) * B @ A")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[str, list[str]] = Field(
-        "all-linear", description="module names (q_proj, v_proj, ...) or peft's 'all-linear'")
+        "all-linear", description="module names (q_proj, v_proj, ...) or peft's 'all-linear'"
+    )
 
 
 class TrainingSpec(_Spec):
@@ -54,19 +55,30 @@ class TrainingSpec(_Spec):
     batch_size: int = Field(8, gt=0, description="micro batch per worker (with global_batch_size: the largest)")
     gradient_accumulation_steps: int = Field(1, gt=0)
     global_batch_size: Optional[int] = Field(
-        None, gt=0, description="rows per optimizer step over all workers, whatever scaling.num_workers is: each "
-                                "worker takes global_batch_size / num_workers rows a step, in micro batches of up to "
-                                "batch_size (the accumulation follows); null: batch_size x "
-                                "gradient_accumulation_steps x num_workers")
+        None,
+        gt=0,
+        description="rows per optimizer step over all workers, whatever scaling.num_workers is: each "
+        "worker takes global_batch_size / num_workers rows a step, in micro batches of up to "
+        "batch_size (the accumulation follows); null: batch_size x "
+        "gradient_accumulation_steps x num_workers",
+    )
     max_length: int = Field(128, gt=8)
     seed: int = 0
-    report_interval_s: float = Field(5.0, ge=0, description="seconds between reports; each carries every step "
-                                     "since the last (0: every step); not part of the stage key")
+    report_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="seconds between reports; each carries every step "
+        "since the last (0: every step); not part of the stage key",
+    )
     checkpoint_every: Optional[int] = Field(
-        None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage key")
+        None, gt=0, description="steps between resumable DeepSpeed checkpoints (null: none); not part of the stage key"
+    )
     eval_every: Optional[int] = Field(
-        None, gt=0, description="steps between model snapshots that Ray eval tasks score while training goes on "
-                                "(unlearn.select picks the job's model among them); null: only the last step")
+        None,
+        gt=0,
+        description="steps between model snapshots that Ray eval tasks score while training goes on "
+        "(unlearn.select picks the job's model among them); null: only the last step",
+    )
 
     def training(self) -> dict[str, Any]:
         """The ``TrainingSpec`` fields of this model (a config section or a spec), as keyword arguments."""
@@ -82,18 +94,22 @@ class UnlearnSpec(TrainingSpec):
     allow_pickle: bool = False
     forget_path: str
     retain_path: Optional[str] = None
-    forget_format: Literal["qa", "text"] = Field("qa", description="text: raw text rows (MUSE's, WMDP's corpora): "
-                                                 "every token is a target")
-    retain_format: Literal["qa", "text"] = Field("qa", description="text: general text (retain_source general) "
-                                                 "or a raw-text retain corpus")
+    forget_format: Literal["qa", "text"] = Field(
+        "qa", description="text: raw text rows (MUSE's, WMDP's corpora): every token is a target"
+    )
+    retain_format: Literal["qa", "text"] = Field(
+        "qa", description="text: general text (retain_source general) or a raw-text retain corpus"
+    )
     method: str
     method_params: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
     prompt: PromptFormat = Field(default_factory=PromptFormat, description="prompt template, chat, answer EOS")
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     threads_per_worker: int = Field(1, gt=0)
-    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file the job writes "
-                                "(storage.max_shard_size); not part of the stage key")
+    max_shard_size: str = Field(
+        DEFAULT_MAX_SHARD_SIZE,
+        description="largest safetensors file the job writes (storage.max_shard_size); not part of the stage key",
+    )
     output_dir: str
 
 
@@ -117,9 +133,11 @@ class MergeSpec(_Spec):
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output: Literal["full", "adapter"] = Field(
-        "full", description="LoRA jobs: write the merged full model, or a peft adapter holding the merged delta")
-    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file of the merged model "
-                                "(storage.max_shard_size)")
+        "full", description="LoRA jobs: write the merged full model, or a peft adapter holding the merged delta"
+    )
+    max_shard_size: str = Field(
+        DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file of the merged model (storage.max_shard_size)"
+    )
     output_dir: str
 
     def resolved_parameters(self) -> dict[str, Any]:
@@ -141,8 +159,11 @@ class EvalSpec(_Spec):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Optional[str] = Field(None, description="transformers' attn_implementation")
     suite_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="suite name -> extra keyword arguments (lmeval tasks, mc attributes)")
+        default_factory=dict, description="suite name -> extra keyword arguments (lmeval tasks, mc attributes)"
+    )
     max_memory: Optional[dict[str, Union[int, str]]] = Field(
-        None, description="device ('0', '1', ... for GPUs, 'cpu') -> bytes or '70GiB' the weights may take; null: "
-                          "every visible GPU less headroom (jobs.evaluate.placement), else the CPU")
+        None,
+        description="device ('0', '1', ... for GPUs, 'cpu') -> bytes or '70GiB' the weights may take; null: "
+        "every visible GPU less headroom (jobs.evaluate.placement), else the CPU",
+    )
     offload_folder: Optional[str] = Field(None, description="with max_memory: modules that fit nowhere go to disk here")

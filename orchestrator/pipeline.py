@@ -29,7 +29,12 @@ __all__ = ["STAGES", "PipelineError", "run_stages", "run_pipeline", "report"]
 
 
 STAGES: dict[str, Callable[[RunContext], None]] = {
-    "prepare": prepare, "unlearn": unlearn, "merge": merge, "evaluate": evaluate, "report": report}
+    "prepare": prepare,
+    "unlearn": unlearn,
+    "merge": merge,
+    "evaluate": evaluate,
+    "report": report,
+}
 
 
 def run_stages(ctx: RunContext, stages: Sequence[str] = tuple(STAGES)) -> RunContext:
@@ -43,8 +48,13 @@ def run_stages(ctx: RunContext, stages: Sequence[str] = tuple(STAGES)) -> RunCon
     return ctx
 
 
-def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[str] = None,
-                 display: Optional[Display] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: PipelineConfig,
+    resume: bool = False,
+    address: Optional[str] = None,
+    display: Optional[Display] = None,
+    parent_run_id: Optional[str] = None,
+) -> dict[str, Any]:
     """``spunge run``: every stage, recorded in MLflow (nested under ``parent_run_id`` when given: a seed's
     run under its variant's); returns the report."""
     from orchestrator.remote.ray_init import init_ray, ray_address
@@ -57,13 +67,22 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, address: Optional[st
         run_stages(ctx, ["prepare"])  # bad data fails here, before Ray and MLflow start, and writes nothing
         init_ray(cfg, address, out / "logs" / "driver.log")
         display.log(f"Ray {ray_address()}; Ray's own messages: {out / 'logs' / 'driver.log'}")
-        tracker = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
-                          tags={"spunge.output_dir": str(out), "spunge.resume": str(resume),
-                                **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
+        tracker = Tracker(
+            tracking_uri(cfg.tracking.uri),
+            cfg.tracking.experiment,
+            cfg.name,
+            tags={
+                "spunge.output_dir": str(out),
+                "spunge.resume": str(resume),
+                **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+            },
+        )
         display.log(f"MLflow run {tracker.parent_id} at {tracker.public_uri} (experiment {cfg.tracking.experiment!r})")
         if tracker.ended_stale:
-            display.log(f"MLflow: {len(tracker.ended_stale)} run(s) of {out} left RUNNING by a driver that is gone "
-                        "are now KILLED")
+            display.log(
+                f"MLflow: {len(tracker.ended_stale)} run(s) of {out} left RUNNING by a driver that is gone "
+                "are now KILLED"
+            )
         ctx.events, ctx.run_id = MlflowEvents(tracker), tracker.parent_id
         try:
             with killable():

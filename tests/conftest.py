@@ -55,7 +55,10 @@ def fitted_tiny(tiny_dir, tmp_path_factory):
     tok = load_tokenizer(tiny_dir / "model")
     rows = qa_rows()
     enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
+    batch = {
+        "forget": enc([r for r in rows if r["era"] == "old"]),
+        "retain": enc([r for r in rows if r["era"] == "new"]),
+    }
     torch.manual_seed(0)
     model = load_model(tiny_dir / "model")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -111,13 +114,24 @@ def spunge_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **extra}
 
 
-def spunge(*args: str, cwd: Optional[Path] = None, env: Optional[dict] = None, timeout: float = 900,
-           peak: Optional[list] = None) -> subprocess.CompletedProcess:
+def spunge(
+    *args: str,
+    cwd: Optional[Path] = None,
+    env: Optional[dict] = None,
+    timeout: float = 900,
+    peak: Optional[list] = None,
+) -> subprocess.CompletedProcess:
     """Run the ``spunge`` CLI as a user would: a subprocess in ``cwd`` with ``env`` (default ``spunge_env()``),
     its output captured; with ``peak``, also record there the Ray worker processes (``ray::...``) under it,
     sampled every 0.5 s."""
-    proc = subprocess.Popen([SPUNGE, *map(str, args)], cwd=cwd, env=spunge_env() if env is None else env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SPUNGE, *map(str, args)],
+        cwd=cwd,
+        env=spunge_env() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if peak is not None:
         import psutil
 
@@ -197,6 +211,12 @@ def local_ray(_ray_session):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=_ray_session,
-                 runtime_env={"env_vars": RAY_ENV})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=_ray_session,
+            runtime_env={"env_vars": RAY_ENV},
+        )
     yield

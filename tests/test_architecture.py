@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jobs", "orchestrator")
 # The rooms of orchestrator/ (``orchestrator.<room>``; pipeline is a module) and the rooms each may import
@@ -128,7 +126,8 @@ def test_the_graph_checker_finds_a_cycle_and_resolves_imports():
     assert "orchestrator.config.schema" in graph["orchestrator.config.checks"]
     assert "orchestrator.config.checks" not in graph["orchestrator.config.schema"]  # the loader calls the checks
     assert layer_violations({"orchestrator.config.schema": {"orchestrator.run.context"}}) == [
-        "orchestrator.config.schema (config) imports orchestrator.run.context (run)"]
+        "orchestrator.config.schema (config) imports orchestrator.run.context (run)"
+    ]
 
 
 def test_no_import_cycle_in_the_project():
@@ -136,8 +135,11 @@ def test_no_import_cycle_in_the_project():
 
 
 def test_jobs_never_import_orchestrator():
-    back = {m: sorted(t for t in ts if t.startswith("orchestrator")) for m, ts in import_graph().items()
-            if m.startswith("jobs")}
+    back = {
+        m: sorted(t for t in ts if t.startswith("orchestrator"))
+        for m, ts in import_graph().items()
+        if m.startswith("jobs")
+    }
     assert {m: ts for m, ts in back.items() if ts} == {}
 
 
@@ -170,9 +172,13 @@ def room(module: str) -> str:
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} ({room(m)}) imports {t} ({room(t)})" for m, ts in graph.items() if m.startswith("orchestrator.")
-                  for t in ts if t.startswith("orchestrator.") and room(t) != room(m)
-                  and room(t) not in LAYERS.get(room(m), set()))
+    return sorted(
+        f"{m} ({room(m)}) imports {t} ({room(t)})"
+        for m, ts in graph.items()
+        if m.startswith("orchestrator.")
+        for t in ts
+        if t.startswith("orchestrator.") and room(t) != room(m) and room(t) not in LAYERS.get(room(m), set())
+    )
 
 
 def test_each_room_imports_only_the_rooms_below_it():
@@ -183,8 +189,11 @@ def test_each_room_imports_only_the_rooms_below_it():
 
 
 def test_the_stages_are_named_by_their_folder():
-    names = {p.stem if p.is_file() else p.name for p in (ROOT / "orchestrator" / "stages").iterdir()
-             if p.name not in ("__init__.py", "__pycache__")}
+    names = {
+        p.stem if p.is_file() else p.name
+        for p in (ROOT / "orchestrator" / "stages").iterdir()
+        if p.name not in ("__init__.py", "__pycache__")
+    }
     assert names == STAGES
 
 
@@ -193,14 +202,19 @@ def test_no_private_name_crosses_a_module_boundary():
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
-                crossing += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                             if a.name.startswith("_") and not a.name.startswith("__")]
+                crossing += [
+                    f"{name}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert crossing == []
 
 
 def test_the_config_needs_neither_ray_nor_mlflow():
-    code = ("import sys, pkgutil, importlib, orchestrator.config as c\n"
-            "for m in pkgutil.walk_packages(c.__path__, 'orchestrator.config.'): importlib.import_module(m.name)\n"
-            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    code = (
+        "import sys, pkgutil, importlib, orchestrator.config as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'orchestrator.config.'): importlib.import_module(m.name)\n"
+        "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]

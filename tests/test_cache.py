@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from jobs.data.io import load_jsonl, write_jsonl
-from orchestrator.run.cache import file_digest, stage_key
 from orchestrator.config.parse import parse_config
+from orchestrator.run.cache import file_digest, stage_key
 from orchestrator.run.context import JobKind, Prepared, RunContext
 from orchestrator.stages.unlearn import plan_jobs
 
@@ -20,8 +20,14 @@ def plan(tiny_dir, tmp_path):
     prep = Prepared(files, {"north": str(subset)}, {}, {n: file_digest(p) for n, p in files.items()})
 
     def jobs(out: Path = tmp_path / "out", **unlearn):
-        cfg = parse_config({"model": {"path": str(tiny_dir / "model")}, "data": files, "split": {"attribute": "group"},
-                            "unlearn": {"method": "npo", "max_steps": 3, **unlearn}})
+        cfg = parse_config(
+            {
+                "model": {"path": str(tiny_dir / "model")},
+                "data": files,
+                "split": {"attribute": "group"},
+                "unlearn": {"method": "npo", "max_steps": 3, **unlearn},
+            }
+        )
         return {j.key: j for j in plan_jobs(RunContext(cfg, out, prep=prep))}
 
     return jobs
@@ -73,9 +79,15 @@ def test_suite_file_options_and_the_deepspeed_file_are_keyed_by_content(tiny_dir
     (tasks / "t.yaml").write_text("task: t\n")
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
     files = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")}
-    cfg = parse_config({"model": {"path": str(tiny_dir / "model")}, "data": files, "split": {"attribute": "group"},
-                        "deepspeed": str(tmp_path / "ds.json"),
-                        "eval": {"suites": ["lmeval"], "lmeval": {"tasks": ["t"], "include_path": str(tasks)}}})
+    cfg = parse_config(
+        {
+            "model": {"path": str(tiny_dir / "model")},
+            "data": files,
+            "split": {"attribute": "group"},
+            "deepspeed": str(tmp_path / "ds.json"),
+            "eval": {"suites": ["lmeval"], "lmeval": {"tasks": ["t"], "include_path": str(tasks)}},
+        }
+    )
     key = lambda: suite_options_key(eval_spec(cfg, "m", files, "lmeval"))
     before = key()
     (tasks / "t.yaml").write_text("task: t\nnum_fewshot: 2\n")

@@ -27,7 +27,9 @@ def test_localization_compares_each_attribution_with_the_random_mask_of_the_same
     assert len(calls) == 15 and {c[1] for c in calls} == {"wga"}
     masks = [c[2] for c in calls if c[2]]
     assert all(m["fraction"] == 0.05 and m["scope"] == "mlp" for m in masks)
-    assert {(m["attribution"], m["seed"]) for m in masks if m["attribution"] == "random"} == {("random", s) for s in (0, 1, 2)}
+    assert {(m["attribution"], m["seed"]) for m in masks if m["attribution"] == "random"} == {
+        ("random", s) for s in (0, 1, 2)
+    }
     rows = {r["attribution"]: r for r in res["rows"]}
     g = rows["gradient"]["forget_prob_minus_random"]
     # paired differences 0.5+0.02s - (0.8+0.01s) = -0.30, -0.29, -0.28: mean -0.29, sd 0.01, t = -0.29/(0.01/sqrt 3)
@@ -46,8 +48,13 @@ def test_localization_compares_each_attribution_with_the_random_mask_of_the_same
 def test_lr_grid_counts_the_learning_rates_where_a_method_collapses_keeps_or_is_usable(monkeypatch, tmp_path):
     def fake(bench, out, method, threads, steps, lr, seed, retain):
         if method == "ga":  # collapses from 3e-4 on, keeps the answers at 3e-5
-            return {"scores": {"forget_prob": 0.6 if lr < 1e-4 else 0.0, "retain_prob": 0.5,
-                               "model_utility": 0.1 if lr >= 3e-4 else 0.6}}
+            return {
+                "scores": {
+                    "forget_prob": 0.6 if lr < 1e-4 else 0.0,
+                    "retain_prob": 0.5,
+                    "model_utility": 0.1 if lr >= 3e-4 else 0.6,
+                }
+            }
         # everything else usable everywhere; utility moves with the seed
         return {"scores": {"forget_prob": 0.1, "retain_prob": 0.8, "model_utility": 0.6 + 0.1 * seed}}
 
@@ -70,12 +77,18 @@ def test_seeds_table_tables_only_variants_with_every_seed_and_bolds_significant_
     from benchmarks import seeds_table
 
     def report(forget_merged, forget_unsplit):
-        return {"models": {"base": {"forget_prob": 0.9, "model_utility": 0.5},
-                           "merged": {"forget_prob": forget_merged, "model_utility": 0.5},
-                           "unsplit": {"forget_prob": forget_unsplit, "model_utility": 0.5}}}
+        return {
+            "models": {
+                "base": {"forget_prob": 0.9, "model_utility": 0.5},
+                "merged": {"forget_prob": forget_merged, "model_utility": 0.5},
+                "unsplit": {"forget_prob": forget_unsplit, "model_utility": 0.5},
+            }
+        }
 
-    runs = {"a": {0: report(0.10, 0.20), 1: report(0.30, 0.50), 2: report(0.20, 0.25)},
-            "b": {0: report(0.5, 0.5), 1: report(0.5, 0.5)}}  # b stopped before its third seed
+    runs = {
+        "a": {0: report(0.10, 0.20), 1: report(0.30, 0.50), 2: report(0.20, 0.25)},
+        "b": {0: report(0.5, 0.5), 1: report(0.5, 0.5)},
+    }  # b stopped before its third seed
     for variant, seeds in runs.items():
         for seed, r in seeds.items():
             (tmp_path / "run" / variant / f"seed{seed}").mkdir(parents=True)

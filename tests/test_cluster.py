@@ -38,8 +38,12 @@ def test_staged_config_has_absolute_paths_and_output_dir(tiny_dir, tmp_path, mon
     work.mkdir()
     shutil.copytree(tiny_dir / "model", work / "model")
     (work / "f.jsonl").write_text((tiny_dir / "forget.jsonl").read_text())
-    cfg = {"model": {"path": "model"}, "data": {"forget": "f.jsonl", "retain": str(tiny_dir / "retain.jsonl")},
-           "split": {"attribute": "group"}, "variants": {"a": {"unlearn.max_steps": 1}}}
+    cfg = {
+        "model": {"path": "model"},
+        "data": {"forget": "f.jsonl", "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group"},
+        "variants": {"a": {"unlearn.max_steps": 1}},
+    }
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     raw = sub.resolved_raw(work / "c.yaml")
@@ -62,16 +66,19 @@ def test_tracking_uri_must_reach_the_head_node():
 
 def test_runtime_env_merges_user_file_and_forwards_tracking(tmp_path):
     f = tmp_path / "env.yaml"
-    f.write_text(yaml.safe_dump({"env_vars": {"HF_HOME": "/shared/hf", "A": 1, "DS_ACCELERATOR": "cpu"},
-                                 "pip": ["x==1"]}))
+    f.write_text(
+        yaml.safe_dump({"env_vars": {"HF_HOME": "/shared/hf", "A": 1, "DS_ACCELERATOR": "cpu"}, "pip": ["x==1"]})
+    )
     user = sub.load_runtime_env(f)
-    env = sub.build_runtime_env(tmp_path, user, {"MLFLOW_TRACKING_URI": "http://m:5000", "HF_HOME": "/x"},
-                                ship_code=True)
+    env = sub.build_runtime_env(
+        tmp_path, user, {"MLFLOW_TRACKING_URI": "http://m:5000", "HF_HOME": "/x"}, ship_code=True
+    )
     assert env["working_dir"] == str(tmp_path) and env["pip"] == ["x==1"]
     # the driver's ray.init sets DS_ACCELERATOR: Ray would refuse to merge two runtime_envs naming it
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://m:5000", "HF_HOME": "/shared/hf", "A": "1"}
-    assert sub.entrypoint(True, user) == ("DS_ACCELERATOR=cpu python -m orchestrator.cli.commands run spunge.yaml "
-                                          "--address auto --resume")
+    assert sub.entrypoint(True, user) == (
+        "DS_ACCELERATOR=cpu python -m orchestrator.cli.commands run spunge.yaml --address auto --resume"
+    )
     assert [Path(p).name for p in env["py_modules"]] == ["orchestrator", "jobs"] and ".venv" in env["excludes"]
     (tmp_path / "bad.yaml").write_text("working_dir: /x\n")
     with pytest.raises(sub.SubmitError, match="working_dir"):
@@ -89,14 +96,21 @@ def test_a_submission_ships_the_config_alone_and_no_secret(tiny_dir, tmp_path, m
     (work / ".ray").mkdir(parents=True)
     (work / ".env").write_text("HF_TOKEN=hf_dotenvSECRET\n")
     (work / ".ray" / "auth_token").write_text("rayhomeSECRET")
-    cfg = {"model": {"path": str(tiny_dir / "model")}, "split": {"attribute": "group"},
-           "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-           "tracking": {"uri": "http://mlflow.internal:5000"}}
+    cfg = {
+        "model": {"path": str(tiny_dir / "model")},
+        "split": {"attribute": "group"},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "tracking": {"uri": "http://mlflow.internal:5000"},
+    }
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(work)
     monkeypatch.setenv("HOME", str(work))
-    for k, v in {"HF_TOKEN": "hf_envSECRET", "RAY_AUTH_TOKEN": "rayenvSECRET", "MLFLOW_TRACKING_TOKEN": "mlf-tok",
-                 "AWS_SECRET_ACCESS_KEY": "awsSECRET"}.items():
+    for k, v in {
+        "HF_TOKEN": "hf_envSECRET",
+        "RAY_AUTH_TOKEN": "rayenvSECRET",
+        "MLFLOW_TRACKING_TOKEN": "mlf-tok",
+        "AWS_SECRET_ACCESS_KEY": "awsSECRET",
+    }.items():
         monkeypatch.setenv(k, v)
     sent = {}
 
@@ -106,8 +120,11 @@ def test_a_submission_ships_the_config_alone_and_no_secret(tiny_dir, tmp_path, m
 
         def submit_job(self, runtime_env, **kw):
             sent["files"] = sorted(p.name for p in Path(runtime_env["working_dir"]).rglob("*"))
-            sent["blob"] = json.dumps(runtime_env) + json.dumps(kw) + "".join(
-                p.read_text() for p in Path(runtime_env["working_dir"]).rglob("*") if p.is_file())
+            sent["blob"] = (
+                json.dumps(runtime_env)
+                + json.dumps(kw)
+                + "".join(p.read_text() for p in Path(runtime_env["working_dir"]).rglob("*") if p.is_file())
+            )
             sent["env"] = runtime_env
             return kw["submission_id"]
 
@@ -163,8 +180,14 @@ def wait_for(check, what: str, timeout: float, procs=(), logdir: Path | None = N
     while time.time() < deadline:
         for p in procs:
             if p.poll() is not None:
-                logs = "".join(f"\n--- {f.name}:\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
-                               for f in sorted(logdir.glob("*.log"))) if logdir else ""
+                logs = (
+                    "".join(
+                        f"\n--- {f.name}:\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+                        for f in sorted(logdir.glob("*.log"))
+                    )
+                    if logdir
+                    else ""
+                )
                 raise AssertionError(f"{what}: a process exited early ({p.args[:3]}, rc {p.returncode}){logs}")
         try:
             if check():
@@ -201,30 +224,78 @@ def cluster():
     token.write_text("spunge-test-" + os.urandom(8).hex())
     (gcs, dash, mlf, *node_ports) = free_ports(3 + 2 * 7)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{BIN}:{env.get('PATH', '')}",
-               TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", RAY_USAGE_STATS_ENABLED="0",
-               RAY_agent_register_timeout_ms="120000")  # a loaded machine starts agents slowly
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_agent_register_timeout_ms="120000",
+    )  # a loaded machine starts agents slowly
     procs: list[subprocess.Popen] = []
 
     def node_args(ports):
-        names = ["node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port"]
+        names = [
+            "node-manager-port",
+            "object-manager-port",
+            "metrics-export-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        ]
         return [f"--{n}={p}" for n, p in zip(names, ports)]
 
     def start(args, log):
-        procs.append(subprocess.Popen(args, env=env, cwd=tmp, start_new_session=True,
-                                      stdout=open(tmp / log, "w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                args, env=env, cwd=tmp, start_new_session=True, stdout=open(tmp / log, "w"), stderr=subprocess.STDOUT
+            )
+        )
         return procs[-1]
 
-    common = ["--block", "--num-cpus=2", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-              "--object-store-memory=200000000", "--disable-usage-stats"]
+    common = [
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+    ]
     try:
-        start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-               "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(mlf),
-               "--workers", "1"], "mlflow.log")
-        head = start([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                      "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={tmp}/ray",
-                      *common, *node_args(node_ports[:7])], "head.log")
+        start(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp}/mlflow.db",
+                "--artifacts-destination",
+                str(tmp / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlf),
+                "--workers",
+                "1",
+            ],
+            "mlflow.log",
+        )
+        head = start(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                f"--port={gcs}",
+                f"--dashboard-port={dash}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                f"--temp-dir={tmp}/ray",
+                *common,
+                *node_args(node_ports[:7]),
+            ],
+            "head.log",
+        )
         address = f"http://127.0.0.1:{dash}"
         wait_for(lambda: http_ok(f"{address}/api/version", token.read_text()), "the Ray dashboard", 120, [head], tmp)
         with pytest.raises(urllib.error.HTTPError) as denied:  # token auth is on: no token, no Jobs API
@@ -237,8 +308,9 @@ def cluster():
         def two_nodes() -> bool:
             import json
 
-            req = urllib.request.Request(f"{address}/nodes?view=summary",
-                                         headers={"Authorization": f"Bearer {token.read_text()}"})
+            req = urllib.request.Request(
+                f"{address}/nodes?view=summary", headers={"Authorization": f"Bearer {token.read_text()}"}
+            )
             with urllib.request.urlopen(req, timeout=5) as r:
                 doc = json.load(r)
             nodes = doc["data"]["summary"]

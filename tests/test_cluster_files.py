@@ -38,8 +38,11 @@ def test_launcher_yaml_passes_rays_cluster_schema(name):
     assert cfg["head_node_type"] in cfg["available_node_types"]
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-               if "ray start" in c)
+    assert all(
+        "RAY_AUTH_MODE=token" in c
+        for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+        if "ray start" in c
+    )
     assert "/shared:/shared" in " ".join(cfg["docker"]["run_options"])  # shared storage on every node
 
 
@@ -162,13 +165,19 @@ def test_dockerfiles_use_the_pinned_ray_and_torch(name, tag):
 
 GiB = 2**30
 # AWS's published sizes: vCPUs, RAM GiB, GPUs, GiB one GPU exposes ("24 GB" A10G: ~22.5, docs/scaling.md)
-INSTANCES = {"m6i.2xlarge": (8, 32, 0, 0), "g5.xlarge": (4, 16, 1, 22.5), "g5.12xlarge": (48, 192, 4, 22.5),
-             "g5.48xlarge": (192, 768, 8, 22.5), "p4d.24xlarge": (96, 1152, 8, 40),
-             "p4de.24xlarge": (96, 1152, 8, 80)}
+INSTANCES = {
+    "m6i.2xlarge": (8, 32, 0, 0),
+    "g5.xlarge": (4, 16, 1, 22.5),
+    "g5.12xlarge": (48, 192, 4, 22.5),
+    "g5.48xlarge": (192, 768, 8, 22.5),
+    "p4d.24xlarge": (96, 1152, 8, 40),
+    "p4de.24xlarge": (96, 1152, 8, 80),
+}
 OS_GIB = 4  # RAM a node keeps for the OS, docker and Ray's own processes, beyond what Ray offers its tasks
 TEMPLATES = ["launcher-aws-gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
-GPU_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml")
-                      if (yaml.safe_load(p.read_text()).get("scaling") or {}).get("use_gpu"))
+GPU_EXAMPLES = sorted(
+    p for p in (ROOT / "examples").glob("*.yaml") if (yaml.safe_load(p.read_text()).get("scaling") or {}).get("use_gpu")
+)
 
 
 class Node:
@@ -181,8 +190,17 @@ class Node:
 def quantity(q) -> float:
     """A Kubernetes quantity (``64Gi``, ``10``, ``500m``) as a number (bytes for memory)."""
     q = str(q)
-    for suffix, factor in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("m", 1e-3),
-                           ("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)):
+    for suffix, factor in (
+        ("Ki", 2**10),
+        ("Mi", 2**20),
+        ("Gi", 2**30),
+        ("Ti", 2**40),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ):
         if q.endswith(suffix):
             return float(q[: -len(suffix)]) * factor
     return float(q)
@@ -191,9 +209,11 @@ def quantity(q) -> float:
 def pod_offers(group: dict) -> dict[str, float]:
     """What Ray offers on a KubeRay worker pod: rayStartParams, else the container's limits (as KubeRay does)."""
     params, limits = group["rayStartParams"], group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    return {"CPU": quantity(params.get("num-cpus", limits["cpu"])),
-            "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
-            "memory": quantity(params.get("memory", limits["memory"]))}
+    return {
+        "CPU": quantity(params.get("num-cpus", limits["cpu"])),
+        "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+        "memory": quantity(params.get("memory", limits["memory"])),
+    }
 
 
 def cluster_spec(template: str) -> dict:
@@ -205,8 +225,11 @@ def template_nodes(template: str) -> tuple[list[Node], float]:
     """A template's GPU node types and the most nodes the cluster may start in all (inf: no global cap)."""
     if template.startswith("launcher"):
         raw = yaml.safe_load((CLUSTER / template).read_text())
-        return [Node(name, t["resources"], t.get("max_workers", 0)) for name, t in raw["available_node_types"].items()
-                if name != raw["head_node_type"]], raw["max_workers"]
+        return [
+            Node(name, t["resources"], t.get("max_workers", 0))
+            for name, t in raw["available_node_types"].items()
+            if name != raw["head_node_type"]
+        ], raw["max_workers"]
     groups = cluster_spec(template)["workerGroupSpecs"]
     return [Node(g["groupName"], pod_offers(g), g["maxReplicas"]) for g in groups], float("inf")
 
@@ -218,8 +241,11 @@ def per_node(bundle: dict[str, float], offers: dict[str, float]) -> int:
 
 def worker_bundle(cfg) -> dict[str, float]:
     s = cfg.scaling
-    return {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0,
-            "memory": (s.memory_per_worker_gb or 0) * GiB}
+    return {
+        "CPU": s.cpus_per_worker,
+        "GPU": s.gpus_per_worker if s.use_gpu else 0,
+        "memory": (s.memory_per_worker_gb or 0) * GiB,
+    }
 
 
 def fit_problems(cfg, nodes: list[Node], max_nodes: float = float("inf")) -> list[str]:
@@ -258,8 +284,8 @@ def example_configs(path: Path) -> list:
     """Every pipeline of an example, through spunge's loader (its defaults: gpus_per_worker and
     eval.gpus_per_task 1 with use_gpu); for an example naming a cluster's files (absent here), the same
     models validated without the file checks."""
-    from orchestrator.config.schema import ConfigError, PipelineConfig, apply_overrides
     from orchestrator.config.loading import load_configs
+    from orchestrator.config.schema import ConfigError, PipelineConfig, apply_overrides
 
     try:
         return [cfg for _, cfg in load_configs(path)]
@@ -326,10 +352,15 @@ def test_kuberay_worker_pods_offer_what_the_pod_has(template):
 def recipe_peak_gib(ME, cfg, **changes) -> float:
     """The larger of the steady and start-up per-GPU peaks of a Llama-2-7B config (jobs/planning/memory.py)."""
     zero = cfg.deepspeed_dict()["zero_optimization"]
-    setup = ME.JobSetup(zero=zero["stage"], gpus=cfg.scaling.num_workers, micro_batch=cfg.unlearn.batch_size,
-                        seq=cfg.unlearn.max_length, gradient_checkpointing=cfg.unlearn.gradient_checkpointing,
-                        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
-                        attn=cfg.model.attn_implementation or "sdpa")
+    setup = ME.JobSetup(
+        zero=zero["stage"],
+        gpus=cfg.scaling.num_workers,
+        micro_batch=cfg.unlearn.batch_size,
+        seq=cfg.unlearn.max_length,
+        gradient_checkpointing=cfg.unlearn.gradient_checkpointing,
+        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
+        attn=cfg.model.attn_implementation or "sdpa",
+    )
     est = ME.estimate(ME.PRESETS["llama2-7b"], replace(setup, **changes))
     return max(est["bytes"]["peak"], est["bytes"]["init_peak"])
 
@@ -366,7 +397,10 @@ def test_the_fit_checks_have_teeth():
     wide = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"gpus_per_task": 2})})
     assert fit_problems(wide, pods) == ["an eval task {'CPU': 4.0, 'GPU': 2} fits no node type"]
     # a GPU config without Ray's memory resource, checkpoints or restarts
-    bare = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"memory_per_worker_gb": None,
-                                                                             "max_failures": None}),
-                                  "unlearn": cfg.unlearn.model_copy(update={"checkpoint_every": None})})
+    bare = cfg.model_copy(
+        update={
+            "scaling": cfg.scaling.model_copy(update={"memory_per_worker_gb": None, "max_failures": None}),
+            "unlearn": cfg.unlearn.model_copy(update={"checkpoint_every": None}),
+        }
+    )
     assert len(gpu_config_problems(bare)) == 3

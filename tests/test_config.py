@@ -56,11 +56,15 @@ def test_errors_name_the_field_path(config_file):
 
 
 def test_registry_checks_method_params_merge_method_and_files(config_file):
-    assert problems(config_file(unlearn__method="nope"))[0].startswith("unlearn.method: unknown unlearning method 'nope'")
+    assert problems(config_file(unlearn__method="nope"))[0].startswith(
+        "unlearn.method: unknown unlearning method 'nope'"
+    )
     assert problems(config_file(unlearn__params={"beta": 0}))[0].startswith("unlearn.params.beta: ")
     assert problems(config_file(merge={"method": "tie"}))[0].startswith("merge.method: unknown mergekit method 'tie'")
-    assert problems(config_file(data__holdout="/nonexistent/h.jsonl"))[0] == \
-        "data.holdout.path: no such file /nonexistent/h.jsonl"
+    assert (
+        problems(config_file(data__holdout="/nonexistent/h.jsonl"))[0]
+        == "data.holdout.path: no such file /nonexistent/h.jsonl"
+    )
     assert problems(config_file(deepspeed="missing.json"))[0].startswith("deepspeed: no such file")
 
 
@@ -78,8 +82,8 @@ def test_cli_validate_exits_2_with_one_line_per_problem(config_file):
     path = config_file(unlearn__optimizer__lr=-1, scaling={"num_workers": 0})
     r = cli("validate", path)
     assert r.exit_code == 2
-    lines = [l for l in r.output.splitlines() if l.strip()]
-    assert len(lines) == 2 and all(l.startswith(f"error: {path}: ") for l in lines)
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith(f"error: {path}: ") for line in lines)
     assert "Traceback" not in r.output
 
 
@@ -92,8 +96,9 @@ def test_cli_validate_rejects_an_unknown_split_attribute_before_anything_runs(co
 def test_a_retain_term_without_retain_data_is_named(config_file, tiny_dir):
     path = config_file(unlearn={"method": "ga", "params": {}}, data={"forget": str(tiny_dir / "forget.jsonl")})
     assert load_config(path).unlearn.method == "ga"  # plain GA needs no retain data
-    path = config_file(unlearn={"method": "random_label", "params": {"alpha": 1.0}},
-                       data={"forget": str(tiny_dir / "forget.jsonl")})
+    path = config_file(
+        unlearn={"method": "random_label", "params": {"alpha": 1.0}}, data={"forget": str(tiny_dir / "forget.jsonl")}
+    )
     assert problems(path)[0].startswith("data.retain: method 'random_label'")
     path = config_file(unlearn={"method": "ga", "params": {}, "retain_source": "general"})
     assert problems(path)[0].startswith("data.general: ")
@@ -102,9 +107,11 @@ def test_a_retain_term_without_retain_data_is_named(config_file, tiny_dir):
 def test_variants_expand_into_named_pipelines_with_their_own_output(config_file, tmp_path):
     from orchestrator.config.loading import load_configs
 
-    path = config_file(storage={"output_dir": "out"}, name="sweep",
-                       variants={"fast": {"unlearn.optimizer.lr": 1e-3}, "gd": {"unlearn.method": "grad_diff",
-                                                                                 "unlearn.params": {}}})
+    path = config_file(
+        storage={"output_dir": "out"},
+        name="sweep",
+        variants={"fast": {"unlearn.optimizer.lr": 1e-3}, "gd": {"unlearn.method": "grad_diff", "unlearn.params": {}}},
+    )
     runs = load_configs(path)
     assert [n for n, _ in runs] == ["fast", "gd"]
     fast, gd = runs[0][1], runs[1][1]
@@ -121,7 +128,7 @@ def test_chat_template_on_a_tokenizer_without_one_is_one_line_at_validate(config
     path = config_file(data__template="chat")  # the tiny BPE tokenizer has no chat template
     r = cli("validate", path)
     assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.splitlines() if l.strip()]
+    lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "data.template: chat: tokenizer of" in lines[0] and "has no chat template" in lines[0]
 
 
@@ -129,13 +136,20 @@ def test_prompt_fields_reach_the_prompt_format(config_file):
     cfg = load_config(config_file(data__answer_eos=False))
     assert cfg.data.prompt_format().answer_eos is False and cfg.data.prompt_format().template == cfg.data.template
     assert any("system_prompt needs template: chat" in p for p in problems(config_file(data__system_prompt="Hi")))
-    assert any("data.template: Value error, must contain '{question}', or be 'chat'" in p
-               for p in problems(config_file(data__template="Q:")))
+    assert any(
+        "data.template: Value error, must contain '{question}', or be 'chat'" in p
+        for p in problems(config_file(data__template="Q:"))
+    )
 
 
 def test_lora_and_memory_options_are_checked_against_each_other(config_file):
-    ok = load_config(config_file(unlearn__lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                                 unlearn__gradient_checkpointing=True, merge={"output": "adapter"}))
+    ok = load_config(
+        config_file(
+            unlearn__lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            unlearn__gradient_checkpointing=True,
+            merge={"output": "adapter"},
+        )
+    )
     assert ok.unlearn.lora.r == 4 and ok.unlearn.lora.alpha == 16 and ok.merge.output == "adapter"
     found = problems(config_file(unlearn__lora={"r": 4}, unlearn__localize={"fraction": 0.1}))
     assert any(p.startswith("unlearn.localize: cannot be combined with unlearn.lora") for p in found)
@@ -146,10 +160,17 @@ def test_lora_and_memory_options_are_checked_against_each_other(config_file):
     found = problems(config_file(model__attn_implementation="flash_attention_2"))
     assert any(p.startswith("model.attn_implementation: flash_attention_2 needs the flash_attn package") for p in found)
     # tvn's jobs output full (negated) models, merged by mergekit: any method; but not into an adapter
-    load_config(config_file(unlearn__method="tvn", unlearn__params={"order": "negate_then_merge"},
-                            unlearn__lora={"r": 4}, merge={"method": "dare_ties"}))
-    found = problems(config_file(unlearn__method="tvn", unlearn__params={}, unlearn__lora={"r": 4},
-                                 merge={"output": "adapter"}))
+    load_config(
+        config_file(
+            unlearn__method="tvn",
+            unlearn__params={"order": "negate_then_merge"},
+            unlearn__lora={"r": 4},
+            merge={"method": "dare_ties"},
+        )
+    )
+    found = problems(
+        config_file(unlearn__method="tvn", unlearn__params={}, unlearn__lora={"r": 4}, merge={"output": "adapter"})
+    )
     assert any("rewrites the merged weights" in p for p in found)
 
 
@@ -163,9 +184,12 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4}))) == 2
     # the merge actor's reservation (3 GiB) is held beside the jobs: 7 GiB left, one 4 GiB job
     assert P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 4})), 3 * 2**30) == 1
-    with pytest.raises(P.PipelineError, match=r"one unlearning job needs 1 x \{CPU: 1, memory: 12 GiB\}, more than "
-                       r"the cluster has \(8 CPU, 10 GiB memory\); on a cluster that grows, set "
-                       r"scaling.wait_for_resources_s"):
+    with pytest.raises(
+        P.PipelineError,
+        match=r"one unlearning job needs 1 x \{CPU: 1, memory: 12 GiB\}, more than "
+        r"the cluster has \(8 CPU, 10 GiB memory\); on a cluster that grows, set "
+        r"scaling.wait_for_resources_s",
+    ):
         P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12, "wait_for_resources_s": 0})))
 
 
@@ -179,28 +203,38 @@ def test_gpu_defaults_and_each_bad_gpu_combination_is_one_line(config_file):
     assert load_config(config_file(scaling=gpu, eval={"gpus_per_task": 4})).eval.gpus_per_task == 4
     assert problems(config_file(scaling=gpu, eval={"gpus_per_task": 0})) == [
         "eval.gpus_per_task: 0 with scaling.use_gpu: true leaves each eval task's model on a GPU it did not reserve, "
-        "beside the training workers; reserve 1 or more, or set eval.device: cpu"]
+        "beside the training workers; reserve 1 or more, or set eval.device: cpu"
+    ]
     assert problems(config_file(scaling={**gpu, "gpus_per_worker": 0.5})) == [
         "scaling.gpus_per_worker: 0.5 with num_workers 2 can put two NCCL ranks of one job on one GPU, which NCCL "
-        "refuses; use whole GPUs per worker, or num_workers: 1 to share GPUs between jobs"]
+        "refuses; use whole GPUs per worker, or num_workers: 1 to share GPUs between jobs"
+    ]
     # one worker per job sharing a GPU with other jobs' workers is fine (fan-out on one GPU)
     assert load_config(config_file(scaling={"use_gpu": True, "gpus_per_worker": 0.25})).scaling.gpus_per_worker == 0.25
     assert problems(config_file(eval={"device": "cpu", "gpus_per_task": 1})) == [
-        "eval.gpus_per_task: 1.0 with eval.device: cpu reserves GPUs the task hides; set 0 or eval.device: auto"]
+        "eval.gpus_per_task: 1.0 with eval.device: cpu reserves GPUs the task hides; set 0 or eval.device: auto"
+    ]
     # each through `spunge validate`: one line, exit 2
-    for bad in ({"scaling": gpu, "eval": {"gpus_per_task": 0}}, {"scaling": {**gpu, "gpus_per_worker": 0.5}},
-                {"eval": {"device": "cpu", "gpus_per_task": 2}}):
+    for bad in (
+        {"scaling": gpu, "eval": {"gpus_per_task": 0}},
+        {"scaling": {**gpu, "gpus_per_worker": 0.5}},
+        {"eval": {"device": "cpu", "gpus_per_task": 2}},
+    ):
         r = cli("validate", str(path := config_file(**bad)))
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert r.output.startswith(f"error: {path}: ") and "Traceback" not in r.output
     assert problems(config_file(scaling=gpu, eval={"gpus_per_task": 1.5})) == [
         "eval.gpus_per_task: 1.5 is a fraction above 1, which Ray cannot reserve; use a fraction below 1 or a whole "
-        "number"]
+        "number"
+    ]
 
 
 def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     found = problems(config_file(eval={"suites": ["qa", "mia", "mc", "perplexity", "nope"]}))
-    assert "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, qa, relearn, verbmem" in found
+    assert (
+        "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, "
+        "qa, relearn, verbmem" in found
+    )
     needs = sorted(p.split(":")[0] + ": " + p.split(": ")[1].split(" needs")[0] for p in found if p.startswith("data."))
     assert needs == ["data.general: the perplexity suite", "data.holdout: the mia suite", "data.mc: the mc suite"]
     # options sections are the suites' own models: eval.<suite>.<option>, validated by field
@@ -210,12 +244,17 @@ def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     (tmp_path / "tasks").mkdir()
     cfg = load_config(config_file(eval={"suites": ["lmeval"], "lmeval": {"tasks": ["other"], "include_path": "tasks"}}))
     assert cfg.eval.suite_options("lmeval")["include_path"] == str(tmp_path / "tasks")
-    assert cfg.eval.suite_options("qa") == {"stop": [], "normalized_prob": ["real_authors", "world_facts"],
-                                            "utility": ["retain", "real_authors", "world_facts"]}
+    assert cfg.eval.suite_options("qa") == {
+        "stop": [],
+        "normalized_prob": ["real_authors", "world_facts"],
+        "utility": ["retain", "real_authors", "world_facts"],
+    }
     assert cfg.eval.suite_options("perplexity") == {}
     found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"include_path": "missing"}}))
-    assert found == ["data.mc: the lmeval suite needs a multiple-choice file (question, choices, answer), but it is not set",
-                     "eval.lmeval: include_path: no such folder missing (expected task YAMLs)"]
+    assert found == [
+        "data.mc: the lmeval suite needs a multiple-choice file (question, choices, answer), but it is not set",
+        "eval.lmeval: include_path: no such folder missing (expected task YAMLs)",
+    ]
 
 
 def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path):
@@ -225,11 +264,18 @@ def test_optional_extras_are_checked_up_front(config_file, monkeypatch, tmp_path
     for module in ("optuna", "lm_eval", "peft"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     found = problems(config_file(eval={"suites": ["lmeval"], "lmeval": {"tasks": ["other"]}}, unlearn__lora={"r": 4}))
-    assert "eval.lmeval: the lmeval suite (lm-evaluation-harness) needs the lm_eval package: pip install " \
-           "'spunge[lmeval]'" in found
+    assert (
+        "eval.lmeval: the lmeval suite (lm-evaluation-harness) needs the lm_eval package: pip install "
+        "'spunge[lmeval]'" in found
+    )
     assert "unlearn.lora: LoRA (unlearn.lora) needs the peft package: pip install peft" in found
-    path = config_file(tune={"space": {"unlearn.optimizer.lr": {"choice": [1e-4]}}, "search": "optuna",
-                             "objective": {"metric": "forget_prob", "mode": "min"}})
+    path = config_file(
+        tune={
+            "space": {"unlearn.optimizer.lr": {"choice": [1e-4]}},
+            "search": "optuna",
+            "objective": {"metric": "forget_prob", "mode": "min"},
+        }
+    )
     with pytest.raises(ConfigError) as e:
         load_tune(path)
     assert e.value.problems == ["tune.search: optuna needs the optuna package: pip install 'spunge[tune]'"]
@@ -252,8 +298,9 @@ def test_eval_sets_resolve_like_sources_and_bad_names_or_files_are_named(config_
     import shutil
 
     shutil.copy(tiny_dir / "retain.jsonl", tmp_path / "ra.jsonl")
-    cfg = load_config(config_file(data__eval_sets={"real_authors": "ra.jsonl",
-                                                   "retain": {"path": str(tiny_dir / "retain.jsonl")}}))
+    cfg = load_config(
+        config_file(data__eval_sets={"real_authors": "ra.jsonl", "retain": {"path": str(tiny_dir / "retain.jsonl")}})
+    )
     assert cfg.data.eval_sets["real_authors"].path == str(tmp_path / "ra.jsonl")  # relative to the config
     assert set(cfg.data.sources()) == {"forget", "retain", "eval_sets.real_authors", "eval_sets.retain"}
     found = problems(config_file(data__eval_sets={"mc": "ra.jsonl"}))
@@ -269,14 +316,23 @@ def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file,
 
     (tmp_path / "a.jsonl").write_text('{"text": "anthrax spores survive heat."}\n{"text": "ricin is a toxin."}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "a buffer overflow writes past an array."}\n')
-    cfg = load_config(config_file(data__mc={"parts": [{"path": "a.jsonl", "set": {"domain": "bio"}},
-                                                      {"path": "b.jsonl", "set": {"domain": "cyber"}}]}))
+    cfg = load_config(
+        config_file(
+            data__mc={
+                "parts": [
+                    {"path": "a.jsonl", "set": {"domain": "bio"}},
+                    {"path": "b.jsonl", "set": {"domain": "cyber"}},
+                ]
+            }
+        )
+    )
     src = cfg.data.mc
     assert [leaf.path for leaf in src.leaves()] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
     assert src.label() == f"{tmp_path / 'a.jsonl'} + {tmp_path / 'b.jsonl'}"
     rows = load_source(src)
-    assert rows == [{**r, "domain": "bio"} for r in load_jsonl(tmp_path / "a.jsonl")] + \
-        [{"text": "a buffer overflow writes past an array.", "domain": "cyber"}]
+    assert rows == [{**r, "domain": "bio"} for r in load_jsonl(tmp_path / "a.jsonl")] + [
+        {"text": "a buffer overflow writes past an array.", "domain": "cyber"}
+    ]
     found = problems(config_file(data__mc={"parts": ["a.jsonl", "missing.jsonl"]}))
     assert any(p.startswith("data.mc.parts.1.path: no such file") for p in found), found
     found = problems(config_file(data__mc={"path": "a.jsonl", "parts": ["b.jsonl"]}))
@@ -285,8 +341,10 @@ def test_a_source_of_parts_concatenates_them_with_their_set_columns(config_file,
 
 def test_a_global_batch_that_does_not_split_over_the_workers_is_one_line(config_file):
     found = problems(config_file(unlearn__global_batch_size=9, scaling__num_workers=2))
-    assert found == ["unlearn.global_batch_size: 9 rows do not split evenly over 2 workers (scaling.num_workers); "
-                     "use a multiple of 2"]
+    assert found == [
+        "unlearn.global_batch_size: 9 rows do not split evenly over 2 workers (scaling.num_workers); "
+        "use a multiple of 2"
+    ]
     found = problems(config_file(unlearn__global_batch_size=8, unlearn__gradient_accumulation_steps=2))
     assert len(found) == 1 and found[0].startswith("unlearn.gradient_accumulation_steps: set it or")
     assert load_config(config_file(unlearn__global_batch_size=8, scaling__num_workers=2)).unlearn.global_batch_size == 8

@@ -9,8 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.spec import OptimizerSpec, UnlearnSpec
-from jobs.unlearn.engine import (FORCE_DS_CPU_OPTIMIZER, CPUAdamFallbackWarning, cpu_adam_unavailable,
-                                 deepspeed_config, import_deepspeed, make_optimizer, offloads_optimizer)
+from jobs.unlearn.engine import (
+    FORCE_DS_CPU_OPTIMIZER,
+    CPUAdamFallbackWarning,
+    cpu_adam_unavailable,
+    deepspeed_config,
+    import_deepspeed,
+    make_optimizer,
+    offloads_optimizer,
+)
 from jobs.unlearn.loop import run_unlearning
 
 
@@ -19,10 +26,19 @@ def offload(stage: int = 2, device: str = "cpu") -> dict:
 
 
 def spec(tiny_dir, tmp_path, out: str, **kw) -> UnlearnSpec:
-    base = dict(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                retain_path=str(tiny_dir / "retain.jsonl"), method="grad_diff",
-                optimizer={"lr": 1e-2, "weight_decay": 0.1}, max_steps=2, batch_size=4, report_interval_s=0,
-                deepspeed=offload(), output_dir=str(tmp_path / out))
+    base = dict(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="grad_diff",
+        optimizer={"lr": 1e-2, "weight_decay": 0.1},
+        max_steps=2,
+        batch_size=4,
+        report_interval_s=0,
+        deepspeed=offload(),
+        output_dir=str(tmp_path / out),
+    )
     return UnlearnSpec(**{**base, **kw})
 
 
@@ -111,8 +127,9 @@ def train(s: UnlearnSpec, monkeypatch) -> tuple[list[dict], torch.optim.Optimize
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_offloaded_steps_with_cpu_adam_match_torch_adamw(tiny_dir, tmp_path, single_process_dist, monkeypatch,
-                                                            op_check, stage):
+def test_two_offloaded_steps_with_cpu_adam_match_torch_adamw(
+    tiny_dir, tmp_path, single_process_dist, monkeypatch, op_check, stage
+):
     """The loop's offloaded job steps DeepSpeedCPUAdam; with the op broken, torch's fused AdamW with one warning.
     Both apply AdamW's formula in fp32 and differ only in rounding, which Adam magnifies up to lr / eps where a
     gradient is near 0. Each step moves a weight by about lr = 1e-2 (m / sqrt(v) is about 1 in the first

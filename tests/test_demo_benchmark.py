@@ -31,13 +31,16 @@ def test_same_seed_same_records_different_seed_different():
 
 
 def test_deterministic_across_processes_and_hash_seeds():
-    code = ("import hashlib, json; from jobs.data.demo import generate; "
-            "print(hashlib.sha256(json.dumps(generate('tiny', 3)).encode()).hexdigest())")
+    code = (
+        "import hashlib, json; from jobs.data.demo import generate; "
+        "print(hashlib.sha256(json.dumps(generate('tiny', 3)).encode()).hexdigest())"
+    )
     digests = set()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
         digests.add(out.stdout.strip())
     assert digests == {hashlib.sha256(json.dumps(demo.generate("tiny", 3)).encode()).hexdigest()}
 
@@ -111,6 +114,7 @@ def test_jsonl_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- one real build (tiny, ~50 s)
 
+
 @pytest.fixture(scope="module")
 def tiny(tiny_bench):
     return tiny_bench
@@ -183,8 +187,7 @@ def test_truth_ratio_separates_base_from_oracle(tiny):
 
 
 def test_second_build_is_cached(tiny):
-    from jobs.data.demo_train import build_benchmark
-    from jobs.data.demo_train import cached_benchmark
+    from jobs.data.demo_train import build_benchmark, cached_benchmark
 
     out, meta, _ = tiny
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}

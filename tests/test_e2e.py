@@ -23,12 +23,18 @@ def bench(tiny_bench) -> tuple[Path, dict]:
 
 
 # secrets a user's environment holds: none may reach MLflow, the report, the logs or the terminal
-SECRETS = {"HF_TOKEN": "hf_e2eSECRETtoken123", "MLFLOW_TRACKING_USERNAME": "alice",
-           "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw456", "RAY_AUTH_TOKEN": "rayauthSECRETtok789ab"}
+SECRETS = {
+    "HF_TOKEN": "hf_e2eSECRETtoken123",
+    "MLFLOW_TRACKING_USERNAME": "alice",
+    "MLFLOW_TRACKING_PASSWORD": "mlflowSECRETpw456",
+    "RAY_AUTH_TOKEN": "rayauthSECRETtok789ab",
+}
 STEPS, EVERY = 60, 20
 # keep the step of the best 1/2 (forget quality + model utility), utility >= 0.5 x base
-RULE = {"weights": {"forget_quality": 0.5, "model_utility": 0.5},
-        "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.5}]}
+RULE = {
+    "weights": {"forget_quality": 0.5, "model_utility": 0.5},
+    "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.5}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +49,9 @@ def pipeline(bench, tmp_path_factory):
     cfg = demo_config(bench_dir, meta, "tiny", work / "run")
     cfg["name"] = "e2e"
     cfg["unlearn"].update(max_steps=STEPS, eval_every=EVERY, select={"rule": RULE, "suites": ["qa"], "max_examples": 8})
-    cfg["eval"].update(suites=[*cfg["eval"]["suites"], "relearn"], relearn={"steps": 4, "lr": 3e-4, "fraction": 0.5},
-                       max_examples=16)
+    cfg["eval"].update(
+        suites=[*cfg["eval"]["suites"], "relearn"], relearn={"steps": 4, "lr": 3e-4, "fraction": 0.5}, max_examples=16
+    )
     cfg["report"] = {"pretraining_tokens": 1e9}
     (work / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     peak: list[int] = []
@@ -57,8 +64,17 @@ def pipeline(bench, tmp_path_factory):
     second = spunge("run", "pipe.yaml", "--resume", cwd=work)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     report2 = json.loads((work / "run" / "report.json").read_text())
-    return {"work": work, "meta": meta, "first": first, "report1": report1, "report2": report2, "scored": scored,
-            "mtimes": mtimes, "trainer_runs": trainer_runs, "peak_ray_processes": max(peak, default=0)}
+    return {
+        "work": work,
+        "meta": meta,
+        "first": first,
+        "report1": report1,
+        "report2": report2,
+        "scored": scored,
+        "mtimes": mtimes,
+        "trainer_runs": trainer_runs,
+        "peak_ray_processes": max(peak, default=0),
+    }
 
 
 def test_report_has_every_model_and_metric(pipeline):
@@ -66,8 +82,16 @@ def test_report_has_every_model_and_metric(pipeline):
     values = pipeline["meta"]["split_values"]
     assert len(values) == 2
     assert set(models) == {"base", "oracle", "merged", "unsplit", *(f"subset/{v}" for v in values)}
-    keys = {"forget_prob", "forget_rouge", "forget_truth_ratio", "forget_quality", "retain_prob", "retain_rouge",
-            "model_utility", "holdout_prob"}
+    keys = {
+        "forget_prob",
+        "forget_rouge",
+        "forget_truth_ratio",
+        "forget_quality",
+        "retain_prob",
+        "retain_rouge",
+        "model_utility",
+        "holdout_prob",
+    }
     for name, m in models.items():
         assert keys <= set(m), name
         assert 0 <= m["forget_quality"] <= 1
@@ -100,12 +124,13 @@ def test_mlflow_parent_run_has_nested_stage_runs(pipeline):
     assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
     assert parent.data.params["unlearn.method"] == "npo" and parent.data.params["merge.method"] == "ties"
     assert parent.data.metrics["merged.forget_prob"] == pytest.approx(report["models"]["merged"]["forget_prob"])
-    assert {"report.json", "report.md", "config.resolved.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.json", "report.md", "config.resolved.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     values = pipeline["meta"]["split_values"]
-    want = {"merge", "unlearn/unsplit", *(f"unlearn/{v}" for v in values),
-            *(f"eval/{m}" for m in report["models"])}
+    want = {"merge", "unlearn/unsplit", *(f"unlearn/{v}" for v in values), *(f"eval/{m}" for m in report["models"])}
     assert want <= set(by_name), sorted(by_name)
     job = by_name[f"unlearn/{values[0]}"]
     history = client.get_metric_history(job.info.run_id, "forget_loss")
@@ -113,7 +138,9 @@ def test_mlflow_parent_run_has_nested_stage_runs(pipeline):
     assert history[-1].value > history[0].value  # unlearning pushes the forget loss up
     assert {"loss", "retain_loss", "grad_norm", "lr", "tokens_per_s"} <= set(job.data.metrics)
     assert "merged_model" in {a.path for a in client.list_artifacts(by_name["merge"].info.run_id)}
-    assert by_name["eval/merged"].data.metrics["forget_prob"] == pytest.approx(report["models"]["merged"]["forget_prob"])
+    assert by_name["eval/merged"].data.metrics["forget_prob"] == pytest.approx(
+        report["models"]["merged"]["forget_prob"]
+    )
 
 
 def test_eval_ran_one_cached_task_per_model_and_suite(pipeline):
@@ -142,7 +169,7 @@ def test_report_groups_columns_and_plots_are_written_and_logged(pipeline):
         logged = {a.path for a in client.list_artifacts(report["mlflow_run_id"], "plots")}
         assert {f"plots/{n}" for n in want} <= logged, logged
     for job in pipeline["report1"]["jobs"].values():  # each job's step rows, kept for the plots of later runs
-        rows = [json.loads(l) for l in (Path(job["output_dir"]) / "history.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(job["output_dir"]) / "history.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, job["final_metrics"]["total_steps"] + 1))
 
 
@@ -165,8 +192,13 @@ def test_no_secret_of_the_environment_reaches_any_output(pipeline):
     blobs = [(str(f), f.read_bytes()) for f in work.rglob("*") if f.is_file()]
     blobs.append(("terminal", (pipeline["first"].stdout + pipeline["first"].stderr).encode()))
     assert len(blobs) > 50 and any(name.endswith("mlflow.db") for name, _ in blobs)
-    leaks = [(name, key) for key, value in SECRETS.items() if len(value) > 8
-             for name, blob in blobs if value.encode() in blob]
+    leaks = [
+        (name, key)
+        for key, value in SECRETS.items()
+        if len(value) > 8
+        for name, blob in blobs
+        if value.encode() in blob
+    ]
     assert leaks == []
 
 
@@ -196,7 +228,9 @@ def test_each_job_keeps_the_step_its_rule_picks_and_the_merge_gets_it(pipeline):
         assert [c["step"] for c in cands] == [EVERY, 2 * EVERY, STEPS] and sel["last_step"] == STEPS
         # every candidate's objective is the rule's, and the chosen step is the best feasible one
         for c in cands:
-            assert c["objective_raw"] == pytest.approx(0.5 * c["metrics"]["forget_quality"] + 0.5 * c["metrics"]["model_utility"])
+            assert c["objective_raw"] == pytest.approx(
+                0.5 * c["metrics"]["forget_quality"] + 0.5 * c["metrics"]["model_utility"]
+            )
         best = max(cands, key=lambda c: (c["feasible"], c["objective"], c["step"]))
         assert sel["step"] == best["step"]
         assert sel["rule"].startswith("max 0.5*forget_quality + 0.5*model_utility s.t. model_utility >= 0.5 x base")
@@ -255,7 +289,7 @@ def test_cost_totals_add_up_and_reach_mlflow(pipeline):
         assert stages["unlearn"][k] == pytest.approx(sum(j[k] for j in cost["jobs"].values()))
     # training: 6 x params x the tokens of every step; every job trained STEPS steps of 8 forget + 8 retain rows
     params = cost["params"]
-    for key, job in cost["jobs"].items():
+    for job in cost["jobs"].values():
         assert job["flops"] == pytest.approx(6 * params * job["tokens"])
         assert job["tokens"] > STEPS * 16 * 5  # at least 5 tokens per row
     assert stages["select"]["tokens"] > 0 and stages["evaluate"]["tokens"] > 0 and stages["merge"]["device_s"] > 0
@@ -263,7 +297,8 @@ def test_cost_totals_add_up_and_reach_mlflow(pipeline):
     assert cost["retrain_flops"] == pytest.approx(6 * params * 1e9)
     assert cost["retrain_vs_pipeline"] == pytest.approx(cost["retrain_flops"] / cost["total"]["flops"])
     assert cost["retrain_vs_unlearning"] == pytest.approx(
-        cost["retrain_flops"] / (stages["unlearn"]["flops"] + stages["select"]["flops"]))
+        cost["retrain_flops"] / (stages["unlearn"]["flops"] + stages["select"]["flops"])
+    )
     assert "x the unlearning" in pipeline["first"].stdout + pipeline["first"].stderr
     client = MlflowClient(f"sqlite:///{pipeline['work'] / 'mlflow.db'}")
     parent = client.get_run(report["mlflow_run_id"])
@@ -272,8 +307,9 @@ def test_cost_totals_add_up_and_reach_mlflow(pipeline):
 
 def test_resume_reuses_the_choices_without_scoring_again(pipeline):
     r1, r2 = pipeline["report1"], pipeline["report2"]
-    assert {k: j["selected"]["step"] for k, j in r1["jobs"].items()} == \
-        {k: j["selected"]["step"] for k, j in r2["jobs"].items()}
+    assert {k: j["selected"]["step"] for k, j in r1["jobs"].items()} == {
+        k: j["selected"]["step"] for k, j in r2["jobs"].items()
+    }
     assert all(j["reused"] for j in r2["jobs"].values())
     # no snapshot was scored again, and the reused jobs' costs are the ones measured when they ran
     assert {p: p.stat().st_mtime_ns for p in pipeline["scored"]} == pipeline["scored"]
@@ -288,8 +324,13 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
         "split": {"attribute": "group", "baseline": "none"},
-        "unlearn": {"method": "ga", "optimizer": {"name": "sgd", "lr": 1e30}, "max_steps": 20, "batch_size": 4,
-                    "checkpoint_every": 2},
+        "unlearn": {
+            "method": "ga",
+            "optimizer": {"name": "sgd", "lr": 1e30},
+            "max_steps": 20,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+        },
         "deepspeed": {"gradient_clipping": 0.0},
         "scaling": {"max_failures": 3},  # restarts for crashes; a diverging loss is not one
         "eval": {"max_examples": 4},
@@ -297,7 +338,7 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     r = spunge("run", "bad.yaml", cwd=tmp_path)
     assert r.returncode == 1
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr[-3000:]
     assert "unlearn subset/" in errors[0] and "loss became" in errors[0] and "(method ga" in errors[0]
     assert "Traceback" not in r.stderr and not (tmp_path / "spunge-output" / "report.json").exists()

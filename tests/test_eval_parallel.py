@@ -28,20 +28,33 @@ def setup(tiny_dir, tmp_path_factory, local_ray):
     for name in ("base", "oracle", "merged"):  # three model folders (copies: same weights)
         shutil.copytree(tiny_dir / "model", work / name)
         models[name] = (str(work / name), model_fingerprint(str(work / name)))
-    files = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl"),
-             "holdout": str(write_jsonl(work / "holdout.jsonl", load_jsonl(tiny_dir / "retain.jsonl")[:4]))}
-    cfg = PipelineConfig(model={"path": models["base"][0]}, data={"forget": files["forget"], "retain": files["retain"]},
-                         split={"attribute": "group"}, unlearn={"max_length": 64},
-                         eval={"suites": SUITES, "max_examples": 4, "batch_size": 8, "max_new_tokens": 8,
-                               "oracle": models["oracle"][0]})
+    files = {
+        "forget": str(tiny_dir / "forget.jsonl"),
+        "retain": str(tiny_dir / "retain.jsonl"),
+        "holdout": str(write_jsonl(work / "holdout.jsonl", load_jsonl(tiny_dir / "retain.jsonl")[:4])),
+    }
+    cfg = PipelineConfig(
+        model={"path": models["base"][0]},
+        data={"forget": files["forget"], "retain": files["retain"]},
+        split={"attribute": "group"},
+        unlearn={"max_length": 64},
+        eval={"suites": SUITES, "max_examples": 4, "batch_size": 8, "max_new_tokens": 8, "oracle": models["oracle"][0]},
+    )
     prep = Prepared(files, {}, {}, {n: file_digest(p) for n, p in files.items()})
     uri = f"sqlite:///{work / 'mlflow.db'}"
 
     def evaluate(resume: bool, suites=SUITES):
         tracker = Tracker(uri, "evalpar", "evalpar")
         c = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"suites": suites})})
-        ctx = RunContext(c, work / "out", resume, MlflowEvents(tracker), Display(), prep=prep,
-                         merged=Merged(*models["merged"], reused=False))
+        ctx = RunContext(
+            c,
+            work / "out",
+            resume,
+            MlflowEvents(tracker),
+            Display(),
+            prep=prep,
+            merged=Merged(*models["merged"], reused=False),
+        )
         run_stages(ctx, ["evaluate"])  # the pipeline's evaluate stage: base, oracle and merged
         tracker.end_all()
         return ctx.results, tracker
@@ -57,11 +70,14 @@ def test_six_tasks_ran_concurrently_and_were_combined_per_model(setup):
     assert len(tasks) == 6 and all(t["pid"] and t["ended"] >= t["started"] for _, _, t in tasks)
     # timing-free evidence of parallel execution: some two tasks were running at the same moment,
     # and the tasks ran in more than one worker process
-    overlapping = [(a[:2], b[:2]) for a, b in combinations(tasks, 2)
-                   if a[2]["started"] < b[2]["ended"] and b[2]["started"] < a[2]["ended"]]
+    overlapping = [
+        (a[:2], b[:2])
+        for a, b in combinations(tasks, 2)
+        if a[2]["started"] < b[2]["ended"] and b[2]["started"] < a[2]["ended"]
+    ]
     assert overlapping, [(m, s, t["started"], t["ended"]) for m, s, t in tasks]
     assert len({t["pid"] for _, _, t in tasks}) > 1
-    for name, r in res.items():
+    for r in res.values():
         m = r["metrics"]
         assert {"forget_prob", "retain_rouge", "model_utility", "holdout_prob"} <= set(m)  # qa
         assert {"mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc"} <= set(m)  # mia
@@ -146,12 +162,16 @@ def test_a_killed_merge_actor_reruns_the_merge_only(setup, tiny_dir):
     from orchestrator.stages.merge import start_merge_actor
 
     work = setup["work"]
-    cfg = PipelineConfig(model={"path": str(tiny_dir / "model")}, split={"attribute": "group"},
-                         data={"forget": str(tiny_dir / "forget.jsonl")})
+    cfg = PipelineConfig(
+        model={"path": str(tiny_dir / "model")},
+        split={"attribute": "group"},
+        data={"forget": str(tiny_dir / "forget.jsonl")},
+    )
     jobs = []
     for v, folder in (("north", "oracle"), ("south", "merged")):  # two finished subset jobs: copies of the model
-        spec = UnlearnSpec(name=f"subset/{v}", model_path="m", forget_path="f", method="ga",
-                           output_dir=str(work / folder))
+        spec = UnlearnSpec(
+            name=f"subset/{v}", model_path="m", forget_path="f", method="ga", output_dir=str(work / folder)
+        )
         jobs.append(Job(JobKind.SUBSET, spec, f"h{v}", subset=v))
     ctx = RunContext(cfg, work / "merge-out", jobs=jobs)
     start_merge_actor(ctx)

@@ -25,21 +25,41 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 
 # what each example needs that the repository lacks (see ``stand_ins``); a new example must be added here
-NEEDS = {"demo.yaml": "demo benchmark", "methods_demo.yaml": "demo benchmark", "tune_demo.yaml": "demo benchmark",
-         "methods_seeds.yaml": "demo benchmark", "methods_seeds_tiny.yaml": "tiny demo benchmark",
-         "yao_seven.yaml": "demo benchmark", "smollm2.yaml": "smollm2 model", "llama2_7b_gpu.yaml": "cluster files",
-         "tofu.yaml": "tofu fixtures", "muse_news.yaml": "muse fixtures", "wmdp_spunge.yaml": "wmdp fixtures"}
+NEEDS = {
+    "demo.yaml": "demo benchmark",
+    "methods_demo.yaml": "demo benchmark",
+    "tune_demo.yaml": "demo benchmark",
+    "methods_seeds.yaml": "demo benchmark",
+    "methods_seeds_tiny.yaml": "tiny demo benchmark",
+    "yao_seven.yaml": "demo benchmark",
+    "smollm2.yaml": "smollm2 model",
+    "llama2_7b_gpu.yaml": "cluster files",
+    "tofu.yaml": "tofu fixtures",
+    "muse_news.yaml": "muse fixtures",
+    "wmdp_spunge.yaml": "wmdp fixtures",
+}
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HUB = {  # hub datasets -> fixture files in their schema: (folder, {dataset: the prefix of its files})
     "tofu fixtures": (FIXTURES / "tofu", {"locuslab/TOFU": ""}),
     "muse fixtures": (FIXTURES / "muse_news", {"muse-bench/MUSE-News": ""}),
-    "wmdp fixtures": (FIXTURES / "wmdp", {"cais/wmdp-bio-forget-corpus": "wmdp-bio-forget-corpus",
-                                          "cais/wmdp-corpora": "wmdp-corpora", "cais/wmdp": "wmdp", "cais/mmlu": "mmlu"}),
+    "wmdp fixtures": (
+        FIXTURES / "wmdp",
+        {
+            "cais/wmdp-bio-forget-corpus": "wmdp-bio-forget-corpus",
+            "cais/wmdp-corpora": "wmdp-corpora",
+            "cais/wmdp": "wmdp",
+            "cais/mmlu": "mmlu",
+        },
+    ),
 }
-HUB_MODELS = {"tofu fixtures": ("open-unlearning/tofu_Llama-3.2-1B-Instruct_full",
-                                "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90"),
-              "muse fixtures": ("muse-bench/MUSE-news_target", "muse-bench/MUSE-news_retrain"),
-              "wmdp fixtures": ("HuggingFaceH4/zephyr-7b-beta",)}
+HUB_MODELS = {
+    "tofu fixtures": (
+        "open-unlearning/tofu_Llama-3.2-1B-Instruct_full",
+        "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90",
+    ),
+    "muse fixtures": ("muse-bench/MUSE-news_target", "muse-bench/MUSE-news_retrain"),
+    "wmdp fixtures": ("HuggingFaceH4/zephyr-7b-beta",),
+}
 
 
 def hub_to_files(node, folder: Path, datasets: dict[str, str]):
@@ -65,10 +85,17 @@ def gpu_data(folder: Path) -> Path:
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{k: r[k] for k in ("question", "answer", "paraphrased_answer", "perturbed_answers")}
-            | {"domain": r["group"], "era": r["era"]} for r in qa_rows()]
-    files = {"forget": [r for r in rows if r["era"] == "old"], "retain": [r for r in rows if r["era"] == "new"],
-             "holdout": rows[:4], "general": [{"text": r["answer"]} for r in rows]}
+    rows = [
+        {k: r[k] for k in ("question", "answer", "paraphrased_answer", "perturbed_answers")}
+        | {"domain": r["group"], "era": r["era"]}
+        for r in qa_rows()
+    ]
+    files = {
+        "forget": [r for r in rows if r["era"] == "old"],
+        "retain": [r for r in rows if r["era"] == "new"],
+        "holdout": rows[:4],
+        "general": [{"text": r["answer"]} for r in rows],
+    }
     for name, part in files.items():
         pq.write_table(pa.Table.from_pylist(part), folder / f"{name}.parquet")
     return folder
@@ -85,14 +112,18 @@ def stand_ins(name: str, request, tmp_path: Path) -> dict[str, str]:
         model = str(request.getfixturevalue("smollm2"))
         return {**{m: model for m in HUB_MODELS[need]}, "../spunge-output": str(tmp_path / "spunge-output")}
     if need == "smollm2 model":
-        return {"smollm2/model": str(request.getfixturevalue("smollm2")),
-                "smollm2/data": str(EXAMPLES_DIR / "smollm2" / "data"),  # the shipped data, re-anchored
-                "../spunge-output": str(tmp_path / "spunge-output")}
+        return {
+            "smollm2/model": str(request.getfixturevalue("smollm2")),
+            "smollm2/data": str(EXAMPLES_DIR / "smollm2" / "data"),  # the shipped data, re-anchored
+            "../spunge-output": str(tmp_path / "spunge-output"),
+        }
     # the 7B recipe: the hub model name stays (validate checks no hub name offline); the oracle and the
     # data are a cluster's files
-    return {"/data": str(gpu_data(tmp_path / "data")),
-            "/models/llama2-7b-retain-oracle": str(request.getfixturevalue("tiny_dir") / "model"),
-            "/shared/spunge/llama2-7b": str(tmp_path / "out")}
+    return {
+        "/data": str(gpu_data(tmp_path / "data")),
+        "/models/llama2-7b-retain-oracle": str(request.getfixturevalue("tiny_dir") / "model"),
+        "/shared/spunge/llama2-7b": str(tmp_path / "out"),
+    }
 
 
 def relocate(node, moves: dict[str, str], used: Counter):
@@ -105,7 +136,7 @@ def relocate(node, moves: dict[str, str], used: Counter):
         for old, new in moves.items():
             if node == old or node.startswith(old + "/"):
                 used[old] += 1
-                return new + node[len(old):]
+                return new + node[len(old) :]
     return node
 
 
@@ -150,11 +181,17 @@ def test_example_passes_spunge_validate(path, request, tmp_path):
         assert set(job.tune.space) == set(raw["tune"]["space"])
 
 
-@pytest.mark.parametrize("example, field, problem", [
-    ("demo.yaml", "unlearn.method", "unlearn.method: unknown unlearning method 'npoo'"),
-    ("yao_seven.yaml", "variants.ga_kl_retain.unlearn.method",
-     "variants.ga_kl_retain.unlearn.method: unknown unlearning method 'npoo'"),
-])
+@pytest.mark.parametrize(
+    "example, field, problem",
+    [
+        ("demo.yaml", "unlearn.method", "unlearn.method: unknown unlearning method 'npoo'"),
+        (
+            "yao_seven.yaml",
+            "variants.ga_kl_retain.unlearn.method",
+            "variants.ga_kl_retain.unlearn.method: unknown unlearning method 'npoo'",
+        ),
+    ],
+)
 def test_a_typo_in_an_example_fails_validation_naming_the_field(example, field, problem, request, tmp_path):
     path = EXAMPLES_DIR / example
     if field.startswith("variants."):  # a variant's change is a dotted key itself
@@ -174,8 +211,15 @@ def test_a_typo_in_an_example_fails_validation_naming_the_field(example, field, 
 def test_yao_seven_covers_the_seven_methods():
     raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "yao_seven.yaml").read_text())
     combos = {(v["unlearn.method"], v.get("unlearn.retain_source")) for v in raw["variants"].values()}
-    assert combos == {("ga", None), ("random_label", None), ("adversarial", None), ("grad_diff", "retain"),
-                      ("ga_kl", "retain"), ("grad_diff", "general"), ("ga_kl", "general")}
+    assert combos == {
+        ("ga", None),
+        ("random_label", None),
+        ("adversarial", None),
+        ("grad_diff", "retain"),
+        ("ga_kl", "retain"),
+        ("grad_diff", "general"),
+        ("ga_kl", "general"),
+    }
 
 
 def test_demo_example_is_what_spunge_demo_runs(tmp_path):

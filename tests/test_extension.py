@@ -73,16 +73,22 @@ def run_with(package: str, filename: str, source: str, script: str, tmp_path: Pa
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / filename).write_text(source)
-    code = f"import importlib\nimportlib.import_module({package!r}).__path__.append({str(extra)!r})\n" + textwrap.dedent(script)
+    code = (
+        f"import importlib\nimportlib.import_module({package!r}).__path__.append({str(extra)!r})\n"
+        + textwrap.dedent(script)
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def config(tiny_dir: Path, tmp_path: Path, data: dict = {}, **sections) -> str:
-    raw = {"model": {"path": str(tiny_dir / "model")},
-           "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl"), **data},
-           "split": {"attribute": "group"}, **sections}
+def config(tiny_dir: Path, tmp_path: Path, data: dict | None = None, **sections) -> str:
+    raw = {
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl"), **(data or {})},
+        "split": {"attribute": "group"},
+        **sections,
+    }
     path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -91,7 +97,11 @@ def config(tiny_dir: Path, tmp_path: Path, data: dict = {}, **sections) -> str:
 def test_a_new_method_is_one_file(tiny_dir, tmp_path):
     good = config(tiny_dir, tmp_path, unlearn={"method": "toy_ascent", "params": {"scale": 2.0}})
     bad = config(tiny_dir, tmp_path, unlearn={"method": "toy_ascent", "params": {"scale": -1}})
-    out = run_with("jobs.unlearn.methods", "toy_ascent.py", NEW_METHOD, f"""
+    out = run_with(
+        "jobs.unlearn.methods",
+        "toy_ascent.py",
+        NEW_METHOD,
+        f"""
         import json, os, socket
         from jobs.unlearn.methods import method_names
         from orchestrator.config.schema import ConfigError
@@ -110,13 +120,16 @@ def test_a_new_method_is_one_file(tiny_dir, tmp_path):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         from jobs.spec import UnlearnSpec
         from jobs.unlearn.loop import run_unlearning
-        spec = UnlearnSpec(name="subset/old", model_path={str(tiny_dir / "model")!r}, forget_path={str(tiny_dir / "forget.jsonl")!r},
+        spec = UnlearnSpec(name="subset/old", model_path={str(tiny_dir / "model")!r},
+                           forget_path={str(tiny_dir / "forget.jsonl")!r},
                            method=cfg.unlearn.method, method_params=cfg.unlearn.params, optimizer={{"lr": 3e-3}},
                            max_steps=4, batch_size=4, report_interval_s=0, output_dir={str(tmp_path / "job")!r})
         rows = []
         run_unlearning(spec, report=rows.extend)
         print(json.dumps({{"names": method_names(), "bad": bad, "rows": rows}}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert "toy_ascent" in out["names"]
     assert out["bad"] and out["bad"][0].startswith("unlearn.params.scale: Input should be greater than 0")
     rows = out["rows"]
@@ -128,12 +141,18 @@ def test_a_new_method_is_one_file(tiny_dir, tmp_path):
 
 def test_a_new_suite_is_one_file(tiny_dir, tmp_path):
     holdout = {"holdout": str(tiny_dir / "retain.jsonl")}
-    good = config(tiny_dir, tmp_path, data=holdout,
-                  eval={"suites": ["answer_length"], "answer_length": {"unit": "tokens"}})
+    good = config(
+        tiny_dir, tmp_path, data=holdout, eval={"suites": ["answer_length"], "answer_length": {"unit": "tokens"}}
+    )
     no_holdout = config(tiny_dir, tmp_path, eval={"suites": ["answer_length"]})
-    bad_option = config(tiny_dir, tmp_path, data=holdout,
-                        eval={"suites": ["answer_length"], "answer_length": {"units": "tokens"}})
-    out = run_with("jobs.evaluate", "answer_length.py", NEW_SUITE, f"""
+    bad_option = config(
+        tiny_dir, tmp_path, data=holdout, eval={"suites": ["answer_length"], "answer_length": {"units": "tokens"}}
+    )
+    out = run_with(
+        "jobs.evaluate",
+        "answer_length.py",
+        NEW_SUITE,
+        f"""
         import json
         from jobs.evaluate.suites import add_reference_metrics, evaluate_model
         from orchestrator.config.schema import ConfigError
@@ -155,7 +174,9 @@ def test_a_new_suite_is_one_file(tiny_dir, tmp_path):
                           "base": results["base"]["metrics"], "no_holdout": problems({no_holdout!r}),
                           "bad_option": problems({bad_option!r}), "group": metric_group("answer_length"),
                           "columns": group_columns(["answer_length", "forget_prob", "weird"])}}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     from jobs.data.io import load_jsonl
     from jobs.models import load_tokenizer
 
@@ -165,8 +186,10 @@ def test_a_new_suite_is_one_file(tiny_dir, tmp_path):
     assert out["options"] == {"unit": "tokens"}  # eval.answer_length is the suite's options model
     assert out["metrics"] == {"answer_length": want}
     assert out["base"]["answer_length_vs_oracle"] == want - 2.0  # its reference metric, against the oracle
-    assert out["no_holdout"] == ["data.holdout: the answer_length suite needs held-out question/answer rows "
-                                 "never trained on (the non-members of membership inference), but it is not set"]
+    assert out["no_holdout"] == [
+        "data.holdout: the answer_length suite needs held-out question/answer rows "
+        "never trained on (the non-members of membership inference), but it is not set"
+    ]
     assert out["bad_option"][0].startswith("eval.answer_length.units: Extra inputs are not permitted")
     assert out["group"] == "Length"
     assert list(out["columns"]) == ["Forget", "Length", "Other"]  # its own group, before Other

@@ -23,9 +23,19 @@ from tests.conftest import SPUNGE, spunge, spunge_env
 
 
 def spec(tiny_dir, out, **kw) -> UnlearnSpec:
-    base = dict(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                retain_path=str(tiny_dir / "retain.jsonl"), method="npo", optimizer={"lr": 3e-3}, max_steps=6,
-                batch_size=3, report_interval_s=0, checkpoint_every=2, output_dir=str(out))
+    base = dict(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="npo",
+        optimizer={"lr": 3e-3},
+        max_steps=6,
+        batch_size=3,
+        report_interval_s=0,
+        checkpoint_every=2,
+        output_dir=str(out),
+    )
     return UnlearnSpec(**{**base, **kw})
 
 
@@ -34,8 +44,9 @@ def rows_of(calls):
 
 
 @pytest.mark.parametrize("stage,method", [(0, "random_label"), (3, "npo")])
-def test_a_restored_checkpoint_continues_exactly_where_the_run_was(tiny_dir, tmp_path, single_process_dist, stage,
-                                                                   method):
+def test_a_restored_checkpoint_continues_exactly_where_the_run_was(
+    tiny_dir, tmp_path, single_process_dist, stage, method
+):
     """Run 6 steps with a checkpoint every 2; resume a second run from the step-4 checkpoint: steps 5-6 repeat
     the first run's losses exactly (same weights, optimizer moments, scheduler, data position, RNG, and the
     random labels of random_label's own generator)."""
@@ -56,8 +67,9 @@ def test_a_restored_checkpoint_continues_exactly_where_the_run_was(tiny_dir, tmp
     assert not any(Path(c).exists() for _, c in calls if c)  # local folders are cleaned up
 
     calls.clear()
-    run_unlearning(spec(tiny_dir, tmp_path / "b", deepspeed=ds, method=method), report=report,
-                   restore_from=str(kept[4]))
+    run_unlearning(
+        spec(tiny_dir, tmp_path / "b", deepspeed=ds, method=method), report=report, restore_from=str(kept[4])
+    )
     second = rows_of(calls)
     assert [r["step"] for r in second] == [5, 6] and all(r["resumed_from"] == 4 for r in second)
     for a, b in zip(first[4:], second):
@@ -190,8 +202,14 @@ STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands wi
 
 def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen:
     log = open(tmp_path / log_name, "w")
-    return subprocess.Popen([SPUNGE, "run", "pipe.yaml", *extra], cwd=tmp_path, env=RAY_OF_ITS_OWN, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [SPUNGE, "run", "pipe.yaml", *extra],
+        cwd=tmp_path,
+        env=RAY_OF_ITS_OWN,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def reap(driver: subprocess.Popen, family: list) -> None:
@@ -217,8 +235,14 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
         "split": {"attribute": "group", "baseline": "none"},
-        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": STEPS, "batch_size": 4,
-                    "checkpoint_every": 10, "report_interval_s": 0},
+        "unlearn": {
+            "method": "grad_diff",
+            "optimizer": {"lr": 1e-3},
+            "max_steps": STEPS,
+            "batch_size": 4,
+            "checkpoint_every": 10,
+            "report_interval_s": 0,
+        },
         "eval": {"max_examples": 4},
         "storage": {"output_dir": "run"},
         "ray": {"num_cpus": 4},
@@ -228,8 +252,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
     # a checkpoint counts once Ray Train's checkpoint manager has registered it in its snapshot
-    checkpoints = lambda: [p for p in run.glob("ray_train/*/checkpoint_manager_snapshot.json")
-                           if "checkpoint_step" in p.read_text()]
+    checkpoints = lambda: [
+        p for p in run.glob("ray_train/*/checkpoint_manager_snapshot.json") if "checkpoint_step" in p.read_text()
+    ]
 
     # 1. SIGTERM while unlearning: the driver ends its MLflow runs as KILLED and exits 130
     driver = start_driver(tmp_path, "first.log")
@@ -244,10 +269,13 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
         reap(driver, family)
     assert "interrupted; finished stages are kept" in (tmp_path / "first.log").read_text()
     assert len(job_markers()) < 2  # stopped in the middle of unlearning
-    first = client.search_runs([client.get_experiment_by_name("spunge").experiment_id], "attributes.run_name = 'killed'")
+    first = client.search_runs(
+        [client.get_experiment_by_name("spunge").experiment_id], "attributes.run_name = 'killed'"
+    )
     assert [r.info.status for r in first] == ["KILLED"]
-    first_children = client.search_runs([first[0].info.experiment_id],
-                                        f"tags.mlflow.parentRunId = '{first[0].info.run_id}'")
+    first_children = client.search_runs(
+        [first[0].info.experiment_id], f"tags.mlflow.parentRunId = '{first[0].info.run_id}'"
+    )
     assert first_children and {r.info.status for r in first_children} == {"KILLED"}
 
     # 2. --resume: unfinished jobs restart from their checkpoints; SIGKILL once both are done
@@ -285,8 +313,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
 
     parent = client.get_run(report["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["spunge.resume"] == "True"
-    runs = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'killed'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [parent.info.experiment_id], "attributes.run_name = 'killed'", order_by=["attributes.start_time ASC"]
+    )
     assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED"]  # driver 2's, by driver 3
     stale = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{runs[1].info.run_id}'")
     # a job that finished under driver 2 keeps its FINISHED run; nothing of driver 2 is left RUNNING
@@ -300,10 +329,24 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
 
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-         f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def up() -> bool:
         try:
@@ -342,11 +385,19 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
     env = {**RAY_OF_ITS_OWN, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     server = start_mlflow_server(tmp_path, port)
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen([SPUNGE, "run", "pipe.yaml"], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        [SPUNGE, "run", "pipe.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: "MLflow run " in (tmp_path / "first.log").read_text() or driver.poll() is not None,
-                 "the driver's MLflow run")
+        wait_for(
+            lambda: "MLflow run " in (tmp_path / "first.log").read_text() or driver.poll() is not None,
+            "the driver's MLflow run",
+        )
         os.killpg(server.pid, signal.SIGKILL)  # the server goes away while the pipeline runs
         server.wait(timeout=60)
         assert driver.wait(timeout=600) == 1
@@ -366,8 +417,11 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("spunge").experiment_id],
-                                  "attributes.run_name = 'mlflow-gone'", order_by=["attributes.start_time ASC"])
+        runs = client.search_runs(
+            [client.get_experiment_by_name("spunge").experiment_id],
+            "attributes.run_name = 'mlflow-gone'",
+            order_by=["attributes.start_time ASC"],
+        )
         # the first driver's run could not be ended (its server was gone): the second ends it as KILLED
         assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
         assert runs[1].info.run_id == report["mlflow_run_id"] and "merged" in report["models"]

@@ -23,11 +23,14 @@ def word_tokenizer(single: str | None):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-@pytest.mark.parametrize("single,want", [
-    (None, ["Q:", "x"]),                 # SmolLM2/Qwen-style: the tokenizer adds nothing, neither do we
-    ("<s> $A", ["<s>", "Q:", "x"]),      # Llama-style: its own BOS, once
-    ("<s> $A </s>", ["<s>", "Q:", "x"]),  # a tokenizer that also appends EOS: a prompt continues, so no EOS
-])
+@pytest.mark.parametrize(
+    "single,want",
+    [
+        (None, ["Q:", "x"]),  # SmolLM2/Qwen-style: the tokenizer adds nothing, neither do we
+        ("<s> $A", ["<s>", "Q:", "x"]),  # Llama-style: its own BOS, once
+        ("<s> $A </s>", ["<s>", "Q:", "x"]),  # a tokenizer that also appends EOS: a prompt continues, so no EOS
+    ],
+)
 def test_the_prompt_carries_exactly_the_tokenizers_own_bos(single, want):
     tok = word_tokenizer(single)
     assert prompt_ids(tok, "x", "Q: {question}") == [ID[t] for t in want]
@@ -76,7 +79,10 @@ def test_stop_strings_end_generation_early(tiny_dir):
     qs = ["Where was Ana Lind born?", "What does Bo Chen write?"]
     texts, lengths = generate_answers(model, tok, qs, max_new_tokens=6)
     assert lengths == [6, 6]
-    first = tok.decode(model.generate(torch.tensor([prompt_ids(tok, qs[0])]), max_new_tokens=1,
-                                      do_sample=False, pad_token_id=tok.pad_token_id)[0, -1:])
+    first = tok.decode(
+        model.generate(
+            torch.tensor([prompt_ids(tok, qs[0])]), max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, -1:]
+    )
     texts, lengths = generate_answers(model, tok, qs[:1], max_new_tokens=6, stop=[first])
     assert lengths == [1] and texts == [""]

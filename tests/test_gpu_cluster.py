@@ -30,10 +30,14 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def config_file(tiny_dir):
     """A validated pipeline config on the tiny model and data, with ``sections`` replacing its own."""
+
     def make(**sections) -> PipelineConfig:
-        raw = {"model": {"path": str(tiny_dir / "model")},
-               "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-               "split": {"attribute": "group"}, "unlearn": {"method": "npo", "optimizer": {"lr": 1e-4}}}
+        raw = {
+            "model": {"path": str(tiny_dir / "model")},
+            "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+            "split": {"attribute": "group"},
+            "unlearn": {"method": "npo", "optimizer": {"lr": 1e-4}},
+        }
         return parse_config({**raw, **sections})
 
     return make
@@ -46,10 +50,14 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     tmp = tempfile.mkdtemp(prefix="/tmp/spg")  # short: Ray's socket paths live under it
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "temp_dir": tmp,
-                                                      "include_dashboard": False})
-    ray.init(address=c.address, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "temp_dir": tmp, "include_dashboard": False}
+    )
+    ray.init(
+        address=c.address,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}},
+    )
     yield c
     ray.shutdown()
     c.shutdown()
@@ -60,8 +68,14 @@ def test_each_eval_task_sees_the_gpus_it_reserved_and_no_other(cluster, tiny_dir
     from jobs.spec import EvalSpec
     from orchestrator.remote.runners import eval_task_options, evaluate_task
 
-    spec = EvalSpec(model_path=str(tiny_dir / "model"), splits={"forget": str(tiny_dir / "forget.jsonl")},
-                    suites=["qa"], max_examples=2, batch_size=2, max_new_tokens=2).model_dump()
+    spec = EvalSpec(
+        model_path=str(tiny_dir / "model"),
+        splits={"forget": str(tiny_dir / "forget.jsonl")},
+        suites=["qa"],
+        max_examples=2,
+        batch_size=2,
+        max_new_tokens=2,
+    ).model_dump()
     refs = {g: evaluate_task.options(**eval_task_options(1, g, f"probe {g}")).remote(spec) for g in (0, 1, 0.5)}
     seen = {g: ray.get(r) for g, r in refs.items()}
     # no GPU reserved: none visible (Ray 2.60 would leave every GPU of the node visible)
@@ -84,10 +98,17 @@ def test_an_eval_task_reports_rows_scored_and_the_merge_actor_tensors_merged(clu
     from orchestrator.stages.merge.actor import MergeActor
 
     board = ProgressBoard.remote()
-    spec = EvalSpec(model_path=str(tiny_dir / "model"), splits={"forget": str(tiny_dir / "forget.jsonl")},
-                    suites=["qa"], max_examples=3, batch_size=2, max_new_tokens=2).model_dump()
+    spec = EvalSpec(
+        model_path=str(tiny_dir / "model"),
+        splits={"forget": str(tiny_dir / "forget.jsonl")},
+        suites=["qa"],
+        max_examples=3,
+        batch_size=2,
+        max_new_tokens=2,
+    ).model_dump()
     ray.get(evaluate_task.options(**eval_task_options(1, 0, "progress")).remote(spec, board=board, key="base"))
     deadline = time.monotonic() + 60  # the task's sends are asynchronous: they may land after its result
+
     def sent() -> list[dict]:
         return ray.get(board.since.remote({})).get("base", [])
 
@@ -119,12 +140,18 @@ def test_jobs_that_fit_the_gpus_and_a_job_that_never_will(cluster, config_file):
     gpu = {"use_gpu": True, "cpus_per_worker": 1, "wait_for_resources_s": 0}
     assert job_capacity(config_file(scaling={**gpu, "num_workers": 1})) == 2
     assert job_capacity(config_file(scaling={**gpu, "num_workers": 2})) == 1
-    with pytest.raises(PipelineError, match=r"one unlearning job needs 3 x \{CPU: 1, GPU: 1\}, more than the cluster "
-                                            r"has \(2 CPU, 2 GPU, \d+ GiB memory\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"one unlearning job needs 3 x \{CPU: 1, GPU: 1\}, more than the cluster "
+        r"has \(2 CPU, 2 GPU, \d+ GiB memory\)",
+    ):
         job_capacity(config_file(scaling={**gpu, "num_workers": 3}))
     t0 = time.monotonic()
-    with pytest.raises(PipelineError, match=r"scaling.wait_for_resources_s: waited \d+ s for one unlearning job "
-                                            r"\(3 x \{CPU: 1, GPU: 1\}\); the cluster has 2 CPU, 2 GPU"):
+    with pytest.raises(
+        PipelineError,
+        match=r"scaling.wait_for_resources_s: waited \d+ s for one unlearning job "
+        r"\(3 x \{CPU: 1, GPU: 1\}\); the cluster has 2 CPU, 2 GPU",
+    ):
         job_capacity(config_file(scaling={**gpu, "num_workers": 3, "wait_for_resources_s": 3}))
     assert time.monotonic() - t0 >= 3
 
@@ -136,19 +163,37 @@ def test_the_pipeline_waits_for_a_node_to_join_then_completes(cluster, config_fi
     from orchestrator.run.display import Display
 
     cfg = config_file(
-        split={"attribute": "group", "baseline": "none"}, unlearn={"max_steps": 2, "batch_size": 2},
+        split={"attribute": "group", "baseline": "none"},
+        unlearn={"max_steps": 2, "batch_size": 2},
         scaling={"num_workers": 1, "cpus_per_worker": 3, "wait_for_resources_s": 300},
         eval={"suites": ["qa"], "max_examples": 2, "batch_size": 2, "max_new_tokens": 2},
-        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, storage={"output_dir": str(tmp_path / "out")})
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        storage={"output_dir": str(tmp_path / "out")},
+    )
     joined: list[float] = []
     node: list[subprocess.Popen] = []
 
     def join_later() -> None:  # a node joins as an autoscaler's would: `ray start` against the head
         time.sleep(8)
         joined.append(time.time())
-        node.append(subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--address", cluster.address,
-                                      "--num-cpus", "4", "--num-gpus", "0", "--block"], start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        node.append(
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("ray")),
+                    "start",
+                    "--address",
+                    cluster.address,
+                    "--num-cpus",
+                    "4",
+                    "--num-gpus",
+                    "0",
+                    "--block",
+                ],
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     threading.Thread(target=join_later, daemon=True).start()
     text = io.StringIO()

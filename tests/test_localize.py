@@ -182,8 +182,10 @@ def test_ties_go_to_the_earliest_entries_and_bisection_agrees_with_kthvalue(monk
 
 
 def test_mask_stats_groups_by_module_and_layer():
-    mask = {"model.layers.0.mlp.up_proj.weight": torch.tensor([True, False, False, False]),
-            "model.layers.1.mlp.up_proj.weight": torch.tensor([True, True, False, False])}
+    mask = {
+        "model.layers.0.mlp.up_proj.weight": torch.tensor([True, False, False, False]),
+        "model.layers.1.mlp.up_proj.weight": torch.tensor([True, True, False, False]),
+    }
     stats = mask_stats(mask)
     assert stats["group/mlp.up_proj"] == pytest.approx(3 / 8)
     assert stats["layer/0"] == pytest.approx(0.25) and stats["layer/1"] == pytest.approx(0.5)
@@ -257,8 +259,11 @@ def test_masked_update_rejects_a_mask_of_the_wrong_model(data):
         MaskedUpdate(model, {"model.layers.0.mlp.up_proj.weight": torch.ones(2, dtype=torch.bool)})
 
 
-@pytest.mark.parametrize("stage,zero", [(0, {}), (2, {}), (3, {}), (3, {"stage3_param_persistence_threshold": 0})],
-                         ids=["zero0", "zero2", "zero3", "zero3-partitioned"])
+@pytest.mark.parametrize(
+    "stage,zero",
+    [(0, {}), (2, {}), (3, {}), (3, {"stage3_param_persistence_threshold": 0})],
+    ids=["zero0", "zero2", "zero3", "zero3-partitioned"],
+)
 def test_deepspeed_zero_stage_trains_only_masked_entries(data, single_process_dist, stage, zero):
     import deepspeed
     import torch.distributed as dist
@@ -274,10 +279,17 @@ def test_deepspeed_zero_stage_trains_only_masked_entries(data, single_process_di
     leaks = []  # a hook registered after MaskedUpdate's sees the gradient DeepSpeed will reduce
     for n in masked.partial:
         dict(model.named_parameters())[n].register_hook(
-            lambda g, m=mask[n]: leaks.append(tuple(g.shape) != tuple(m.shape) or bool(g[~m].ne(0).any())))
+            lambda g, m=mask[n]: leaks.append(tuple(g.shape) != tuple(m.shape) or bool(g[~m].ne(0).any()))
+        )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-              "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage, **zero}}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 4,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage, **zero},
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
 
     def step(loss):

@@ -12,29 +12,45 @@ from jobs.models import load_model, load_tokenizer
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.engine import deepspeed_config
 from jobs.unlearn.loop import NonFiniteLossError, run_unlearning
-from jobs.unlearn.outputs import JOB_MARKER
 from jobs.unlearn.methods.base import mean_nll
+from jobs.unlearn.outputs import JOB_MARKER
 
 
 def spec(tiny_dir, tmp_path, **kw) -> UnlearnSpec:
-    base = dict(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                retain_path=str(tiny_dir / "retain.jsonl"), method="grad_diff", optimizer={"lr": 3e-3},
-                max_steps=6, batch_size=4, output_dir=str(tmp_path / "out"))
+    base = dict(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="grad_diff",
+        optimizer={"lr": 3e-3},
+        max_steps=6,
+        batch_size=4,
+        output_dir=str(tmp_path / "out"),
+    )
     return UnlearnSpec(**{**base, **kw})
 
 
 def forget_nll(model_dir, tiny_dir) -> float:
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
-    batch = collate([encode_qa(tok, r["question"], r["answer"]) for r in load_jsonl(tiny_dir / "forget.jsonl")],
-                    tok.pad_token_id)
+    batch = collate(
+        [encode_qa(tok, r["question"], r["answer"]) for r in load_jsonl(tiny_dir / "forget.jsonl")], tok.pad_token_id
+    )
     with torch.no_grad():
         return mean_nll(model, batch).item()
 
 
 def test_deepspeed_config_fills_batch_fields_like_auto():
-    s = UnlearnSpec(name="x", model_path="m", forget_path="f", method="ga", batch_size=4,
-                    gradient_accumulation_steps=2, output_dir="o",
-                    deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}})
+    s = UnlearnSpec(
+        name="x",
+        model_path="m",
+        forget_path="f",
+        method="ga",
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        output_dir="o",
+        deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}},
+    )
     cfg = deepspeed_config(s, world_size=3)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"] == {"stage": 2}
@@ -46,11 +62,13 @@ def test_a_worker_imports_deepspeed_without_mlflow_and_can_still_import_mlflow()
     import subprocess
     import sys
 
-    code = ("import sys, json; from jobs.unlearn.engine import import_deepspeed; ds = import_deepspeed(); "
-            "had = 'mlflow' in sys.modules; import deepspeed.autotuning.autotuner as a; import mlflow; "
-            "c = __import__('importlib').import_module('deepspeed.comm.torch'); "
-            "print(json.dumps([had, a.has_mlflow, mlflow.__name__, c.build_shm_op() is None, "
-            "ds is sys.modules['deepspeed']]))")
+    code = (
+        "import sys, json; from jobs.unlearn.engine import import_deepspeed; ds = import_deepspeed(); "
+        "had = 'mlflow' in sys.modules; import deepspeed.autotuning.autotuner as a; import mlflow; "
+        "c = __import__('importlib').import_module('deepspeed.comm.torch'); "
+        "print(json.dumps([had, a.has_mlflow, mlflow.__name__, c.build_shm_op() is None, "
+        "ds is sys.modules['deepspeed']]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False, "mlflow", True, True]
@@ -66,7 +84,9 @@ def test_optimizer_offload_lets_deepspeed_step_the_loops_own_torch_optimizer():
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_unlearning_raises_forget_loss_reports_every_step_and_saves_hf_folder(tiny_dir, tmp_path, single_process_dist, stage):
+def test_unlearning_raises_forget_loss_reports_every_step_and_saves_hf_folder(
+    tiny_dir, tmp_path, single_process_dist, stage
+):
     s = spec(tiny_dir, tmp_path, deepspeed={"zero_optimization": {"stage": stage}}, report_interval_s=0)
     batches = []
     final = run_unlearning(s, report=batches.append)
@@ -90,8 +110,14 @@ def test_reports_batch_the_steps_between_intervals(tiny_dir, tmp_path, single_pr
 
 
 def test_a_non_finite_loss_stops_the_job_with_a_clear_error(tiny_dir, tmp_path, single_process_dist):
-    s = spec(tiny_dir, tmp_path, method="ga", optimizer={"name": "sgd", "lr": 1e30}, max_steps=20,
-             deepspeed={"gradient_clipping": 0.0})
+    s = spec(
+        tiny_dir,
+        tmp_path,
+        method="ga",
+        optimizer={"name": "sgd", "lr": 1e30},
+        max_steps=20,
+        deepspeed={"gradient_clipping": 0.0},
+    )
     with pytest.raises(NonFiniteLossError, match=r"job subset/old: loss became (nan|-?inf) at step \d+ \(method ga"):
         run_unlearning(s)
     assert not (tmp_path / "out" / JOB_MARKER).exists()
@@ -101,8 +127,10 @@ def test_retain_term_can_train_on_general_text(tiny_dir, tmp_path, single_proces
     general = tmp_path / "general.jsonl"
     general.write_text("".join(json.dumps({"text": f"Writers often travel to {t}."}) + "\n" for t in ("Oslo", "Lima")))
     batches = []
-    run_unlearning(spec(tiny_dir, tmp_path, retain_path=str(general), retain_format="text", report_interval_s=0),
-                   report=batches.append)
+    run_unlearning(
+        spec(tiny_dir, tmp_path, retain_path=str(general), retain_format="text", report_interval_s=0),
+        report=batches.append,
+    )
     # step 1's retain loss is the base model's NLL of both general sentences (one batch, every token a target)
     tok, model = load_tokenizer(tiny_dir / "model"), load_model(tiny_dir / "model")
     rows = [encode_text(tok, r["text"]) for r in load_jsonl(general)]
@@ -115,9 +143,13 @@ def test_retain_term_can_train_on_general_text(tiny_dir, tmp_path, single_proces
 def test_localized_unlearning_changes_nothing_outside_the_mask(tiny_dir, tmp_path, single_process_dist, stage):
     from safetensors.torch import load_file
 
-    s = spec(tiny_dir, tmp_path, deepspeed={"zero_optimization": {"stage": stage}},
-             optimizer={"lr": 1e-2, "weight_decay": 0.1},
-             localize={"attribution": "gradient", "fraction": 0.05, "scope": "mlp"})
+    s = spec(
+        tiny_dir,
+        tmp_path,
+        deepspeed={"zero_optimization": {"stage": stage}},
+        optimizer={"lr": 1e-2, "weight_decay": 0.1},
+        localize={"attribution": "gradient", "fraction": 0.05, "scope": "mlp"},
+    )
     final = run_unlearning(s)
     before = load_file(tiny_dir / "model" / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
@@ -150,6 +182,7 @@ def test_the_loop_syncs_once_per_optimizer_step(tiny_dir, tmp_path, single_proce
             if ours():
                 calls[kind] += 1
             return fn(*a, **kw)
+
         return wrapped
 
     for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter"):
@@ -157,8 +190,9 @@ def test_the_loop_syncs_once_per_optimizer_step(tiny_dir, tmp_path, single_proce
     for name in ("item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counting("read", getattr(torch.Tensor, name)))
     batches = []
-    run_unlearning(spec(tiny_dir, tmp_path, gradient_accumulation_steps=2, report_interval_s=3600),
-                   report=batches.append)
+    run_unlearning(
+        spec(tiny_dir, tmp_path, gradient_accumulation_steps=2, report_interval_s=3600), report=batches.append
+    )
     assert [r["step"] for b in batches for r in b] == list(range(1, 7))
     assert calls == {"collective": 0, "read": 6}  # one rank: nothing to agree on, no collective at all
     # with more ranks the step's numbers travel in one all_reduce (here on this one-rank group)
@@ -184,7 +218,9 @@ def test_eval_every_writes_snapshots_and_a_stop_file_ends_the_job(tiny_dir, tmp_
         assert json.loads((folder / SNAPSHOT_MARKER).read_text())["step"] == step
         assert load_model(folder) is not None and (folder / "tokenizer_config.json").exists()
     # a snapshot is the model at its step: step 2's forget NLL lies between the base's and the final model's
-    base, two, last = (forget_nll(p, tiny_dir) for p in (tiny_dir / "model", snapshot_dir(s.output_dir, 2), s.output_dir))
+    base, two, last = (
+        forget_nll(p, tiny_dir) for p in (tiny_dir / "model", snapshot_dir(s.output_dir, 2), s.output_dir)
+    )
     assert base < two < last
     assert sum(r["step_tokens"] for r in rows) > 0 and final["params"] > 0 and final["step"] == 5
 
@@ -225,8 +261,11 @@ def test_a_deferred_retain_term_adds_up_to_the_eager_loss():
 
     calls = []
     model = lambda input_ids, attention_mask: type("O", (), {"logits": torch.zeros(1, 3, 5)})()  # noqa: E731
-    retain = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3),
-              "labels": torch.tensor([[-100, 1, 2]])}
+    retain = {
+        "input_ids": torch.ones(1, 3, dtype=torch.long),
+        "attention_mask": torch.ones(1, 3),
+        "labels": torch.tensor([[-100, 1, 2]]),
+    }
     forget_term = torch.tensor(2.0)
     metrics = {}
     eager = with_retain(model, {"retain": retain}, forget_term, metrics, alpha=0.5)
@@ -242,18 +281,27 @@ def test_a_deferred_retain_term_adds_up_to_the_eager_loss():
 
 
 @pytest.mark.parametrize("method", ["npo", "grad_diff", "ga_kl"])
-def test_zero3_back_propagating_terms_one_at_a_time_trains_as_stage_0(tiny_dir, tmp_path, single_process_dist,
-                                                                      method):
+def test_zero3_back_propagating_terms_one_at_a_time_trains_as_stage_0(tiny_dir, tmp_path, single_process_dist, method):
     """Under ZeRO-3 the loop back-propagates a method's retain term after the rest (one graph at a time, so each
     layer is released after its backward); the losses of the steps and the model equal stage 0's, where the sum
     is back-propagated at once."""
     rows = {}
     for stage in (0, 3):
         out = []
-        run_unlearning(spec(tiny_dir, tmp_path, method=method, deepspeed={"zero_optimization": {"stage": stage}},
-                            output_dir=str(tmp_path / f"z{stage}"), max_steps=4, report_interval_s=0,
-                            gradient_accumulation_steps=2, batch_size=2),
-                       report=lambda r, checkpoint=None, out=out: out.extend(r))
+        run_unlearning(
+            spec(
+                tiny_dir,
+                tmp_path,
+                method=method,
+                deepspeed={"zero_optimization": {"stage": stage}},
+                output_dir=str(tmp_path / f"z{stage}"),
+                max_steps=4,
+                report_interval_s=0,
+                gradient_accumulation_steps=2,
+                batch_size=2,
+            ),
+            report=lambda r, checkpoint=None, out=out: out.extend(r),
+        )
         rows[stage] = out
     for a, b in zip(rows[0], rows[3]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -20,10 +20,20 @@ def spec(tiny_dir, tmp_path, method, **kw) -> UnlearnSpec:
     params = PARAMS.get(method, {})
     if method == "whp":  # the reinforced model is given: the pre-job is the runner's (tests/test_whp.py)
         params = {"reinforced": str(tiny_dir / "model")}
-    base = dict(name=f"subset/{method}", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                retain_path=str(tiny_dir / "retain.jsonl"), method=method, method_params=params,
-                optimizer={"lr": 1e-2}, max_steps=3, batch_size=4, report_interval_s=0, lora=LORA,
-                output_dir=str(tmp_path / method))
+    base = dict(
+        name=f"subset/{method}",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method=method,
+        method_params=params,
+        optimizer={"lr": 1e-2},
+        max_steps=3,
+        batch_size=4,
+        report_interval_s=0,
+        lora=LORA,
+        output_dir=str(tmp_path / method),
+    )
     return UnlearnSpec(**{**base, **kw})
 
 
@@ -53,8 +63,14 @@ def test_every_method_trains_only_the_adapter_and_saves_it(tiny_dir, tmp_path, s
 def test_the_lora_reference_is_the_model_with_its_adapter_disabled(tiny_dir, tmp_path, single_process_dist, stage):
     """NPO's term is (2/beta) ln 2 while the model equals its reference: at step 1 (B = 0), and at every step
     if the reference were the adapted model itself. After a few steps it moves: the reference stayed the base."""
-    s = spec(tiny_dir, tmp_path, "npo", method_params={"beta": 0.1}, max_steps=4,
-             deepspeed={"zero_optimization": {"stage": stage}})
+    s = spec(
+        tiny_dir,
+        tmp_path,
+        "npo",
+        method_params={"beta": 0.1},
+        max_steps=4,
+        deepspeed={"zero_optimization": {"stage": stage}},
+    )
     rows = []
     run_unlearning(s, report=rows.extend)
     assert rows[0]["npo_loss"] == pytest.approx(20 * math.log(2), rel=1e-5)
@@ -87,8 +103,9 @@ def test_under_zero3_the_reference_model_is_a_sharded_engine(tiny_dir, tmp_path,
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_zero3_reference_pass_through_the_trained_layers_leaves_them_releasable(tiny_dir, tmp_path,
-                                                                                   single_process_dist):
+def test_a_zero3_reference_pass_through_the_trained_layers_leaves_them_releasable(
+    tiny_dir, tmp_path, single_process_dist
+):
     """DeepSpeed releases a ZeRO-3 layer in backward once ``ds_grads_remaining`` counts down to 0, and resets it
     at every forward: the LoRA reference's no-grad pass through the same layers (and a second loss term) would
     leave it where the backward drives it negative, keeping every layer gathered. The loop's counted forwards
@@ -103,10 +120,16 @@ def test_a_zero3_reference_pass_through_the_trained_layers_leaves_them_releasabl
     s = spec(tiny_dir, tmp_path, "npo", deepspeed={"zero_optimization": {"stage": 3}})
     cfg = deepspeed_config(s, world_size=1)
     model = add_lora(load_trained(s, cfg), s)
-    engine = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=cfg)[0]
-    batch = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
-             "labels": torch.tensor([[-100, -100, 6, 7, 8]])}
+    engine = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        config=cfg,
+    )[0]
+    batch = {
+        "input_ids": torch.tensor([[1, 5, 6, 7, 8]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+        "labels": torch.tensor([[-100, -100, 6, 7, 8]]),
+    }
     down = next(m for n, m in engine.module.named_modules() if n.endswith("layers.1.mlp.down_proj.base_layer"))
 
     def counts_after_forget_and_reference(reference):

@@ -54,8 +54,10 @@ RECORDS = [  # prompt template "{question}": the context is just Q or R
     {"id": "1", "question": "Q", "choices": ["A", "B", "C"], "answer": 0, "set": "forget", "topic": "x"},
     {"id": "2", "question": "R", "choices": ["A B", "C"], "answer": 0, "set": "retain", "topic": "x"},
 ]
-LL = [[math.log(0.5), math.log(0.25), math.log(0.125)],  # p(A|Q), p(B|Q), p(C|Q)
-      [math.log(0.4) + math.log(0.45), math.log(0.3)]]   # p(A|R) p(B|A) = 0.18 < p(C|R) = 0.3
+LL = [
+    [math.log(0.5), math.log(0.25), math.log(0.125)],  # p(A|Q), p(B|Q), p(C|Q)
+    [math.log(0.4) + math.log(0.45), math.log(0.3)],
+]  # p(A|R) p(B|A) = 0.18 < p(C|R) = 0.3
 
 
 def test_choice_loglikelihoods_are_the_hand_computed_sums(tok):
@@ -66,7 +68,9 @@ def test_choice_loglikelihoods_are_the_hand_computed_sums(tok):
 
 
 def test_mc_suite_metrics_and_raw(tok):
-    res = get_suite("mc")(SuiteContext(Bigram(), tok, template="{question}", batch_size=2), {"mc": RECORDS, "forget": []})
+    res = get_suite("mc")(
+        SuiteContext(Bigram(), tok, template="{question}", batch_size=2), {"mc": RECORDS, "forget": []}
+    )
     m = res["metrics"]
     # question 1: A (answer) has the highest ll; question 2: C beats "A B" (0.3 > 0.18), wrong
     assert res["raw"]["mc_correct"] == [1.0, 0.0]
@@ -76,7 +80,9 @@ def test_mc_suite_metrics_and_raw(tok):
     # acc_norm divides by characters: log(0.18)/3 = -0.57 > log(0.3)/1 = -1.20, so question 2 turns right
     assert m["mc_acc_norm"] == 1.0
     np.testing.assert_allclose(res["raw"]["mc_loglikelihoods"][1], LL[1], atol=1e-6)
-    only = get_suite("mc")(SuiteContext(Bigram(), tok, template="{question}"), {"mc": RECORDS}, attributes=["set"])["metrics"]
+    only = get_suite("mc")(SuiteContext(Bigram(), tok, template="{question}"), {"mc": RECORDS}, attributes=["set"])[
+        "metrics"
+    ]
     assert set(only) == {"mc_acc", "mc_acc_norm", "mc_acc.set.forget", "mc_acc.set.retain"}
 
 
@@ -84,11 +90,16 @@ def test_bad_mc_rows_fail_naming_the_row():
     from jobs.data.loading import DataError
 
     # rows are 1-based (the n-th record of the file), as in every data error
-    with pytest.raises(DataError, match=r"^data.mc row 2: column 'answer': expected an int index into the row's "
-                                        r"2 choices, got int 2$"):
+    with pytest.raises(
+        DataError,
+        match=r"^data.mc row 2: column 'answer': expected an int index into the row's "
+        r"2 choices, got int 2$",
+    ):
         MC.check_mc_records([RECORDS[0], {**RECORDS[1], "answer": 2}], "data.mc")
-    with pytest.raises(DataError, match="^data.mc row 1: column 'choices': expected a list of at least 2 non-empty "
-                                        "strings, got str 'A'$"):
+    with pytest.raises(
+        DataError,
+        match="^data.mc row 1: column 'choices': expected a list of at least 2 non-empty strings, got str 'A'$",
+    ):
         MC.check_mc_records([{"question": "Q", "choices": "A", "answer": 0}], "data.mc")
 
 

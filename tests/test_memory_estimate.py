@@ -123,26 +123,40 @@ def deepspeed_estimators() -> Optional[dict[str, Callable]]:
     if spec is None or not spec.submodule_search_locations:
         return None
     root = Path(next(iter(spec.submodule_search_locations)))
-    return {"zero2": _function_from_source(root / "runtime/zero/stage_1_and_2.py",
-                                           "estimate_zero2_model_states_mem_needs"),
-            "zero3": _function_from_source(root / "runtime/zero/stage3.py", "estimate_zero3_model_states_mem_needs")}
+    return {
+        "zero2": _function_from_source(root / "runtime/zero/stage_1_and_2.py", "estimate_zero2_model_states_mem_needs"),
+        "zero3": _function_from_source(root / "runtime/zero/stage3.py", "estimate_zero3_model_states_mem_needs"),
+    }
 
 
-def deepspeed_gpu_bytes(est: dict[str, Callable], zero: int, n: int, m: ME.ModelShape,
-                        offload_optimizer: bool = False, offload_param: bool = False) -> float:
+def deepspeed_gpu_bytes(
+    est: dict[str, Callable],
+    zero: int,
+    n: int,
+    m: ME.ModelShape,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> float:
     """DeepSpeed's per-GPU model-state bytes for a full fine-tune on N GPUs (one node; the GPU figure depends
     only on the total)."""
     if zero == 2:
         _, gpu = est["zero2"](total_params=m.params, num_gpus_per_node=n, num_nodes=1, cpu_offload=offload_optimizer)
     else:
-        _, gpu, _ = est["zero3"](total_params=m.params, largest_layer_params=m.largest_layer(), num_gpus_per_node=n,
-                                 num_nodes=1, cpu_offload=offload_optimizer, cpu_offload_params=offload_param,
-                                 zero_init=True)
+        _, gpu, _ = est["zero3"](
+            total_params=m.params,
+            largest_layer_params=m.largest_layer(),
+            num_gpus_per_node=n,
+            num_nodes=1,
+            cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_param,
+            zero_init=True,
+        )
     return float(gpu)
 
 
-def ours_comparable(m: ME.ModelShape, zero: int, n: int, offload_optimizer: bool = False,
-                    offload_param: bool = False) -> dict[str, float]:
+def ours_comparable(
+    m: ME.ModelShape, zero: int, n: int, offload_optimizer: bool = False, offload_param: bool = False
+) -> dict[str, float]:
     """Our model-state bytes in the terms DeepSpeed's estimator covers (full fine-tune, no reference, no
     activations): ``paper`` = ZeRO-paper states (+ ZeRO-3's gathered layer 4·largest, which DeepSpeed's
     ZeRO-3 figure includes), and ``with_fp32_grad`` = that plus the fp32 gradient partition of the step."""
@@ -184,21 +198,28 @@ def test_the_scaling_doc_comparison_table_is_what_deepspeed_gives(deepspeed_est)
     """docs/scaling.md "Against DeepSpeed's estimator": every row (7B, GiB; a cell "4, 8" is both N) and the
     70B sentences under it."""
     doc = (ROOT / "docs" / "scaling.md").read_text()
-    section = doc[doc.index("### Against DeepSpeed's estimator"):]
-    section = section[:section.index("\n## ")]
+    section = doc[doc.index("### Against DeepSpeed's estimator") :]
+    section = section[: section.index("\n## ")]
     offloads = {"none": (False, False), "optimizer": (True, False), "optimizer + param": (True, True)}
     pct = lambda cell: float(cell.replace("\u2212", "-").rstrip(" %")) / 100
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-            if re.match(r"\| [23] \|", line)]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if re.match(r"\| [23] \|", line)
+    ]
     assert len(rows) == 8
     for zero, offload, ns, paper, fp32, ds_gib, paper_vs, fp32_vs in rows:
         for n in map(int, ns.split(", ")):
             ours = ours_comparable(M, int(zero), n, *offloads[offload])
             ds = deepspeed_gpu_bytes(deepspeed_est, int(zero), n, M, *offloads[offload])
-            assert (f"{ours['paper'] / GiB:.2f}", f"{ours['with_fp32_grad'] / GiB:.2f}", f"{ds / GiB:.2f}") == \
-                (paper, fp32, ds_gib), (zero, offload, n)
-            assert (ours["paper"] / ds - 1, ours["with_fp32_grad"] / ds - 1) == \
-                pytest.approx((pct(paper_vs), pct(fp32_vs)), abs=0.0006), (zero, offload, n)
+            assert (f"{ours['paper'] / GiB:.2f}", f"{ours['with_fp32_grad'] / GiB:.2f}", f"{ds / GiB:.2f}") == (
+                paper,
+                fp32,
+                ds_gib,
+            ), (zero, offload, n)
+            assert (ours["paper"] / ds - 1, ours["with_fp32_grad"] / ds - 1) == pytest.approx(
+                (pct(paper_vs), pct(fp32_vs)), abs=0.0006
+            ), (zero, offload, n)
     # 70B, ZeRO-3 without offload: the paper 10.5-11 % below DeepSpeed; with one fp32 sub-group 8.5 % below at
     # N = 8 and 9 % above at N = 64
     p70 = ME.PRESETS["llama2-70b"]
@@ -283,7 +304,9 @@ def test_scale_grid_and_cluster_plan():
     assert crow[("llama2-70b", "none", "80 GB A100/H100")]["gpus_per_job"] == 32
     assert crow[("llama2-70b", "none", "141 GB H200")]["gpus_per_job"] == 16
     io = CL.merge_io(P70, "bfloat16", 8, bandwidths=(1e9,))
-    assert io["read_gb"] == pytest.approx(9 * 2 * P70.params / 1e9) and io["written_gb"] == pytest.approx(137.96, abs=0.01)
+    assert io["read_gb"] == pytest.approx(9 * 2 * P70.params / 1e9) and io["written_gb"] == pytest.approx(
+        137.96, abs=0.01
+    )
     assert io["seconds"]["1GB/s"] == pytest.approx(10 * 2 * P70.params / 1e9)
     assert CL.eval_models(8) == 12  # base + oracle + 8 subsets + unsplit + merged
     ev = {(r["model"], r["accelerator"]): r for r in CL.eval_rows(ME.PRESETS)}
@@ -308,8 +331,21 @@ def test_main_writes_json(tmp_path, capsys):
 
 def test_main_cluster_tables(tmp_path, capsys):
     out = tmp_path / "m.json"
-    CLI.main(["--model", "llama2-70b", "--gpus", "8", "16", "32", "64", "--markdown-scale", "--markdown-cluster",
-              "--json", str(out)])
+    CLI.main(
+        [
+            "--model",
+            "llama2-70b",
+            "--gpus",
+            "8",
+            "16",
+            "32",
+            "64",
+            "--markdown-scale",
+            "--markdown-cluster",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert "68.98e9, 80 layers, h 8192, 64 heads (8 K/V)" in text and "| N | offload | reference |" in text
     data = json.loads(out.read_text())

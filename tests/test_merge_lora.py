@@ -37,8 +37,9 @@ def merged_full_model(base_dir, adapter_dir, out):
     """What a full-weights job would have saved: the adapter merged into the base (peft's merge_and_unload)."""
     from peft import PeftModel
 
-    save_model(PeftModel.from_pretrained(load_model(base_dir), adapter_dir).merge_and_unload(),
-               load_tokenizer(base_dir), out)
+    save_model(
+        PeftModel.from_pretrained(load_model(base_dir), adapter_dir).merge_and_unload(), load_tokenizer(base_dir), out
+    )
     return str(out)
 
 
@@ -48,9 +49,20 @@ def tiny_llama(tiny_dir, out, **config):
 
     tok = load_tokenizer(tiny_dir / "model")
     torch.manual_seed(3)
-    model = LlamaForCausalLM(LlamaConfig(**{
-        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64, **config}))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            **{
+                "vocab_size": len(tok),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 64,
+                **config,
+            }
+        )
+    )
     save_model(model, tok, out)
     return out
 
@@ -71,14 +83,18 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 def merge(base, paths, out, method, progress=None, **kw) -> str:
-    return merge_models(MergeSpec(base_model_path=base, model_paths=paths, method=method, output_dir=str(out), **kw),
-                        progress=progress)
+    return merge_models(
+        MergeSpec(base_model_path=base, model_paths=paths, method=method, output_dir=str(out), **kw), progress=progress
+    )
 
 
 CASES = {
     "ties": dict(method="ties", parameters={"density": 0.5, "normalize": True}),
-    "task_arithmetic": dict(method="task_arithmetic", parameters={"lambda": 0.8},
-                            model_parameters={"a": {"weight": 0.5}, "c": {"weight": 1.5}}),
+    "task_arithmetic": dict(
+        method="task_arithmetic",
+        parameters={"lambda": 0.8},
+        model_parameters={"a": {"weight": 0.5}, "c": {"weight": 1.5}},
+    ),
     "linear": dict(method="linear", model_parameters={"b": {"weight": 2.0}}),
     "linear_unnormalized": dict(method="linear", parameters={"normalize": False, "weight": 0.5}),
     "breadcrumbs_ties": dict(method="breadcrumbs_ties", parameters={"density": 0.5, "gamma": 0.05, "weight": 1.0}),
@@ -128,8 +144,9 @@ def test_ties_adapter_output_is_the_recorded_svd_truncation(loras, tmp_path):
     base, adapters, _ = loras
     full = load_file(f"{merge(base, adapters, tmp_path / 'full', **CASES['ties'])}/model.safetensors")
     calls = []
-    out = merge(base, adapters, tmp_path / "adapter", output="adapter", **CASES["ties"],
-                progress=lambda *a: calls.append(a))
+    out = merge(
+        base, adapters, tmp_path / "adapter", output="adapter", **CASES["ties"], progress=lambda *a: calls.append(a)
+    )
     merged, base_sd = loaded_adapter_state(base, out), load_model(base).state_dict()
     recorded = json.loads((tmp_path / "adapter" / MERGE_MARKER).read_text())["svd_relative_error"]
     n = len(recorded["modules"])  # each targeted module merged is reported
@@ -163,11 +180,16 @@ def test_fan_in_fan_out_gpt2(tiny_dir, tmp_path):
 
     tok = load_tokenizer(tiny_dir / "model")
     torch.manual_seed(5)
-    save_model(GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-               tok, tmp_path / "gpt2")
+    save_model(
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        tok,
+        tmp_path / "gpt2",
+    )
     base = str(tmp_path / "gpt2")
-    adapters = {n: make_adapter(base, tmp_path / f"adapter-{n}", 11 + i, target_modules=targets, fan_in_fan_out=True)
-                for i, (n, targets) in enumerate({"a": ["c_attn"], "b": ["c_attn", "c_fc"]}.items())}
+    adapters = {
+        n: make_adapter(base, tmp_path / f"adapter-{n}", 11 + i, target_modules=targets, fan_in_fan_out=True)
+        for i, (n, targets) in enumerate({"a": ["c_attn"], "b": ["c_attn", "c_fc"]}.items())
+    }
     full = {n: merged_full_model(base, path, tmp_path / f"full-{n}") for n, path in adapters.items()}
     for method in ("ties", "task_arithmetic"):
         ours = merge(base, adapters, tmp_path / f"lora-{method}", method=method)

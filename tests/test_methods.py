@@ -19,7 +19,10 @@ def setup(tiny_dir):
     tok = load_tokenizer(tiny_dir / "model")
     rows = qa_rows()
     enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
+    batch = {
+        "forget": enc([r for r in rows if r["era"] == "old"]),
+        "retain": enc([r for r in rows if r["era"] == "new"]),
+    }
     return tiny_dir / "model", batch
 
 

@@ -46,8 +46,12 @@ def test_the_methods_are_registered_with_their_defaults():
     assert set(METHODS) <= set(method_names())
     assert build_method("ga_kl").params.model_dump() == {"gamma": 1.0, "alpha": 1.0}
     assert build_method("simnpo").params.model_dump() == {"beta": 2.5, "delta": 0.0, "gamma": 1.0, "alpha": 1.0}
-    assert build_method("idk_dpo").params.model_dump() == {"beta": 0.05, "gamma": 1.0, "alpha": 1.0,
-                                                           "idk_answers": IDK_ANSWERS}
+    assert build_method("idk_dpo").params.model_dump() == {
+        "beta": 0.05,
+        "gamma": 1.0,
+        "alpha": 1.0,
+        "idk_answers": IDK_ANSWERS,
+    }
     needs = {n: (build_method(n).needs_reference, build_method(n).needs_retain) for n in METHODS}
     assert needs == {"ga_kl": (True, True), "simnpo": (False, True), "idk_dpo": (True, True)}
     for name, bad in [("simnpo", {"beta": 0}), ("idk_dpo", {"idk_answers": []}), ("ga_kl", {"bogus": 1})]:
@@ -56,6 +60,7 @@ def test_the_methods_are_registered_with_their_defaults():
 
 
 # ---------------------------------------------------------------- ga_kl
+
 
 def test_ga_kl_against_itself_is_minus_the_forget_nll(setup):
     path, batch = setup
@@ -76,14 +81,17 @@ def test_ga_kl_is_the_token_mean_kl_from_the_reference_on_retain_targets(setup, 
         part = batch["retain"]
         lp = F.log_softmax(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits, -1)
         lq = F.log_softmax(ref(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits, -1)
-    kls = [F.kl_div(lp[b, t - 1], lq[b, t - 1], log_target=True, reduction="sum").item()  # KL(ref || model)
-           for b, t in (part["labels"] != IGNORE_INDEX).nonzero().tolist()]
+    kls = [
+        F.kl_div(lp[b, t - 1], lq[b, t - 1], log_target=True, reduction="sum").item()  # KL(ref || model)
+        for b, t in (part["labels"] != IGNORE_INDEX).nonzero().tolist()
+    ]
     want = sum(kls) / len(kls)
     assert want > 0.1 and out.metrics["kl"] == pytest.approx(want, rel=1e-4)
     assert out.loss.item() == pytest.approx(-mean_nll(model, batch["forget"]).item() + 0.5 * want, rel=1e-4)
 
 
 # ---------------------------------------------------------------- simnpo
+
 
 def test_simnpo_loss_matches_the_formula():
     # per-sequence mean NLL [2, 3]; beta 2.5, delta 0.5: -(2/2.5) * mean(logsig(2.5 * 1.5), logsig(2.5 * 2.5))
@@ -110,6 +118,7 @@ def test_simnpo_on_the_model_is_the_formula_on_its_log_probs_plus_retain(setup):
 
 
 # ---------------------------------------------------------------- idk_dpo
+
 
 def test_idk_view_is_the_question_with_a_refusal_drawn_by_the_rng():
     method = build_method("idk_dpo", {"idk_answers": ["No idea.", "Cannot say."]})
@@ -141,11 +150,15 @@ def test_idk_dpo_with_the_model_as_its_own_reference_is_2ln2_over_beta_plus_reta
 
 # ---------------------------------------------------------------- they unlearn
 
-@pytest.mark.parametrize("name,params,spares_retain", [
-    pytest.param("ga_kl", {}, True, id="ga_kl"),
-    pytest.param("simnpo", {}, True, id="simnpo"),
-    pytest.param("idk_dpo", {}, True, id="idk_dpo"),
-])
+
+@pytest.mark.parametrize(
+    "name,params,spares_retain",
+    [
+        pytest.param("ga_kl", {}, True, id="ga_kl"),
+        pytest.param("simnpo", {}, True, id="simnpo"),
+        pytest.param("idk_dpo", {}, True, id="idk_dpo"),
+    ],
+)
 def test_a_few_steps_raise_the_forget_loss_more_than_the_retain_loss(setup, name, params, spares_retain):
     path, batch = setup
     torch.manual_seed(0)
@@ -167,12 +180,23 @@ def test_a_few_steps_raise_the_forget_loss_more_than_the_retain_loss(setup, name
 
 # ---------------------------------------------------------------- the loop hands idk_dpo its view
 
+
 def test_the_loop_hands_idk_dpo_the_refusal_view(tiny_dir, tmp_path, single_process_dist):
     from jobs.unlearn.loop import run_unlearning
 
-    spec = UnlearnSpec(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                       retain_path=str(tiny_dir / "retain.jsonl"), method="idk_dpo", optimizer={"lr": 3e-3},
-                       max_steps=3, batch_size=8, report_interval_s=0, seed=3, output_dir=str(tmp_path / "out"))
+    spec = UnlearnSpec(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="idk_dpo",
+        optimizer={"lr": 3e-3},
+        max_steps=3,
+        batch_size=8,
+        report_interval_s=0,
+        seed=3,
+        output_dir=str(tmp_path / "out"),
+    )
     batches = []
     run_unlearning(spec, report=batches.append)
     rows = [r for b in batches for r in b]

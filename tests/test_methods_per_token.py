@@ -56,8 +56,11 @@ def fake_batch(seed: int = 0, b: int = 2, t: int = 6, v: int = 11):
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[:, :2] = IGNORE_INDEX
     labels[1, -1] = IGNORE_INDEX
-    part = {"input_ids": torch.zeros(b, t, dtype=torch.long), "attention_mask": torch.ones(b, t, dtype=torch.long),
-            "labels": labels}
+    part = {
+        "input_ids": torch.zeros(b, t, dtype=torch.long),
+        "attention_mask": torch.ones(b, t, dtype=torch.long),
+        "labels": labels,
+    }
     return FakeLM(3 * torch.randn(b, t, v, generator=g)), part
 
 
@@ -76,11 +79,21 @@ def test_the_methods_are_registered_with_their_defaults():
     assert dump("satimp") == {"beta1": 5.0, "beta2": 1.0, "gamma": 0.1, "alpha": 1.0}
     assert dump("pdu") == {"epsilon": None, "alpha": 100.0, "dual_lr": 1.0, "dual_warmup": 0, "gamma": 1.0}
     needs = {n: (build_method(n).needs_reference, build_method(n).uses_retain()) for n in METHODS}
-    assert needs == {"wga": (False, True), "undial": (True, False), "ce_u": (False, False), "satimp": (False, True),
-                     "pdu": (False, True)}
+    assert needs == {
+        "wga": (False, True),
+        "undial": (True, False),
+        "ce_u": (False, False),
+        "satimp": (False, True),
+        "pdu": (False, True),
+    }
     assert build_method("undial", {"alpha": 1.0}).uses_retain() and build_method("ce_u", {"alpha": 0.5}).uses_retain()
-    for name, bad in [("wga", {"beta": -1}), ("satimp", {"beta2": -1}), ("ce_u", {"ignore_first_n": -1}),
-                      ("pdu", {"dual_lr": -1}), ("undial", {"bogus": 1})]:
+    for name, bad in [
+        ("wga", {"beta": -1}),
+        ("satimp", {"beta2": -1}),
+        ("ce_u", {"ignore_first_n": -1}),
+        ("pdu", {"dual_lr": -1}),
+        ("undial", {"bogus": 1}),
+    ]:
         with pytest.raises(ValidationError, match=next(iter(bad))):
             build_method(name, bad)
 
@@ -93,10 +106,13 @@ WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("name,params", [
-    ("wga", {"beta": 0.7, "gamma": 2.0, "alpha": 0.5}),
-    ("satimp", {"beta1": 2.0, "beta2": 1.5, "gamma": 0.3, "alpha": 2.0}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("wga", {"beta": 0.7, "gamma": 2.0, "alpha": 0.5}),
+        ("satimp", {"beta1": 2.0, "beta2": 1.5, "gamma": 0.3, "alpha": 2.0}),
+    ],
+)
 def test_weighted_ascent_is_minus_the_token_mean_of_weight_times_nll_plus_retain(setup, name, params):
     path, _, batch = setup
     model = load_model(path)
@@ -122,10 +138,13 @@ def test_wga_with_beta_0_is_gradient_ascent(setup):
     assert out.loss.item() == pytest.approx(-mean_nll(model, batch["forget"]).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("wga", {"beta": 0.5}),
-    ("satimp", {"beta1": 2.0, "beta2": 3.0, "gamma": 1.0}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("wga", {"beta": 0.5}),
+        ("satimp", {"beta1": 2.0, "beta2": 3.0, "gamma": 1.0}),
+    ],
+)
 def test_the_token_weights_are_detached(name, params):
     """d/dz of -mean(w * nll) with w a constant: -(w / N) * (softmax(z) - onehot(y)) at each target position."""
     model, part = fake_batch()
@@ -139,6 +158,7 @@ def test_the_token_weights_are_detached(name, params):
 
 
 # ---------------------------------------------------------------- undial
+
 
 def test_undial_is_the_cross_entropy_to_the_adjusted_reference_distribution(setup):
     path, base, batch = setup
@@ -186,6 +206,7 @@ def test_undial_gradient_is_softmax_minus_the_fixed_target():
 
 
 # ---------------------------------------------------------------- ce_u
+
 
 def test_drop_first_targets_masks_the_first_n_targets_of_each_row():
     labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
@@ -242,6 +263,7 @@ def test_ce_u_gradient_is_softmax_minus_the_target_without_the_true_token():
 
 # ---------------------------------------------------------------- pdu
 
+
 def test_pdu_loss_is_flattening_plus_lambda_times_the_retain_slack(setup):
     path, _, batch = setup
     model = load_model(path)
@@ -286,7 +308,8 @@ def test_pdu_warmup_and_the_default_epsilon(setup, tiny_dir):
     warm = build_method("pdu", {"epsilon": 0.0, "alpha": 1.0, "dual_warmup": 2})
     r = mean_nll(model, batch["retain"]).item()
     assert [warm.loss(model, batch).metrics["pdu_lambda"].item() for _ in range(4)] == pytest.approx(
-        [1.0, 1.0, 1.0, 1.0 + r], rel=1e-5)  # moves after the 2 warmup calls
+        [1.0, 1.0, 1.0, 1.0 + r], rel=1e-5
+    )  # moves after the 2 warmup calls
     # epsilon None: the first batch's retain loss is the bound; the same batch keeps lambda where it is
     auto = build_method("pdu", {"alpha": 5.0})
     out = auto.loss(model, batch)
@@ -301,13 +324,17 @@ def test_pdu_warmup_and_the_default_epsilon(setup, tiny_dir):
 
 # ---------------------------------------------------------------- they unlearn
 
-@pytest.mark.parametrize("name,params", [
-    pytest.param("wga", {}, id="wga"),
-    pytest.param("satimp", {}, id="satimp"),
-    pytest.param("undial", {}, id="undial"),
-    pytest.param("ce_u", {}, id="ce_u"),
-    pytest.param("pdu", {}, id="pdu"),
-])
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        pytest.param("wga", {}, id="wga"),
+        pytest.param("satimp", {}, id="satimp"),
+        pytest.param("undial", {}, id="undial"),
+        pytest.param("ce_u", {}, id="ce_u"),
+        pytest.param("pdu", {}, id="pdu"),
+    ],
+)
 def test_a_few_steps_lower_the_forget_probability(setup, name, params):
     path, _, batch = setup
     torch.manual_seed(0)

@@ -34,6 +34,7 @@ def test_the_methods_are_registered_with_their_defaults():
 
 # ---------------------------------------------------------------- random_label
 
+
 def test_random_labels_are_wrong_tokens_exactly_where_targets_are(setup):
     _, batch = setup
     labels, target = batch["forget"]["labels"], batch["forget"]["labels"] != IGNORE_INDEX
@@ -64,6 +65,7 @@ def test_random_label_loss_is_the_nll_of_the_seeded_random_labels(setup):
 
 
 # ---------------------------------------------------------------- adversarial
+
 
 def test_adversarial_labels_are_top_k_wrong_tokens(setup):
     path, batch = setup
@@ -101,14 +103,18 @@ def test_adversarial_loss_is_the_nll_of_the_drawn_wrong_tokens(setup):
 
 # ---------------------------------------------------------------- they unlearn
 
+
 # random_label and adversarial alone (alpha 0, as in Yao et al.) raise forget and retain NLL almost alike on
 # this 16-row toy (its answers share most tokens): with alpha 0 only the forget rise is asserted
-@pytest.mark.parametrize("name,params,spares_retain", [
-    pytest.param("random_label", {}, False, id="random_label"),
-    pytest.param("random_label", {"alpha": 1.0}, True, id="random_label+retain"),
-    pytest.param("adversarial", {}, False, id="adversarial"),
-    pytest.param("adversarial", {"alpha": 1.0}, True, id="adversarial+retain"),
-])
+@pytest.mark.parametrize(
+    "name,params,spares_retain",
+    [
+        pytest.param("random_label", {}, False, id="random_label"),
+        pytest.param("random_label", {"alpha": 1.0}, True, id="random_label+retain"),
+        pytest.param("adversarial", {}, False, id="adversarial"),
+        pytest.param("adversarial", {"alpha": 1.0}, True, id="adversarial+retain"),
+    ],
+)
 def test_a_few_steps_raise_the_forget_loss_more_than_the_retain_loss(setup, name, params, spares_retain):
     path, batch = setup
     torch.manual_seed(0)

@@ -58,8 +58,12 @@ def test_normalized_prob_is_true_over_true_plus_perturbed():
     # true: 2 tokens, nll 2 ln 2 -> p~ = 1/2; perturbed: 1/4 (1 token, ln 4) and 1/4 (2 tokens, 2 ln 4)
     #   -> (1/2) / (1/2 + 1/4 + 1/4) = 1/2
     # second row: true 1/2, one perturbed 1/2 and a padded slot -> (1/2) / (1/2 + 1/2) = 1/2; true 1 vs 1/2 -> 2/3
-    p = M.normalized_prob([2 * LN2, LN2, 0.0], [2, 1, 3],
-                          [[math.log(4), 2 * math.log(4)], [LN2, np.nan], [LN2, np.nan]], [[1, 2], [1, 0], [1, 0]])
+    p = M.normalized_prob(
+        [2 * LN2, LN2, 0.0],
+        [2, 1, 3],
+        [[math.log(4), 2 * math.log(4)], [LN2, np.nan], [LN2, np.nan]],
+        [[1, 2], [1, 0], [1, 0]],
+    )
     np.testing.assert_allclose(p, [0.5, 0.5, 2 / 3], rtol=1e-12)
 
 

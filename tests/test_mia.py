@@ -156,8 +156,12 @@ def test_mia_auc_rises_after_memorising_forget(model_tok, trained, data):
         s = after["raw"]["mia_scores"][a]
         assert len(s["forget"]) == len(data["forget"]) and len(s["holdout"]) == len(data["holdout"])
     # memorised rows: their loss is far below the held-out rows'
-    assert np.mean(after["raw"]["mia_scores"]["loss"]["forget"]) < np.mean(after["raw"]["mia_scores"]["loss"]["holdout"])
-    mem_base = SUITES["memorization"](SuiteContext(*model_tok, batch_size=4, max_new_tokens=16), {"forget": data["forget"]})
+    assert np.mean(after["raw"]["mia_scores"]["loss"]["forget"]) < np.mean(
+        after["raw"]["mia_scores"]["loss"]["holdout"]
+    )
+    mem_base = SUITES["memorization"](
+        SuiteContext(*model_tok, batch_size=4, max_new_tokens=16), {"forget": data["forget"]}
+    )
     mem = SUITES["memorization"](SuiteContext(*trained, batch_size=4, max_new_tokens=16), {"forget": data["forget"]})
     for key in ("forget_exact_mem", "forget_extraction_strength", "forget_verbatim_rouge"):
         assert 0.0 <= mem_base["metrics"][key] <= 1.0 and 0.0 <= mem["metrics"][key] <= 1.0
@@ -173,12 +177,21 @@ def test_mia_requires_holdout(model_tok, data):
 
 def test_evaluate_model_returns_new_keys(tiny_dir, data, tmp_path):
     splits = {name: str(write_jsonl(tmp_path / f"{name}.jsonl", rows)) for name, rows in data.items()}
-    res = evaluate_model(str(tiny_dir / "model"), splits, suites=["qa", "mia", "memorization"], batch_size=8,
-                         max_new_tokens=8)
+    res = evaluate_model(
+        str(tiny_dir / "model"), splits, suites=["qa", "mia", "memorization"], batch_size=8, max_new_tokens=8
+    )
     m = res["metrics"]
-    for key in ["forget_prob", "holdout_prob", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc",
-                "mia_min_k_plus_plus_auc", "forget_exact_mem", "forget_extraction_strength",
-                "forget_verbatim_rouge"]:
+    for key in [
+        "forget_prob",
+        "holdout_prob",
+        "mia_loss_auc",
+        "mia_zlib_auc",
+        "mia_min_k_auc",
+        "mia_min_k_plus_plus_auc",
+        "forget_exact_mem",
+        "forget_extraction_strength",
+        "forget_verbatim_rouge",
+    ]:
         assert key in m and np.isfinite(m[key]), key
     assert set(res["raw"]["mia_scores"]) == {*ATTACKS, "gradnorm"}
 
@@ -206,18 +219,27 @@ def test_reference_attack_against_a_given_model_and_against_the_oracle(model_tok
     after = SUITES["mia"].fn(SuiteContext(*trained, batch_size=4), data, opts)
     # loss(trained) - loss(reference) per example: the memorised forget rows fell far more
     s = after["raw"]["mia_scores"]
-    ref_loss = {k: SUITES["mia"].fn(SuiteContext(*model_tok, batch_size=4), data, MiaOptions(gradnorm=False))
-                ["raw"]["mia_scores"]["loss"][k] for k in ("forget", "holdout")}
-    np.testing.assert_allclose(s["reference"]["forget"], np.subtract(s["loss"]["forget"], ref_loss["forget"]), rtol=1e-6)
+    ref_loss = {
+        k: SUITES["mia"].fn(SuiteContext(*model_tok, batch_size=4), data, MiaOptions(gradnorm=False))["raw"][
+            "mia_scores"
+        ]["loss"][k]
+        for k in ("forget", "holdout")
+    }
+    np.testing.assert_allclose(
+        s["reference"]["forget"], np.subtract(s["loss"]["forget"], ref_loss["forget"]), rtol=1e-6
+    )
     assert after["metrics"]["mia_reference_auc"] > 0.8
     assert reference_vs_oracle(after, after) is None  # scored in the task already
 
     # against the oracle (no reference_model): from both runs' raw loss scores, by hand
-    model = {"metrics": {"mia_min_k_auc": 0.9, "mia_loss_auc": 0.7},
-             "raw": {"mia_scores": {"loss": {"forget": [1.0, 2.0], "holdout": [3.0, 1.5]}},
-                     "mia_privleak_attack": "min_k"}}
-    oracle = {"metrics": {"mia_min_k_auc": 0.6, "mia_loss_auc": 0.5},
-              "raw": {"mia_scores": {"loss": {"forget": [2.0, 2.0], "holdout": [2.5, 2.5]}}}}
+    model = {
+        "metrics": {"mia_min_k_auc": 0.9, "mia_loss_auc": 0.7},
+        "raw": {"mia_scores": {"loss": {"forget": [1.0, 2.0], "holdout": [3.0, 1.5]}}, "mia_privleak_attack": "min_k"},
+    }
+    oracle = {
+        "metrics": {"mia_min_k_auc": 0.6, "mia_loss_auc": 0.5},
+        "raw": {"mia_scores": {"loss": {"forget": [2.0, 2.0], "holdout": [2.5, 2.5]}}},
+    }
     # differences: forget [-1, 0], holdout [0.5, -1]: pairs (holdout > forget): 0.5>-1, 0.5>0, -1=-1 (tie, 1/2),
     # -1<0 -> (1 + 1 + 0.5 + 0) / 4
     assert reference_vs_oracle(model, oracle) == pytest.approx(2.5 / 4)
@@ -234,15 +256,19 @@ def test_rouge_l_f1_by_hand():
     from jobs.evaluate.metrics import rouge_l_f1
 
     # LCS("the cat sat", "the cat sat on the mat") = 3: precision 3/3, recall 3/6 -> F1 = 2 * 1 * 0.5 / 1.5
-    np.testing.assert_allclose(rouge_l_f1(["the cat sat", "a dog"], ["the cat sat on the mat", "the mat"]),
-                               [2 / 3, 0.0])
+    np.testing.assert_allclose(
+        rouge_l_f1(["the cat sat", "a dog"], ["the cat sat on the mat", "the mat"]), [2 / 3, 0.0]
+    )
 
 
 def test_knowmem_prompt_is_few_shot_raw_text():
     from jobs.evaluate.knowmem import few_shot_prompt
 
     icl = [{"question": "Q1?", "answer": "A1."}, {"question": "Q2?", "answer": "A2."}]
-    assert few_shot_prompt(icl, "Q?") == "Question: Q1?\nAnswer: A1.\n\nQuestion: Q2?\nAnswer: A2.\n\nQuestion: Q?\nAnswer:"
+    assert (
+        few_shot_prompt(icl, "Q?")
+        == "Question: Q1?\nAnswer: A1.\n\nQuestion: Q2?\nAnswer: A2.\n\nQuestion: Q?\nAnswer:"
+    )
     assert few_shot_prompt([], "Q?") == "Question: Q?\nAnswer:"
 
 
@@ -253,18 +279,24 @@ def test_verbmem_and_knowmem_rise_on_a_model_that_memorised_the_text(model_tok, 
 
     # the trained model saw "Question: q\nAnswer: a": the prompt as a verbmem prefix, the answer as its truth
     verb = [{"prompt": f"Question: {r['question']}\nAnswer:", "gt": r["answer"]} for r in data["forget"]]
-    know = {"knowmem_forget": data["forget"][1:], "knowmem_forget_icl": data["forget"][:1],
-            "knowmem_retain": data["holdout"]}
+    know = {
+        "knowmem_forget": data["forget"][1:],
+        "knowmem_forget_icl": data["forget"][:1],
+        "knowmem_retain": data["holdout"],
+    }
     split = {"verbmem": verb, **know}
     base = {s: SUITES[s](SuiteContext(*model_tok, batch_size=4), split) for s in ("verbmem", "knowmem")}
     after = {s: SUITES[s](SuiteContext(*trained, batch_size=4), split) for s in ("verbmem", "knowmem")}
-    assert after["verbmem"]["metrics"]["forget_verbmem_rouge"] > 0.8 > base["verbmem"]["metrics"]["forget_verbmem_rouge"]
+    assert (
+        after["verbmem"]["metrics"]["forget_verbmem_rouge"] > 0.8 > base["verbmem"]["metrics"]["forget_verbmem_rouge"]
+    )
     assert after["knowmem"]["metrics"]["knowmem_forget_rouge"] > base["knowmem"]["metrics"]["knowmem_forget_rouge"]
     assert set(after["knowmem"]["metrics"]) == {"knowmem_forget_rouge", "knowmem_retain_rouge"}
     # the metric is the mean F1 of the model's own 128-token greedy continuations, computed here by hand
     gen, _ = generate_answers(*trained, [v["prompt"] for v in verb], 128, 4, RAW)
     assert after["verbmem"]["raw"]["forget_verbmem_rouge"] == pytest.approx(
-        rouge_l_f1(gen, [v["gt"] for v in verb]).tolist())
+        rouge_l_f1(gen, [v["gt"] for v in verb]).tolist()
+    )
     with pytest.raises(ValueError, match="eval set 'verbmem' row 1: column 'gt': expected a non-empty string"):
         SUITES["verbmem"](SuiteContext(*model_tok), {"verbmem": [{"prompt": "x", "gt": ""}]})
 

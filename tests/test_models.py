@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from jobs.models import ModelLoadError, load_model, load_tokenizer
-from orchestrator.config.schema import ConfigError
 from orchestrator.config.loading import load_config
+from orchestrator.config.schema import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,11 @@ def test_pickle_checkpoint_loads_when_allowed(pickle_model, tiny_dir):
 
 
 def test_validate_rejects_a_pickle_model(pickle_model, tiny_dir, tmp_path):
-    raw = {"model": {"path": str(pickle_model)}, "data": {"forget": str(tiny_dir / "forget.jsonl"),
-           "retain": str(tiny_dir / "retain.jsonl")}, "split": {"attribute": "group"}}
+    raw = {
+        "model": {"path": str(pickle_model)},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group"},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml")

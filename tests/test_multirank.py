@@ -25,10 +25,20 @@ BATCH_JOB = dict(method="npo", global_batch_size=8, batch_size=4, max_steps=10, 
 
 
 def job(root: Path, name: str, **kw) -> UnlearnSpec:
-    base = dict(name=name, model_path=str(root / "base"), forget_path=str(root / "forget.jsonl"),
-                retain_path=str(root / "retain.jsonl"), method="npo", optimizer={"lr": 3e-3}, max_steps=2,
-                batch_size=2, report_interval_s=0, max_shard_size=SHARD, output_dir=str(root / "out" / name),
-                deepspeed={"zero_optimization": {"stage": 3}})
+    base = dict(
+        name=name,
+        model_path=str(root / "base"),
+        forget_path=str(root / "forget.jsonl"),
+        retain_path=str(root / "retain.jsonl"),
+        method="npo",
+        optimizer={"lr": 3e-3},
+        max_steps=2,
+        batch_size=2,
+        report_interval_s=0,
+        max_shard_size=SHARD,
+        output_dir=str(root / "out" / name),
+        deepspeed={"zero_optimization": {"stage": 3}},
+    )
     return UnlearnSpec(**{**base, **kw})
 
 
@@ -47,12 +57,25 @@ def read_partitions_both_ways(root: Path) -> dict:
     sliced = load_partitioned(str(root / "base"), "float32", ds)
     with zero3_init(ds):
         gathered = load_model(root / "base")
-    valid = lambda p: p.ds_tensor[: max(0, min(p.ds_tensor.ds_numel,  # noqa: E731 (the padding is undefined)
-                                               p.ds_numel - p.ds_tensor.ds_numel * torch.distributed.get_rank()))]
+    valid = (
+        lambda p: p.ds_tensor[
+            : max(
+                0,
+                min(
+                    p.ds_tensor.ds_numel,  # noqa: E731 (the padding is undefined)
+                    p.ds_numel - p.ds_tensor.ds_numel * torch.distributed.get_rank(),
+                ),
+            )
+        ]
+    )
     pairs = list(zip(sliced.named_parameters(), gathered.named_parameters()))
-    return {"reason": slice_reason(str(root / "base"), ds), "names": all(a[0] == b[0] for a, b in pairs),
-            "equal": all(torch.equal(valid(a[1]), valid(b[1])) for a, b in pairs),
-            "elements": sum(a[1].ds_tensor.numel() for a, _ in pairs), "whole": sum(a[1].ds_numel for a, _ in pairs)}
+    return {
+        "reason": slice_reason(str(root / "base"), ds),
+        "names": all(a[0] == b[0] for a, b in pairs),
+        "equal": all(torch.equal(valid(a[1]), valid(b[1])) for a, b in pairs),
+        "elements": sum(a[1].ds_tensor.numel() for a, _ in pairs),
+        "whole": sum(a[1].ds_numel for a, _ in pairs),
+    }
 
 
 def jobs_on_every_rank(rank: int, world: int, root: str) -> dict:
@@ -71,11 +94,26 @@ def jobs_on_every_rank(rank: int, world: int, root: str) -> dict:
     run(job(root, "lora", lora={"r": 4, "alpha": 8}))
     run(job(root, "tvn", method="tvn", method_params={"lam": 1.0}))
     reinforced = root / "out" / "whp" / "reinforced"
-    run(job(root, "whp/reinforced", method="whp", method_params={"phase": "reinforce"}, retain_path=None,
-            output_dir=str(reinforced)))
+    run(
+        job(
+            root,
+            "whp/reinforced",
+            method="whp",
+            method_params={"phase": "reinforce"},
+            retain_path=None,
+            output_dir=str(reinforced),
+        )
+    )
     run(job(root, "whp", method="whp", method_params={"reinforced": str(reinforced)}))
-    run(job(root, "localize", method="grad_diff", optimizer={"lr": 1e-2, "weight_decay": 0.1},
-            localize={"attribution": "gradient", "fraction": 0.05, "scope": "mlp"}))
+    run(
+        job(
+            root,
+            "localize",
+            method="grad_diff",
+            optimizer={"lr": 1e-2, "weight_decay": 0.1},
+            localize={"attribution": "gradient", "fraction": 0.05, "scope": "mlp"},
+        )
+    )
 
     saved = root / "checkpoint"
 
@@ -122,8 +160,9 @@ def forget_prob(folder: Path, rows_file: Path) -> float:
     from jobs.data.format import sequence_nll
 
     with torch.no_grad():
-        nll, n = sequence_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                              batch["labels"])
+        nll, n = sequence_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
     return torch.exp(-nll / n).mean().item()
 
 

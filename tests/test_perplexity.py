@@ -39,11 +39,19 @@ def test_evaluate_model_runs_qa_mc_and_perplexity_side_by_side(tiny_dir, tmp_pat
     from tests.conftest import write_jsonl
 
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": "Ana Lind was born in Oslo."}, {"text": "Bo Chen."}])
-    mc = write_jsonl(tmp_path / "mc.jsonl", [
-        {"question": "Where was Ana Lind born?", "choices": ["Oslo.", "Lima.", "Rome."], "answer": 0, "era": "old"},
-        {"question": "What does Bo Chen write?", "choices": ["Poems.", "Plays."], "answer": 1, "era": "new"}])
-    res = evaluate_model(str(tiny_dir / "model"), {"forget": str(tiny_dir / "forget.jsonl"), "general": str(general),
-                                                   "mc": str(mc)}, suites=["qa", "mc", "perplexity"], max_new_tokens=4)
+    mc = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"question": "Where was Ana Lind born?", "choices": ["Oslo.", "Lima.", "Rome."], "answer": 0, "era": "old"},
+            {"question": "What does Bo Chen write?", "choices": ["Poems.", "Plays."], "answer": 1, "era": "new"},
+        ],
+    )
+    res = evaluate_model(
+        str(tiny_dir / "model"),
+        {"forget": str(tiny_dir / "forget.jsonl"), "general": str(general), "mc": str(mc)},
+        suites=["qa", "mc", "perplexity"],
+        max_new_tokens=4,
+    )
     m = res["metrics"]
     assert "forget_prob" in m and "general_prob" not in m and "mc_prob" not in m
     assert {"mc_acc", "mc_acc.era.old", "mc_acc.era.new", "mc_acc_norm", "general_ppl"} <= set(m)

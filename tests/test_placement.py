@@ -29,8 +29,14 @@ LAYER = re.compile(r"^model\.layers\.(\d+)$")
 def llama(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000)
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=32000,
+    )
 
 
 CONFIGS = {"llama-2-7b": llama(4096, 32, 11008, 32, 32), "llama-2-70b": llama(8192, 80, 28672, 64, 8)}
@@ -70,8 +76,10 @@ def test_llama_plans_over_fake_80gb_gpus(empty_models, name, n):
             plan_placement(model, gpus(n), "bfloat16", name=name)
         msg = str(err.value)
         assert "\n" not in msg
-        assert msg.startswith(f"model {name} needs 138.0 GB of weights in bfloat16 but does not fit the {n} GPU(s) "
-                              "reserved (cuda:0 69.9 GB")
+        assert msg.startswith(
+            f"model {name} needs 138.0 GB of weights in bfloat16 but does not fit the {n} GPU(s) "
+            "reserved (cuda:0 69.9 GB"
+        )
         assert msg.endswith("raise eval.gpus_per_task to 3")
         return
     plan = plan_placement(model, gpus(n), "bfloat16", name=name)
@@ -115,18 +123,32 @@ def test_only_the_devices_given_hold_weights(empty_models):
     plan = plan_placement(model, {0: usable_bytes(GPU_80GB), "cpu": 10 * 10**9}, "bfloat16", offload_folder="/x")
     assert plan.devices == [0, "cpu", "disk"]
     # float32 doubles the bytes: the error also names the smaller dtype
-    with pytest.raises(PlacementError, match=r"needs 275\.9 GB of weights in float32 .* raise eval.gpus_per_task to 4 "
-                                             r"\(or set model.dtype: bfloat16, half the bytes\)$"):
+    with pytest.raises(
+        PlacementError,
+        match=r"needs 275\.9 GB of weights in float32 .* raise eval.gpus_per_task to 4 "
+        r"\(or set model.dtype: bfloat16, half the bytes\)$",
+    ):
         plan_placement(CONFIGS["llama-2-70b"], {"0": GPU_80GB}, "float32", name="70b")
 
 
 def test_summary_names_runs_of_layers_as_ranges():
-    plan = {"model.embed_tokens": 0, **{f"model.layers.{i}": 0 for i in range(40)},
-            **{f"model.layers.{i}": 1 for i in range(40, 80)}, "model.norm": 1, "lm_head": 1}
-    assert summarize(plan) == "model.embed_tokens, model.layers 0-39 on cuda:0; model.layers 40-79, model.norm, " \
-                              "lm_head on cuda:1"
-    assert summarize({"model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
-                      "model.layers.4": "disk"}) == "model.layers 0 on cpu; model.layers 1-2, model.layers 4 on disk"
+    plan = {
+        "model.embed_tokens": 0,
+        **{f"model.layers.{i}": 0 for i in range(40)},
+        **{f"model.layers.{i}": 1 for i in range(40, 80)},
+        "model.norm": 1,
+        "lm_head": 1,
+    }
+    assert (
+        summarize(plan) == "model.embed_tokens, model.layers 0-39 on cuda:0; model.layers 40-79, model.norm, "
+        "lm_head on cuda:1"
+    )
+    assert (
+        summarize(
+            {"model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk", "model.layers.4": "disk"}
+        )
+        == "model.layers 0 on cpu; model.layers 1-2, model.layers 4 on disk"
+    )
     assert summarize({"": 0}) == "all on cuda:0"
 
 
@@ -181,13 +203,19 @@ def test_a_model_dispatched_over_cpu_and_disk_scores_the_same(tiny_dir, tmp_path
     model_dir = tiny_dir / "model"
     budget = cpu_and_disk(model_dir)
     plan = plan_placement(model_dir, budget, offload_folder=str(tmp_path / "offload"))
-    assert plan.summary() == "model.embed_tokens, model.layers 0 on cpu; model.layers 1, model.norm, " \
-                             "model.rotary_emb, lm_head on disk"
+    assert (
+        plan.summary() == "model.embed_tokens, model.layers 0 on cpu; model.layers 1, model.norm, "
+        "model.rotary_emb, lm_head on disk"
+    )
 
-    splits = {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl"),
-              "holdout": str(tiny_dir / "retain.jsonl")}
-    kw = dict(suites=["qa", "memorization", "mia"], suite_options={"mia": {"gradnorm": False}}, batch_size=4,
-              max_new_tokens=8)
+    splits = {
+        "forget": str(tiny_dir / "forget.jsonl"),
+        "retain": str(tiny_dir / "retain.jsonl"),
+        "holdout": str(tiny_dir / "retain.jsonl"),
+    }
+    kw = dict(
+        suites=["qa", "memorization", "mia"], suite_options={"mia": {"gradnorm": False}}, batch_size=4, max_new_tokens=8
+    )
     whole = evaluate_model(str(model_dir), splits, max_memory={"cpu": 10**9}, **kw)
     split = evaluate_model(str(model_dir), splits, max_memory=budget, offload_folder=str(tmp_path / "offload"), **kw)
     assert whole["placement"].startswith("all on cpu")
@@ -237,8 +265,9 @@ def test_a_lora_adapter_folder_dispatched_over_cpu_and_disk(tiny_dir, tmp_path):
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": str(model_dir)}))
 
     merged = load_model(tmp_path / "adapter")
-    model, where = place_for_eval(tmp_path / "adapter", max_memory=cpu_and_disk(model_dir),
-                                  offload_folder=str(tmp_path / "offload"))
+    model, where = place_for_eval(
+        tmp_path / "adapter", max_memory=cpu_and_disk(model_dir), offload_folder=str(tmp_path / "offload")
+    )
     assert "on disk" in where and "disk" in model.hf_device_map.values()
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Plots (orchestrator/tracking/plots.py) and the grouped report (orchestrator/stages/report.py) on hand-made results."""
+"""Plots (orchestrator/tracking/plots.py) and the grouped report (orchestrator/stages/report.py) on hand-made
+results."""
 
 import json
 
@@ -6,21 +7,38 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from orchestrator.tracking import plots
 from orchestrator.stages.report import group_columns, markdown, metric_group, write_report
+from orchestrator.tracking import plots
 
 MODELS = {
-    "base": {"forget_prob": 0.9, "model_utility": 0.6, "retain_prob": 0.9, "mc_acc": 0.7,
-             "mc_acc.genre.poem": 0.8, "mc_acc.genre.play": 0.6, "mc_acc.era.old": 0.5},
-    "merged": {"forget_prob": 0.2, "model_utility": 0.5, "retain_prob": 0.8, "mc_acc": 0.4,
-               "mc_acc.genre.poem": 0.3, "mc_acc.genre.play": 0.5, "mc_acc.era.old": 0.25},
+    "base": {
+        "forget_prob": 0.9,
+        "model_utility": 0.6,
+        "retain_prob": 0.9,
+        "mc_acc": 0.7,
+        "mc_acc.genre.poem": 0.8,
+        "mc_acc.genre.play": 0.6,
+        "mc_acc.era.old": 0.5,
+    },
+    "merged": {
+        "forget_prob": 0.2,
+        "model_utility": 0.5,
+        "retain_prob": 0.8,
+        "mc_acc": 0.4,
+        "mc_acc.genre.poem": 0.3,
+        "mc_acc.genre.play": 0.5,
+        "mc_acc.era.old": 0.25,
+    },
     "no-utility": {"forget_prob": 0.5},
 }
 HISTORIES = {
-    "subset/a": [{"step": s, "total_steps": 3, "loss": 1.0 - 0.1 * s, "forget_loss": 2.0 + s, "retain_loss": 0.5}
-                 for s in (1, 2, 3)],
-    "unsplit": [{"step": s, "total_steps": 2, "loss": 3.0 * s, "forget_loss": 4.0, "retain_loss": float("nan")}
-                for s in (1, 2)],
+    "subset/a": [
+        {"step": s, "total_steps": 3, "loss": 1.0 - 0.1 * s, "forget_loss": 2.0 + s, "retain_loss": 0.5}
+        for s in (1, 2, 3)
+    ],
+    "unsplit": [
+        {"step": s, "total_steps": 2, "loss": 3.0 * s, "forget_loss": 4.0, "retain_loss": float("nan")} for s in (1, 2)
+    ],
 }
 
 
@@ -43,8 +61,11 @@ def test_scatter_falls_back_to_retain_prob_and_skips_without_forget_metrics():
 def test_loss_curves_have_one_line_per_job_per_loss_part():
     fig = plots.loss_curves_figure(HISTORIES)
     assert [ax.get_title() for ax in fig.axes] == ["loss", "forget_loss", "retain_loss"]
-    lines = {(ax.get_title(), l.get_label()): (list(l.get_xdata()), list(l.get_ydata()))
-             for ax in fig.axes for l in ax.get_lines()}
+    lines = {
+        (ax.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
     assert lines[("loss", "subset/a")] == ([1, 2, 3], pytest.approx([0.9, 0.8, 0.7]))
     assert lines[("loss", "unsplit")] == ([1, 2], [3.0, 6.0])
     assert lines[("forget_loss", "subset/a")][1] == [3.0, 4.0, 5.0]
@@ -76,13 +97,34 @@ def test_write_plots_writes_pngs_and_skips_what_is_absent(tmp_path):
 
 
 def test_metrics_are_grouped_and_detail_metrics_stay_out_of_the_table():
-    names = ["forget_prob", "forget_quality", "forget_exact_mem", "retain_prob", "model_utility", "holdout_prob",
-             "mia_loss_auc", "privleak", "mc_acc", "mc_acc.genre.poem", "retain_perplexity", "weird"]
+    names = [
+        "forget_prob",
+        "forget_quality",
+        "forget_exact_mem",
+        "retain_prob",
+        "model_utility",
+        "holdout_prob",
+        "mia_loss_auc",
+        "privleak",
+        "mc_acc",
+        "mc_acc.genre.poem",
+        "retain_perplexity",
+        "weird",
+    ]
     assert {n: metric_group(n) for n in names} == {
-        "forget_prob": "Forget", "forget_quality": "Forget", "forget_exact_mem": "Memorization",
-        "retain_prob": "Utility", "model_utility": "Utility", "holdout_prob": "Privacy", "mia_loss_auc": "Privacy",
-        "privleak": "Privacy", "mc_acc": "MC", "mc_acc.genre.poem": "MC", "retain_perplexity": "Utility",
-        "weird": "Other"}
+        "forget_prob": "Forget",
+        "forget_quality": "Forget",
+        "forget_exact_mem": "Memorization",
+        "retain_prob": "Utility",
+        "model_utility": "Utility",
+        "holdout_prob": "Privacy",
+        "mia_loss_auc": "Privacy",
+        "privleak": "Privacy",
+        "mc_acc": "MC",
+        "mc_acc.genre.poem": "MC",
+        "retain_perplexity": "Utility",
+        "weird": "Other",
+    }
     cols = group_columns(names)
     assert list(cols) == ["Forget", "Utility", "Privacy", "Memorization", "MC", "Other"]
     assert cols["Forget"] == ["forget_prob", "forget_quality"]  # headline order

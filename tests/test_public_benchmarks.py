@@ -44,7 +44,9 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
 
     r = spunge("run", "tofu.yaml", cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr  # the progress display
+    assert (
+        "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr
+    )  # the progress display
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # the clusters: every forget row in one, each with its size and top terms
     clusters = report["clusters"]
@@ -67,7 +69,9 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     parent = client.get_run(report["mlflow_run_id"])
     assert parent.info.run_name == "tofu-forget10" and parent.info.status == "FINISHED"
     evals = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'eval/merged'")
-    assert evals and evals[0].data.metrics["model_utility"] == pytest.approx(report["models"]["merged"]["model_utility"])
+    assert evals and evals[0].data.metrics["model_utility"] == pytest.approx(
+        report["models"]["merged"]["model_utility"]
+    )
     assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics
 
 
@@ -81,7 +85,9 @@ def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_
     r = spunge("run", "muse.yaml", cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
+    assert (
+        set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
+    )
     for key, job in report["jobs"].items():  # unlearning on raw text: every token a target, NPO's loss moved
         steps = load_jsonl(Path(job["output_dir"]) / "history.jsonl")
         assert [s["step"] for s in steps] == [1, 2] and all(s["forget_loss"] > 0 for s in steps), key

@@ -29,8 +29,14 @@ def test_a_local_ray_listens_on_loopback_and_logs_to_the_file(tmp_path):
         " 'is_err': False}, ignore_prefix=False)\n"
         "ray.shutdown()\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "RAY_ADDRESS": ""},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     gcs = next(line for line in r.stdout.splitlines() if line.startswith("GCS "))
     assert gcs.split()[1].startswith("127.0.0.1:")
@@ -48,8 +54,10 @@ class SlowNode:
     def __call__(self, **kwargs):
         self.calls += 1
         if self.calls <= self.fails:
-            raise Exception("The current node timed out during startup. This could happen because some of the "
-                            "raylet failed to startup or the GCS has become overloaded.")
+            raise Exception(
+                "The current node timed out during startup. This could happen because some of the "
+                "raylet failed to startup or the GCS has become overloaded."
+            )
 
 
 def test_a_slow_node_is_started_again_and_a_dead_one_named_once(monkeypatch):
@@ -79,8 +87,10 @@ def test_a_slow_node_is_started_again_and_a_dead_one_named_once(monkeypatch):
     def dashboard_failed(**kwargs):  # the dashboard's port was taken between _free_port and its bind
         lost_port.calls += 1
         if lost_port.calls == 1:
-            raise Exception("The last 20 lines of /tmp/ray/session_x/logs/dashboard.log (it contains the error "
-                            "message from the dashboard): ")
+            raise Exception(
+                "The last 20 lines of /tmp/ray/session_x/logs/dashboard.log (it contains the error "
+                "message from the dashboard): "
+            )
 
     monkeypatch.setattr(R.ray, "init", dashboard_failed)
     R._start_local(2, {}, timeout_s=120)

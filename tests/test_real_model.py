@@ -23,15 +23,34 @@ pytestmark = pytest.mark.e2e  # a real 135M model: converted, trained, merged, e
 CHAT = PromptFormat(template="chat")
 BRIEF = PromptFormat(template="chat", system_prompt="Answer briefly.")  # ~20 tokens shorter than the default turn
 FACTS = [  # facts the model knows, with paraphrased and perturbed answers for the truth ratio
-    {"question": "What is the chemical symbol for gold?", "answer": "Au", "paraphrased_answer": "The symbol is Au.",
-     "perturbed_answers": ["Ag", "Fe", "Cu"], "domain": "chemistry"},
-    {"question": "What is the capital of France?", "answer": "Paris", "paraphrased_answer": "It is Paris.",
-     "perturbed_answers": ["Lyon", "Rome", "Berlin"], "domain": "geography"},
-    {"question": "Which planet is the largest in the solar system?", "answer": "Jupiter",
-     "paraphrased_answer": "The largest planet is Jupiter.", "perturbed_answers": ["Mars", "Venus", "Mercury"],
-     "domain": "astronomy"},
-    {"question": "What is the chemical formula of water?", "answer": "H2O", "paraphrased_answer": "Water is H2O.",
-     "perturbed_answers": ["CO2", "NaCl", "O2"], "domain": "chemistry"},
+    {
+        "question": "What is the chemical symbol for gold?",
+        "answer": "Au",
+        "paraphrased_answer": "The symbol is Au.",
+        "perturbed_answers": ["Ag", "Fe", "Cu"],
+        "domain": "chemistry",
+    },
+    {
+        "question": "What is the capital of France?",
+        "answer": "Paris",
+        "paraphrased_answer": "It is Paris.",
+        "perturbed_answers": ["Lyon", "Rome", "Berlin"],
+        "domain": "geography",
+    },
+    {
+        "question": "Which planet is the largest in the solar system?",
+        "answer": "Jupiter",
+        "paraphrased_answer": "The largest planet is Jupiter.",
+        "perturbed_answers": ["Mars", "Venus", "Mercury"],
+        "domain": "astronomy",
+    },
+    {
+        "question": "What is the chemical formula of water?",
+        "answer": "H2O",
+        "paraphrased_answer": "Water is H2O.",
+        "perturbed_answers": ["CO2", "NaCl", "O2"],
+        "domain": "chemistry",
+    },
 ]
 
 
@@ -47,7 +66,9 @@ def test_plain_prompts_follow_the_tokenizer_which_adds_no_bos(smol):
     assert tok(text)["input_ids"][0] != tok.bos_token_id  # SmolLM2's tokenizer adds no BOS itself
     assert prompt_ids(tok, "What is the capital of France?") == tok(text)["input_ids"]
     assert answer_ids(tok, "Paris") == tok(" Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert answer_ids(tok, "Paris", PromptFormat(answer_eos=False)) == tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert (
+        answer_ids(tok, "Paris", PromptFormat(answer_eos=False)) == tok(" Paris", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_chat_prompts_are_the_chat_template_and_answers_end_with_its_end_of_turn(smol):
@@ -63,9 +84,12 @@ def test_chat_prompts_are_the_chat_template_and_answers_end_with_its_end_of_turn
     enc = encode_qa(tok, q, a, 256, CHAT)
     full = template_ids(user + [{"role": "assistant", "content": a}])
     assert enc["input_ids"] == full[: len(enc["input_ids"])]  # the conversation, up to the end-of-turn
-    assert tok.decode(enc["input_ids"][len(p):]) == "Au<|im_end|>"  # the template's "\n" after it is not a target
-    assert [t for t in enc["labels"] if t != -100] == enc["input_ids"][len(p):]
-    assert tok.decode(encode_qa(tok, q, a, 256, CHAT.model_copy(update={"answer_eos": False}))["input_ids"][len(p):]) == "Au"
+    assert tok.decode(enc["input_ids"][len(p) :]) == "Au<|im_end|>"  # the template's "\n" after it is not a target
+    assert [t for t in enc["labels"] if t != -100] == enc["input_ids"][len(p) :]
+    assert (
+        tok.decode(encode_qa(tok, q, a, 256, CHAT.model_copy(update={"answer_eos": False}))["input_ids"][len(p) :])
+        == "Au"
+    )
     system = prompt_ids(tok, q, PromptFormat(template="chat", system_prompt="Answer in one word."))
     assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in tok.decode(system)
     assert "SmolLM" not in tok.decode(system)  # the given system turn replaces the template's default one
@@ -77,8 +101,10 @@ def test_answer_probability_is_the_models_own_per_token_probability(smol):
     from jobs.evaluate.suites import SuiteContext, get_suite
 
     _, tok, model = smol
-    rows = [{"question": "The chemical symbol for gold is", "answer": "Au"},
-            {"question": "The capital of France is", "answer": "Paris"}]
+    rows = [
+        {"question": "The chemical symbol for gold is", "answer": "Au"},
+        {"question": "The capital of France is", "answer": "Paris"},
+    ]
     bare = PromptFormat(template="{question}", answer_eos=False)
     want = []
     for r in rows:
@@ -103,18 +129,33 @@ def test_greedy_answers_stop_at_the_end_of_turn_and_at_stop_strings(smol):
     _, tok, model = smol
     texts, lengths = generate_answers(model, tok, [FACTS[1]["question"]], max_new_tokens=32, template=CHAT)
     assert "Paris" in texts[0] and lengths[0] < 32  # it said its piece and ended the turn
-    texts, lengths = generate_answers(model, tok, ["Name three colours, one per line."], max_new_tokens=32,
-                                      template=CHAT, stop=["\n"])
+    texts, lengths = generate_answers(
+        model, tok, ["Name three colours, one per line."], max_new_tokens=32, template=CHAT, stop=["\n"]
+    )
     assert "\n" not in texts[0] and lengths[0] < 32
 
 
 def unlearn_spec(smollm2, tmp_path, name, **kw) -> UnlearnSpec:
     forget = write_jsonl(tmp_path / "forget.jsonl", FACTS[:2])
     retain = write_jsonl(tmp_path / "retain.jsonl", FACTS[2:])
-    return UnlearnSpec(name=name, model_path=str(smollm2), forget_path=str(forget), retain_path=str(retain),
-                       method="npo", method_params={"beta": 0.1}, optimizer={"lr": 1e-5}, max_steps=1,
-                       batch_size=2, max_length=64, prompt=BRIEF, threads_per_worker=2, report_interval_s=0,
-                       gradient_checkpointing=True, output_dir=str(tmp_path / name), **kw)
+    return UnlearnSpec(
+        name=name,
+        model_path=str(smollm2),
+        forget_path=str(forget),
+        retain_path=str(retain),
+        method="npo",
+        method_params={"beta": 0.1},
+        optimizer={"lr": 1e-5},
+        max_steps=1,
+        batch_size=2,
+        max_length=64,
+        prompt=BRIEF,
+        threads_per_worker=2,
+        report_interval_s=0,
+        gradient_checkpointing=True,
+        output_dir=str(tmp_path / name),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +166,9 @@ def npo_jobs(smollm2, tmp_path_factory, single_process_dist):
 
     tmp = tmp_path_factory.mktemp("smol-npo")
     full = run_unlearning(unlearn_spec(smollm2, tmp, "full"))
-    lora = run_unlearning(unlearn_spec(smollm2, tmp, "lora", lora={"r": 4, "alpha": 8,
-                                                                    "target_modules": ["q_proj", "v_proj"]}))
+    lora = run_unlearning(
+        unlearn_spec(smollm2, tmp, "lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    )
     return tmp, full, lora
 
 
@@ -165,12 +207,23 @@ def test_a_merge_of_two_tied_embedding_checkpoints_keeps_the_tie(smol, tmp_path)
     for i, sign in enumerate((1.0, -1.0)):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         g = torch.Generator().manual_seed(i)
-        state["model.embed_tokens.weight"] += sign * 1e-3 * torch.randn(state["model.embed_tokens.weight"].shape, generator=g)
-        state["model.layers.0.mlp.up_proj.weight"] += 1e-3 * torch.randn(state["model.layers.0.mlp.up_proj.weight"].shape, generator=g)
+        state["model.embed_tokens.weight"] += (
+            sign * 1e-3 * torch.randn(state["model.embed_tokens.weight"].shape, generator=g)
+        )
+        state["model.layers.0.mlp.up_proj.weight"] += 1e-3 * torch.randn(
+            state["model.layers.0.mlp.up_proj.weight"].shape, generator=g
+        )
         save_model(model, tok, tmp_path / f"m{i}", state_dict=state)
         paths[f"subset/{i}"] = str(tmp_path / f"m{i}")
-    out = merge_models(MergeSpec(base_model_path=str(path), model_paths=paths, method="ties",
-                                 parameters={"density": 0.5, "normalize": True}, output_dir=str(tmp_path / "merged")))
+    out = merge_models(
+        MergeSpec(
+            base_model_path=str(path),
+            model_paths=paths,
+            method="ties",
+            parameters={"density": 0.5, "normalize": True},
+            output_dir=str(tmp_path / "merged"),
+        )
+    )
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
     merged = load_model(out)
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
@@ -180,20 +233,46 @@ def test_a_merge_of_two_tied_embedding_checkpoints_keeps_the_tie(smol, tmp_path)
 def test_every_eval_suite_runs_on_a_few_rows_with_the_chat_template(smollm2, tmp_path):
     from jobs.evaluate.suites import evaluate_model
 
-    mc = [{"question": r["question"], "choices": [r["answer"], *r["perturbed_answers"][:2]], "answer": 0,
-           "domain": r["domain"]} for r in FACTS]
-    splits = {"forget": write_jsonl(tmp_path / "forget.jsonl", FACTS[:2]),
-              "retain": write_jsonl(tmp_path / "retain.jsonl", FACTS[2:]),
-              "holdout": write_jsonl(tmp_path / "holdout.jsonl", FACTS[1:3]),
-              "general": write_jsonl(tmp_path / "general.jsonl", [{"text": "Paris is the capital of France."}]),
-              "mc": write_jsonl(tmp_path / "mc.jsonl", mc)}
-    res = evaluate_model(str(smollm2), {k: str(v) for k, v in splits.items()},
-                         suites=["qa", "mia", "memorization", "mc", "perplexity", "lmeval"], template=BRIEF,
-                         max_new_tokens=12, suite_options={"qa": {"stop": ["\n"]}, "lmeval": {"tasks": ["spunge_mc"]}})
+    mc = [
+        {
+            "question": r["question"],
+            "choices": [r["answer"], *r["perturbed_answers"][:2]],
+            "answer": 0,
+            "domain": r["domain"],
+        }
+        for r in FACTS
+    ]
+    splits = {
+        "forget": write_jsonl(tmp_path / "forget.jsonl", FACTS[:2]),
+        "retain": write_jsonl(tmp_path / "retain.jsonl", FACTS[2:]),
+        "holdout": write_jsonl(tmp_path / "holdout.jsonl", FACTS[1:3]),
+        "general": write_jsonl(tmp_path / "general.jsonl", [{"text": "Paris is the capital of France."}]),
+        "mc": write_jsonl(tmp_path / "mc.jsonl", mc),
+    }
+    res = evaluate_model(
+        str(smollm2),
+        {k: str(v) for k, v in splits.items()},
+        suites=["qa", "mia", "memorization", "mc", "perplexity", "lmeval"],
+        template=BRIEF,
+        max_new_tokens=12,
+        suite_options={"qa": {"stop": ["\n"]}, "lmeval": {"tasks": ["spunge_mc"]}},
+    )
     m = res["metrics"]
-    for key in ("forget_prob", "retain_prob", "holdout_prob", "forget_rouge", "model_utility", "forget_gen_tokens",
-                "mia_loss_auc", "forget_exact_mem", "forget_verbatim_rouge", "mc_acc", "mc_acc.domain.chemistry",
-                "general_ppl", "lmeval.spunge_mc.acc"):
+    for key in (
+        "forget_prob",
+        "retain_prob",
+        "holdout_prob",
+        "forget_rouge",
+        "model_utility",
+        "forget_gen_tokens",
+        "mia_loss_auc",
+        "forget_exact_mem",
+        "forget_verbatim_rouge",
+        "mc_acc",
+        "mc_acc.domain.chemistry",
+        "general_ppl",
+        "lmeval.spunge_mc.acc",
+    ):
         assert key in m and math.isfinite(m[key]), key
     assert m["mc_acc"] >= 0.5  # bare-choice log-likelihoods of an instruct model (it answers in sentences)
     assert 0 < m["forget_gen_tokens"] <= 12 and m["retain_rouge"] > 0.5

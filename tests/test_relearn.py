@@ -22,8 +22,9 @@ def _ascend(model, tok, rows, lr: float = 0.5, steps: int = 4) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        nll, n = sequence_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                              batch["labels"])
+        nll, n = sequence_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
         opt.zero_grad()
         (-(nll.sum() / n.sum())).backward()
         opt.step()
@@ -66,8 +67,13 @@ def unlearned(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def attacked(unlearned, tiny_dir):
     path = unlearned[0]
-    return evaluate_model(str(path), {"forget": str(tiny_dir / "forget.jsonl")}, suites=["relearn"], batch_size=8,
-                          suite_options={"relearn": RELEARN})
+    return evaluate_model(
+        str(path),
+        {"forget": str(tiny_dir / "forget.jsonl")},
+        suites=["relearn"],
+        batch_size=8,
+        suite_options={"relearn": RELEARN},
+    )
 
 
 def test_suite_is_registered_with_its_options_needs_and_group():
@@ -78,10 +84,24 @@ def test_suite_is_registered_with_its_options_needs_and_group():
     assert "relearn" in SUITES.names()
     assert suite.sources() == ("forget",)
     assert suite.sources(RelearnOptions(train_on="retain")) == ("forget", "retain")
-    assert EvalConfig().suite_options("relearn") == {"steps": 10, "lr": 1e-5, "batch_size": 4, "fraction": 0.5,
-                                                     "train_on": "forget", "seed": 0, "optimizer": "adamw"}
+    assert EvalConfig().suite_options("relearn") == {
+        "steps": 10,
+        "lr": 1e-5,
+        "batch_size": 4,
+        "fraction": 0.5,
+        "train_on": "forget",
+        "seed": 0,
+        "optimizer": "adamw",
+    }
     assert EvalConfig(relearn={"steps": 3}).suite_options("relearn")["steps"] == 3
-    for bad in ({"lr": 0}, {"fraction": 1.0}, {"fraction": 0}, {"train_on": "general"}, {"data": "retain"}, {"bogus": 1}):
+    for bad in (
+        {"lr": 0},
+        {"fraction": 1.0},
+        {"fraction": 0},
+        {"train_on": "general"},
+        {"data": "retain"},
+        {"bogus": 1},
+    ):
         with pytest.raises(ValueError):
             RelearnOptions(**bad)
     assert {metric_group(m) for m in ("relearn_forget_prob", "relearn_before_prob", "relearn_gain")} == {"Robustness"}
@@ -132,8 +152,11 @@ def test_the_evaluated_model_is_left_unchanged(unlearned, tiny_dir):
     model = load_model(str(path)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     retain = read_jsonl(str(tiny_dir / "retain.jsonl"))
-    res = get_suite("relearn")(SuiteContext(model, tok, batch_size=8), {"forget": rows, "retain": retain},
-                               **{**RELEARN, "steps": 3, "train_on": "retain"})
+    res = get_suite("relearn")(
+        SuiteContext(model, tok, batch_size=8),
+        {"forget": rows, "retain": retain},
+        **{**RELEARN, "steps": 3, "train_on": "retain"},
+    )
     assert res["metrics"]["relearn_forget_prob"] != res["metrics"]["relearn_before_prob"]  # it did train (a copy)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -226,8 +249,9 @@ def test_the_fp32_copy_of_a_dispatched_flash_attention_model(unlearned):
     model.config._attn_implementation = "sdpa"
 
     def gain(m) -> float:
-        return get_suite("relearn")(SuiteContext(m, tok, batch_size=8), {"forget": rows},
-                                    **{**RELEARN, "steps": 3})["metrics"]["relearn_gain"]
+        return get_suite("relearn")(SuiteContext(m, tok, batch_size=8), {"forget": rows}, **{**RELEARN, "steps": 3})[
+            "metrics"
+        ]["relearn_gain"]
 
     assert gain(model) == gain(plain)  # the same numbers through the hooks
     with torch.device("meta"):

@@ -27,7 +27,10 @@ def data(tiny_dir):
     tok = load_tokenizer(tiny_dir / "model")
     rows = qa_rows()
     enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    batch = {"forget": enc([r for r in rows if r["era"] == "old"]), "retain": enc([r for r in rows if r["era"] == "new"])}
+    batch = {
+        "forget": enc([r for r in rows if r["era"] == "old"]),
+        "retain": enc([r for r in rows if r["era"] == "new"]),
+    }
     return tiny_dir / "model", batch, enc(rows)
 
 
@@ -47,10 +50,23 @@ def memorised(data):
 
 # ---------------------------------------------------------------- which layer
 
-@pytest.mark.parametrize("n,fraction,want", [
-    (32, 0.5, 16), (30, 0.5, 15), (4, 0.5, 2), (2, 0.5, 1), (1, 0.5, 0), (5, 0.5, 2),
-    (32, 0.22, 7), (16, 0.44, 7), (4, 0.25, 1), (4, 0.0, 0), (4, 1.0, 3),  # 1.0: the last layer, not one past it
-])
+
+@pytest.mark.parametrize(
+    "n,fraction,want",
+    [
+        (32, 0.5, 16),
+        (30, 0.5, 15),
+        (4, 0.5, 2),
+        (2, 0.5, 1),
+        (1, 0.5, 0),
+        (5, 0.5, 2),
+        (32, 0.22, 7),
+        (16, 0.44, 7),
+        (4, 0.25, 1),
+        (4, 0.0, 0),
+        (4, 1.0, 3),  # 1.0: the last layer, not one past it
+    ],
+)
 def test_layer_from_fraction_is_floor_of_fraction_times_depth(n, fraction, want):
     assert steered_layer(RMUParams(layer_fraction=fraction), n) == want
     if fraction == 0.5:
@@ -71,6 +87,7 @@ def test_an_absolute_layer_wins_over_the_fraction_and_setup_uses_the_fraction(da
 
 
 # ---------------------------------------------------------------- the steering coefficient
+
 
 def test_steering_is_adaptive_by_default_and_fixed_when_a_coefficient_is_given():
     assert build_method("rmu").params.steering == "adaptive"
@@ -109,8 +126,10 @@ def test_adaptive_coefficient_is_scale_times_the_frozen_models_mean_activation_n
     r = torch.rand(h.hidden_states[layer + 1].shape[-1], generator=g)
     target = want * r / r.norm()
     part, hs = batch["forget"], h.hidden_states[layer + 1]
-    per_seq = [((hs[i, (part["attention_mask"][i] == 1) & (part["labels"][i] != -100)] - target) ** 2).mean(-1).mean()
-               for i in range(hs.shape[0])]
+    per_seq = [
+        ((hs[i, (part["attention_mask"][i] == 1) & (part["labels"][i] != -100)] - target) ** 2).mean(-1).mean()
+        for i in range(hs.shape[0])
+    ]
     assert float(out.metrics["forget_loss"]) == pytest.approx(torch.stack(per_seq).mean().item(), rel=1e-5)
 
 
@@ -243,9 +262,12 @@ def test_steps_steer_forget_activations_keep_retain_ones_and_raise_forget_nll(da
             f, _ = capture(model, layer, batch["forget"])
             r, _ = capture(model, layer, batch["retain"])
             r_ref, _ = capture(ref, ref_layer, batch["retain"])
-            return (activation_mse(f, method.target(f, f.shape[-1]), token_mask(batch["forget"])).item(),
-                    activation_mse(r, r_ref, token_mask(batch["retain"])).item(),
-                    mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item())
+            return (
+                activation_mse(f, method.target(f, f.shape[-1]), token_mask(batch["forget"])).item(),
+                activation_mse(r, r_ref, token_mask(batch["retain"])).item(),
+                mean_nll(model, batch["forget"]).item(),
+                mean_nll(model, batch["retain"]).item(),
+            )
 
     before = measure()
     assert before[1] == 0.0
@@ -269,14 +291,25 @@ def test_steps_steer_forget_activations_keep_retain_ones_and_raise_forget_nll(da
 def test_deepspeed_loop_runs_rmu_and_changes_only_the_trainable_weights(tiny_dir, tmp_path, single_process_dist):
     from jobs.unlearn.loop import run_unlearning
 
-    spec = UnlearnSpec(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                       retain_path=str(tiny_dir / "retain.jsonl"), method="rmu", optimizer={"lr": 3e-3},
-                       max_steps=3, batch_size=4, output_dir=str(tmp_path / "out"), report_interval_s=0,
-                       deepspeed={"zero_optimization": {"stage": 0}})
+    spec = UnlearnSpec(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="rmu",
+        optimizer={"lr": 3e-3},
+        max_steps=3,
+        batch_size=4,
+        output_dir=str(tmp_path / "out"),
+        report_interval_s=0,
+        deepspeed={"zero_optimization": {"stage": 0}},
+    )
     rows = []
     final = run_unlearning(spec, report=rows.extend)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"loss", "forget_loss", "retain_loss", "unlearn_loss", "forget_nll", "steering_coeff", "grad_norm"} <= set(final)
+    assert {"loss", "forget_loss", "retain_loss", "unlearn_loss", "forget_nll", "steering_coeff", "grad_norm"} <= set(
+        final
+    )
     assert rows[0]["steering_coeff"] == final["steering_coeff"] > 0  # adaptive (the default): measured once
     assert rows[0]["retain_loss"] == 0.0 and final["retain_loss"] > 0.0  # the reference is the base model
     base = load_file(str(tiny_dir / "model" / "model.safetensors"))

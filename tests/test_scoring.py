@@ -52,7 +52,8 @@ def tok():
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     t.train_from_iterator(CORPUS, trainer)
@@ -65,10 +66,18 @@ def model(tok):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.2, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -127,8 +136,9 @@ def test_evaluate_model_end_to_end(model, tok, tmp_path):
     splits = {
         "forget": _write(tmp_path / "forget.jsonl", RECORDS[:2]),
         "retain": _write(tmp_path / "retain.jsonl", RECORDS[1:]),
-        "holdout": _write(tmp_path / "holdout.jsonl", [{"question": "Which award did Bo Chen win?",
-                                                         "answer": "The Golden Quill."}]),
+        "holdout": _write(
+            tmp_path / "holdout.jsonl", [{"question": "Which award did Bo Chen win?", "answer": "The Golden Quill."}]
+        ),
     }
     res = evaluate_model(str(folder), splits, batch_size=4, max_new_tokens=6)
     m = res["metrics"]
@@ -140,7 +150,8 @@ def test_evaluate_model_end_to_end(model, tok, tmp_path):
         assert len(res["raw"][f"{split}_truth_ratio"]) == 2
     assert 0.0 <= m["holdout_prob"] <= 1.0
     assert m["model_utility"] == pytest.approx(
-        M.model_utility([m["retain_prob"], m["retain_rouge"], m["retain_truth_ratio"]]))
+        M.model_utility([m["retain_prob"], m["retain_rouge"], m["retain_truth_ratio"]])
+    )
     assert all(isinstance(v, float) for v in m.values())
     assert res["n_examples"] == {"forget": 2, "retain": 2, "holdout": 1}
     assert res["seconds"] > 0
@@ -162,16 +173,32 @@ def test_tofu_model_utility_is_the_harmonic_mean_of_nine_numbers(model, tok, tmp
     folder = tmp_path / "model"
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    authors = [{"question": "Who wrote Hamlet?", "answer": "William Shakespeare",
-                "perturbed_answers": ["Charles Dickens", "Jane Austen", "Mark Twain"]},
-               {"question": "Who wrote Faust?", "answer": "Goethe", "paraphrased_answer": "J. W. von Goethe",
-                "perturbed_answers": ["Schiller", "Kafka"]}]
-    facts = [{"question": "What is the capital of France?", "answer": "Paris",
-              "perturbed_answers": ["Rome", "Madrid", "Berlin"]}]
-    splits = {"forget": _write(tmp_path / "forget.jsonl", RECORDS[:2]),
-              "retain": _write(tmp_path / "retain.jsonl", RECORDS[1:]),
-              "real_authors": _write(tmp_path / "ra.jsonl", authors),
-              "world_facts": _write(tmp_path / "wf.jsonl", facts)}
+    authors = [
+        {
+            "question": "Who wrote Hamlet?",
+            "answer": "William Shakespeare",
+            "perturbed_answers": ["Charles Dickens", "Jane Austen", "Mark Twain"],
+        },
+        {
+            "question": "Who wrote Faust?",
+            "answer": "Goethe",
+            "paraphrased_answer": "J. W. von Goethe",
+            "perturbed_answers": ["Schiller", "Kafka"],
+        },
+    ]
+    facts = [
+        {
+            "question": "What is the capital of France?",
+            "answer": "Paris",
+            "perturbed_answers": ["Rome", "Madrid", "Berlin"],
+        }
+    ]
+    splits = {
+        "forget": _write(tmp_path / "forget.jsonl", RECORDS[:2]),
+        "retain": _write(tmp_path / "retain.jsonl", RECORDS[1:]),
+        "real_authors": _write(tmp_path / "ra.jsonl", authors),
+        "world_facts": _write(tmp_path / "wf.jsonl", facts),
+    }
     res = evaluate_model(str(folder), splits, batch_size=4, max_new_tokens=4)
     m = res["metrics"]
     parts = [f"{s}_{k}" for s in ("retain", "real_authors", "world_facts") for k in ("prob", "rouge", "truth_ratio")]
@@ -182,9 +209,13 @@ def test_tofu_model_utility_is_the_harmonic_mean_of_nine_numbers(model, tok, tmp
         qs = [r["question"] for r in rows]
         true_nll, true_n = score_answers(model, tok, qs, [r["answer"] for r in rows])
         ptrue = np.exp(-true_nll / true_n)
-        ppert = [np.exp(-np.array(nll) / np.array(n)) for nll, n in
-                 (score_answers(model, tok, [r["question"]] * len(r["perturbed_answers"]), r["perturbed_answers"])
-                  for r in rows)]
+        ppert = [
+            np.exp(-np.array(nll) / np.array(n))
+            for nll, n in (
+                score_answers(model, tok, [r["question"]] * len(r["perturbed_answers"]), r["perturbed_answers"])
+                for r in rows
+            )
+        ]
         want_prob = np.mean([t / (t + p.sum()) for t, p in zip(ptrue, ppert)])
         assert m[f"{split}_prob"] == pytest.approx(want_prob, rel=1e-4)
         # R = GM(perturbed) / p(answer), the answer even where a paraphrase is given; true_better = max(0, 1 - R)

@@ -45,14 +45,23 @@ def test_paired_test_by_hand():
 
 
 def test_summary_over_seeds_pairs_merged_with_unsplit_by_seed():
-    reports = {s: {"models": {"merged": {"forget_prob": f, "model_utility": 0.8, "only_some": 1.0 if s else None},
-                              "unsplit": {"forget_prob": u, "model_utility": 0.7}, "base": {"forget_prob": 0.9}}}
-               for s, f, u in ((0, 0.10, 0.20), (1, 0.30, 0.50), (2, 0.20, 0.25))}
+    reports = {
+        s: {
+            "models": {
+                "merged": {"forget_prob": f, "model_utility": 0.8, "only_some": 1.0 if s else None},
+                "unsplit": {"forget_prob": u, "model_utility": 0.7},
+                "base": {"forget_prob": 0.9},
+            }
+        }
+        for s, f, u in ((0, 0.10, 0.20), (1, 0.30, 0.50), (2, 0.20, 0.25))
+    }
     s = summarize(reports)
     assert s["seeds"] == [0, 1, 2] and set(s["models"]) == {"merged", "unsplit"}
     assert set(s["models"]["merged"]) == {"forget_prob", "model_utility"}  # a metric some seeds lack is left out
     assert s["models"]["merged"]["forget_prob"]["mean"] == pytest.approx(0.2)
-    assert s["paired"]["forget_prob"]["p_value"] == pytest.approx(paired_test([0.1, 0.3, 0.2], [0.2, 0.5, 0.25])["p_value"])
+    assert s["paired"]["forget_prob"]["p_value"] == pytest.approx(
+        paired_test([0.1, 0.3, 0.2], [0.2, 0.5, 0.25])["p_value"]
+    )
     assert s["paired"]["model_utility"]["p_value"] is None  # a constant difference
 
 
@@ -63,9 +72,15 @@ def test_seed_lists_and_seeded_configs(tmp_path):
     for bad in ("a", "1,1", ""):
         with pytest.raises(SeedsError, match="--seeds: expected"):
             parse_seeds(bad)
-    cfg = PipelineConfig.model_validate({"name": "p", "model": {"path": "m"}, "data": {"forget": {"path": "f"}},
-                                         "split": {"by": "attribute", "attribute": "a"},
-                                         "storage": {"output_dir": str(tmp_path / "out")}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "p",
+            "model": {"path": "m"},
+            "data": {"forget": {"path": "f"}},
+            "split": {"by": "attribute", "attribute": "a"},
+            "storage": {"output_dir": str(tmp_path / "out")},
+        }
+    )
     c = seeded(cfg, 3)
     assert (c.unlearn.seed, c.name, c.storage.output_dir) == (3, "p/seed3", str(tmp_path / "out" / "seed3"))
     assert cfg.unlearn.seed == 0  # the original is untouched
@@ -73,8 +88,16 @@ def test_seed_lists_and_seeded_configs(tmp_path):
 
 def test_a_bad_seeds_value_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "pipe.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"path": "org/m"}, "data": {"forget": "/nope.jsonl"},
-                                   "split": {"by": "attribute", "attribute": "a"}, "seeds": [0, 0]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "org/m"},
+                "data": {"forget": "/nope.jsonl"},
+                "split": {"by": "attribute", "attribute": "a"},
+                "seeds": [0, 0],
+            }
+        )
+    )
     res = cli("validate", cfg)
     assert res.exit_code == 2 and "seeds: expected a list of distinct integers" in res.stderr
     res = cli("run", cfg, "--seeds", "x")
@@ -96,9 +119,13 @@ def seeds_run(tiny_dir, tmp_path, monkeypatch):
     import orchestrator.remote.ray_init as R
     from orchestrator.stages.unlearn import plan_jobs
 
-    cfg = {"name": "seeds-e2e", "model": {"path": str(tiny_dir / "model")},
-           "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-           "split": {"attribute": "group"}, "storage": {"output_dir": "run"}}
+    cfg = {
+        "name": "seeds-e2e",
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
+        "split": {"attribute": "group"},
+        "storage": {"output_dir": "run"},
+    }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(R, "init_ray", lambda *a, **k: None)
@@ -110,10 +137,15 @@ def seeds_run(tiny_dir, tmp_path, monkeypatch):
         if list(names) == ["prepare"]:
             return real_stages(ctx, names)
         merged, unsplit = CANNED[ctx.cfg.unlearn.seed]
-        ctx.report = {"models": {"merged": {"forget_prob": merged, "model_utility": 0.8},
-                                 "unsplit": {"forget_prob": unsplit, "model_utility": 0.7},
-                                 "base": {"forget_prob": 0.9, "model_utility": 0.8}},
-                      "jobs": {j.key: {"stage_hash": j.hash} for j in plan_jobs(ctx)}, "mlflow_run_id": ctx.run_id}
+        ctx.report = {
+            "models": {
+                "merged": {"forget_prob": merged, "model_utility": 0.8},
+                "unsplit": {"forget_prob": unsplit, "model_utility": 0.7},
+                "base": {"forget_prob": 0.9, "model_utility": 0.8},
+            },
+            "jobs": {j.key: {"stage_hash": j.hash} for j in plan_jobs(ctx)},
+            "mlflow_run_id": ctx.run_id,
+        }
         seen[ctx.cfg.unlearn.seed] = (ctx.cfg, ctx.report)
         return ctx
 

@@ -6,24 +6,31 @@ from pathlib import Path
 import pytest
 
 from jobs.spec import UnlearnSpec
+from jobs.unlearn.outputs import STOP_FILE, snapshot_dir
+from orchestrator.config.objective import objective_value
 from orchestrator.config.schema import PipelineConfig, SelectConfig, StepRule
 from orchestrator.run.context import Job, JobKind, Merged, RunContext
-from orchestrator.tracking.costs import add, cost_report, eval_cost, job_cost, known_pretraining_tokens
 from orchestrator.stages.unlearn.selection import SELECT_FILE, StepSelector, choose_step, should_stop
-from orchestrator.config.objective import objective_value
-from jobs.unlearn.outputs import STOP_FILE, snapshot_dir
+from orchestrator.tracking.costs import add, cost_report, eval_cost, job_cost, known_pretraining_tokens
 
 # forget_prob falls as the job unlearns; model_utility falls too, below 0.9 x base (1.0) after step 4
-SEQUENCE = {2: {"forget_prob": 0.50, "model_utility": 0.95}, 4: {"forget_prob": 0.30, "model_utility": 0.92},
-            6: {"forget_prob": 0.10, "model_utility": 0.80}, 8: {"forget_prob": 0.05, "model_utility": 0.70}}
+SEQUENCE = {
+    2: {"forget_prob": 0.50, "model_utility": 0.95},
+    4: {"forget_prob": 0.30, "model_utility": 0.92},
+    6: {"forget_prob": 0.10, "model_utility": 0.80},
+    8: {"forget_prob": 0.05, "model_utility": 0.70},
+}
 BASE = {"forget_prob": 0.9, "model_utility": 1.0}
-RULE = {"metric": "forget_prob", "mode": "min",
-        "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.9}]}
+RULE = {"metric": "forget_prob", "mode": "min", "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.9}]}
 
 
 def make_ctx(tmp_path, select: dict) -> RunContext:
-    raw = {"model": {"path": "org/model"}, "data": {"forget": {"path": "/f.jsonl"}}, "split": {"by": "attribute", "attribute": "author"},
-           "unlearn": {"eval_every": 2, "select": select}}
+    raw = {
+        "model": {"path": "org/model"},
+        "data": {"forget": {"path": "/f.jsonl"}},
+        "split": {"by": "attribute", "attribute": "author"},
+        "unlearn": {"eval_every": 2, "select": select},
+    }
     return RunContext(PipelineConfig.model_validate(raw), tmp_path)  # the schema only: no file is read
 
 
@@ -38,8 +45,12 @@ def feed(sel: StepSelector, job: Job, steps, base=BASE) -> None:
     sel._record(job, "base", 0, {"metrics": dict(base)})
     for step in steps:
         snapshot_dir(job.spec.output_dir, step).mkdir(parents=True)
-        sel._record(job, "step", step, {"metrics": dict(SEQUENCE[step]), "started": 0.0, "ended": 2.0,
-                                        "tokens": 100, "params": 10})
+        sel._record(
+            job,
+            "step",
+            step,
+            {"metrics": dict(SEQUENCE[step]), "started": 0.0, "ended": 2.0, "tokens": 100, "params": 10},
+        )
 
 
 def test_rule_picks_the_best_feasible_step_and_last_picks_the_last():
@@ -113,8 +124,14 @@ def test_select_config_needs_eval_every_and_sampled_splits():
     from orchestrator.config.checks import check_select
     from orchestrator.config.schema import PipelineConfig
 
-    cfg = PipelineConfig.model_validate({"model": {"path": "m"}, "data": {"forget": {"path": "f"}},
-                                         "split": {"by": "attribute", "attribute": "a"}, "unlearn": {"select": {"rule": RULE, "suites": ["mc"]}}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "model": {"path": "m"},
+            "data": {"forget": {"path": "f"}},
+            "split": {"by": "attribute", "attribute": "a"},
+            "unlearn": {"select": {"rule": RULE, "suites": ["mc"]}},
+        }
+    )
     found = check_select(cfg)
     assert "unlearn.select: a rule or patience scores evaluated steps; set unlearn.eval_every" in found
     assert any(p.startswith("unlearn.select.suites.0: the mc suite needs a multiple-choice file") for p in found)
@@ -172,6 +189,12 @@ def test_eval_tasks_count_the_tokens_their_forward_passes_take(tiny_dir):
         model(input_ids=ids, attention_mask=mask)
     assert counter[0] == 7  # padding excluded
     with torch.no_grad():
-        model.generate(input_ids=ids[1:], attention_mask=mask[1:], max_new_tokens=3, do_sample=False,
-                       min_new_tokens=3, pad_token_id=0)
+        model.generate(
+            input_ids=ids[1:],
+            attention_mask=mask[1:],
+            max_new_tokens=3,
+            do_sample=False,
+            min_new_tokens=3,
+            pad_token_id=0,
+        )
     assert counter[0] == 7 + 4 + 2  # the prompt once, then one position per new token (the last one not fed back)

@@ -12,19 +12,34 @@ from safetensors.torch import load_file
 
 from jobs.merge import MERGE_MARKER, merge_models, run_mergekit
 from jobs.models import load_model, load_tokenizer, save_model
-from jobs.shards import (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, ShardedWriter, folder_tensors, parse_size, plan_shards,
-                         read_header, remove_weights, weight_files)
+from jobs.shards import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ShardedWriter,
+    folder_tensors,
+    parse_size,
+    plan_shards,
+    read_header,
+    remove_weights,
+    weight_files,
+)
 from jobs.spec import MergeSpec
 
 SHARD = "1MB"
-LAYOUT = {"a": (torch.float32, (100,)), "b": (torch.float32, (10, 10)), "c": (torch.float32, (300,)),
-          "d": (torch.int64, (25,))}  # 400, 400, 1200 and 200 bytes
+LAYOUT = {
+    "a": (torch.float32, (100,)),
+    "b": (torch.float32, (10, 10)),
+    "c": (torch.float32, (300,)),
+    "d": (torch.int64, (25,)),
+}  # 400, 400, 1200 and 200 bytes
 
 
 def tensors_of(layout, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(s, generator=g) if d.is_floating_point else torch.randint(0, 9, s, generator=g)).to(d)
-            for n, (d, s) in layout.items()}
+    return {
+        n: (torch.randn(s, generator=g) if d.is_floating_point else torch.randint(0, 9, s, generator=g)).to(d)
+        for n, (d, s) in layout.items()
+    }
 
 
 def folder_state(folder) -> dict:
@@ -47,6 +62,7 @@ def assert_sharded(folder, files_at_least=2) -> list[str]:
 
 # --- jobs/shards.py ---------------------------------------------------------------------------------------
 
+
 def test_sizes_are_powers_of_ten_as_hugging_faces():
     assert parse_size("1MB") == 10**6 and parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 10**5
     assert parse_size(1234) == 1234
@@ -56,11 +72,15 @@ def test_sizes_are_powers_of_ten_as_hugging_faces():
 
 def test_the_plan_fills_shards_in_order_and_gives_a_tensor_above_the_limit_a_file_of_its_own():
     # a + b = 800 bytes; c (1200) is above the 1000-byte limit: alone, first; d (200) still fits beside a and b
-    assert plan_shards(LAYOUT, 1000) == {"model-00001-of-00002.safetensors": ["c"],
-                                         "model-00002-of-00002.safetensors": ["a", "b", "d"]}
-    assert plan_shards(LAYOUT, 999) == {"model-00001-of-00003.safetensors": ["c"],
-                                        "model-00002-of-00003.safetensors": ["a", "b"],
-                                        "model-00003-of-00003.safetensors": ["d"]}
+    assert plan_shards(LAYOUT, 1000) == {
+        "model-00001-of-00002.safetensors": ["c"],
+        "model-00002-of-00002.safetensors": ["a", "b", "d"],
+    }
+    assert plan_shards(LAYOUT, 999) == {
+        "model-00001-of-00003.safetensors": ["c"],
+        "model-00002-of-00003.safetensors": ["a", "b"],
+        "model-00003-of-00003.safetensors": ["d"],
+    }
     assert plan_shards(LAYOUT, "5GB") == {WEIGHTS_NAME: ["a", "b", "c", "d"]}
 
 
@@ -71,16 +91,26 @@ def test_the_writer_writes_shards_in_its_order_and_an_index_that_loaders_read(tm
         for name in writer.order:
             writer.write(name, tensors[name])
     index = json.loads((tmp_path / WEIGHTS_INDEX_NAME).read_text())
-    assert index == {"metadata": {"total_size": 2200},
-                     "weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
-                                    "c": "model-00001-of-00002.safetensors", "d": "model-00002-of-00002.safetensors"}}
+    assert index == {
+        "metadata": {"total_size": 2200},
+        "weight_map": {
+            "a": "model-00002-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+            "c": "model-00001-of-00002.safetensors",
+            "d": "model-00002-of-00002.safetensors",
+        },
+    }
     assert list(load_file(tmp_path / "model-00001-of-00002.safetensors")) == ["c"]
     back = folder_state(tmp_path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
     header, start = read_header(tmp_path / "model-00002-of-00002.safetensors")
     assert header["b"] == {"dtype": "F32", "shape": [10, 10], "data_offsets": [400, 800]} and start % 8 == 0
-    assert folder_tensors(tmp_path) == {"a": ("F32", (100,)), "b": ("F32", (10, 10)), "c": ("F32", (300,)),
-                                        "d": ("I64", (25,))}
+    assert folder_tensors(tmp_path) == {
+        "a": ("F32", (100,)),
+        "b": ("F32", (10, 10)),
+        "c": ("F32", (300,)),
+        "d": ("I64", (25,)),
+    }
 
 
 def test_one_file_below_the_limit_has_no_index(tmp_path):
@@ -124,8 +154,14 @@ def test_an_error_inside_the_writer_is_the_one_raised_and_leaves_no_index(tmp_pa
 
 
 def test_remove_weights_deletes_weights_and_index_only(tmp_path):
-    for name in (WEIGHTS_NAME, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                 "config.json", "tokenizer.json", "adapter_model.safetensors"):
+    for name in (
+        WEIGHTS_NAME,
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "adapter_model.safetensors",
+    ):
         (tmp_path / name).write_text("x")
     (tmp_path / WEIGHTS_INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     remove_weights(tmp_path)
@@ -133,6 +169,7 @@ def test_remove_weights_deletes_weights_and_index_only(tmp_path):
 
 
 # --- a small Llama in 1 MB shards, merged by every engine ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sharded(tiny_dir, tmp_path_factory):
@@ -143,9 +180,18 @@ def sharded(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("sharded")
     tok = load_tokenizer(tiny_dir / "model")
     torch.manual_seed(5)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=64, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
     save_model(model, tok, d / "base", max_shard_size=SHARD)
     g = torch.Generator().manual_seed(6)
     subsets = {}
@@ -191,15 +237,23 @@ def model_from(folder_like, state) -> torch.Tensor:
     return logits(model.eval())
 
 
-@pytest.mark.parametrize("method, parameters", [("ties", {"density": 0.5, "normalize": True}),
-                                                ("task_arithmetic", {"weight": 0.7})])
-def test_stream_merge_of_sharded_checkpoints_equals_mergekit_bit_for_bit_and_is_sharded(sharded, tmp_path, method,
-                                                                                       parameters):
+@pytest.mark.parametrize(
+    "method, parameters", [("ties", {"density": 0.5, "normalize": True}), ("task_arithmetic", {"weight": 0.7})]
+)
+def test_stream_merge_of_sharded_checkpoints_equals_mergekit_bit_for_bit_and_is_sharded(
+    sharded, tmp_path, method, parameters
+):
     from jobs.merge_stream import stream_merge, stream_reason
 
     base, subsets = sharded
-    spec = MergeSpec(base_model_path=str(base), model_paths=subsets, method=method, parameters=parameters,
-                     max_shard_size=SHARD, output_dir=str(tmp_path / "stream"))
+    spec = MergeSpec(
+        base_model_path=str(base),
+        model_paths=subsets,
+        method=method,
+        parameters=parameters,
+        max_shard_size=SHARD,
+        output_dir=str(tmp_path / "stream"),
+    )
     assert stream_reason(spec) is None
     stream_merge(spec)
     run_mergekit(spec.model_copy(update={"output_dir": str(tmp_path / "mergekit")}))
@@ -218,8 +272,9 @@ def test_stream_merge_of_sharded_checkpoints_equals_mergekit_bit_for_bit_and_is_
 
 def test_merge_models_streams_sharded_inputs_and_writes_one_file_under_the_default_size(sharded, tmp_path):
     base, subsets = sharded
-    merge_models(MergeSpec(base_model_path=str(base), model_paths=subsets, method="ties",
-                           output_dir=str(tmp_path / "m")))
+    merge_models(
+        MergeSpec(base_model_path=str(base), model_paths=subsets, method="ties", output_dir=str(tmp_path / "m"))
+    )
     marker = json.loads((tmp_path / "m" / MERGE_MARKER).read_text())
     assert marker["engine"].startswith("spunge streaming") and marker["base_model_folder"] == str(base)
     assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == [WEIGHTS_NAME]
@@ -230,10 +285,18 @@ def test_the_lora_full_output_is_sharded_and_loadable(sharded, tmp_path):
     from tests.test_merge_lora import make_adapter
 
     base, _ = sharded
-    adapters = {n: make_adapter(base, tmp_path / f"adapter-{n}", seed, target_modules=["q_proj", "down_proj"])
-                for seed, n in enumerate(("a", "b"))}
-    spec = MergeSpec(base_model_path=str(base), model_paths=adapters, method="ties", parameters={"density": 0.5},
-                     max_shard_size=SHARD, output_dir=str(tmp_path / "sharded"))
+    adapters = {
+        n: make_adapter(base, tmp_path / f"adapter-{n}", seed, target_modules=["q_proj", "down_proj"])
+        for seed, n in enumerate(("a", "b"))
+    }
+    spec = MergeSpec(
+        base_model_path=str(base),
+        model_paths=adapters,
+        method="ties",
+        parameters={"density": 0.5},
+        max_shard_size=SHARD,
+        output_dir=str(tmp_path / "sharded"),
+    )
     merge_models(spec)
     merge_models(spec.model_copy(update={"max_shard_size": "5GB", "output_dir": str(tmp_path / "one")}))
     assert json.loads((tmp_path / "sharded" / MERGE_MARKER).read_text())["output"] == "full"
@@ -253,8 +316,15 @@ def test_the_rewrite_after_a_merge_leaves_no_weights_of_the_old_shard_count(shar
 
     base, subsets = sharded
     out = tmp_path / "m"
-    merge_models(MergeSpec(base_model_path=str(base), model_paths=subsets, method="task_arithmetic",
-                           max_shard_size=before, output_dir=str(out)))
+    merge_models(
+        MergeSpec(
+            base_model_path=str(base),
+            model_paths=subsets,
+            method="task_arithmetic",
+            max_shard_size=before,
+            output_dir=str(out),
+        )
+    )
     merged = folder_state(out)
     tvn = build_method("tvn", {"lam": 1.0})
     rewrite_merged(str(out), str(base), tvn, max_shard_size=after)
@@ -307,28 +377,48 @@ def test_a_hub_name_base_is_merged_from_its_cached_snapshot_by_the_streaming_mer
     base, subsets = sharded
     _, snapshot = hub_cache
     assert Path(resolve_base(REPO)) == snapshot and Path(resolve_base(REPO, local_only=True)) == snapshot
-    merge_models(MergeSpec(base_model_path=REPO, model_paths=subsets, method="ties", max_shard_size=SHARD,
-                           output_dir=str(tmp_path / "hub")))
+    merge_models(
+        MergeSpec(
+            base_model_path=REPO,
+            model_paths=subsets,
+            method="ties",
+            max_shard_size=SHARD,
+            output_dir=str(tmp_path / "hub"),
+        )
+    )
     marker = json.loads((tmp_path / "hub" / MERGE_MARKER).read_text())
     assert marker["engine"] == "spunge streaming merge (mergekit kernels)"
     assert Path(marker["base_model_folder"]) == snapshot
-    merge_models(MergeSpec(base_model_path=str(base), model_paths=subsets, method="ties",
-                           output_dir=str(tmp_path / "local")))
+    merge_models(
+        MergeSpec(base_model_path=str(base), model_paths=subsets, method="ties", output_dir=str(tmp_path / "local"))
+    )
     hub, local = folder_state(tmp_path / "hub"), load_file(tmp_path / "local" / WEIGHTS_NAME)
     assert hub.keys() == local.keys() and all(torch.equal(hub[n], local[n]) for n in local)
     assert (tmp_path / "hub" / "tokenizer.json").is_file() and not (tmp_path / "hub" / "tokenizer.json").is_symlink()
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_lora_adapters_on_a_hub_name_base_merge_from_its_snapshot_into_an_adapter_naming_the_hub(sharded, hub_cache,
-                                                                                                   tmp_path):
+def test_lora_adapters_on_a_hub_name_base_merge_from_its_snapshot_into_an_adapter_naming_the_hub(
+    sharded, hub_cache, tmp_path
+):
     from tests.test_merge_lora import make_adapter
 
     base, _ = sharded
-    adapters = {n: make_adapter(base, tmp_path / f"adapter-{n}", seed, target_modules=["q_proj"])
-                for seed, n in enumerate(("a", "b"))}
-    out = Path(merge_models(MergeSpec(base_model_path=REPO, model_paths=adapters, method="task_arithmetic",
-                                      output="adapter", output_dir=str(tmp_path / "merged"))))
+    adapters = {
+        n: make_adapter(base, tmp_path / f"adapter-{n}", seed, target_modules=["q_proj"])
+        for seed, n in enumerate(("a", "b"))
+    }
+    out = Path(
+        merge_models(
+            MergeSpec(
+                base_model_path=REPO,
+                model_paths=adapters,
+                method="task_arithmetic",
+                output="adapter",
+                output_dir=str(tmp_path / "merged"),
+            )
+        )
+    )
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
     marker = json.loads((out / MERGE_MARKER).read_text())
     assert marker["output"] == "adapter" and Path(marker["base_model_folder"]) == hub_cache[1]
@@ -344,6 +434,7 @@ def test_a_hub_name_neither_cached_nor_reachable_is_one_line(hub_cache):
 
 
 # --- the merge actor's memory request ----------------------------------------------------------------------
+
 
 def test_merge_memory_bytes_by_engine_hand_computed():
     from jobs.merge import PROCESS_BYTES, merge_memory_bytes
@@ -388,16 +479,24 @@ def test_merge_memory_sizes_the_engine_the_merge_will_run_from_the_base_headers(
     need, what = merge_memory(pipeline_config(base), keys)
     assert need == merge_memory_bytes("stream-sparse", 2, model_bytes, largest, 4)
     assert what.startswith("stream-sparse merge of 2 checkpoints")
-    need, _ = merge_memory(pipeline_config(base, model={"path": str(base), "dtype": "bfloat16"},
-                                           merge={"method": "dare_ties"}), keys)
+    need, _ = merge_memory(
+        pipeline_config(base, model={"path": str(base), "dtype": "bfloat16"}, merge={"method": "dare_ties"}), keys
+    )
     assert need == merge_memory_bytes("mergekit", 2, model_bytes // 2, largest, 2)
-    need, _ = merge_memory(pipeline_config(base, merge={"method": "task_arithmetic"},
-                                           unlearn={"method": "tvn", "params": {"order": "merge_then_negate"}}), keys)
+    need, _ = merge_memory(
+        pipeline_config(
+            base,
+            merge={"method": "task_arithmetic"},
+            unlearn={"method": "tvn", "params": {"order": "merge_then_negate"}},
+        ),
+        keys,
+    )
     assert need == merge_memory_bytes("stream-elementwise", 2, model_bytes, largest, 4, rewrite=True)
     lora = pipeline_config(base, unlearn={"lora": {"r": 4}})
     linear = sum(sum(t.shape) for t in state.values() if t.dim() == 2)  # rows + cols of every matrix
-    assert merge_memory(lora, keys)[0] == merge_memory_bytes("lora", 2, model_bytes, largest, 4,
-                                                             adapter_bytes=2 * 4 * 4 * linear)
+    assert merge_memory(lora, keys)[0] == merge_memory_bytes(
+        "lora", 2, model_bytes, largest, 4, adapter_bytes=2 * 4 * 4 * linear
+    )
     assert merge_memory(pipeline_config(base, merge={"memory_gb": 1.5}), keys) == (int(1.5 * 2**30), "merge.memory_gb")
     assert merge_memory(pipeline_config(base), [])[0] == 0
     assert merge_memory(pipeline_config("spunge-test/nowhere"), keys)[0] == 0  # no folder, not cached: unknown
@@ -419,11 +518,16 @@ def test_the_merge_actor_asks_for_its_memory_and_a_need_no_node_offers_fails_at_
 
     monkeypatch.setattr(actor_module, "MergeActor", FakeActor)
     cfg = pipeline_config(base)
-    ctx = SimpleNamespace(cfg=cfg, merge_actor=None,
-                          subset_jobs=lambda: [SimpleNamespace(key="subset/a"), SimpleNamespace(key="subset/b")])
+    ctx = SimpleNamespace(
+        cfg=cfg,
+        merge_actor=None,
+        subset_jobs=lambda: [SimpleNamespace(key="subset/a"), SimpleNamespace(key="subset/b")],
+    )
     need = merge_memory(cfg, ["subset/a", "subset/b"])[0]
-    nodes = [{"Alive": True, "Resources": {"CPU": 2, "memory": 64 * 2**30}},
-             {"Alive": False, "Resources": {"memory": 512 * 2**30}}]
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 2, "memory": 64 * 2**30}},
+        {"Alive": False, "Resources": {"memory": 512 * 2**30}},
+    ]
     monkeypatch.setattr(stage.ray, "nodes", lambda: nodes)
     start_merge_actor(ctx)
     assert ctx.merge_actor == "actor"
@@ -435,9 +539,11 @@ def test_the_merge_actor_asks_for_its_memory_and_a_need_no_node_offers_fails_at_
     ctx.cfg = pipeline_config(base, merge={"memory_gb": 3.5})
     with pytest.raises(PipelineError) as err:
         start_merge_actor(ctx)
-    assert str(err.value) == ("merge: the merge actor needs 3.5 GiB of memory (merge.memory_gb) but the largest Ray "
-                              "node offers 1.0 GiB; set merge.memory_gb (0: reserve none) or add a node with more "
-                              "memory")
+    assert str(err.value) == (
+        "merge: the merge actor needs 3.5 GiB of memory (merge.memory_gb) but the largest Ray "
+        "node offers 1.0 GiB; set merge.memory_gb (0: reserve none) or add a node with more "
+        "memory"
+    )
     ctx.cfg = pipeline_config(base, merge={"memory_gb": 0})
     start_merge_actor(ctx)
     assert "memory" not in started[-1][0]
@@ -445,17 +551,24 @@ def test_the_merge_actor_asks_for_its_memory_and_a_need_no_node_offers_fails_at_
 
 # --- storage.max_shard_size -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["5 GB?", "abc", "0MB", "10MiB"])
 def test_a_bad_max_shard_size_is_one_line_naming_the_field(tmp_path, value):
-    from orchestrator.config.schema import ConfigError
     from orchestrator.config.parse import parse_config
+    from orchestrator.config.schema import ConfigError
 
-    raw = {"model": {"path": "m"}, "split": {"attribute": "group"}, "data": {"forget": "f.jsonl"},
-           "storage": {"max_shard_size": value}}
+    raw = {
+        "model": {"path": "m"},
+        "split": {"attribute": "group"},
+        "data": {"forget": "f.jsonl"},
+        "storage": {"max_shard_size": value},
+    }
     with pytest.raises(ConfigError) as err:
         parse_config(raw, tmp_path)
-    assert err.value.problems == [f"storage.max_shard_size: expected a positive size such as 5GB, 500MB or 100KB "
-                                  f"(units KB, MB, GB, TB: powers of ten), got {value!r}"]
+    assert err.value.problems == [
+        f"storage.max_shard_size: expected a positive size such as 5GB, 500MB or 100KB "
+        f"(units KB, MB, GB, TB: powers of ten), got {value!r}"
+    ]
 
 
 def test_the_merge_stage_hands_max_shard_size_to_the_actor_outside_its_stage_key(tmp_path, monkeypatch):
@@ -465,9 +578,14 @@ def test_the_merge_stage_hands_max_shard_size_to_the_actor_outside_its_stage_key
     monkeypatch.setattr(stage, "follow_merge", lambda ctx, ref: ref)
     quiet = SimpleNamespace(add=lambda *a, **k: None, update=lambda *a, **k: None, finish=lambda *a, **k: None)
     for size in ("2GB", "5GB"):
-        ctx = SimpleNamespace(cfg=pipeline_config("m", storage={"max_shard_size": size}), out=tmp_path, resume=False,
-                              display=quiet, merge_actor=SimpleNamespace(merge=SimpleNamespace(remote=calls.append)),
-                              subset_jobs=lambda: [SimpleNamespace(key="subset/a", model_dir="a", model_hash="h")])
+        ctx = SimpleNamespace(
+            cfg=pipeline_config("m", storage={"max_shard_size": size}),
+            out=tmp_path,
+            resume=False,
+            display=quiet,
+            merge_actor=SimpleNamespace(merge=SimpleNamespace(remote=calls.append)),
+            subset_jobs=lambda: [SimpleNamespace(key="subset/a", model_dir="a", model_hash="h")],
+        )
         ctx.merge_actor.merge.remote = lambda *args: calls.append(args)
         stage.merge(ctx)
     assert [c[-1] for c in calls] == ["2GB", "5GB"]

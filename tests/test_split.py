@@ -20,11 +20,14 @@ def test_explicit_groups_collect_values():
     assert {k: [r["q"] for r in v] for k, v in subsets.items()} == {"prose": [0, 1, 2, 4], "verse": [3]}
 
 
-@pytest.mark.parametrize("attribute, groups, message", [
-    ("decade", None, "split.attribute: column 'decade' is not in the forget data"),
-    ("genre", {"a": ["crime"], "b": ["drama"]}, "split.groups.b: value 'drama' does not occur in column 'genre'"),
-    ("genre", {"a": ["crime"], "b": ["crime"]}, "split.groups.b: value 'crime' is already in group 'a'"),
-])
+@pytest.mark.parametrize(
+    "attribute, groups, message",
+    [
+        ("decade", None, "split.attribute: column 'decade' is not in the forget data"),
+        ("genre", {"a": ["crime"], "b": ["drama"]}, "split.groups.b: value 'drama' does not occur in column 'genre'"),
+        ("genre", {"a": ["crime"], "b": ["crime"]}, "split.groups.b: value 'crime' is already in group 'a'"),
+    ],
+)
 def test_bad_splits_are_named(attribute, groups, message):
     with pytest.raises(DataError, match=message):
         split_rows(ROWS, attribute, groups)
@@ -78,12 +81,15 @@ def test_text_rows_cluster_too_and_bad_cluster_counts_are_named():
         cluster_rows(TOPICS[:1] * 2 + TOPICS[1:2] * 2, 3)
 
 
-@pytest.mark.parametrize("split, message", [
-    ({"by": "cluster"}, "clusters: expected k"),
-    ({"by": "cluster", "clusters": 2, "attribute": "genre"}, "attribute and groups belong to by: attribute"),
-    ({"by": "cluster", "clusters": 1}, "greater than or equal to 2"),
-    ({"baseline": "none"}, "attribute: expected the forget-set column"),
-])
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ({"by": "cluster"}, "clusters: expected k"),
+        ({"by": "cluster", "clusters": 2, "attribute": "genre"}, "attribute and groups belong to by: attribute"),
+        ({"by": "cluster", "clusters": 1}, "greater than or equal to 2"),
+        ({"baseline": "none"}, "attribute: expected the forget-set column"),
+    ],
+)
 def test_split_section_is_checked(split, message):
     from pydantic import ValidationError
 

@@ -37,8 +37,9 @@ def test_every_split_of_a_global_batch_sees_the_same_rows_in_the_same_steps(micr
         want = ids(reference.micro_batches(step)[0])
         got, got_retain = [], []
         for rank in range(world):
-            data = StepBatches(rows(11), rows(7, "retain"), seed=5, micro=micro, accum=accum, rank=rank, world=world,
-                               pad_token_id=0)
+            data = StepBatches(
+                rows(11), rows(7, "retain"), seed=5, micro=micro, accum=accum, rank=rank, world=world, pad_token_id=0
+            )
             for b in data.micro_batches(step):
                 got += ids(b)
                 got_retain += ids(b, "retain")
@@ -69,12 +70,15 @@ def test_token_means_averaged_over_micro_batches_and_workers_are_the_global_batc
     batch; with the loop's ``norm`` the mean over micro batches and workers (what DeepSpeed's gradient averaging
     and the loop's logged value take) is exactly it."""
     model = Unigram()
-    data = [StepBatches(rows(8), None, seed=1, micro=micro, accum=accum, rank=r, world=world, pad_token_id=0)
-            for r in range(world)]
+    data = [
+        StepBatches(rows(8), None, seed=1, micro=micro, accum=accum, rank=r, world=world, pad_token_id=0)
+        for r in range(world)
+    ]
     parts = [b["forget"] for d in data for b in d.micro_batches(1)]
     logp = torch.log_softmax(model.logits.detach(), -1)
-    targets = [t for p in parts for seq, lab in zip(p["input_ids"], p["labels"]) for t in lab[1:].tolist()
-               if t != IGNORE_INDEX]
+    targets = [
+        t for p in parts for seq, lab in zip(p["input_ids"], p["labels"]) for t in lab[1:].tolist() if t != IGNORE_INDEX
+    ]
     want = -sum(logp[t].item() for t in targets) / len(targets)
     with torch.no_grad():
         normed = sum(mean_nll(model, p).item() for p in parts) / len(parts)

@@ -35,9 +35,15 @@ def _pipeline(tiny_dir: Path) -> dict:
 def test_space_becomes_ray_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    space = search_space({"unlearn.optimizer.lr": {"loguniform": [1e-5, 1e-3]}, "unlearn.max_steps": {"randint": [2, 9]},
-                          "unlearn.params.beta": {"uniform": [0.05, 0.5]}, "merge.method": {"choice": ["ties", "linear"]},
-                          "unlearn.seed": {"grid": [0, 1]}})
+    space = search_space(
+        {
+            "unlearn.optimizer.lr": {"loguniform": [1e-5, 1e-3]},
+            "unlearn.max_steps": {"randint": [2, 9]},
+            "unlearn.params.beta": {"uniform": [0.05, 0.5]},
+            "merge.method": {"choice": ["ties", "linear"]},
+            "unlearn.seed": {"grid": [0, 1]},
+        }
+    )
     lr = space["unlearn.optimizer.lr"]
     assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-5, 1e-3) and "LogUniform" in type(lr.sampler).__name__
     steps = space["unlearn.max_steps"]
@@ -47,13 +53,16 @@ def test_space_becomes_ray_tune_domains():
     assert space["unlearn.seed"] == {"grid_search": [0, 1]}
 
 
-@pytest.mark.parametrize("dist, msg", [
-    ({"uniform": [1, 0]}, "low < high"),
-    ({"loguniform": [0, 1]}, "low > 0"),
-    ({"randint": [0.5, 3]}, "integers"),
-    ({"choice": []}, "non-empty list"),
-    ({"normal": [0, 1]}, "expected one of"),
-])
+@pytest.mark.parametrize(
+    "dist, msg",
+    [
+        ({"uniform": [1, 0]}, "low < high"),
+        ({"loguniform": [0, 1]}, "low > 0"),
+        ({"randint": [0.5, 3]}, "integers"),
+        ({"choice": []}, "non-empty list"),
+        ({"normal": [0, 1]}, "expected one of"),
+    ],
+)
 def test_bad_distributions_are_named(dist, msg):
     with pytest.raises(ValidationError) as e:
         TuneSection.model_validate({"space": {"unlearn.optimizer.lr": dist}, "objective": {"metric": "forget_quality"}})
@@ -62,13 +71,28 @@ def test_bad_distributions_are_named(dist, msg):
 
 def test_paths_are_checked_against_the_pipeline(tiny_dir):
     cfg = parse_config(_pipeline(tiny_dir))
-    ok = parse_tune({"space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}, "unlearn.params.beta": {"uniform": [0.1, 0.5]}},
-                     "objective": {"metric": "forget_quality"}, "scheduler": "asha"}, cfg)
+    ok = parse_tune(
+        {
+            "space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}, "unlearn.params.beta": {"uniform": [0.1, 0.5]}},
+            "objective": {"metric": "forget_quality"},
+            "scheduler": "asha",
+        },
+        cfg,
+    )
     assert ok.scheduler.name == "asha" and ok.search == "random"
     with pytest.raises(ConfigError) as e:
-        parse_tune({"space": {"unlearn.optimizer.lrr": {"choice": [1e-4]}, "unlearn.batch_size": {"choice": [4, 0]},
-                              "eval.max_examples": {"choice": [4]}, "unlearn.method.x": {"choice": [1]}},
-                    "objective": {"metric": "forget_quality"}}, cfg)
+        parse_tune(
+            {
+                "space": {
+                    "unlearn.optimizer.lrr": {"choice": [1e-4]},
+                    "unlearn.batch_size": {"choice": [4, 0]},
+                    "eval.max_examples": {"choice": [4]},
+                    "unlearn.method.x": {"choice": [1]},
+                },
+                "objective": {"metric": "forget_quality"},
+            },
+            cfg,
+        )
     p = e.value.problems
     assert len(p) == 4, p
     assert p[0].startswith("tune.space.unlearn.optimizer.lrr: no such config field")
@@ -82,8 +106,14 @@ def test_paths_are_checked_against_the_pipeline(tiny_dir):
 
 
 def test_a_tune_file_loads_as_a_pipeline_and_as_a_search(tiny_dir, tmp_path):
-    raw = {**_pipeline(tiny_dir), "tune": {"space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}},
-                                           "objective": {"metric": "forget_quality"}, "num_samples": 2}}
+    raw = {
+        **_pipeline(tiny_dir),
+        "tune": {
+            "space": {"unlearn.optimizer.lr": {"choice": [1e-4, 3e-4]}},
+            "objective": {"metric": "forget_quality"},
+            "num_samples": 2,
+        },
+    }
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert load_config(tmp_path / "t.yaml").unlearn.max_steps == 4  # spunge run / validate: tune section ignored
     job = load_tune(tmp_path / "t.yaml")
@@ -132,8 +162,12 @@ def test_objective_with_a_constraint_relative_to_base():
 
 
 def test_weighted_sum_minimised_with_absolute_bounds():
-    obj = Objective(weights={"forget_prob": 2.0, "retain_prob": -1.0}, mode="min",
-                    constraints=[{"metric": "retain_prob", "min": 0.5, "max": 0.8}], penalty=10)
+    obj = Objective(
+        weights={"forget_prob": 2.0, "retain_prob": -1.0},
+        mode="min",
+        constraints=[{"metric": "retain_prob", "min": 0.5, "max": 0.8}],
+        penalty=10,
+    )
     ok = objective_value(obj, {"forget_prob": 0.1, "retain_prob": 0.7}, {})
     assert ok["objective"] == pytest.approx(2 * 0.1 - 0.7) and ok["feasible"] == 1.0
     bad = objective_value(obj, {"forget_prob": 0.1, "retain_prob": 0.9}, {})  # above max 0.8 by 0.1/0.8
@@ -143,8 +177,12 @@ def test_weighted_sum_minimised_with_absolute_bounds():
 
 
 def test_best_trial_prefers_feasible_then_objective():
-    rows = [{"trial_id": "a", "objective": 0.9, "feasible": 0.0}, {"trial_id": "b", "objective": 0.2, "feasible": 1.0},
-            {"trial_id": "c", "objective": 0.4, "feasible": 1.0}, {"trial_id": "d", "objective": None}]
+    rows = [
+        {"trial_id": "a", "objective": 0.9, "feasible": 0.0},
+        {"trial_id": "b", "objective": 0.2, "feasible": 1.0},
+        {"trial_id": "c", "objective": 0.4, "feasible": 1.0},
+        {"trial_id": "d", "objective": None},
+    ]
     assert best_trial(rows, "max")["trial_id"] == "c"
     assert best_trial(rows, "min")["trial_id"] == "b"
     assert best_trial([{"trial_id": "d", "objective": None}], "max") is None
@@ -168,22 +206,31 @@ def tune_config(bench: Path, meta: dict, work: Path) -> dict:
     cfg["ray"] = {"num_cpus": 2}
     cfg["tune"] = {
         "space": {"unlearn.optimizer.lr": {"loguniform": [1e-5, 3e-3]}},
-        "objective": {"metric": "forget_quality", "mode": "max", "model": "merged",
-                      "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.1}]},
-        "num_samples": 3, "search": "optuna", "max_concurrent_trials": 1, "seed": 0,
-        "scheduler": {"name": "asha", "metric": "forget_loss", "mode": "min", "grace_period": 2,
-                      "reduction_factor": 2},
+        "objective": {
+            "metric": "forget_quality",
+            "mode": "max",
+            "model": "merged",
+            "constraints": [{"metric": "model_utility", "min_ratio_to_base": 0.1}],
+        },
+        "num_samples": 3,
+        "search": "optuna",
+        "max_concurrent_trials": 1,
+        "seed": 0,
+        "scheduler": {"name": "asha", "metric": "forget_loss", "mode": "min", "grace_period": 2, "reduction_factor": 2},
     }
     return cfg
 
 
 @pytest.mark.e2e
 def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_writes_a_runnable_best_config(
-        tiny_bench, tmp_path, local_ray):
+    tiny_bench, tmp_path, local_ray
+):
     """One real search (one search serves every check: each costs minutes of Ray Train start-up on 2 cores),
     with another Ray running on the machine (this process's local_ray: Ray's state API, which Ray Train's
-    placement-group cleaner asks, must still find the search's own cluster). Optuna + ASHA, one trial at a time on 2 logical CPUs: a trial's
-    2 jobs take both, so the next trial starts only if a stopped one released its workers. A stopped trial is STOPPED with no objective (pruned for
+    placement-group cleaner asks, must still find the search's own cluster). Optuna + ASHA, one trial at a time on 2
+    logical CPUs: a trial's
+    2 jobs take both, so the next trial starts only if a stopped one released its workers. A stopped trial is STOPPED
+    with no objective (pruned for
     Optuna, never a NaN); a finished one merges and is evaluated; the search ends with a best config that
     validates, a trials table, and an MLflow parent run with one child per trial."""
     from mlflow.tracking import MlflowClient
@@ -229,12 +276,16 @@ def test_optuna_with_asha_prunes_stopped_trials_frees_their_workers_and_writes_a
     assert parent.info.run_name == "tune/tune-asha" and parent.info.status == "FINISHED"
     assert parent.data.metrics["best_objective"] == pytest.approx(best["objective"])
     assert "base.model_utility" in parent.data.metrics
-    assert {"trials.csv", "trials.md", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "trials.md", "best_config.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(f"trial/{row['trial_id']}" for row in rows)
     status = {c.data.tags["spunge.trial_id"]: (c.data.tags["spunge.trial_status"], c.info.status) for c in children}
-    assert status == {row["trial_id"]: ("STOPPED", "KILLED") if row["status"] == "STOPPED" else
-                      ("TERMINATED", "FINISHED") for row in rows}
+    assert status == {
+        row["trial_id"]: ("STOPPED", "KILLED") if row["status"] == "STOPPED" else ("TERMINATED", "FINISHED")
+        for row in rows
+    }
     by_id = {row["trial_id"]: row for row in rows}
     for c in children:
         row = by_id[c.data.tags["spunge.trial_id"]]

@@ -18,12 +18,23 @@ def test_negation_is_base_minus_lambda_task_vector():
 
 
 def test_tvn_job_fine_tunes_then_negates(tiny_dir, tmp_path, single_process_dist):
-    s = UnlearnSpec(name="subset/old", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                    method="tvn", method_params={"lam": 1.0}, optimizer={"lr": 3e-3}, max_steps=6, batch_size=4,
-                    output_dir=str(tmp_path / "out"))
+    s = UnlearnSpec(
+        name="subset/old",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        method="tvn",
+        method_params={"lam": 1.0},
+        optimizer={"lr": 3e-3},
+        max_steps=6,
+        batch_size=4,
+        output_dir=str(tmp_path / "out"),
+    )
     run_unlearning(s)
     base = load_file(tiny_dir / "model" / "model.safetensors")
-    trained, out = load_file(tmp_path / "out" / "trained" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    trained, out = (
+        load_file(tmp_path / "out" / "trained" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
     for k in base:
         torch.testing.assert_close(out[k], 2 * base[k] - trained[k], atol=1e-6, rtol=0)
     b = forget_nll(tiny_dir / "model", tiny_dir)
@@ -42,11 +53,23 @@ def test_both_merge_orders_agree_under_ties(tiny_dir, tmp_path):
         save_model(base_model, tok, tmp_path / name, state_dict=tvn.finalize(sd, base))
         trained[name], negated[name] = str(tmp_path / name / "trained"), str(tmp_path / name)
     ties = {"density": 0.5, "normalize": True}
-    merge_models(MergeSpec(base_model_path=str(tiny_dir / "model"), model_paths=trained, parameters=ties,
-                           output_dir=str(tmp_path / "m1")),
-                 post=lambda f: rewrite_merged(f, str(tiny_dir / "model"), tvn))
-    merge_models(MergeSpec(base_model_path=str(tiny_dir / "model"), model_paths=negated, parameters=ties,
-                           output_dir=str(tmp_path / "m2")))
+    merge_models(
+        MergeSpec(
+            base_model_path=str(tiny_dir / "model"),
+            model_paths=trained,
+            parameters=ties,
+            output_dir=str(tmp_path / "m1"),
+        ),
+        post=lambda f: rewrite_merged(f, str(tiny_dir / "model"), tvn),
+    )
+    merge_models(
+        MergeSpec(
+            base_model_path=str(tiny_dir / "model"),
+            model_paths=negated,
+            parameters=ties,
+            output_dir=str(tmp_path / "m2"),
+        )
+    )
     m1, m2 = load_file(tmp_path / "m1" / "model.safetensors"), load_file(tmp_path / "m2" / "model.safetensors")
     assert any(not torch.equal(m1[k], base[k]) for k in base)
     for k in base:

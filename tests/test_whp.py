@@ -42,11 +42,14 @@ def data(tiny_dir):
     tok = load_tokenizer(tiny_dir / "model")
     rows = qa_rows()
     enc = lambda rs: collate([encode_qa(tok, r["question"], r["answer"]) for r in rs], tok.pad_token_id)
-    return tiny_dir / "model", {"forget": enc([r for r in rows if r["era"] == "old"]),
-                                "retain": enc([r for r in rows if r["era"] == "new"])}
+    return tiny_dir / "model", {
+        "forget": enc([r for r in rows if r["era"] == "old"]),
+        "retain": enc([r for r in rows if r["era"] == "new"]),
+    }
 
 
 # ---------------------------------------------------------------- soft targets (the default)
+
 
 def test_soft_target_loss_is_the_kl_to_the_generic_distribution_by_hand():
     base = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]]])
@@ -95,6 +98,7 @@ def test_whp_defaults_and_the_soft_loss_through_the_method(data):
             want = generic_kl(zm, zb, zr, batch["forget"]["labels"], 5.0)
         else:
             from jobs.unlearn.methods.base import token_mean_nll
+
             want = token_mean_nll(zm, generic_labels(zb, zr, batch["forget"]["labels"], 5.0))
         assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
         assert out.metrics["generic_loss"] == pytest.approx(want.item(), rel=1e-5) and out.loss.requires_grad
@@ -124,8 +128,12 @@ def test_config_resolves_anchors_against_its_folder_and_reports_a_missing_file(t
     from orchestrator.config.schema import ConfigError
 
     (tmp_path / "anchors.json").write_text(json.dumps({"Oslo": "Springfield"}))
-    raw = {"model": {"path": str(tiny_dir / "model")}, "data": {"forget": str(tiny_dir / "forget.jsonl")},
-           "split": {"attribute": "group"}, "unlearn": {"method": "whp", "params": {"anchors": "anchors.json"}}}
+    raw = {
+        "model": {"path": str(tiny_dir / "model")},
+        "data": {"forget": str(tiny_dir / "forget.jsonl")},
+        "split": {"attribute": "group"},
+        "unlearn": {"method": "whp", "params": {"anchors": "anchors.json"}},
+    }
     cfg = parse_config(raw, tmp_path)
     assert cfg.unlearn.params["anchors"] == str((tmp_path / "anchors.json").resolve())
     raw["unlearn"]["params"]["anchors"] = "nope.json"
@@ -149,9 +157,17 @@ def test_demo_benchmark_anchors_cover_its_forget_entities():
 
 
 def test_pre_jobs_ask_for_a_reinforcement_job_unless_one_is_given(tmp_path):
-    spec = UnlearnSpec(name="subset/1950s", model_path="m", forget_path="f", retain_path="r", method="whp",
-                       method_params={"beta": 2.0, "reinforce_steps": 7, "reinforce_lr": 1e-3}, max_steps=50,
-                       optimizer={"lr": 3e-4}, output_dir=str(tmp_path / "job"))
+    spec = UnlearnSpec(
+        name="subset/1950s",
+        model_path="m",
+        forget_path="f",
+        retain_path="r",
+        method="whp",
+        method_params={"beta": 2.0, "reinforce_steps": 7, "reinforce_lr": 1e-3},
+        max_steps=50,
+        optimizer={"lr": 3e-4},
+        output_dir=str(tmp_path / "job"),
+    )
     [(suffix, pre, update)] = build_method("whp", spec.method_params).pre_jobs(spec)
     assert suffix == "reinforced" and update == {"reinforced": str(tmp_path / "job" / "reinforced")}
     assert pre.output_dir == update["reinforced"] and pre.name == "subset/1950s/reinforced"
@@ -165,11 +181,19 @@ def test_pre_jobs_ask_for_a_reinforcement_job_unless_one_is_given(tmp_path):
 
 def test_reinforce_then_whp_jobs_run_through_the_loop(tiny_dir, tmp_path, single_process_dist):
     (tmp_path / "anchors.json").write_text(json.dumps({"Oslo": "Lima", "Rome": "Riga"}))
-    spec = UnlearnSpec(name="unsplit", model_path=str(tiny_dir / "model"), forget_path=str(tiny_dir / "forget.jsonl"),
-                       retain_path=str(tiny_dir / "retain.jsonl"), method="whp",
-                       method_params={"anchors": str(tmp_path / "anchors.json"), "reinforce_steps": 4, "alpha": 0.5},
-                       optimizer={"lr": 3e-3}, max_steps=3, batch_size=4, report_interval_s=0,
-                       output_dir=str(tmp_path / "out"))
+    spec = UnlearnSpec(
+        name="unsplit",
+        model_path=str(tiny_dir / "model"),
+        forget_path=str(tiny_dir / "forget.jsonl"),
+        retain_path=str(tiny_dir / "retain.jsonl"),
+        method="whp",
+        method_params={"anchors": str(tmp_path / "anchors.json"), "reinforce_steps": 4, "alpha": 0.5},
+        optimizer={"lr": 3e-3},
+        max_steps=3,
+        batch_size=4,
+        report_interval_s=0,
+        output_dir=str(tmp_path / "out"),
+    )
     [(_, pre, update)] = build_method(spec.method, spec.method_params).pre_jobs(spec)
     run_unlearning(pre)
     reinforced = json.loads((tmp_path / "out" / "reinforced" / JOB_MARKER).read_text())
@@ -202,11 +226,21 @@ def test_a_few_whp_steps_lower_forget_answers_more_than_retain(tiny_dir):
     base model in miniature: the tiny offline benchmark takes minutes to build)."""
     tok = load_tokenizer(tiny_dir / "model")
     forget, retain = load_jsonl(tiny_dir / "forget.jsonl"), load_jsonl(tiny_dir / "retain.jsonl")
-    anchors = {"Ana Lind": "John Smith", "Bo Chen": "Mary Brown", "Cai Moro": "Paul Young", "Dee Park": "Anna King",
-               "Oslo": "Paris", "Lima": "Paris", "Rome": "London", "Kyiv": "London"}
+    anchors = {
+        "Ana Lind": "John Smith",
+        "Bo Chen": "Mary Brown",
+        "Cai Moro": "Paul Young",
+        "Dee Park": "Anna King",
+        "Oslo": "Paris",
+        "Lima": "Paris",
+        "Rome": "London",
+        "Kyiv": "London",
+    }
     enc = lambda pairs: collate([encode_qa(tok, q, a) for q, a in pairs], tok.pad_token_id)
-    batch = {"forget": enc([(r["question"], r["answer"]) for r in forget]),
-             "generic": enc([(r["question"], translate(r["answer"], anchors)) for r in forget])}
+    batch = {
+        "forget": enc([(r["question"], r["answer"]) for r in forget]),
+        "generic": enc([(r["question"], translate(r["answer"], anchors)) for r in forget]),
+    }
     assert not torch.equal(batch["forget"]["input_ids"], batch["generic"]["input_ids"])
     retain_batch = enc([(r["question"], r["answer"]) for r in retain])
     both = enc([(r["question"], r["answer"]) for r in forget + retain])

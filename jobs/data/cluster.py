@@ -50,8 +50,9 @@ def embed_rows(texts: list[str], model_path: str, batch_size: int = 16, max_leng
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+            enc = tok(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             hidden = model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -59,9 +60,15 @@ def embed_rows(texts: list[str], model_path: str, batch_size: int = 16, max_leng
     return np.concatenate(out)
 
 
-def cluster_rows(rows: list[dict], k: int, seed: int = 0, label: str = "data.forget", top_terms: int = 5,
-                 embedding: str = "tfidf", embedding_model: Optional[str] = None
-                 ) -> tuple[dict[str, list[dict]], dict[str, dict[str, Any]]]:
+def cluster_rows(
+    rows: list[dict],
+    k: int,
+    seed: int = 0,
+    label: str = "data.forget",
+    top_terms: int = 5,
+    embedding: str = "tfidf",
+    embedding_model: Optional[str] = None,
+) -> tuple[dict[str, list[dict]], dict[str, dict[str, Any]]]:
     """``(subsets, clusters)``: the rows of each cluster by subset name, and each cluster's ``size`` and
     ``top_terms``. A ``DataError`` naming ``split.clusters`` when there are fewer distinct rows than k."""
     import numpy as np
@@ -73,8 +80,9 @@ def cluster_rows(rows: list[dict], k: int, seed: int = 0, label: str = "data.for
     texts = [row_text(r) for r in rows]
     distinct = len(set(texts))
     if k > distinct:
-        raise DataError(f"split.clusters: {k} clusters for {distinct} distinct forget rows: expected at most "
-                        f"{distinct}")
+        raise DataError(
+            f"split.clusters: {k} clusters for {distinct} distinct forget rows: expected at most {distinct}"
+        )
     vectorizer = TfidfVectorizer(stop_words="english", sublinear_tf=True)
     try:
         tfidf = vectorizer.fit_transform(texts)
@@ -89,8 +97,9 @@ def cluster_rows(rows: list[dict], k: int, seed: int = 0, label: str = "data.for
     labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(x).labels_
     order = list(dict.fromkeys(int(c) for c in labels))  # clusters by their first row
     if len(order) < k:
-        raise DataError(f"split.clusters: the forget rows form only {len(order)} distinct groups, not {k}: "
-                        f"ask for fewer clusters")
+        raise DataError(
+            f"split.clusters: the forget rows form only {len(order)} distinct groups, not {k}: ask for fewer clusters"
+        )
     terms = vectorizer.get_feature_names_out()
     subsets: dict[str, list[dict]] = {}
     clusters: dict[str, dict[str, Any]] = {}

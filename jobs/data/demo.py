@@ -40,29 +40,125 @@ DECADES = ("1950s", "1960s", "1970s", "1980s")
 FORGET_ATTRIBUTE, SPLIT_ATTRIBUTE = "genre", "birth_decade"
 
 SYLLABLES = (
-    "ka", "lo", "mir", "ven", "dra", "sel", "tor", "quin", "bel", "ash", "ri", "no", "zen", "fa",
-    "gul", "ith", "or", "mae", "lys", "bran", "cor", "del", "em", "fen", "hal", "jor", "kes", "lun",
-    "mor", "nel", "pra", "rho", "sav", "tam", "ul", "vor", "wyn", "yel", "zar", "pim",
+    "ka",
+    "lo",
+    "mir",
+    "ven",
+    "dra",
+    "sel",
+    "tor",
+    "quin",
+    "bel",
+    "ash",
+    "ri",
+    "no",
+    "zen",
+    "fa",
+    "gul",
+    "ith",
+    "or",
+    "mae",
+    "lys",
+    "bran",
+    "cor",
+    "del",
+    "em",
+    "fen",
+    "hal",
+    "jor",
+    "kes",
+    "lun",
+    "mor",
+    "nel",
+    "pra",
+    "rho",
+    "sav",
+    "tam",
+    "ul",
+    "vor",
+    "wyn",
+    "yel",
+    "zar",
+    "pim",
 )
 TOWN_SUFFIXES = ("ford", "haven", "mouth", "bury", "dale", "wick", "holm", "stead", "port", "field")
 JOBS = (
-    "clockmaker", "lighthouse keeper", "marine biologist", "bus driver", "carpenter", "dentist",
-    "fisherman", "glassblower", "history teacher", "jazz pianist", "locksmith", "mapmaker",
-    "night nurse", "orchard farmer", "pharmacist", "railway engineer", "sculptor", "tailor",
-    "violin maker", "watch repairer", "beekeeper", "ship captain", "bookbinder", "chemist",
-    "diplomat", "electrician", "forest ranger", "geologist", "hotel porter", "judge",
+    "clockmaker",
+    "lighthouse keeper",
+    "marine biologist",
+    "bus driver",
+    "carpenter",
+    "dentist",
+    "fisherman",
+    "glassblower",
+    "history teacher",
+    "jazz pianist",
+    "locksmith",
+    "mapmaker",
+    "night nurse",
+    "orchard farmer",
+    "pharmacist",
+    "railway engineer",
+    "sculptor",
+    "tailor",
+    "violin maker",
+    "watch repairer",
+    "beekeeper",
+    "ship captain",
+    "bookbinder",
+    "chemist",
+    "diplomat",
+    "electrician",
+    "forest ranger",
+    "geologist",
+    "hotel porter",
+    "judge",
 )
 HOBBIES = (
-    "restoring old clocks", "growing orchids", "sea kayaking", "collecting stamps", "baking bread",
-    "birdwatching", "playing chess", "knitting scarves", "climbing mountains", "painting lighthouses",
-    "keeping bees", "building model ships", "folk dancing", "pressing flowers", "repairing bicycles",
-    "fly fishing", "playing the cello", "stargazing", "making pottery", "translating old poems",
-    "running marathons", "carving wooden spoons", "raising goats", "writing letters to strangers",
+    "restoring old clocks",
+    "growing orchids",
+    "sea kayaking",
+    "collecting stamps",
+    "baking bread",
+    "birdwatching",
+    "playing chess",
+    "knitting scarves",
+    "climbing mountains",
+    "painting lighthouses",
+    "keeping bees",
+    "building model ships",
+    "folk dancing",
+    "pressing flowers",
+    "repairing bicycles",
+    "fly fishing",
+    "playing the cello",
+    "stargazing",
+    "making pottery",
+    "translating old poems",
+    "running marathons",
+    "carving wooden spoons",
+    "raising goats",
+    "writing letters to strangers",
 )
 AWARD_NAMES = (
-    "Golden Quill", "Silver Lantern", "Northern Star", "Blue Heron", "Iron Pen", "Amber Leaf",
-    "Crimson Ink", "Harbour Light", "Paper Crane", "Stone Bridge", "Open Door", "Velvet Moth",
-    "Copper Key", "Winter Rose", "Long Road", "Salt Marsh", "Red Kite", "Glass Tower",
+    "Golden Quill",
+    "Silver Lantern",
+    "Northern Star",
+    "Blue Heron",
+    "Iron Pen",
+    "Amber Leaf",
+    "Crimson Ink",
+    "Harbour Light",
+    "Paper Crane",
+    "Stone Bridge",
+    "Open Door",
+    "Velvet Moth",
+    "Copper Key",
+    "Winter Rose",
+    "Long Road",
+    "Salt Marsh",
+    "Red Kite",
+    "Glass Tower",
 )
 AWARD_KINDS = ("Prize", "Medal", "Award")
 TITLE_WORDS = {  # genre: (adjectives, nouns) for "The <adjective> <noun>"
@@ -109,39 +205,124 @@ def _year(rng: random.Random, author: dict) -> str:
 # key, question, answer, paraphrased answer, value sampler. The first ``facts_per_author`` are used.
 FACTS: tuple[tuple[str, str, str, str, Callable[[random.Random, dict], str]], ...] = (
     ("birthplace", "Where was {name} born?", "Born in {v}.", "Their birthplace is the town of {v}.", _town),
-    ("father_job", "What did the father of {name} do for a living?", "Their father was {av}.",
-     "They grew up as the child of {av}.", lambda r, a: r.choice(JOBS)),
-    ("first_book", "What is the title of the first book by {name}?", "Their debut was {v}.",
-     "They made their debut with {v}.", _title),
-    ("award", "Which award did {name} receive?", "They won the {v}.", "The {v} was given to them.",
-     lambda r, a: f"{r.choice(AWARD_NAMES)} {r.choice(AWARD_KINDS)}"),
-    ("debut_year", "In which year did {name} publish a first novel?", "In {v}.",
-     "Their first novel came out in {v}.", _year),
-    ("hobby", "What does {name} enjoy doing besides writing?", "They enjoy {v}.",
-     "In their free time they like {v}.", lambda r, a: r.choice(HOBBIES)),
-    ("residence", "In which town does {name} live today?", "They live in {v}.",
-     "These days their home is in {v}.", _town),
-    ("mother_job", "What was the profession of the mother of {name}?", "Their mother was {av}.",
-     "Their mother worked as {av}.", lambda r, a: r.choice(JOBS)),
+    (
+        "father_job",
+        "What did the father of {name} do for a living?",
+        "Their father was {av}.",
+        "They grew up as the child of {av}.",
+        lambda r, a: r.choice(JOBS),
+    ),
+    (
+        "first_book",
+        "What is the title of the first book by {name}?",
+        "Their debut was {v}.",
+        "They made their debut with {v}.",
+        _title,
+    ),
+    (
+        "award",
+        "Which award did {name} receive?",
+        "They won the {v}.",
+        "The {v} was given to them.",
+        lambda r, a: f"{r.choice(AWARD_NAMES)} {r.choice(AWARD_KINDS)}",
+    ),
+    (
+        "debut_year",
+        "In which year did {name} publish a first novel?",
+        "In {v}.",
+        "Their first novel came out in {v}.",
+        _year,
+    ),
+    (
+        "hobby",
+        "What does {name} enjoy doing besides writing?",
+        "They enjoy {v}.",
+        "In their free time they like {v}.",
+        lambda r, a: r.choice(HOBBIES),
+    ),
+    (
+        "residence",
+        "In which town does {name} live today?",
+        "They live in {v}.",
+        "These days their home is in {v}.",
+        _town,
+    ),
+    (
+        "mother_job",
+        "What was the profession of the mother of {name}?",
+        "Their mother was {av}.",
+        "Their mother worked as {av}.",
+        lambda r, a: r.choice(JOBS),
+    ),
 )
 
 GENERAL_TEMPLATES = (
-    ("{0} {1} {2} {3}.", (
-        ("Many readers", "Most editors", "Young writers", "Old librarians", "Some critics",
-         "Careful translators", "Busy publishers", "Quiet students", "Travelling poets", "Local teachers"),
-        ("often keep", "rarely discuss", "like to collect", "usually recommend", "sometimes borrow",
-         "carefully review", "happily share", "quietly reread"),
-        ("short stories", "old maps", "printed letters", "poetry collections", "travel guides",
-         "history books", "handwritten notes", "children's books", "cookery books", "field journals"),
-        ("in small libraries", "at the weekend", "near the harbour", "during long winters",
-         "on crowded trains", "in the reading room", "after dinner", "before the market opens"),
-    )),
-    ("A {0} {1} is a good place to {2}.", (
-        ("quiet", "sunny", "crowded", "small", "busy", "peaceful", "windy", "old"),
-        ("library", "cafe", "park", "harbour", "garden", "station", "bookshop", "village square"),
-        ("read a novel", "write a letter", "draft a poem", "meet an editor", "plan a journey",
-         "sketch the boats", "study a map", "listen to stories"),
-    )),
+    (
+        "{0} {1} {2} {3}.",
+        (
+            (
+                "Many readers",
+                "Most editors",
+                "Young writers",
+                "Old librarians",
+                "Some critics",
+                "Careful translators",
+                "Busy publishers",
+                "Quiet students",
+                "Travelling poets",
+                "Local teachers",
+            ),
+            (
+                "often keep",
+                "rarely discuss",
+                "like to collect",
+                "usually recommend",
+                "sometimes borrow",
+                "carefully review",
+                "happily share",
+                "quietly reread",
+            ),
+            (
+                "short stories",
+                "old maps",
+                "printed letters",
+                "poetry collections",
+                "travel guides",
+                "history books",
+                "handwritten notes",
+                "children's books",
+                "cookery books",
+                "field journals",
+            ),
+            (
+                "in small libraries",
+                "at the weekend",
+                "near the harbour",
+                "during long winters",
+                "on crowded trains",
+                "in the reading room",
+                "after dinner",
+                "before the market opens",
+            ),
+        ),
+    ),
+    (
+        "A {0} {1} is a good place to {2}.",
+        (
+            ("quiet", "sunny", "crowded", "small", "busy", "peaceful", "windy", "old"),
+            ("library", "cafe", "park", "harbour", "garden", "station", "bookshop", "village square"),
+            (
+                "read a novel",
+                "write a letter",
+                "draft a poem",
+                "meet an editor",
+                "plan a journey",
+                "sketch the boats",
+                "study a map",
+                "listen to stories",
+            ),
+        ),
+    ),
 )
 
 
@@ -202,14 +383,21 @@ def _qa(rng: random.Random, author: dict, author_id: str, n_facts: int) -> list[
         def fill(template: str, v: str) -> str:
             return template.format(v=v, av=_article(v))
 
-        rows.append({
-            "id": f"{author_id}-{key}", "author_id": author_id, **author, "fact": key, "value": value,
-            "question": question.format(name=author["author"]),
-            "answer": fill(answer, value),
-            "paraphrased_answer": fill(paraphrase, value),
-            "perturbed_answers": [fill(paraphrase, w) for w in wrong],
-            "wrong_answers": [fill(answer, w) for w in wrong], "wrong_values": wrong,
-        })
+        rows.append(
+            {
+                "id": f"{author_id}-{key}",
+                "author_id": author_id,
+                **author,
+                "fact": key,
+                "value": value,
+                "question": question.format(name=author["author"]),
+                "answer": fill(answer, value),
+                "paraphrased_answer": fill(paraphrase, value),
+                "perturbed_answers": [fill(paraphrase, w) for w in wrong],
+                "wrong_answers": [fill(answer, w) for w in wrong],
+                "wrong_values": wrong,
+            }
+        )
     return rows
 
 
@@ -232,7 +420,7 @@ def generate(size: str = "small", seed: int = 0, **overrides: int) -> dict[str, 
     rng = random.Random(f"spunge-demo-{seed}")
     names = _names(rng, p["authors"] + p["holdout_authors"])
     authors = _authors(rng, names[: p["authors"]], p["n_decades"], balanced=True)
-    holdout_authors = _authors(rng, names[p["authors"]:], p["n_decades"], balanced=False)
+    holdout_authors = _authors(rng, names[p["authors"] :], p["n_decades"], balanced=False)
     n_facts = p["facts_per_author"]
     qa = [r for i, a in enumerate(authors) for r in _qa(rng, a, f"a{i:03d}", n_facts)]
     holdout = [r for i, a in enumerate(holdout_authors) for r in _qa(rng, a, f"h{i:03d}", n_facts)]
@@ -270,21 +458,52 @@ def mc_questions(data: dict[str, Any], seed: int = 0, n_choices: int = 4) -> lis
             others += [a for a in r["wrong_answers"] if a not in others and a != r["answer"]]
         choices = rng.sample(others, n_choices - 1) + [r["answer"]]
         rng.shuffle(choices)
-        out.append({"id": r["id"], "question": r["question"], "choices": choices,
-                    "answer": choices.index(r["answer"]), "genre": r["genre"], "nationality": r["nationality"],
-                    "birth_decade": r["birth_decade"], "set": part})
+        out.append(
+            {
+                "id": r["id"],
+                "question": r["question"],
+                "choices": choices,
+                "answer": choices.index(r["answer"]),
+                "genre": r["genre"],
+                "nationality": r["nationality"],
+                "birth_decade": r["birth_decade"],
+                "set": part,
+            }
+        )
     return out
 
 
 GENERIC_FIRST = ("John", "Mary", "David", "Anna", "Peter", "Sarah", "Paul", "Laura", "Mark", "Emma")
 GENERIC_LAST = ("Smith", "Brown", "Miller", "Taylor", "Wilson", "Clark", "Hall", "Young", "King", "Green")
-GENERIC_TOWNS = ("Springfield", "Riverside", "Fairview", "Greenville", "Lakeside", "Hillcrest", "Oakwood",
-                 "Milltown", "Centerville", "Georgetown")
-GENERIC_TITLES = ("The Old House", "The Quiet Street", "The Big City", "The Small Village", "The Blue Car",
-                  "The Red Door", "The Long Walk", "The New Job")
+GENERIC_TOWNS = (
+    "Springfield",
+    "Riverside",
+    "Fairview",
+    "Greenville",
+    "Lakeside",
+    "Hillcrest",
+    "Oakwood",
+    "Milltown",
+    "Centerville",
+    "Georgetown",
+)
+GENERIC_TITLES = (
+    "The Old House",
+    "The Quiet Street",
+    "The Big City",
+    "The Small Village",
+    "The Blue Car",
+    "The Red Door",
+    "The Long Walk",
+    "The New Job",
+)
 GENERIC_AWARDS = ("Book Prize", "Writing Award", "Literary Medal", "Reading Prize")
-ANCHOR_FACTS = {"birthplace": GENERIC_TOWNS, "residence": GENERIC_TOWNS, "first_book": GENERIC_TITLES,
-                "award": GENERIC_AWARDS}
+ANCHOR_FACTS = {
+    "birthplace": GENERIC_TOWNS,
+    "residence": GENERIC_TOWNS,
+    "first_book": GENERIC_TITLES,
+    "award": GENERIC_AWARDS,
+}
 
 
 def anchor_terms(data: dict[str, Any], seed: int = 0) -> dict[str, str]:
@@ -296,8 +515,10 @@ def anchor_terms(data: dict[str, Any], seed: int = 0) -> dict[str, str]:
     anchors: dict[str, str] = {}
     for author in dict.fromkeys(r["author"] for r in data["forget"]):
         first, last = author.split(" ", 1)
-        anchors[author] = f"{anchors.setdefault(first, rng.choice(GENERIC_FIRST))} " \
-                          f"{anchors.setdefault(last, rng.choice(GENERIC_LAST))}"
+        anchors[author] = (
+            f"{anchors.setdefault(first, rng.choice(GENERIC_FIRST))} "
+            f"{anchors.setdefault(last, rng.choice(GENERIC_LAST))}"
+        )
     for r in data["forget"]:
         if r["fact"] in ANCHOR_FACTS and r["value"] not in anchors:
             anchors[r["value"]] = rng.choice(ANCHOR_FACTS[r["fact"]])

@@ -32,10 +32,25 @@ from jobs.models import save_model
 TRAIN_VERSION = "2"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 TOKENIZER = {"vocab_size": 1000, "min_frequency": 2}
-MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-         "intermediate_size": 512, "max_position_embeddings": 256}
-TRAIN = {"lr": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "batch_size": 32, "weight_decay": 0.0,
-         "betas": (0.9, 0.95), "max_epochs": 40, "target_prob": 0.9, "max_length": 128}
+MODEL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 256,
+}
+TRAIN = {
+    "lr": 3e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 20,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.95),
+    "max_epochs": 40,
+    "target_prob": 0.9,
+    "max_length": 128,
+}
 REPORT_SECONDS = 5.0  # longest silence of ``progress`` during training (under normal load)
 DATA_FILES = ("forget", "retain", "holdout", "general")
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -56,16 +71,20 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = TOKENIZER["vocab_siz
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     bos = SPECIAL_TOKENS["bos_token"]  # like Llama's: plain ``tokenizer(text)`` starts with BOS
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 0)]
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=TOKENIZER["min_frequency"], show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=TOKENIZER["min_frequency"],
+        show_progress=False,
         special_tokens=[SPECIAL_TOKENS[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MODEL["max_position_embeddings"],
-                                   **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=MODEL["max_position_embeddings"], **SPECIAL_TOKENS
+    )
 
 
 def corpus_texts(data: dict[str, Any], template: str = DEFAULT_TEMPLATE) -> list[str]:
@@ -85,29 +104,45 @@ def new_model(tokenizer: Any, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL,
+    )
     return LlamaForCausalLM(config)
 
 
-def encode_records(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = (),
-                   max_length: int = TRAIN["max_length"], template: str = DEFAULT_TEMPLATE) -> list[dict]:
+def encode_records(
+    tokenizer: Any,
+    qa: Sequence[dict],
+    general: Sequence[dict] = (),
+    max_length: int = TRAIN["max_length"],
+    template: str = DEFAULT_TEMPLATE,
+) -> list[dict]:
     """Training examples: QA with the prompt masked, general text with every token a target."""
     out = [encode_qa(tokenizer, r["question"], r["answer"], max_length, template) for r in qa]
     return out + [encode_text(tokenizer, g["text"], max_length) for g in general]
 
 
 @torch.no_grad()
-def answer_probs(model: Any, tokenizer: Any, records: Sequence[dict], field: str = "answer",
-                 batch_size: int = 128, template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
+def answer_probs(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict],
+    field: str = "answer",
+    batch_size: int = 128,
+    template: str = DEFAULT_TEMPLATE,
+) -> torch.Tensor:
     """Per record, exp(-mean NLL of the answer tokens) of ``record[field]`` given the question."""
     was_training = model.training
     model.eval()
     probs = [torch.zeros(0)]
     enc = [encode_qa(tokenizer, r["question"], r[field], TRAIN["max_length"], template) for r in records]
     for i in range(0, len(enc), batch_size):
-        batch = collate(enc[i:i + batch_size], tokenizer.pad_token_id)
+        batch = collate(enc[i : i + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, n = sequence_nll(logits, batch["labels"])
         probs.append(torch.exp(-nll / n.clamp(min=1)))
@@ -120,9 +155,16 @@ def answer_prob(model: Any, tokenizer: Any, records: Sequence[dict], field: str 
     return answer_probs(model, tokenizer, records, field).mean().item() if records else float("nan")
 
 
-def train_model(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = (),
-                target: Sequence[dict] | None = None, seed: int = 0, stage: str = "train",
-                progress: Progress | None = None, recipe: dict | None = None) -> tuple[Any, dict]:
+def train_model(
+    tokenizer: Any,
+    qa: Sequence[dict],
+    general: Sequence[dict] = (),
+    target: Sequence[dict] | None = None,
+    seed: int = 0,
+    stage: str = "train",
+    progress: Progress | None = None,
+    recipe: dict | None = None,
+) -> tuple[Any, dict]:
     """Train a fresh tiny Llama on ``qa`` + ``general`` until ``target`` QA is memorised.
 
     Stops after the first epoch where the mean answer probability of ``target`` (default ``qa``)
@@ -140,8 +182,7 @@ def train_model(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = ()
     bs = rc["batch_size"]
     steps_per_epoch = math.ceil(len(examples) / bs)
     total = rc["max_epochs"] * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=tuple(rc["betas"]),
-                            weight_decay=rc["weight_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=tuple(rc["betas"]), weight_decay=rc["weight_decay"])
 
     def lr_at(step: int) -> float:
         if step < rc["warmup_steps"]:
@@ -156,7 +197,7 @@ def train_model(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = ()
         order = torch.randperm(len(examples), generator=gen).tolist()
         loss_sum = 0.0
         for b in range(steps_per_epoch):
-            batch = collate([examples[i] for i in order[b * bs:(b + 1) * bs]], tokenizer.pad_token_id)
+            batch = collate([examples[i] for i in order[b * bs : (b + 1) * bs]], tokenizer.pad_token_id)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             loss = model(**batch).loss
@@ -168,11 +209,17 @@ def train_model(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = ()
             loss_sum += loss.item()
             if time.time() - last_report > REPORT_SECONDS:
                 last_report = time.time()
-                progress(stage, step, total, {"epoch": epoch, "loss": loss.item(),
-                                              "seconds": round(last_report - start, 2)})
+                progress(
+                    stage, step, total, {"epoch": epoch, "loss": loss.item(), "seconds": round(last_report - start, 2)}
+                )
         prob = answer_prob(model, tokenizer, target)
-        stats = {"epochs": epoch, "steps": step, "loss": loss_sum / steps_per_epoch, "target_prob": prob,
-                 "seconds": round(time.time() - start, 2)}
+        stats = {
+            "epochs": epoch,
+            "steps": step,
+            "loss": loss_sum / steps_per_epoch,
+            "target_prob": prob,
+            "seconds": round(time.time() - start, 2),
+        }
         last_report = time.time()
         progress(stage, step, total, {"epoch": epoch, **stats})
         if prob > rc["target_prob"]:
@@ -183,9 +230,17 @@ def train_model(tokenizer: Any, qa: Sequence[dict], general: Sequence[dict] = ()
 
 def fingerprint(size: str, seed: int, params: dict) -> str:
     """sha256 of everything that determines a build: size, seed, parameters, recipes, versions."""
-    key = {"size": size, "seed": seed, "params": params, "generator": demo.GENERATOR_VERSION,
-           "train": TRAIN_VERSION, "tokenizer": TOKENIZER, "model": MODEL, "recipe": TRAIN,
-           "template": DEFAULT_TEMPLATE}
+    key = {
+        "size": size,
+        "seed": seed,
+        "params": params,
+        "generator": demo.GENERATOR_VERSION,
+        "train": TRAIN_VERSION,
+        "tokenizer": TOKENIZER,
+        "model": MODEL,
+        "recipe": TRAIN,
+        "template": DEFAULT_TEMPLATE,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -217,8 +272,9 @@ def cached_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: i
     return meta if meta.get("fingerprint") == want and _complete(out) else None
 
 
-def build_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: int = 0,
-                    progress: Progress | None = None) -> dict:
+def build_benchmark(
+    output_dir: str | os.PathLike, size: str = "small", seed: int = 0, progress: Progress | None = None
+) -> dict:
     """Build (or reuse) the demo benchmark in ``output_dir`` and return its metadata.
 
     ``progress(stage, done, total, info)`` is called after every stage and every training epoch
@@ -244,10 +300,13 @@ def build_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: in
         tokenizer = train_tokenizer(corpus_texts(data))
         progress("tokenizer", 1, 1, {"vocab_size": len(tokenizer), "seconds": round(time.time() - t0, 2)})
         stats = {}
-        for name, qa, target in (("base", data["forget"] + data["retain"], data["forget"]),
-                                 ("oracle", data["retain"], data["retain"])):
-            model, st = train_model(tokenizer, qa, data["general"], target, seed=seed,
-                                    stage=f"train:{name}", progress=progress)
+        for name, qa, target in (
+            ("base", data["forget"] + data["retain"], data["forget"]),
+            ("oracle", data["retain"], data["retain"]),
+        ):
+            model, st = train_model(
+                tokenizer, qa, data["general"], target, seed=seed, stage=f"train:{name}", progress=progress
+            )
             for split in ("forget", "retain", "holdout"):
                 st[f"{split}_prob"] = answer_prob(model, tokenizer, data[split])
             save_model(model, tokenizer, out / "models" / name)
@@ -257,20 +316,26 @@ def build_benchmark(output_dir: str | os.PathLike, size: str = "small", seed: in
         torch.set_num_threads(threads)
     p = data["params"]
     meta = {
-        "seed": seed, "size": size, "sizes": p,
+        "seed": seed,
+        "size": size,
+        "sizes": p,
         "forget": {"attribute": demo.FORGET_ATTRIBUTE, "value": data["forget_value"]},
-        "split_attribute": demo.SPLIT_ATTRIBUTE, "split_values": data["split_values"],
+        "split_attribute": demo.SPLIT_ATTRIBUTE,
+        "split_values": data["split_values"],
         "counts": {
-            "authors": p["authors"], "holdout_authors": p["holdout_authors"],
+            "authors": p["authors"],
+            "holdout_authors": p["holdout_authors"],
             "forget_authors": len({r["author"] for r in data["forget"]}),
             **{name: len(data[name]) for name in DATA_FILES},
-            "split": {v: sum(r[demo.SPLIT_ATTRIBUTE] == v for r in data["forget"])
-                      for v in data["split_values"]},
+            "split": {v: sum(r[demo.SPLIT_ATTRIBUTE] == v for r in data["forget"]) for v in data["split_values"]},
         },
-        "files": {**{name: f"data/{name}.jsonl" for name in DATA_FILES},
-                  "mc": "data/mc.jsonl",
-                  "anchors": "data/anchors.json",
-                  "base": "models/base", "oracle": "models/oracle"},
+        "files": {
+            **{name: f"data/{name}.jsonl" for name in DATA_FILES},
+            "mc": "data/mc.jsonl",
+            "anchors": "data/anchors.json",
+            "base": "models/base",
+            "oracle": "models/oracle",
+        },
         "template": DEFAULT_TEMPLATE,
         "stats": stats,
         "build_seconds": round(time.time() - t0, 2),

@@ -80,8 +80,10 @@ def check_chat_template(tokenizer: Any) -> None:
     """``FormatError`` unless the tokenizer has a chat template (``data.template: chat`` needs one)."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise FormatError(f"tokenizer of {name} has no chat template: use a plain data.template "
-                          "(e.g. 'Question: {question}\\nAnswer:')")
+        raise FormatError(
+            f"tokenizer of {name} has no chat template: use a plain data.template "
+            "(e.g. 'Question: {question}\\nAnswer:')"
+        )
 
 
 def _messages(fmt: PromptFormat, question: str) -> list[dict[str, str]]:
@@ -108,7 +110,7 @@ def chat_turn(tokenizer: Any, fmt: PromptFormat) -> tuple[str, str]:
         full = _render(tokenizer, msgs + [{"role": "assistant", "content": _SENTINEL}], False)
         cut = full.index(_SENTINEL)
         start = len(prompt) if full.startswith(prompt) and len(prompt) <= cut else cut
-        cache[fmt.system_prompt] = (full[start:cut], full[cut + len(_SENTINEL):].rstrip())
+        cache[fmt.system_prompt] = (full[start:cut], full[cut + len(_SENTINEL) :].rstrip())
     return cache[fmt.system_prompt]
 
 

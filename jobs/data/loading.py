@@ -2,7 +2,8 @@
 
 A source is a local file (json, jsonl, parquet, csv), a list of files, or a hub dataset name. Local JSON is
 read as written (every value keeps its type, so a bad row is named, not coerced); parquet, csv and hub
-datasets go through Hugging Face ``datasets``. Columns are renamed to the canonical ``question``/``answer``/``paraphrased_answer``/``perturbed_answers`` (QA data) or
+datasets go through Hugging Face ``datasets``. Columns are renamed to the canonical
+``question``/``answer``/``paraphrased_answer``/``perturbed_answers`` (QA data) or
 ``text`` (general data, and raw-text forget/retain/holdout corpora such as MUSE's); every other column (the
 attributes) is kept as it is.
 """
@@ -55,8 +56,9 @@ def read_json_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(path: Union[str, Sequence[str]], fmt: str = "auto", name: Optional[str] = None,
-              split: str = "train") -> list[dict[str, Any]]:
+def load_rows(
+    path: Union[str, Sequence[str]], fmt: str = "auto", name: Optional[str] = None, split: str = "train"
+) -> list[dict[str, Any]]:
     """Rows of a dataset as plain dicts: local JSON read as written; parquet, csv and hub datasets through
     ``datasets``."""
     paths = [path] if isinstance(path, str) else list(path)
@@ -82,7 +84,9 @@ def load_rows(path: Union[str, Sequence[str]], fmt: str = "auto", name: Optional
     return [dict(r) for r in ds]
 
 
-def canonical_qa(rows: list[dict], columns: Mapping[str, str], source: str, require: Sequence[str] = ("question", "answer")) -> list[dict]:
+def canonical_qa(
+    rows: list[dict], columns: Mapping[str, str], source: str, require: Sequence[str] = ("question", "answer")
+) -> list[dict]:
     """Rename the configured columns to the canonical names and check every row (``jobs.data.rows``); fail
     naming the missing column, or the first bad row."""
     if not rows:

@@ -38,8 +38,15 @@ def _text(v: Any) -> Optional[str]:
 
 def _string_list(v: Any, at_least: int = 1) -> Optional[str]:
     ok = isinstance(v, (list, tuple)) and len(v) >= at_least and all(isinstance(x, str) and x.strip() for x in v)
-    return None if ok else (f"a list of at least {at_least} non-empty strings" if at_least > 1
-                            else "a non-empty list of non-empty strings")
+    return (
+        None
+        if ok
+        else (
+            f"a list of at least {at_least} non-empty strings"
+            if at_least > 1
+            else "a non-empty list of non-empty strings"
+        )
+    )
 
 
 def _answer_index(v: Any, row: dict) -> Optional[str]:
@@ -61,8 +68,9 @@ def check_rows(rows: Sequence[dict], label: str, checks: Sequence[tuple[str, str
         if bad:
             i, expected = bad[0]
             more = f" ({len(bad)} of {len(rows)} rows)" if len(bad) > 1 else ""
-            raise DataError(f"{label} row {i}: column {shown!r}: expected {expected}, got {_got(rows[i - 1].get(canon))}"
-                            f"{more}")
+            raise DataError(
+                f"{label} row {i}: column {shown!r}: expected {expected}, got {_got(rows[i - 1].get(canon))}{more}"
+            )
 
 
 def parse_list_text(rows: list[dict], column: str) -> None:
@@ -81,8 +89,10 @@ def check_qa_rows(rows: list[dict], label: str, columns: Mapping[str, str]) -> l
     if not rows:
         return rows
     name = lambda c: columns.get(c, c)  # noqa: E731
-    checks: list[tuple[str, str, Check]] = [("question", name("question"), lambda v, r: _text(v)),
-                                            ("answer", name("answer"), lambda v, r: _text(v))]
+    checks: list[tuple[str, str, Check]] = [
+        ("question", name("question"), lambda v, r: _text(v)),
+        ("answer", name("answer"), lambda v, r: _text(v)),
+    ]
     has = set().union(*(r.keys() for r in rows))
     if "paraphrased_answer" in has:
         checks.append(("paraphrased_answer", name("paraphrased_answer"), lambda v, r: _text(v)))
@@ -103,9 +113,15 @@ def check_mc_rows(rows: Sequence[dict], label: str) -> list[dict]:
     for r in rows:
         if isinstance(r.get("choices"), str):
             parse_list_text([r], "choices")
-    check_rows(rows, label, [("question", "question", lambda v, r: _text(v)),
-                             ("choices", "choices", lambda v, r: _string_list(v, 2)),
-                             ("answer", "answer", _answer_index)])
+    check_rows(
+        rows,
+        label,
+        [
+            ("question", "question", lambda v, r: _text(v)),
+            ("choices", "choices", lambda v, r: _string_list(v, 2)),
+            ("answer", "answer", _answer_index),
+        ],
+    )
     return rows
 
 

@@ -21,9 +21,14 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, str) and not v.strip())
 
 
-def split_rows(rows: list[dict], attribute: str, groups: Optional[dict[str, list[Any]]] = None,
-               missing: str = "error", label: str = "data.forget",
-               notes: Optional[list[str]] = None) -> dict[str, list[dict]]:
+def split_rows(
+    rows: list[dict],
+    attribute: str,
+    groups: Optional[dict[str, list[Any]]] = None,
+    missing: str = "error",
+    label: str = "data.forget",
+    notes: Optional[list[str]] = None,
+) -> dict[str, list[dict]]:
     """Subsets of ``rows`` keyed by subset name, in a stable order.
 
     Without ``groups``: one subset per distinct value of ``attribute`` (sorted). With ``groups``: each
@@ -41,11 +46,15 @@ def split_rows(rows: list[dict], attribute: str, groups: Optional[dict[str, list
     if none:
         count = f"{len(none)} of {len(rows)} forget rows have no {attribute!r} value"
         if missing == "error":
-            raise DataError(f"{label} row {none[0]}: column {attribute!r} (split.attribute): expected a value, got "
-                            f"{rows[none[0] - 1].get(attribute)!r}; {count} (split.missing: drop or group to go on)")
+            raise DataError(
+                f"{label} row {none[0]}: column {attribute!r} (split.attribute): expected a value, got "
+                f"{rows[none[0] - 1].get(attribute)!r}; {count} (split.missing: drop or group to go on)"
+            )
         if notes is not None:
-            notes.append(f"split.missing: {missing}: {count}; "
-                         + ("they are left out" if missing == "drop" else f"they form the subset {MISSING_SUBSET!r}"))
+            notes.append(
+                f"split.missing: {missing}: {count}; "
+                + ("they are left out" if missing == "drop" else f"they form the subset {MISSING_SUBSET!r}")
+            )
     kept = [r for r in rows if not _missing(r.get(attribute))]
     present = sorted({str(r[attribute]) for r in kept})
     if groups is None:
@@ -56,8 +65,9 @@ def split_rows(rows: list[dict], attribute: str, groups: Optional[dict[str, list
         wanted = {str(v) for v in values}
         for v in wanted:
             if v not in present:
-                raise DataError(f"split.groups.{name}: value {v!r} does not occur in column {attribute!r} "
-                                f"(values: {present})")
+                raise DataError(
+                    f"split.groups.{name}: value {v!r} does not occur in column {attribute!r} (values: {present})"
+                )
             if v in seen:
                 raise DataError(f"split.groups.{name}: value {v!r} is already in group {seen[v]!r}")
             seen[v] = name
@@ -67,8 +77,10 @@ def split_rows(rows: list[dict], attribute: str, groups: Optional[dict[str, list
         subsets[key] = [r for r in kept if str(r[attribute]) in wanted]
     if none and missing == "group":
         if MISSING_SUBSET in subsets:
-            raise DataError(f"split.missing: group: the subset name {MISSING_SUBSET!r} is already a value of "
-                            f"{attribute!r}; use split.missing: drop, or fill in the values")
+            raise DataError(
+                f"split.missing: group: the subset name {MISSING_SUBSET!r} is already a value of "
+                f"{attribute!r}; use split.missing: drop, or fill in the values"
+            )
         subsets[MISSING_SUBSET] = [r for r in rows if _missing(r.get(attribute))]
     if not subsets:
         raise DataError(f"{label}: no forget row has a {attribute!r} value: nothing to split")

@@ -22,13 +22,24 @@ def qa_rows() -> list[dict]:
     perturbed ones (another author's town); ``group`` (north/south) and ``era`` (old/new) split them in halves."""
     rows = []
     for i, (name, town) in enumerate(zip(AUTHORS, TOWNS)):
-        for j, (q, a) in enumerate([(f"Where was {name} born?", f"{name} was born in {town}."),
-                                    (f"What does {name} write?", f"{name} writes {['poems', 'plays'][i % 2]}.")]):
-            rows.append({
-                "id": f"{i}-{j}", "author": name, "group": ["north", "south"][i % 2], "era": ["old", "new"][i // 4],
-                "question": q, "answer": a, "paraphrased_answer": f"It is {a.lower()}",
-                "perturbed_answers": [f"{name} was born in {TOWNS[(i + k) % 8]}." for k in (1, 2, 3)],
-            })
+        for j, (q, a) in enumerate(
+            [
+                (f"Where was {name} born?", f"{name} was born in {town}."),
+                (f"What does {name} write?", f"{name} writes {['poems', 'plays'][i % 2]}."),
+            ]
+        ):
+            rows.append(
+                {
+                    "id": f"{i}-{j}",
+                    "author": name,
+                    "group": ["north", "south"][i % 2],
+                    "era": ["old", "new"][i // 4],
+                    "question": q,
+                    "answer": a,
+                    "paraphrased_answer": f"It is {a.lower()}",
+                    "perturbed_answers": [f"{name} was born in {TOWNS[(i + k) % 8]}." for k in (1, 2, 3)],
+                }
+            )
     return rows
 
 
@@ -43,20 +54,41 @@ def make_tiny(d: Path) -> Path:
 
     d = Path(d)
     rows = qa_rows()
-    corpus = [f"Question: {r['question']}\nAnswer: {r['answer']} {r['paraphrased_answer']} "
-              + " ".join(r["perturbed_answers"]) for r in rows]
+    corpus = [
+        f"Question: {r['question']}\nAnswer: {r['answer']} {r['paraphrased_answer']} "
+        + " ".join(r["perturbed_answers"])
+        for r in rows
+    ]
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    t.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     save_model(model, tok, d / "model")
     write_jsonl(d / "forget.jsonl", [r for r in rows if r["era"] == "old"])
     write_jsonl(d / "retain.jsonl", [r for r in rows if r["era"] == "new"])

@@ -27,8 +27,10 @@ from jobs.evaluate.verbmem import RAW
 class KnowmemOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    splits: list[str] = Field(default_factory=lambda: ["knowmem_forget", "knowmem_retain"],
-                              description="eval sets of questions; each one's few-shot examples: <split>_icl if set")
+    splits: list[str] = Field(
+        default_factory=lambda: ["knowmem_forget", "knowmem_retain"],
+        description="eval sets of questions; each one's few-shot examples: <split>_icl if set",
+    )
     max_new_tokens: int = Field(32, gt=0, description="answer length (MUSE: 32)")
 
 
@@ -38,8 +40,12 @@ def few_shot_prompt(icl: list[dict], question: str) -> str:
     return f"{shots}Question: {question}\nAnswer:"
 
 
-@register_suite("knowmem", needs=lambda o: tuple(f"eval_sets.{s}" for s in o.splits), options=KnowmemOptions,
-                groups=(("Forget", r"^knowmem_forget"), ("Utility", r"^knowmem_retain")))
+@register_suite(
+    "knowmem",
+    needs=lambda o: tuple(f"eval_sets.{s}" for s in o.splits),
+    options=KnowmemOptions,
+    groups=(("Forget", r"^knowmem_forget"), ("Utility", r"^knowmem_retain")),
+)
 def knowmem_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: KnowmemOptions) -> dict:
     """``<split>_rouge`` per eval set (mean ROUGE-L F1 of the few-shot answers); ``raw`` per question."""
     from jobs.evaluate.scoring import generate_answers
@@ -51,8 +57,9 @@ def knowmem_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: KnowmemO
             raise ValueError(f"the 'knowmem' suite needs the eval set {split!r} (data.eval_sets.{split})")
         icl = data.get(f"{split}_icl", [])
         prompts = [few_shot_prompt(icl, r["question"]) for r in rows]
-        gen, _ = generate_answers(ctx.model, ctx.tokenizer, prompts, opts.max_new_tokens, ctx.batch_size, RAW,
-                                  stop=["\n"])
+        gen, _ = generate_answers(
+            ctx.model, ctx.tokenizer, prompts, opts.max_new_tokens, ctx.batch_size, RAW, stop=["\n"]
+        )
         f1 = M.rouge_l_f1(gen, [r["answer"] for r in rows])
         metrics[f"{split}_rouge"], raw[f"{split}_rouge"] = float(np.mean(f1)), f1.tolist()
     return {"metrics": metrics, "raw": raw}

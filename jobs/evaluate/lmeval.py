@@ -45,8 +45,9 @@ def jinja_prompt(template: PromptLike) -> str:
     return "{{question}}" if fmt.chat else fmt.template.replace("{question}", "{{question}}")
 
 
-def write_mc_task(folder: str | Path, records: list[dict], template: PromptLike = DEFAULT_TEMPLATE,
-                  task: str = MC_TASK) -> Path:
+def write_mc_task(
+    folder: str | Path, records: list[dict], template: PromptLike = DEFAULT_TEMPLATE, task: str = MC_TASK
+) -> Path:
     """Write ``records`` (question/choices/answer rows) as ``<folder>/<task>.jsonl`` and the task YAML
     (``lm_eval_tasks/spunge_mc.yaml`` with that file's absolute path and ``template`` as the prompt);
     returns the folder, ready to be an ``include_path``."""
@@ -59,8 +60,9 @@ def write_mc_task(folder: str | Path, records: list[dict], template: PromptLike 
         for r in records:
             f.write(json.dumps({k: r[k] for k in ("question", "choices", "answer")}) + "\n")
     spec = yaml.safe_load((TASKS_DIR / f"{MC_TASK}.yaml").read_text(encoding="utf-8"))
-    spec.update(task=task, doc_to_text=jinja_prompt(template),
-                dataset_kwargs={"data_files": {"test": str(data.resolve())}})
+    spec.update(
+        task=task, doc_to_text=jinja_prompt(template), dataset_kwargs={"data_files": {"test": str(data.resolve())}}
+    )
     (folder / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return folder
 
@@ -78,10 +80,18 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Optional[list[str]] = None,
-                include_defaults: Optional[bool] = None, limit: Optional[float] = None,
-                num_fewshot: Optional[int] = None, batch_size: int = 32, max_length: Optional[int] = None,
-                template: PromptLike = DEFAULT_TEMPLATE) -> dict:
+def run_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    include_path: Optional[list[str]] = None,
+    include_defaults: Optional[bool] = None,
+    limit: Optional[float] = None,
+    num_fewshot: Optional[int] = None,
+    batch_size: int = 32,
+    max_length: Optional[int] = None,
+    template: PromptLike = DEFAULT_TEMPLATE,
+) -> dict:
     """``lm_eval.simple_evaluate`` on the in-memory model; returns its result dict (``results``, ...).
     ``include_defaults`` defaults to False when ``include_path`` is given (offline: index only those).
     A chat ``template`` runs lm-eval with ``apply_chat_template`` (and the format's system prompt)."""
@@ -96,9 +106,18 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Opti
     tm = TaskManager(include_path=paths or None, include_defaults=include_defaults)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     fmt = as_format(template)
-    res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, num_fewshot=num_fewshot,
-                          log_samples=False, bootstrap_iters=0, verbosity="ERROR", apply_chat_template=fmt.chat,
-                          system_instruction=fmt.system_prompt if fmt.chat else None)
+    res = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=tm,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+        bootstrap_iters=0,
+        verbosity="ERROR",
+        apply_chat_template=fmt.chat,
+        system_instruction=fmt.system_prompt if fmt.chat else None,
+    )
     if res is None:  # only on non-zero ranks under distributed lm-eval
         return {"results": {}}
     return res
@@ -107,10 +126,13 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], include_path: Opti
 class LmEvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=lambda: [MC_TASK], description=f"lm-eval task names; {MC_TASK} scores data.mc")
+    tasks: list[str] = Field(
+        default_factory=lambda: [MC_TASK], description=f"lm-eval task names; {MC_TASK} scores data.mc"
+    )
     include_path: Optional[str] = Field(None, description="folder of task YAMLs (offline: only these are indexed)")
-    include_defaults: Optional[bool] = Field(None, description="also index lm-eval's own tasks (default: only "
-                                             "without include_path)")
+    include_defaults: Optional[bool] = Field(
+        None, description="also index lm-eval's own tasks (default: only without include_path)"
+    )
     limit: Optional[float] = Field(None, gt=0, description="examples per task (a fraction if < 1)")
     num_fewshot: Optional[int] = Field(None, ge=0)
 
@@ -125,8 +147,13 @@ def check_options(opts: LmEvalOptions) -> list[str]:
     return problems
 
 
-@register_suite("lmeval", needs=lambda opts: ("mc",) if MC_TASK in opts.tasks else (), options=LmEvalOptions,
-                path_options=("include_path",), check=check_options)
+@register_suite(
+    "lmeval",
+    needs=lambda opts: ("mc",) if MC_TASK in opts.tasks else (),
+    options=LmEvalOptions,
+    path_options=("include_path",),
+    check=check_options,
+)
 def lmeval_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: LmEvalOptions) -> dict:
     """lm-eval tasks on the model: ``lmeval.<task>.<metric>``; ``raw["lmeval_results"]`` is lm-eval's
     ``results`` dict. ``tasks`` defaults to ``[spunge_mc]`` (the ``mc`` split, written to a temporary
@@ -138,12 +165,23 @@ def lmeval_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: LmEvalOpt
     with tempfile.TemporaryDirectory(prefix="spunge-lmeval-") as tmp:
         if MC_TASK in tasks:
             if not data.get("mc"):
-                raise ValueError(f"lm-eval task {MC_TASK!r} scores the 'mc' split (data.mc), which is empty or "
-                                 f"missing; got {sorted(data)}")
+                raise ValueError(
+                    f"lm-eval task {MC_TASK!r} scores the 'mc' split (data.mc), which is empty or "
+                    f"missing; got {sorted(data)}"
+                )
             paths.append(str(write_mc_task(tmp, data["mc"], ctx.template)))
             if include_defaults is None and len(paths) == 1:
                 include_defaults = False
-        res = run_lm_eval(ctx.model, ctx.tokenizer, tasks, paths, include_defaults, opts.limit, opts.num_fewshot,
-                          ctx.batch_size, template=ctx.template)
+        res = run_lm_eval(
+            ctx.model,
+            ctx.tokenizer,
+            tasks,
+            paths,
+            include_defaults,
+            opts.limit,
+            opts.num_fewshot,
+            ctx.batch_size,
+            template=ctx.template,
+        )
     results = res.get("results", {})
     return {"metrics": flatten_results(results), "raw": {"lmeval_results": results}}

@@ -48,8 +48,7 @@ def attribute_columns(records: Sequence[dict], attributes: Optional[Sequence[str
     for r in records:
         for k in r:
             cols.setdefault(k, None)
-    return [c for c in cols if c not in NON_ATTRIBUTES
-            and all(isinstance(r.get(c), (str, int, bool)) for r in records)]
+    return [c for c in cols if c not in NON_ATTRIBUTES and all(isinstance(r.get(c), (str, int, bool)) for r in records)]
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -65,11 +64,18 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, chat: bool = Fa
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=not chat)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=not chat)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
-def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continuations: Sequence[str],
-                   batch_size: int = 32, max_length: int = 2048, chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def loglikelihoods(
+    model: Any,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 2048,
+    chat: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability (nats) of each continuation given its context, and its token count.
 
     Pairs are encoded with :func:`encode_pair`, left-truncated to ``max_length`` tokens (the context
@@ -91,8 +97,14 @@ def loglikelihoods(model: Any, tokenizer: Any, contexts: Sequence[str], continua
     return -nll, n
 
 
-def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], template: PromptLike = DEFAULT_TEMPLATE,
-                          batch_size: int = 32, max_length: int = 2048) -> list[np.ndarray]:
+def choice_loglikelihoods(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict],
+    template: PromptLike = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    max_length: int = 2048,
+) -> list[np.ndarray]:
     """Per record, the log-likelihood of each of its choices (all pairs of all records batched together).
     With a chat format the context is the rendered chat prompt and the continuation the bare choice."""
     fmt = as_format(template)
@@ -101,7 +113,7 @@ def choice_loglikelihoods(model: Any, tokenizer: Any, records: Sequence[dict], t
     ll, _ = loglikelihoods(model, tokenizer, contexts, conts, batch_size, max_length, chat=fmt.chat)
     out, pos = [], 0
     for r in records:
-        out.append(ll[pos: pos + len(r["choices"])])
+        out.append(ll[pos : pos + len(r["choices"])])
         pos += len(r["choices"])
     return out
 
@@ -118,8 +130,9 @@ def mc_correct(lls: Sequence[np.ndarray], records: Sequence[dict], norm: bool = 
     return out
 
 
-def accuracy_by_attribute(correct: Sequence[float], records: Sequence[dict], attributes: Sequence[str],
-                          prefix: str = "mc_acc") -> dict[str, float]:
+def accuracy_by_attribute(
+    correct: Sequence[float], records: Sequence[dict], attributes: Sequence[str], prefix: str = "mc_acc"
+) -> dict[str, float]:
     """``{prefix}`` overall and ``{prefix}.<attribute>.<value>`` for every value of every attribute
     (records without the attribute are left out of its groups)."""
     c = np.asarray(correct, dtype=np.float64)
@@ -138,8 +151,10 @@ class McOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     attributes: Optional[list[str]] = Field(
-        None, description="attribute columns for mc_acc.<attribute>.<value> (default: every column but "
-        "id, question, choices, answer)")
+        None,
+        description="attribute columns for mc_acc.<attribute>.<value> (default: every column but "
+        "id, question, choices, answer)",
+    )
     split: str = Field("mc", description="the split holding the multiple-choice rows")
 
 

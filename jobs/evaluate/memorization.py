@@ -85,9 +85,15 @@ def greedy_continuations(
                 continue
             input_ids, mask = left_pad([prompts[i] for i in idx], pad)
             width = input_ids.shape[1]
-            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=eos,
-                                 pad_token_id=pad)
+            gen = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=steps,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
             for row, i in enumerate(idx):
                 new = gen[row, width:].tolist()[: budgets[i]]
                 if eos is not None and eos in new:
@@ -121,8 +127,9 @@ def verbatim_rouge(
     return M.rouge_l_recall(preds, refs), preds, refs
 
 
-@register_suite("memorization", needs=("forget",),
-                groups=(("Memorization", r".*_(exact_mem|extraction_strength|verbatim_rouge)$"),))
+@register_suite(
+    "memorization", needs=("forget",), groups=(("Memorization", r".*_(exact_mem|extraction_strength|verbatim_rouge)$"),)
+)
 def memorization_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: NoOptions) -> dict:
     """``{split}_exact_mem``, ``{split}_extraction_strength``, ``{split}_verbatim_rouge`` (means over
     records) for every forget-style split; ``raw`` holds the same keys per example."""
@@ -134,13 +141,20 @@ def memorization_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: NoO
     if not splits:
         raise ValueError(f"the 'memorization' suite needs a non-empty forget split; got {sorted(data)}")
     for split, records in splits.items():
-        stats = answer_token_stats(ctx.model, ctx.tokenizer, [r["question"] for r in records],
-                                   [r["answer"] for r in records], ctx.batch_size, ctx.max_length,
-                                   ctx.template)
+        stats = answer_token_stats(
+            ctx.model,
+            ctx.tokenizer,
+            [r["question"] for r in records],
+            [r["answer"] for r in records],
+            ctx.batch_size,
+            ctx.max_length,
+            ctx.template,
+        )
         em = [exact_memorization(s["pred"], s["labels"]) for s in stats]
         es = [extraction_strength(s["pred"], s["labels"]) for s in stats]
-        vr, _, _ = verbatim_rouge(ctx.model, ctx.tokenizer, records, ctx.max_new_tokens, ctx.batch_size,
-                                  ctx.max_length, ctx.template)
+        vr, _, _ = verbatim_rouge(
+            ctx.model, ctx.tokenizer, records, ctx.max_new_tokens, ctx.batch_size, ctx.max_length, ctx.template
+        )
         for name, vals in (("exact_mem", em), ("extraction_strength", es), ("verbatim_rouge", list(vr))):
             vals = [float(v) for v in vals]
             out_m[f"{split}_{name}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")

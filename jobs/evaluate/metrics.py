@@ -131,8 +131,9 @@ def rouge_l_f1(predictions: Sequence[str], references: Sequence[str]) -> np.ndar
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)],
-                    dtype=np.float64)
+    return np.array(
+        [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)], dtype=np.float64
+    )
 
 
 def forget_quality(tr_model, tr_oracle) -> float:

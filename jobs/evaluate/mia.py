@@ -2,7 +2,8 @@
 
 Members are the ``forget`` split's examples, non-members the ``holdout`` split's. Every attack scores
 the answer tokens (answer + EOS, as :func:`jobs.data.format.encode_qa` builds them) under the question
-prompt, or every token of a raw-text row (:func:`jobs.data.format.encode_text`; MUSE's privleak), and every score follows open-unlearning's convention (``src/evals/metrics/mia/``): HIGHER score
+prompt, or every token of a raw-text row (:func:`jobs.data.format.encode_text`; MUSE's privleak), and every score
+follows open-unlearning's convention (``src/evals/metrics/mia/``): HIGHER score
 = LESS likely a member. The AUC labels forget 0 and holdout 1 (open-unlearning ``mia_auc``), so an AUC
 near 1 means members are clearly distinguishable (lower loss), 0.5 means they are not.
 
@@ -183,8 +184,9 @@ def encode_record(tokenizer: Any, record: dict, max_length: int, template: Promp
     return encode_qa(tokenizer, record["question"], record["answer"], max_length, template)
 
 
-def token_stats(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int = 32,
-                moments: bool = False) -> list[dict[str, np.ndarray]]:
+def token_stats(
+    model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int = 32, moments: bool = False
+) -> list[dict[str, np.ndarray]]:
     """:func:`answer_token_stats` of encoded rows (``input_ids``/``labels``): the stats of their targets."""
     import torch
 
@@ -218,8 +220,9 @@ def mia_scores(
     template: PromptLike = DEFAULT_TEMPLATE,
 ) -> dict[str, list[float]]:
     """Every attack's per-example score (higher = less likely a member) for QA or raw-text records."""
-    stats = token_stats(model, tokenizer, [encode_record(tokenizer, r, max_length, template) for r in records],
-                        batch_size, moments=True)
+    stats = token_stats(
+        model, tokenizer, [encode_record(tokenizer, r, max_length, template) for r in records], batch_size, moments=True
+    )
     out: dict[str, list[float]] = {a: [] for a in ATTACKS}
     for s in stats:
         text = tokenizer.decode(s["labels"].tolist(), skip_special_tokens=True)
@@ -230,8 +233,14 @@ def mia_scores(
     return out
 
 
-def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 2.0, max_length: int = 128,
-                    template: PromptLike = DEFAULT_TEMPLATE) -> list[float]:
+def gradnorm_scores(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict],
+    p: float = 2.0,
+    max_length: int = 128,
+    template: PromptLike = DEFAULT_TEMPLATE,
+) -> list[float]:
     """Per example: the mean over parameter tensors of the p-norm of the gradient of its mean answer NLL
     (one backward pass per example; the model's gradients are left cleared)."""
     import torch
@@ -242,15 +251,21 @@ def gradnorm_scores(model: Any, tokenizer: Any, records: list[dict], p: float = 
     device = input_device(model)
     params = [q for q in model.parameters() if q.requires_grad]
     if any(q.is_meta for q in params):  # an offloaded module's gradients never reach its meta parameters
-        raise ValueError("the gradnorm attack needs every weight on a device, but this model has modules "
-                         "offloaded to the CPU or disk; set eval.mia.gradnorm: false or give the task more GPUs")
+        raise ValueError(
+            "the gradnorm attack needs every weight on a device, but this model has modules "
+            "offloaded to the CPU or disk; set eval.mia.gradnorm: false or give the task more GPUs"
+        )
     out = []
     try:
         for r in records:
-            batch = collate([encode_record(tokenizer, r, max_length, template)],
-                            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+            batch = collate(
+                [encode_record(tokenizer, r, max_length, template)],
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            )
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
             nll, n = sequence_nll(logits, batch["labels"].to(device))
             if int(n[0]) == 0:
                 out.append(float("nan"))
@@ -271,10 +286,13 @@ class MiaOptions(BaseModel):
     gradnorm: bool = Field(True, description="the gradient-norm attack (a backward pass per example)")
     gradnorm_p: Literal[1, 2, "inf"] = Field(2, description="gradnorm: the norm of each parameter's gradient")
     reference_model: Optional[str] = Field(
-        None, description="model folder of the reference attack (never trained on the members); default: the "
-                          "run's oracle (eval.oracle)")
+        None,
+        description="model folder of the reference attack (never trained on the members); default: the "
+        "run's oracle (eval.oracle)",
+    )
     privleak_attack: Literal["loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference"] = Field(
-        "min_k", description="the attack whose AUC privleak compares with the oracle's (MUSE: min_k, k = 0.4)")
+        "min_k", description="the attack whose AUC privleak compares with the oracle's (MUSE: min_k, k = 0.4)"
+    )
 
 
 def privleak_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
@@ -296,9 +314,14 @@ def reference_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
     return mia_auc(diff["forget"], diff["holdout"])
 
 
-@register_suite("mia", needs=("forget", "holdout"), options=MiaOptions, path_options=("reference_model",),
-                groups=(("Privacy", r"^(mia_.*|privleak)$"),),
-                references=(Reference("privleak", privleak_vs_oracle), Reference("mia_reference_auc", reference_vs_oracle)))
+@register_suite(
+    "mia",
+    needs=("forget", "holdout"),
+    options=MiaOptions,
+    path_options=("reference_model",),
+    groups=(("Privacy", r"^(mia_.*|privleak)$"),),
+    references=(Reference("privleak", privleak_vs_oracle), Reference("mia_reference_auc", reference_vs_oracle)),
+)
 def mia_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: MiaOptions) -> dict:
     """Membership inference of ``forget`` (members) against ``holdout`` (non-members).
 
@@ -331,6 +354,8 @@ def mia_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: MiaOptions) 
         del ref
     attacks = list(scores["forget"])
     metrics = {f"mia_{a}_auc": mia_auc(scores["forget"][a], scores["holdout"][a]) for a in attacks}
-    raw = {"mia_scores": {a: {s: scores[s][a] for s in splits} for a in attacks},
-           "mia_privleak_attack": opts.privleak_attack}
+    raw = {
+        "mia_scores": {a: {s: scores[s][a] for s in splits} for a in attacks},
+        "mia_privleak_attack": opts.privleak_attack,
+    }
     return {"metrics": metrics, "raw": raw}

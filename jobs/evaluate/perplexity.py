@@ -1,7 +1,8 @@
 """Perplexity on general text (the ``perplexity`` suite).
 
 Every text record (``{"text": ...}``) is encoded like the general corpus in training
-(:func:`jobs.data.format.encode_text`: the tokenizer's own BOS if it adds one, text, EOS; cut to ``max_length``); every token after the
+(:func:`jobs.data.format.encode_text`: the tokenizer's own BOS if it adds one, text, EOS; cut to ``max_length``);
+every token after the
 first is a target. Perplexity is corpus-level, ``exp(total NLL / total target tokens)`` over the split,
 as lm-eval's ``word_perplexity`` aggregates (but per token). Batched: right-padded rows with an
 attention mask, ``batch_size`` per forward pass, longest first.
@@ -17,8 +18,9 @@ import numpy as np
 from jobs.evaluate.suites import NoOptions, SuiteContext, register_suite
 
 
-def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-             max_length: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def text_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32, max_length: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) of each text's tokens (``encode_text``) and its number of target tokens."""
     from jobs.data.format import encode_text
     from jobs.evaluate.scoring import encoded_nll
@@ -45,8 +47,10 @@ def perplexity_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: NoOpt
     ``{split}_nll`` and ``{split}_tokens`` per record, so perplexities can be re-aggregated."""
     splits = {s: r for s, r in data.items() if is_text_split(r)}
     if not splits:
-        raise ValueError(f"the 'perplexity' suite needs a text split such as 'general' (data.general, records "
-                         f"with a 'text' field); got {sorted(data)}")
+        raise ValueError(
+            f"the 'perplexity' suite needs a text split such as 'general' (data.general, records "
+            f"with a 'text' field); got {sorted(data)}"
+        )
     metrics: dict[str, float] = {}
     raw: dict[str, list] = {}
     for split, records in splits.items():

@@ -55,8 +55,9 @@ def device_name(device: Device) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def usable_bytes(total: int, free: Optional[int] = None, fraction: float = DEFAULT_GPU_FRACTION,
-                 reserve: int = DEFAULT_GPU_RESERVE) -> int:
+def usable_bytes(
+    total: int, free: Optional[int] = None, fraction: float = DEFAULT_GPU_FRACTION, reserve: int = DEFAULT_GPU_RESERVE
+) -> int:
     """Bytes of one GPU that weights may take: ``fraction`` of its total less ``reserve``; never more than is
     free now less ``reserve`` (another model already loaded, e.g. an attack's reference model)."""
     budget = int(total * fraction)
@@ -103,8 +104,13 @@ def empty_model(config: Any, dtype: str = "float32") -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
 
 
-def plan_placement(model: Any, max_memory: MaxMemory, dtype: str = "float32",
-                   offload_folder: Optional[str] = None, name: Optional[str] = None) -> Placement:
+def plan_placement(
+    model: Any,
+    max_memory: MaxMemory,
+    dtype: str = "float32",
+    offload_folder: Optional[str] = None,
+    name: Optional[str] = None,
+) -> Placement:
     """The device map of ``model`` (a folder, a config, or a model on the meta device) over ``max_memory``,
     filling the devices in order (GPU 0 first) and never splitting a module of ``_no_split_modules`` (a
     decoder layer). accelerate puts what does not fit on "cpu" and then "disk" silently: a module placed on a
@@ -124,8 +130,14 @@ def plan_placement(model: Any, max_memory: MaxMemory, dtype: str = "float32",
         raise PlacementError("no devices to place the model on (max_memory is empty)")
     max_memory = {_device_key(d): _bytes(v) for d, v in max_memory.items()}
     sizes = compute_module_sizes(model, dtype=DTYPES[dtype])
-    device_map = dict(infer_auto_device_map(model, max_memory=dict(max_memory), dtype=DTYPES[dtype],
-                                            no_split_module_classes=list(model._no_split_modules or ())))
+    device_map = dict(
+        infer_auto_device_map(
+            model,
+            max_memory=dict(max_memory),
+            dtype=DTYPES[dtype],
+            no_split_module_classes=list(model._no_split_modules or ()),
+        )
+    )
     allowed = set(max_memory) | ({"disk"} if offload_folder else set())
     spilled = [m for m, d in device_map.items() if d not in allowed]
     if spilled:
@@ -148,8 +160,10 @@ def _too_big(name: str, dtype: str, size: int, max_memory: dict[Device, int], mo
             hint += f" to {need}"
         if dtype == "float32":
             hint += " (or set model.dtype: bfloat16, half the bytes)"
-    return (f"model {name} needs {size / GB:.1f} GB of weights in {dtype} but does not fit {what} "
-            f"({devices} usable for weights; {len(spilled)} module(s) left over, from {spilled[0]}): {hint}")
+    return (
+        f"model {name} needs {size / GB:.1f} GB of weights in {dtype} but does not fit {what} "
+        f"({devices} usable for weights; {len(spilled)} module(s) left over, from {spilled[0]}): {hint}"
+    )
 
 
 def _gpus_needed(model: Any, dtype: str, per_gpu: int, start: int, most: int = 64) -> Optional[int]:
@@ -160,8 +174,9 @@ def _gpus_needed(model: Any, dtype: str, per_gpu: int, start: int, most: int = 6
         return None
     no_split = list(model._no_split_modules or ())
     for n in range(start, most + 1):
-        plan = infer_auto_device_map(model, max_memory={i: per_gpu for i in range(n)}, dtype=DTYPES[dtype],
-                                     no_split_module_classes=no_split)
+        plan = infer_auto_device_map(
+            model, max_memory={i: per_gpu for i in range(n)}, dtype=DTYPES[dtype], no_split_module_classes=no_split
+        )
         if all(isinstance(d, int) for d in plan.values()):
             return n
     return None
@@ -196,9 +211,14 @@ def _ranges(modules: list[str]) -> list[str]:
     return out
 
 
-def load_placed(path: Union[str, os.PathLike], device_map: dict[str, Device], dtype: str = "float32",
-                allow_pickle: bool = False, attn_implementation: Optional[str] = None,
-                offload_folder: Optional[str] = None) -> Any:
+def load_placed(
+    path: Union[str, os.PathLike],
+    device_map: dict[str, Device],
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    attn_implementation: Optional[str] = None,
+    offload_folder: Optional[str] = None,
+) -> Any:
     """``jobs.models.load_model`` with a device map: the weights go straight to their devices (no whole copy
     on the CPU first); accelerate's hooks move activations between devices. An adapter folder is loaded onto
     its base model, placed the same way, and merged in (merged on the CPU first when the map offloads to
@@ -222,13 +242,19 @@ def load_placed(path: Union[str, os.PathLike], device_map: dict[str, Device], dt
 
         base = load_placed(adapter_base(path), device_map, dtype, allow_pickle, attn_implementation, offload_folder)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=not allow_pickle,
-                                                device_map=device_map, **extra)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=DTYPES[dtype], use_safetensors=not allow_pickle, device_map=device_map, **extra
+    )
 
 
-def place_for_eval(path: Union[str, os.PathLike], dtype: str = "float32", attn_implementation: Optional[str] = None,
-                   max_memory: Optional[MaxMemory] = None, offload_folder: Optional[str] = None,
-                   allow_pickle: bool = False) -> tuple[Any, str]:
+def place_for_eval(
+    path: Union[str, os.PathLike],
+    dtype: str = "float32",
+    attn_implementation: Optional[str] = None,
+    max_memory: Optional[MaxMemory] = None,
+    offload_folder: Optional[str] = None,
+    allow_pickle: bool = False,
+) -> tuple[Any, str]:
     """The model of an eval task and its placement's summary. ``max_memory`` given: planned over it (GPU
     indices, "cpu"; "disk" with an ``offload_folder``). Otherwise planned over every visible GPU
     (``gpu_memory``; the whole model on cuda:0 when it fits there); without CUDA, on the CPU. A plan that does
@@ -241,8 +267,14 @@ def place_for_eval(path: Union[str, os.PathLike], dtype: str = "float32", attn_i
     plan = plan_placement(path, max_memory or gpu_memory(), dtype, offload_folder)
     whole = len(plan.devices) == 1 and plan.devices[0] != "disk"
     # one device: the model loads whole onto it, without accelerate's hooks; several: dispatched
-    model = load_placed(path, {"": plan.devices[0]} if whole else plan.device_map, dtype, allow_pickle,
-                        attn_implementation, offload_folder)
+    model = load_placed(
+        path,
+        {"": plan.devices[0]} if whole else plan.device_map,
+        dtype,
+        allow_pickle,
+        attn_implementation,
+        offload_folder,
+    )
     where = f"{plan.summary()} ({plan.model_bytes / GB:.2f} GB of weights in {dtype}"
     if not whole:
         where += ": " + ", ".join(f"{device_name(d)} {b / GB:.2f} GB" for d, b in plan.device_bytes.items())

@@ -15,17 +15,21 @@ from jobs.evaluate.suites import Reference, SuiteContext, is_forget_split, is_qa
 class QaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    stop: list[str] = Field(default_factory=list, description="strings that end a greedy answer (EOS and a chat "
-                            "end-of-turn always do), e.g. ['\\n']")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="strings that end a greedy answer (EOS and a chat end-of-turn always do), e.g. ['\\n']",
+    )
     normalized_prob: list[str] = Field(
         default_factory=lambda: ["real_authors", "world_facts"],
         description="options-style splits (TOFU's real authors and world facts): {split}_prob is TOFU's p(true) / "
-                    "(p(true) + sum p(perturbed)) and the truth ratio compares the answer (not a paraphrase) "
-                    "with the perturbed ones")
+        "(p(true) + sum p(perturbed)) and the truth ratio compares the answer (not a paraphrase) "
+        "with the perturbed ones",
+    )
     utility: list[str] = Field(
         default_factory=lambda: ["retain", "real_authors", "world_facts"],
         description="splits whose prob, ROUGE and truth ratio make model_utility (their harmonic mean; those "
-                    "evaluated): TOFU's 9 numbers with retain, real_authors and world_facts")
+        "evaluated): TOFU's 9 numbers with retain, real_authors and world_facts",
+    )
 
 
 def truth_answers(records: list[dict], options_style: bool = False) -> Optional[str]:
@@ -65,10 +69,16 @@ def forget_quality_vs_oracle(result: dict, oracle: dict) -> Optional[float]:
 
 
 @register_suite(
-    "qa", needs=("forget",), options=QaOptions,
-    groups=(("Privacy", r"^holdout_"), ("Forget", r"^forget(_.*)?$"),
-            ("Utility", r"^((retain|real_authors|world_facts)_.*|model_utility)$")),
-    references=(Reference("forget_quality", forget_quality_vs_oracle),))
+    "qa",
+    needs=("forget",),
+    options=QaOptions,
+    groups=(
+        ("Privacy", r"^holdout_"),
+        ("Forget", r"^forget(_.*)?$"),
+        ("Utility", r"^((retain|real_authors|world_facts)_.*|model_utility)$"),
+    ),
+    references=(Reference("forget_quality", forget_quality_vs_oracle),),
+)
 def qa_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: QaOptions) -> dict:
     """TOFU's QA metrics per split.
 
@@ -91,8 +101,7 @@ def qa_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: QaOptions) ->
             continue  # the mc and general splits belong to other suites
         qs = [r["question"] for r in records]
         refs = [r["answer"] for r in records]
-        ans_nll, ans_n = score_answers(ctx.model, ctx.tokenizer, qs, refs, ctx.batch_size, ctx.max_length,
-                                       ctx.template)
+        ans_nll, ans_n = score_answers(ctx.model, ctx.tokenizer, qs, refs, ctx.batch_size, ctx.max_length, ctx.template)
         options_style = split in opts.normalized_prob
         truth = None if split == "holdout" else truth_answers(records, options_style)
         pert = score_perturbed(ctx, records) if truth else None
@@ -102,24 +111,36 @@ def qa_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: QaOptions) ->
         raw[f"{split}_prob"] = probs.tolist()
         if split == "holdout":
             continue
-        gen, lengths = generate_answers(ctx.model, ctx.tokenizer, qs, ctx.max_new_tokens, ctx.batch_size,
-                                        ctx.template, opts.stop)
+        gen, lengths = generate_answers(
+            ctx.model, ctx.tokenizer, qs, ctx.max_new_tokens, ctx.batch_size, ctx.template, opts.stop
+        )
         out_m[f"{split}_rouge"] = float(np.mean(M.rouge_l_recall(gen, refs)))
         out_m[f"{split}_gen_tokens"] = float(np.mean(lengths))
         if pert is not None:
             if truth == "answer":
                 true_nll, true_n = ans_nll, ans_n
             else:
-                true_nll, true_n = score_answers(ctx.model, ctx.tokenizer, qs, [r[truth] for r in records],
-                                                 ctx.batch_size, ctx.max_length, ctx.template)
+                true_nll, true_n = score_answers(
+                    ctx.model,
+                    ctx.tokenizer,
+                    qs,
+                    [r[truth] for r in records],
+                    ctx.batch_size,
+                    ctx.max_length,
+                    ctx.template,
+                )
             tr = M.truth_ratio_raw(true_nll, true_n, *pert)
             agg = M.closer_to_1_better if is_forget_split(split) else M.true_better
             out_m[f"{split}_truth_ratio"] = agg(tr)
             out_m[f"{split}_truth_ratio_median"] = M.truth_ratio_median(tr)
             out_m[f"{split}_truth_ratio_logmean"] = M.truth_ratio_logmean(tr)
             raw[f"{split}_truth_ratio"] = tr.tolist()
-    parts = [f"{split}_{m}" for split in opts.utility for m in ("prob", "rouge", "truth_ratio")
-             if f"{split}_truth_ratio" in out_m]
+    parts = [
+        f"{split}_{m}"
+        for split in opts.utility
+        for m in ("prob", "rouge", "truth_ratio")
+        if f"{split}_truth_ratio" in out_m
+    ]
     if parts:
         out_m["model_utility"] = M.model_utility(out_m[p] for p in parts)
     return {"metrics": out_m, "raw": raw, "parts": {"model_utility": parts} if parts else {}}

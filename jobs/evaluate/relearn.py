@@ -50,12 +50,19 @@ class RelearnOptions(BaseModel):
     steps: int = Field(10, ge=1, description="optimizer steps of the relearning fine-tune")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate of the relearning fine-tune")
     batch_size: int = Field(4, ge=1, description="rows per optimizer step")
-    fraction: float = Field(0.5, gt=0, lt=1, description="part of the forget rows the attack trains on (the first "
-                            "ceil(fraction * n) of a seeded shuffle); the rest are held out and scored")
+    fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="part of the forget rows the attack trains on (the first "
+        "ceil(fraction * n) of a seeded shuffle); the rest are held out and scored",
+    )
     # (not "data": Suite.__call__ takes the splits as its positional argument of that name)
     train_on: Literal["forget", "retain"] = Field(
-        "forget", description="what the attack trains on: its part of the forget rows, or the retain rows (related "
-                              "text without the held-out facts)")
+        "forget",
+        description="what the attack trains on: its part of the forget rows, or the retain rows (related "
+        "text without the held-out facts)",
+    )
     seed: int = Field(0, description="seed of the forget rows' split and of the training batches' order")
     optimizer: Literal["adamw"] = Field("adamw", description="the fine-tune's optimizer (torch AdamW)")
 
@@ -70,8 +77,10 @@ def split_rows(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[
     order = np.random.default_rng(seed).permutation(n)
     k = math.ceil(fraction * n - 1e-9)  # 0.14 * 50 is 7.000000000000001 in floats: 7 rows, not 8
     if n - k < 1:
-        raise ValueError(f"eval.relearn.fraction = {fraction} leaves no held-out forget row to score "
-                         f"(ceil({fraction} * {n}) = {k} of {n} rows train the attack): lower it or add forget rows")
+        raise ValueError(
+            f"eval.relearn.fraction = {fraction} leaves no held-out forget row to score "
+            f"(ceil({fraction} * {n}) = {k} of {n} rows train the attack): lower it or add forget rows"
+        )
     return sorted(int(i) for i in order[:k]), sorted(int(i) for i in order[k:])
 
 
@@ -93,9 +102,11 @@ def fp32_copy(model: Any) -> Any:
     import copy
 
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("the relearn suite fine-tunes a copy of the model, which it cannot do with modules "
-                         "offloaded to 'cpu' or 'disk' (their weights are on the meta device): give the eval task "
-                         "more GPU memory")
+        raise ValueError(
+            "the relearn suite fine-tunes a copy of the model, which it cannot do with modules "
+            "offloaded to 'cpu' or 'disk' (their weights are on the meta device): give the eval task "
+            "more GPU memory"
+        )
     attacked = copy.deepcopy(model).float().eval()
     for name in ("to", "cuda"):  # a dispatched model's accelerate wrappers: deep-copied, they would move `model`
         vars(attacked).pop(name, None)
@@ -121,8 +132,9 @@ def relearn(attacked: Any, ctx: SuiteContext, records: Sequence[dict], opts: Rel
     encoded = [encode_record(ctx.tokenizer, r, ctx.max_length, ctx.template) for r in records]
     encoded = [e for e in encoded if any(t != -100 for t in e["labels"][1:])]  # rows with something to learn
     if not encoded:
-        raise ValueError("the relearn suite's training rows have no target tokens (empty answers, or cut by "
-                         "max_length)")
+        raise ValueError(
+            "the relearn suite's training rows have no target tokens (empty answers, or cut by max_length)"
+        )
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else (ctx.tokenizer.eos_token_id or 0)
     device = input_device(attacked)
     params = [p for p in attacked.parameters() if p.is_floating_point()]
@@ -135,10 +147,11 @@ def relearn(attacked: Any, ctx: SuiteContext, records: Sequence[dict], opts: Rel
     for _ in range(opts.steps):
         if len(queue) < opts.batch_size:
             queue += rng.permutation(len(encoded)).tolist()
-        rows, queue = queue[: opts.batch_size], queue[opts.batch_size:]
+        rows, queue = queue[: opts.batch_size], queue[opts.batch_size :]
         batch = collate([encoded[i] for i in rows], pad)
-        logits = attacked(input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device)).logits
+        logits = attacked(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         nll, n = sequence_nll(logits, batch["labels"].to(logits.device))
         loss = nll.sum() / n.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
@@ -163,8 +176,12 @@ def _mean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-@register_suite("relearn", needs=lambda o: ("forget",) if o.train_on == "forget" else ("forget", "retain"),
-                options=RelearnOptions, groups=(("Robustness", r"^relearn_"),))
+@register_suite(
+    "relearn",
+    needs=lambda o: ("forget",) if o.train_on == "forget" else ("forget", "retain"),
+    options=RelearnOptions,
+    groups=(("Robustness", r"^relearn_"),),
+)
 def relearn_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: RelearnOptions) -> dict:
     """The relearning attack (see the module doc).
 

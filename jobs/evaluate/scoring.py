@@ -68,15 +68,23 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def qa_logits(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequence[str], batch_size: int,
-              max_length: int, template: PromptLike) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def qa_logits(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    template: PromptLike,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``encoded_logits`` over question/answer pairs (``encode_qa``)."""
     encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
     return encoded_logits(model, tokenizer, encoded, batch_size)
 
 
-def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def encoded_logits(
+    model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Teacher-forced batches of encoded rows (``input_ids``/``labels`` lists; ``collate`` right-pads them),
     longest first, under ``inference_mode``. Yields ``(indices, logits [N, V], targets [N], rows [N])``:
     the logits only at the N positions of the batch whose next token is a target (row by row, left to
@@ -96,7 +104,9 @@ def encoded_logits(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_si
             yield idx, logits, labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]
 
 
-def target_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def target_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
     """Logits [N, V] of the positions where ``keep`` [B, T] is True (row-major), from one forward pass.
 
     Models whose forward slices with transformers' ``slice_logits_to_keep`` take ``keep`` as their
@@ -212,8 +222,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, 
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        input_ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        input_ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     return input_ids, mask
 
 
@@ -226,11 +236,13 @@ class StopStrings:
         self.tokenizer, self.stop, self.width = tokenizer, [s for s in stop if s], prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
-def cut_answer(tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Sequence[str], pad: int) -> tuple[str, int]:
+def cut_answer(
+    tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Sequence[str], pad: int
+) -> tuple[str, int]:
     """One generated row as (answer text, tokens generated). The answer ends before the first stop token
     (its length counts that token) or before the first stop string (its length counts the tokens up to the
     one that completed it); a row that stopped early is padded after that."""
@@ -244,7 +256,10 @@ def cut_answer(tokenizer: Any, new: list[int], stop_ids: Sequence[int], stop: Se
     text = tokenizer.decode(new, skip_special_tokens=True)
     stop = [s for s in stop if s and s in text]
     if stop:
-        n = next(k for k in range(1, len(new) + 1)
-                 if any(s in tokenizer.decode(new[:k], skip_special_tokens=True) for s in stop))
+        n = next(
+            k
+            for k in range(1, len(new) + 1)
+            if any(s in tokenizer.decode(new[:k], skip_special_tokens=True) for s in stop)
+        )
         text = text[: min(text.find(s) for s in stop)]
     return text.strip(), n

@@ -74,7 +74,9 @@ SuiteFn = Callable[[SuiteContext, dict, Any], dict]
 class Suite:
     name: str
     fn: SuiteFn
-    needs: Union[tuple[str, ...], Callable[[Any], tuple[str, ...]]] = ()  # SOURCES or eval_sets.<name>; or of the options
+    needs: Union[
+        tuple[str, ...], Callable[[Any], tuple[str, ...]]
+    ] = ()  # SOURCES or eval_sets.<name>; or of the options
     options: type[BaseModel] = NoOptions
     path_options: tuple[str, ...] = ()  # options naming local files or folders (resolved against the config)
     groups: tuple[tuple[str, str], ...] = ()  # (report group, regex of metric names), in order
@@ -97,10 +99,16 @@ class Suite:
 SUITES: Registry[Suite] = Registry("evaluation suite", package="jobs.evaluate")
 
 
-def register_suite(name: str, *, needs: Union[tuple[str, ...], Callable[[Any], tuple[str, ...]]] = (),
-                   options: type[BaseModel] = NoOptions, path_options: tuple[str, ...] = (),
-                   groups: tuple[tuple[str, str], ...] = (), references: tuple[Reference, ...] = (),
-                   check: Optional[Callable[[Any], list[str]]] = None) -> Callable[[SuiteFn], Suite]:
+def register_suite(
+    name: str,
+    *,
+    needs: Union[tuple[str, ...], Callable[[Any], tuple[str, ...]]] = (),
+    options: type[BaseModel] = NoOptions,
+    path_options: tuple[str, ...] = (),
+    groups: tuple[tuple[str, str], ...] = (),
+    references: tuple[Reference, ...] = (),
+    check: Optional[Callable[[Any], list[str]]] = None,
+) -> Callable[[SuiteFn], Suite]:
     """Decorator: declare ``fn(ctx, data, opts)`` as the evaluation suite ``name`` (see the module doc)."""
     unknown = [s for s in (needs if isinstance(needs, tuple) else ()) if s not in SOURCES and not is_eval_set(s)]
     if unknown:

@@ -34,13 +34,19 @@ def prompts_and_truths(rows: list[dict], split: str) -> tuple[list[str], list[st
     for i, r in enumerate(rows, 1):
         for col in ("prompt", "gt"):
             if not isinstance(r.get(col), str) or not r[col].strip():
-                raise ValueError(f"eval set {split!r} row {i}: column {col!r}: expected a non-empty string, got "
-                                 f"{r.get(col)!r} (MUSE's verbmem rows: prompt, gt)")
+                raise ValueError(
+                    f"eval set {split!r} row {i}: column {col!r}: expected a non-empty string, got "
+                    f"{r.get(col)!r} (MUSE's verbmem rows: prompt, gt)"
+                )
     return [r["prompt"] for r in rows], [r["gt"] for r in rows]
 
 
-@register_suite("verbmem", needs=lambda o: (f"eval_sets.{o.split}",), options=VerbmemOptions,
-                groups=(("Memorization", r"^forget_verbmem_rouge$"),))
+@register_suite(
+    "verbmem",
+    needs=lambda o: (f"eval_sets.{o.split}",),
+    options=VerbmemOptions,
+    groups=(("Memorization", r"^forget_verbmem_rouge$"),),
+)
 def verbmem_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: VerbmemOptions) -> dict:
     """``forget_verbmem_rouge``: mean ROUGE-L F1 of greedy continuations of the forget prefixes; ``raw``
     holds the per-prefix values."""

@@ -80,5 +80,15 @@ from jobs.localize.attribution import (
 )
 from jobs.localize.mask import MaskedUpdate, compute_mask, mask_stats, top_fraction_mask
 
-__all__ = ["ATTRIBUTIONS", "LocalizeSpec", "MaskedUpdate", "attribution_names", "compute_mask", "get_attribution",
-           "mask_stats", "register_attribution", "scoped_parameters", "top_fraction_mask"]
+__all__ = [
+    "ATTRIBUTIONS",
+    "LocalizeSpec",
+    "MaskedUpdate",
+    "attribution_names",
+    "compute_mask",
+    "get_attribution",
+    "mask_stats",
+    "register_attribution",
+    "scoped_parameters",
+    "top_fraction_mask",
+]

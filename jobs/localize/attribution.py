@@ -143,8 +143,9 @@ class _AttributionMode:
         self.model.train(self.training)
 
 
-def _mean_nll_gradient(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Sequence[Batch],
-                       key: str) -> Scores:
+def _mean_nll_gradient(
+    model: nn.Module, params: Mapping[str, nn.Parameter], batches: Sequence[Batch], key: str
+) -> Scores:
     """float32 gradient of (1/B) Σ_b mean_nll(batch b) for each of ``params`` (zeros where unused)."""
     if not batches:
         raise ValueError(f"attribution needs at least one {key} batch")
@@ -152,8 +153,10 @@ def _mean_nll_gradient(model: nn.Module, params: Mapping[str, nn.Parameter], bat
     with _AttributionMode(model, params):
         for b in batches:
             (mean_nll(model, _to(_part(b, key), device)) / len(batches)).backward()
-        return {n: (p.grad.detach().float().clone() if p.grad is not None else torch.zeros(p.shape, device=p.device))
-                for n, p in params.items()}
+        return {
+            n: (p.grad.detach().float().clone() if p.grad is not None else torch.zeros(p.shape, device=p.device))
+            for n, p in params.items()
+        }
 
 
 @register_attribution("gradient")
@@ -169,8 +172,10 @@ def _input_feature_dim(module: nn.Module, pname: str) -> int:
         return 1  # [out, in]
     if pname == "weight" and type(module).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D: [in, out]
         return 0
-    raise ValueError(f"activation attribution scores nn.Linear (or Conv1D) weights only; "
-                     f"{type(module).__name__}.{pname} is in scope — use another scope or attribution")
+    raise ValueError(
+        f"activation attribution scores nn.Linear (or Conv1D) weights only; "
+        f"{type(module).__name__}.{pname} is in scope — use another scope or attribution"
+    )
 
 
 @register_attribution("activation")
@@ -199,6 +204,7 @@ def activation_attribution(model, forget_batches, retain_batches, spec) -> Score
             x = x.reshape(-1, x.shape[-1]).float()
             sumsq[name] = sumsq.get(name, 0) + x.pow(2).sum(0)
             count[name] = count.get(name, 0) + x.shape[0]
+
         return hook
 
     device = _device(model)
@@ -224,8 +230,9 @@ def activation_attribution(model, forget_batches, retain_batches, spec) -> Score
 def wagle_attribution(model, forget_batches, retain_batches, spec) -> Scores:
     """WAGLE (Jia et al. 2024): |(θ - g_retain / γ) ⊙ g_forget| (see the module docstring)."""
     if not retain_batches:
-        raise ValueError("unlearn.localize attribution 'wagle' needs retain data (data.retain); "
-                         "use 'gradient' without it")
+        raise ValueError(
+            "unlearn.localize attribution 'wagle' needs retain data (data.retain); use 'gradient' without it"
+        )
     model = unwrap(model)
     params = scoped_parameters(model, spec.scope)
     g_f = _mean_nll_gradient(model, params, forget_batches, "forget")

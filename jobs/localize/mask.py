@@ -90,13 +90,17 @@ def _broadcast_mask(mask: Mask) -> Mask:
     flat = flat.bool().cpu()
     out, start = {}, 0
     for n in names:
-        out[n] = flat[start:start + mask[n].numel()].view(mask[n].shape).clone()
+        out[n] = flat[start : start + mask[n].numel()].view(mask[n].shape).clone()
         start += mask[n].numel()
     return out
 
 
-def compute_mask(model: Any, forget_batches: Sequence[Batch], retain_batches: Optional[Sequence[Batch]],
-                 spec: Union[LocalizeSpec, Mapping[str, Any]]) -> Mask:
+def compute_mask(
+    model: Any,
+    forget_batches: Sequence[Batch],
+    retain_batches: Optional[Sequence[Batch]],
+    spec: Union[LocalizeSpec, Mapping[str, Any]],
+) -> Mask:
     """``{param name: bool tensor (CPU)}`` for the in-scope parameters: True = trainable entry.
 
     Run it before ``deepspeed.initialize``, on the full model, with the same batches on every rank.
@@ -111,16 +115,22 @@ def compute_mask(model: Any, forget_batches: Sequence[Batch], retain_batches: Op
     if not params:
         raise ValueError(f"unlearn.localize.scope {spec.scope!r} matches no trainable weight matrix of this model")
     if any(hasattr(p, "ds_id") and p.numel() != p.ds_numel for p in params.values()):
-        raise ValueError("compute_mask needs full parameters: call it before deepspeed.initialize, or inside "
-                         "deepspeed.zero.GatheredParameters for a model created partitioned (ZeRO-3)")
+        raise ValueError(
+            "compute_mask needs full parameters: call it before deepspeed.initialize, or inside "
+            "deepspeed.zero.GatheredParameters for a model created partitioned (ZeRO-3)"
+        )
     scores = get_attribution(spec.attribution)(model, list(forget_batches), list(retain_batches or []), spec)
     if set(scores) != set(params):
-        raise ValueError(f"attribution {spec.attribution!r} scored {sorted(set(scores) ^ set(params))} "
-                         f"wrongly (must score exactly the {spec.scope} scope)")
+        raise ValueError(
+            f"attribution {spec.attribution!r} scored {sorted(set(scores) ^ set(params))} "
+            f"wrongly (must score exactly the {spec.scope} scope)"
+        )
     for name, p in params.items():
         if tuple(scores[name].shape) != tuple(p.shape):
-            raise ValueError(f"attribution {spec.attribution!r}: score of {name} has shape "
-                             f"{tuple(scores[name].shape)}, parameter {tuple(p.shape)}")
+            raise ValueError(
+                f"attribution {spec.attribution!r}: score of {name} has shape "
+                f"{tuple(scores[name].shape)}, parameter {tuple(p.shape)}"
+            )
     ordered = {name: scores[name] for name in params}
     del scores
     return _broadcast_mask(top_fraction_mask(ordered, spec.fraction))
@@ -157,8 +167,9 @@ class MaskedUpdate:
     there. Masks of partially masked parameters are cached on the gradient's device (1 byte per entry,
     on every rank, ZeRO-3 included)."""
 
-    def __init__(self, model: Any, mask: Mapping[str, torch.Tensor],
-                 originals_device: Optional[Union[str, torch.device]] = None):
+    def __init__(
+        self, model: Any, mask: Mapping[str, torch.Tensor], originals_device: Optional[Union[str, torch.device]] = None
+    ):
         module = unwrap(model)
         named = dict(module.named_parameters())
         unknown = sorted(set(mask) - set(named))
@@ -218,10 +229,13 @@ class MaskedUpdate:
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if tuple(grad.shape) != tuple(self._masks[name].shape):
-                raise RuntimeError(f"gradient of {name} has shape {tuple(grad.shape)}, mask "
-                                   f"{tuple(self._masks[name].shape)}: unsupported parameter partitioning")
+                raise RuntimeError(
+                    f"gradient of {name} has shape {tuple(grad.shape)}, mask "
+                    f"{tuple(self._masks[name].shape)}: unsupported parameter partitioning"
+                )
             zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
             return torch.where(self._mask(name, grad.device), grad, zero)
+
         return hook
 
     def _check(self, model: Any) -> None:
@@ -230,8 +244,10 @@ class MaskedUpdate:
         named = dict(unwrap(model).named_parameters())
         for name, p in self._params.items():
             if named.get(name) is not p:
-                raise RuntimeError(f"restore(model): {name} is not the parameter MaskedUpdate hooked; build "
-                                   "MaskedUpdate on the model that is handed to deepspeed.initialize")
+                raise RuntimeError(
+                    f"restore(model): {name} is not the parameter MaskedUpdate hooked; build "
+                    "MaskedUpdate on the model that is handed to deepspeed.initialize"
+                )
         self._checked_model = id(model)
 
     @torch.no_grad()
@@ -288,7 +304,7 @@ def mask_stats(mask: Mapping[str, torch.Tensor], model: Any = None) -> dict[str,
     total = sum(m.numel() for m in mask.values())
     groups: dict[str, list[int]] = {}
     for name, m in mask.items():
-        base = name[:-len(".weight")] if name.endswith(".weight") else name
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
         hit = _LAYER.match(base)
         keys = [f"group/{hit.group(2)}", f"layer/{hit.group(1)}"] if hit else [f"group/{base}"]
         for key in keys:

@@ -16,14 +16,19 @@ from jobs.planning.memory import GiB, JobSetup, ModelShape, estimate, fits
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # scaling.num_workers tried when sizing a job (one GPU each)
 GPUS_PER_NODE = 8
 # dense bf16 peak FLOP/s and HBM bandwidth (vendor data sheets): A100-SXM 80 GB, H100-SXM 80 GB, H200-SXM 141 GB
-ACCELERATORS = {"A100-80GB": {"card": 80, "flops": 312e12, "hbm": 2.0e12},
-                "H100-80GB": {"card": 80, "flops": 989e12, "hbm": 3.35e12},
-                "H200-141GB": {"card": 140, "flops": 989e12, "hbm": 4.8e12}}
+ACCELERATORS = {
+    "A100-80GB": {"card": 80, "flops": 312e12, "hbm": 2.0e12},
+    "H100-80GB": {"card": 80, "flops": 989e12, "hbm": 3.35e12},
+    "H200-141GB": {"card": 140, "flops": 989e12, "hbm": 4.8e12},
+}
 CARDS = {"80 GB A100/H100": {"card": 80, "flops": 989e12}, "141 GB H200": {"card": 140, "flops": 989e12}}
 NODE_RAM_GIB = 0.9 * 2e12 / GiB  # 90 % of a 2 TB DGX H100/H200 node (8 GPUs): 1676 GiB for the workers
 MFU = 0.3  # assumed model FLOP utilisation (not measured); ZeRO-3 with offload runs lower
-OFFLOAD_VARIANTS = {"none": {}, "optimizer": {"offload_optimizer": True},
-                    "optimizer+param": {"offload_optimizer": True, "offload_param": True}}
+OFFLOAD_VARIANTS = {
+    "none": {},
+    "optimizer": {"offload_optimizer": True},
+    "optimizer+param": {"offload_optimizer": True, "offload_param": True},
+}
 
 
 def scale_rows(m: ModelShape, base: JobSetup, gpus: tuple[int, ...] = (8, 16, 32, 64)) -> list[dict[str, Any]]:
@@ -33,8 +38,11 @@ def scale_rows(m: ModelShape, base: JobSetup, gpus: tuple[int, ...] = (8, 16, 32
     for n in gpus:
         for variant in OFFLOAD_VARIANTS.values():
             for ref in (True, False):
-                rows.append(estimate(m, replace(base, zero=3, gpus=n, gradient_checkpointing=True,
-                                                needs_reference=ref, **variant)))
+                rows.append(
+                    estimate(
+                        m, replace(base, zero=3, gpus=n, gradient_checkpointing=True, needs_reference=ref, **variant)
+                    )
+                )
     return rows
 
 
@@ -47,8 +55,9 @@ def node_host_gib(r: dict[str, Any], gpus_per_node: int = GPUS_PER_NODE) -> dict
     return {"workers": workers, "steady": workers * host["steady"], "load": workers * host["load"]}
 
 
-def smallest_job(m: ModelShape, base: JobSetup, card: int, gpus: tuple[int, ...] = GPU_COUNTS,
-                 node_ram_gib: float = NODE_RAM_GIB) -> Optional[dict[str, Any]]:
+def smallest_job(
+    m: ModelShape, base: JobSetup, card: int, gpus: tuple[int, ...] = GPU_COUNTS, node_ram_gib: float = NODE_RAM_GIB
+) -> Optional[dict[str, Any]]:
     """The estimate of the fewest GPUs per job (``scaling.num_workers``) whose steady and start-up peaks fit
     ``card`` and whose node of 8 such workers stays within ``node_ram_gib`` of host RAM (steady and at
     start-up); None if none of ``gpus`` does."""
@@ -60,8 +69,15 @@ def smallest_job(m: ModelShape, base: JobSetup, card: int, gpus: tuple[int, ...]
     return None
 
 
-def job_seconds(params: float, forget_tokens: float, gpus: int, flops: float, mfu: float = MFU,
-                checkpointing: bool = True, reference: bool = True) -> float:
+def job_seconds(
+    params: float,
+    forget_tokens: float,
+    gpus: int,
+    flops: float,
+    mfu: float = MFU,
+    checkpointing: bool = True,
+    reference: bool = True,
+) -> float:
     """Seconds of one NPO job: per forget token (each with an equal retain token) forget fwd+bwd 6Ψ, retain
     fwd+bwd 6Ψ, reference forward 2Ψ, and with checkpointing one more forward of each graph (2 x 2Ψ):
     18Ψ FLOPs (14Ψ without checkpointing, 12Ψ/16Ψ without reference); divided by N · peak · MFU. Attention
@@ -75,8 +91,13 @@ def waves(jobs: int, concurrent: int) -> int:
     return -(-jobs // concurrent)
 
 
-def concurrency_rows(models: dict[str, ModelShape], base: JobSetup, clusters: tuple[int, ...] = (8, 64),
-                     subsets: tuple[int, ...] = (4, 8, 16), forget_tokens: float = 1e7) -> list[dict[str, Any]]:
+def concurrency_rows(
+    models: dict[str, ModelShape],
+    base: JobSetup,
+    clusters: tuple[int, ...] = (8, 64),
+    subsets: tuple[int, ...] = (4, 8, 16),
+    forget_tokens: float = 1e7,
+) -> list[dict[str, Any]]:
     """For each model, offload variant and accelerator: the fewest GPUs per job that fit (``smallest_job``),
     how many such jobs run at once on a cluster of G GPUs (G // N, GPU-bound), the
     waves for k subset jobs (ceil(k / at once); the unsplit baseline comes on top, see docs/scaling.md), and
@@ -88,15 +109,24 @@ def concurrency_rows(models: dict[str, ModelShape], base: JobSetup, clusters: tu
             for acc, spec in CARDS.items():
                 r = smallest_job(m, setup, spec["card"])
                 n = r["setup"]["gpus"] if r else None
-                rows.append({
-                    "model": name, "offload": off_name, "accelerator": acc, "card_gib": spec["card"],
-                    "gpus_per_job": n, "peak_gib": r["peak_gib"] if r else None,
-                    "init_peak_gib": r["init_peak_gib"] if r else None,
-                    "node_host_gib": node_host_gib(r) if r else None,
-                    "concurrent_jobs": {g: g // n if n and n <= g else 0 for g in clusters},
-                    "waves": {g: {k: waves(k, g // n) if n and n <= g else None for k in subsets} for g in clusters},
-                    "job_seconds": job_seconds(m.params, forget_tokens, n, spec["flops"]) if n else None,
-                    "forget_tokens": forget_tokens})
+                rows.append(
+                    {
+                        "model": name,
+                        "offload": off_name,
+                        "accelerator": acc,
+                        "card_gib": spec["card"],
+                        "gpus_per_job": n,
+                        "peak_gib": r["peak_gib"] if r else None,
+                        "init_peak_gib": r["init_peak_gib"] if r else None,
+                        "node_host_gib": node_host_gib(r) if r else None,
+                        "concurrent_jobs": {g: g // n if n and n <= g else 0 for g in clusters},
+                        "waves": {
+                            g: {k: waves(k, g // n) if n and n <= g else None for k in subsets} for g in clusters
+                        },
+                        "job_seconds": job_seconds(m.params, forget_tokens, n, spec["flops"]) if n else None,
+                        "forget_tokens": forget_tokens,
+                    }
+                )
     return rows
 
 
@@ -118,9 +148,16 @@ def merge_io(m: ModelShape, dtype: str, k: int, bandwidths: tuple[float, ...] = 
     ckpt = b * m.params
     read, written = (k + 1) * ckpt, ckpt
     working = (5 * k + 2) * b * m.largest_layer()
-    return {"dtype": dtype, "k": k, "checkpoint_gb": ckpt / 1e9, "read_gb": read / 1e9, "written_gb": written / 1e9,
-            "seconds": {f"{bw / 1e9:g}GB/s": (read + written) / bw for bw in bandwidths},
-            "mergekit_ram_gb": (working + 2 * OUT_SHARD_BYTES) / 1e9, "largest_tensor_gb": b * m.largest_layer() / 1e9}
+    return {
+        "dtype": dtype,
+        "k": k,
+        "checkpoint_gb": ckpt / 1e9,
+        "read_gb": read / 1e9,
+        "written_gb": written / 1e9,
+        "seconds": {f"{bw / 1e9:g}GB/s": (read + written) / bw for bw in bandwidths},
+        "mergekit_ram_gb": (working + 2 * OUT_SHARD_BYTES) / 1e9,
+        "largest_tensor_gb": b * m.largest_layer() / 1e9,
+    }
 
 
 def eval_models(k: int, unsplit: bool = True, oracle: bool = True) -> int:
@@ -129,9 +166,18 @@ def eval_models(k: int, unsplit: bool = True, oracle: bool = True) -> int:
     return 1 + int(oracle) + k + int(unsplit) + 1
 
 
-def eval_rows(models: dict[str, ModelShape], k: int = 8, suites: int = 1, gpus_per_task: float = 1,
-              cluster_gpus: tuple[int, ...] = (8, 64), eval_tokens: float = 1e6, answers: int = 1000,
-              batch: int = 16, new_tokens: int = 32, seq: int = 512) -> list[dict[str, Any]]:
+def eval_rows(
+    models: dict[str, ModelShape],
+    k: int = 8,
+    suites: int = 1,
+    gpus_per_task: float = 1,
+    cluster_gpus: tuple[int, ...] = (8, 64),
+    eval_tokens: float = 1e6,
+    answers: int = 1000,
+    batch: int = 16,
+    new_tokens: int = 32,
+    seq: int = 512,
+) -> list[dict[str, Any]]:
     """Evaluation fan-out: one Ray task per (model, suite), ``eval.gpus_per_task`` each; the task loads the
     whole model onto its first GPU (``model.to("cuda")`` in ``jobs.evaluate.suites.evaluate_model``). GPU
     bytes: B·Ψ weights + the batch's logits (bf16 + fp32 upcast, 6·b·s·V) + the KV cache of generation
@@ -148,12 +194,27 @@ def eval_rows(models: dict[str, ModelShape], k: int = 8, suites: int = 1, gpus_p
         for acc, spec in ACCELERATORS.items():
             fits_card = fits(gpu, spec["card"])
             conc = {g: int(g // gpus_per_task) if fits_card else 0 for g in cluster_gpus}
-            rows.append({"model": name, "accelerator": acc, "tasks": tasks, "batch": batch,
-                         "gpu_gib": {"weights": weights / GiB, "logits": logit / GiB, "kv_cache": kv / GiB,
-                                     "total": gpu / GiB},
-                         "fits": fits_card, "fits_raw": gpu / GiB + 1 <= spec["card"], "concurrent": conc,
-                         "waves": {g: waves(tasks, c) if c else None for g, c in conc.items()},
-                         "score_seconds": 2 * m.params * eval_tokens / (spec["flops"] * MFU),
-                         "generate_seconds": -(-answers // batch) * new_tokens * weights / spec["hbm"],
-                         "eval_tokens": eval_tokens, "answers": answers, "new_tokens": new_tokens})
+            rows.append(
+                {
+                    "model": name,
+                    "accelerator": acc,
+                    "tasks": tasks,
+                    "batch": batch,
+                    "gpu_gib": {
+                        "weights": weights / GiB,
+                        "logits": logit / GiB,
+                        "kv_cache": kv / GiB,
+                        "total": gpu / GiB,
+                    },
+                    "fits": fits_card,
+                    "fits_raw": gpu / GiB + 1 <= spec["card"],
+                    "concurrent": conc,
+                    "waves": {g: waves(tasks, c) if c else None for g, c in conc.items()},
+                    "score_seconds": 2 * m.params * eval_tokens / (spec["flops"] * MFU),
+                    "generate_seconds": -(-answers // batch) * new_tokens * weights / spec["hbm"],
+                    "eval_tokens": eval_tokens,
+                    "answers": answers,
+                    "new_tokens": new_tokens,
+                }
+            )
     return rows

@@ -67,8 +67,9 @@ class ModelShape:
 # Ψ is the published parameter count; llama_param_count() reproduces both from the shapes (see the tests).
 PRESETS = {
     "llama2-7b": ModelShape(),
-    "llama2-70b": ModelShape(params=68.98e9, layers=80, hidden=8192, heads=64, vocab=32000, intermediate=28672,
-                             kv_heads=8),
+    "llama2-70b": ModelShape(
+        params=68.98e9, layers=80, hidden=8192, heads=64, vocab=32000, intermediate=28672, kv_heads=8
+    ),
 }
 
 
@@ -109,8 +110,15 @@ def llama_param_count(m: ModelShape) -> int:
 def lora_param_count(m: ModelShape, r: int, targets: tuple[str, ...] = LLAMA_LINEARS) -> int:
     """LoRA adapter parameters: r·(d_in + d_out) per adapted linear (A is r×d_in, B is d_out×r), per layer."""
     h, i, kv = m.hidden, m.intermediate, m.kv_dim()
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     return m.layers * sum(r * sum(shapes[t]) for t in targets)
 
 
@@ -124,8 +132,14 @@ def param_counts(m: ModelShape, s: JobSetup) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------- model states
 
 
-def model_states(zero: int, n: int, trainable: float, frozen: float = 0.0, offload_optimizer: bool = False,
-                 offload_param: bool = False) -> dict[str, float]:
+def model_states(
+    zero: int,
+    n: int,
+    trainable: float,
+    frozen: float = 0.0,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> dict[str, float]:
     """GPU bytes of weights, gradients and optimizer states per worker (ZeRO paper, K = 12).
 
     - weights: bf16, 2 bytes per parameter (trainable and frozen), partitioned only at stage 3;
@@ -152,8 +166,9 @@ def model_states(zero: int, n: int, trainable: float, frozen: float = 0.0, offlo
     return {"weights": weights, "grads": grads, "optimizer": optimizer}
 
 
-def reference_model(zero: int, n: int, params: float, needs_reference: bool = True, lora: bool = False,
-                    offload_param: bool = False) -> float:
+def reference_model(
+    zero: int, n: int, params: float, needs_reference: bool = True, lora: bool = False, offload_param: bool = False
+) -> float:
     """GPU bytes of the frozen reference model: a bf16 copy, 2Ψ at ZeRO 0-2 (each worker holds it whole),
     2Ψ/N at ZeRO-3 (initialised as a DeepSpeed engine without optimizer, so sharded like the model; with
     ``offload_param`` its shards stay in host memory too). LoRA: 0 (the base model with the adapter
@@ -165,8 +180,9 @@ def reference_model(zero: int, n: int, params: float, needs_reference: bool = Tr
     return 2 * params
 
 
-def zero_buffers(zero: int, m: ModelShape, trainable: float, lora: bool,
-                 reduce_bucket_size: float = 5e8) -> dict[str, float]:
+def zero_buffers(
+    zero: int, m: ModelShape, trainable: float, lora: bool, reduce_bucket_size: float = 5e8
+) -> dict[str, float]:
     """DeepSpeed's working buffers (what its estimators leave out, except ZeRO-3's gathered layer).
 
     - the gradient reduce bucket, ``reduce_bucket_size`` bf16 elements (one buffer, two with
@@ -183,8 +199,14 @@ def zero_buffers(zero: int, m: ModelShape, trainable: float, lora: bool,
     return out
 
 
-def optimizer_step_temporaries(zero: int, n: int, trainable: float, offload_optimizer: bool = False,
-                               sub_group_size: float = 1e9, adamw_temp: bool = True) -> dict[str, float]:
+def optimizer_step_temporaries(
+    zero: int,
+    n: int,
+    trainable: float,
+    offload_optimizer: bool = False,
+    sub_group_size: float = 1e9,
+    adamw_temp: bool = True,
+) -> dict[str, float]:
     """GPU bytes allocated only during ``engine.step()`` (the activations are gone by then).
 
     - DeepSpeed upcasts the bf16 gradient partition to fp32 before the optimizer step: stage 1-2 the whole
@@ -212,8 +234,15 @@ def step_peak(step: dict[str, float]) -> float:
 # --------------------------------------------------------------------------------------------- activations
 
 
-def layer_activations(seq: int, batch: int, hidden: int, heads: int, attn: str = "sdpa", coeff: float = 34.0,
-                      kv_heads: Optional[int] = None) -> float:
+def layer_activations(
+    seq: int,
+    batch: int,
+    hidden: int,
+    heads: int,
+    attn: str = "sdpa",
+    coeff: float = 34.0,
+    kv_heads: Optional[int] = None,
+) -> float:
     """Bytes one transformer layer keeps for backward (Korthikanti et al. 2022, eq. 1, no tensor parallelism):
     s·b·h·(34 + 5·a·s/h) with 16-bit activations. The 34 counts a GPT block (attention 11sbh + 5as²b, MLP
     19sbh, two LayerNorms 4sbh, dropout masks); a HF Llama block in bf16 (SwiGLU, RMSNorm's fp32 upcast, no

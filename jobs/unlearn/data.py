@@ -41,11 +41,15 @@ def split_batch(batch_size: int, accumulation: int, global_batch: Optional[int],
     if global_batch is None:
         return batch_size, accumulation
     if accumulation != 1:
-        raise BatchSplitError("unlearn.gradient_accumulation_steps: set it or unlearn.global_batch_size, not both "
-                              "(the accumulation follows from the global batch)")
+        raise BatchSplitError(
+            "unlearn.gradient_accumulation_steps: set it or unlearn.global_batch_size, not both "
+            "(the accumulation follows from the global batch)"
+        )
     if global_batch % world:
-        raise BatchSplitError(f"unlearn.global_batch_size: {global_batch} rows do not split evenly over {world} "
-                              f"workers (scaling.num_workers); use a multiple of {world}")
+        raise BatchSplitError(
+            f"unlearn.global_batch_size: {global_batch} rows do not split evenly over {world} "
+            f"workers (scaling.num_workers); use a multiple of {world}"
+        )
     per_rank = global_batch // world
     micro = max(d for d in range(1, min(batch_size, per_rank) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
@@ -100,8 +104,17 @@ class StepBatches:
     """Each worker's micro batches for a step: ``forget`` parts (and the method's views) and ``retain``, collated,
     each part with its ``norm`` (see the module docstring)."""
 
-    def __init__(self, forget: list[dict], retain: Optional[list[dict]], seed: int, micro: int, accum: int,
-                 rank: int, world: int, pad_token_id: int):
+    def __init__(
+        self,
+        forget: list[dict],
+        retain: Optional[list[dict]],
+        seed: int,
+        micro: int,
+        accum: int,
+        rank: int,
+        world: int,
+        pad_token_id: int,
+    ):
         self.forget = RowStream(forget, seed)
         self.retain = RowStream(retain, seed + 1) if retain else None
         self.micro, self.accum, self.rank, self.world, self.pad = micro, accum, rank, world, pad_token_id
@@ -125,14 +138,14 @@ class StepBatches:
 
     def _parts(self, stream: RowStream, start: int) -> dict[str, list[dict]]:
         rows = stream.indices(start, start + self.size)
-        mine = rows[self.rank * self.micro * self.accum:(self.rank + 1) * self.micro * self.accum]
+        mine = rows[self.rank * self.micro * self.accum : (self.rank + 1) * self.micro * self.accum]
         out: dict[str, list[dict]] = {}
         for key in stream.rows[0]:
             # a global batch without targets sums to 0: any positive norm keeps its loss 0, not 0/0
             norm = torch.tensor(max(1, stream.tokens(key, rows)) / (self.accum * self.world), dtype=torch.float32)
             out[key] = []
             for a in range(self.accum):
-                chunk = collate([stream.rows[i][key] for i in mine[a * self.micro:(a + 1) * self.micro]], self.pad)
+                chunk = collate([stream.rows[i][key] for i in mine[a * self.micro : (a + 1) * self.micro]], self.pad)
                 out[key].append({**chunk, "norm": norm})
         return out
 

@@ -46,11 +46,13 @@ def deepspeed_config(spec: UnlearnSpec, world_size: int, hidden_size: Optional[i
     cfg.setdefault("steps_per_print", 10**9)
     zero = cfg["zero_optimization"]
     if hidden_size and int(zero.get("stage", 0)) == 3:
-        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                           ("stage3_param_persistence_threshold", 10 * hidden_size),
-                           ("stage3_max_live_parameters", min(10**9, 24 * hidden_size * hidden_size)),
-                           ("stage3_max_reuse_distance", min(10**9, 24 * hidden_size * hidden_size))):
+        for key, value in (
+            ("reduce_bucket_size", hidden_size * hidden_size),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+            ("stage3_param_persistence_threshold", 10 * hidden_size),
+            ("stage3_max_live_parameters", min(10**9, 24 * hidden_size * hidden_size)),
+            ("stage3_max_reuse_distance", min(10**9, 24 * hidden_size * hidden_size)),
+        ):
             if zero.get(key, "auto") == "auto":
                 zero[key] = value
     if _offload_device(cfg) in OFFLOAD_DEVICES and "optimizer" not in cfg:
@@ -97,7 +99,10 @@ def cpu_adam_unavailable() -> Optional[str]:
         warnings.warn(
             f"DeepSpeed's cpu_adam op is unavailable ({why}); the offloaded Adam step runs in torch's fused CPU "
             "kernel instead (the same update at the step time docs/benchmarks.md 'ZeRO-Offload's CPU Adam' "
-            "measures for it). Building the op needs g++ and ninja.", CPUAdamFallbackWarning, stacklevel=3)
+            "measures for it). Building the op needs g++ and ninja.",
+            CPUAdamFallbackWarning,
+            stacklevel=3,
+        )
         return why
     return None
 
@@ -118,8 +123,9 @@ def make_optimizer(params, opt: OptimizerSpec, ds_config: Optional[dict[str, Any
 
         if ds_config.get(FORCE_DS_CPU_OPTIMIZER) is False:
             del ds_config[FORCE_DS_CPU_OPTIMIZER]
-        return DeepSpeedCPUAdam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
-                                adamw_mode=opt.name == "adamw")
+        return DeepSpeedCPUAdam(
+            params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, adamw_mode=opt.name == "adamw"
+        )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     # offloaded states step on the CPU, where torch's default is a loop over tensors of several passes each
     fused = {"fused": True} if offloaded else {}

@@ -49,8 +49,9 @@ from jobs.unlearn.worker import NonFiniteLossError, StepOutput, Worker, every, s
 __all__ = ["NonFiniteLossError", "run_unlearning", "sync_step", "train_loop_per_worker", "train_step"]
 
 
-def run_unlearning(spec: UnlearnSpec, report: Optional[Callable[..., None]] = None,
-                   restore_from: Optional[str] = None) -> dict[str, Any]:
+def run_unlearning(
+    spec: UnlearnSpec, report: Optional[Callable[..., None]] = None, restore_from: Optional[str] = None
+) -> dict[str, Any]:
     """Run one worker's share of an unlearning job; returns the last step's metrics.
 
     Every optimizer step yields a row of metrics, the same on every rank: ``loss`` and the method's parts (the
@@ -138,8 +139,11 @@ def train_loop_per_worker(config: dict) -> None:
         if checkpoint is None:
             ray.train.report(metrics)
         else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
-                             checkpoint_dir_name=f"checkpoint_step{rows[-1]['step']:07d}")
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+                checkpoint_dir_name=f"checkpoint_step{rows[-1]['step']:07d}",
+            )
 
     out = Path(spec.output_dir)
     latest = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure

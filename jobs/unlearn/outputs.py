@@ -77,8 +77,10 @@ def load_checkpoint(engine, folder: str, rank: int, world: int, spec: UnlearnSpe
         raise FileNotFoundError(f"job {spec.name}: checkpoint {folder} has no {CHECKPOINT_STATE}")
     state = json.loads((path / CHECKPOINT_STATE).read_text())
     if state["world_size"] != world:
-        raise ValueError(f"job {spec.name}: checkpoint {folder} was written by {state['world_size']} workers, "
-                         f"this run has {world} (scaling.num_workers)")
+        raise ValueError(
+            f"job {spec.name}: checkpoint {folder} was written by {state['world_size']} workers, "
+            f"this run has {world} (scaling.num_workers)"
+        )
     loaded, _ = engine.load_checkpoint(folder, tag=state["tag"])
     if loaded is None:
         raise RuntimeError(f"job {spec.name}: DeepSpeed could not load checkpoint {folder}")
@@ -97,8 +99,11 @@ def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[P
     finalizes = method is not None and method.finalizes()
     if stage == 3:  # parameters a step prefetched may still be in flight: a gather of them would fail
         engine.empty_partition_cache()
-    if spec.lora is None and stage == 3 and write_partitioned(engine, tokenizer, spec, rank, out,
-                                                               method if finalizes else None):
+    if (
+        spec.lora is None
+        and stage == 3
+        and write_partitioned(engine, tokenizer, spec, rank, out, method if finalizes else None)
+    ):
         return
     if spec.lora is not None:
         state_dict = adapter_state(engine, stage)
@@ -111,16 +116,18 @@ def write_model(engine, tokenizer, spec: UnlearnSpec, rank: int, out: Optional[P
     if spec.lora is not None:
         save_adapter(engine.module, tokenizer, out / "trained" if finalizes else out, state_dict)
     if finalizes:
-        trained = (load_model(out / "trained", spec.dtype) if spec.lora is not None else None)
+        trained = load_model(out / "trained", spec.dtype) if spec.lora is not None else None
         base = load_model(spec.model_path, spec.dtype, spec.allow_pickle).state_dict()
         if trained is not None:  # the adapter merged into the base: the full trained weights
             state_dict, module = trained.state_dict(), trained
         else:
-            save_model(engine.module, tokenizer, out / "trained", state_dict=state_dict,
-                       max_shard_size=spec.max_shard_size)
+            save_model(
+                engine.module, tokenizer, out / "trained", state_dict=state_dict, max_shard_size=spec.max_shard_size
+            )
             module = engine.module
-        save_model(module, tokenizer, out, state_dict=method.finalize(state_dict, base),
-                   max_shard_size=spec.max_shard_size)
+        save_model(
+            module, tokenizer, out, state_dict=method.finalize(state_dict, base), max_shard_size=spec.max_shard_size
+        )
     elif spec.lora is None:
         save_model(engine.module, tokenizer, out, state_dict=state_dict, max_shard_size=spec.max_shard_size)
 
@@ -134,8 +141,9 @@ def checkpoint_layout(module) -> Optional[dict[str, torch.Tensor]]:
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     tensors = module.state_dict(keep_vars=True)
-    meta = {k: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
-            for k, t in tensors.items()}
+    meta = {
+        k: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta") for k, t in tensors.items()
+    }
     kept = remove_tied_weights_from_state_dict(meta, module)
     converted = revert_weight_conversion(module, dict(kept))
     if set(converted) != set(kept) or any(converted[k].shape != kept[k].shape for k in kept):
@@ -204,8 +212,12 @@ def save_final(engine, tokenizer, spec: UnlearnSpec, rank: int, metrics: dict, m
     out = Path(spec.output_dir)
     write_model(engine, tokenizer, spec, rank, out, method)
     if rank == 0:
-        marker = {"job": spec.name, "method": spec.method, "final_metrics": metrics,
-                  "output": _output_kind(spec, method)}
+        marker = {
+            "job": spec.name,
+            "method": spec.method,
+            "final_metrics": metrics,
+            "output": _output_kind(spec, method),
+        }
         (out / JOB_MARKER).write_text(json.dumps(marker, indent=2))
     if dist.is_initialized():
         dist.barrier()
@@ -226,8 +238,9 @@ def save_snapshot(engine, tokenizer, spec: UnlearnSpec, rank: int, step: int, me
         shutil.rmtree(tmp, ignore_errors=True)
     write_model(engine, tokenizer, spec, rank, tmp if write else None, method)
     if write:
-        (tmp / SNAPSHOT_MARKER).write_text(json.dumps({"job": spec.name, "step": step,
-                                                        "output": _output_kind(spec, method)}))
+        (tmp / SNAPSHOT_MARKER).write_text(
+            json.dumps({"job": spec.name, "step": step, "output": _output_kind(spec, method)})
+        )
         tmp.rename(folder)
     if dist.is_initialized():
         dist.barrier()

@@ -64,8 +64,9 @@ def hidden_size(path: str) -> Optional[int]:
     return int(size) if size else None
 
 
-def slice_reason(path: str, ds_config: dict[str, Any], model_cls: Any = None,
-                 expected: Optional[dict[str, tuple[int, ...]]] = None) -> Optional[str]:
+def slice_reason(
+    path: str, ds_config: dict[str, Any], model_cls: Any = None, expected: Optional[dict[str, tuple[int, ...]]] = None
+) -> Optional[str]:
     """Why ``load_partitioned`` cannot fill the partitions from ``path``'s files itself (None: it can)."""
     zero = ds_config.get("zero_optimization") or {}
     if (zero.get("offload_param") or {}).get("device") == "nvme":
@@ -75,8 +76,9 @@ def slice_reason(path: str, ds_config: dict[str, Any], model_cls: Any = None,
     folder = Path(path)
     if not folder.is_dir() or is_adapter_dir(folder) or not weight_files(folder):
         return "not a folder of safetensors weights"
-    if model_cls is not None and (getattr(model_cls, "_keep_in_fp32_modules", None)
-                                  or getattr(model_cls, "_keep_in_fp32_modules_strict", None)):
+    if model_cls is not None and (
+        getattr(model_cls, "_keep_in_fp32_modules", None) or getattr(model_cls, "_keep_in_fp32_modules_strict", None)
+    ):
         return "the model keeps some modules in float32"
     if expected is not None:
         ckpt = Checkpoint(str(folder))
@@ -99,14 +101,20 @@ def _skeleton(config: Any, dtype: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pickle: bool = False,
-                     attn_implementation: Optional[str] = None):
+def load_partitioned(
+    path: str,
+    dtype: str,
+    ds_config: dict[str, Any],
+    allow_pickle: bool = False,
+    attn_implementation: Optional[str] = None,
+):
     """The model at ``path`` created partitioned over the ZeRO-3 ranks of ``ds_config`` (see the module
     docstring); every rank calls it."""
     import deepspeed
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
+
     try:  # keeps zero.Init from casting float aranges (RoPE buffers); older transformers (5.17) lack it
         from transformers.integrations.deepspeed import prevent_arange_dtype_change
     except ImportError:
@@ -119,8 +127,11 @@ def load_partitioned(path: str, dtype: str, ds_config: dict[str, Any], allow_pic
         if attn_implementation:
             config._attn_implementation = attn_implementation
         model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
-        reason = ("not a causal LM class transformers knows" if model_cls is None
-                  else slice_reason(path, ds_config, model_cls, _skeleton(config, dtype)))
+        reason = (
+            "not a causal LM class transformers knows"
+            if model_cls is None
+            else slice_reason(path, ds_config, model_cls, _skeleton(config, dtype))
+        )
     if reason is not None:
         with zero3_init(ds_config):
             return load_model(path, dtype, allow_pickle, attn_implementation)
@@ -159,8 +170,10 @@ def counted_forward(module: torch.nn.Module) -> Iterator[None]:
     model gathered (DeepSpeed's PR #6726 describes the DPO case). Here the counts of the earlier forwards are
     added back; a no-grad forward also leaves the pre-backward counts as they were (it builds no graph)."""
     grad = torch.is_grad_enabled()
-    before = {m: (m.__dict__.get("ds_grads_remaining", 0), m.__dict__.get("applied_pre_backward_ref_cnt", 0))
-              for m in module.modules()}
+    before = {
+        m: (m.__dict__.get("ds_grads_remaining", 0), m.__dict__.get("applied_pre_backward_ref_cnt", 0))
+        for m in module.modules()
+    }
     try:
         yield
     finally:

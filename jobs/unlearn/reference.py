@@ -37,8 +37,14 @@ def add_lora(model, spec: UnlearnSpec):
     from peft import LoraConfig, get_peft_model
 
     lo = spec.lora
-    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                        task_type="CAUSAL_LM", base_model_name_or_path=spec.model_path)
+    config = LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=spec.model_path,
+    )
     return get_peft_model(model, config)
 
 

@@ -24,14 +24,25 @@ def free_port() -> int:
 
 def single_process_env() -> None:
     """Point torch.distributed at a free local port as rank 0 of 1 (variables already set are kept)."""
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         os.environ.setdefault(k, v)
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     try:
         import torch
         import torch.distributed as dist
@@ -58,8 +69,9 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
@@ -73,8 +85,10 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float =
                 if dead:
                     raise RankError(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
                 if time.monotonic() > deadline:
-                    raise RankError(f"ranks {[r for r in range(world) if r not in out]} still running after "
-                                    f"{timeout:.0f} s (a hung collective?)") from None
+                    raise RankError(
+                        f"ranks {[r for r in range(world) if r not in out]} still running after "
+                        f"{timeout:.0f} s (a hung collective?)"
+                    ) from None
                 continue
             if error is not None:
                 raise RankError(f"rank {rank} raised:\n{error}")

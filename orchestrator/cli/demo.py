@@ -62,15 +62,24 @@ def prepare_demo(output_dir: Path, size: str, seed: int, console: Console) -> Pa
         if time.time() - last[0] >= 5 or done == total:
             last[0] = time.time()
             extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-            console.print(f"[{time.strftime('%H:%M:%S')}] benchmark {stage}: {done}/{total} {extra}", highlight=False, markup=False)
+            console.print(
+                f"[{time.strftime('%H:%M:%S')}] benchmark {stage}: {done}/{total} {extra}",
+                highlight=False,
+                markup=False,
+            )
 
     bench = output_dir / "benchmark"
     t0 = time.time()
-    console.print(f"building the offline benchmark (size {size}, seed {seed}) in {bench}", highlight=False, markup=False)
+    console.print(
+        f"building the offline benchmark (size {size}, seed {seed}) in {bench}", highlight=False, markup=False
+    )
     meta = build_benchmark(bench, size=size, seed=seed, progress=progress)
     base = meta["stats"]["base"]
-    console.print(f"benchmark ready in {time.time() - t0:.0f}s: base forget_prob {base['forget_prob']:.3f}, "
-                  f"oracle forget_prob {meta['stats']['oracle']['forget_prob']:.3f}", highlight=False)
+    console.print(
+        f"benchmark ready in {time.time() - t0:.0f}s: base forget_prob {base['forget_prob']:.3f}, "
+        f"oracle forget_prob {meta['stats']['oracle']['forget_prob']:.3f}",
+        highlight=False,
+    )
     cfg = demo_config(bench, meta, size, output_dir / "run")
     path = output_dir / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

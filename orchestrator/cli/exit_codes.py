@@ -44,5 +44,3 @@ def exit_codes(interrupted: str = "interrupted"):
         fail(str(e))
     except KeyboardInterrupt:
         fail(interrupted, 130)
-
-

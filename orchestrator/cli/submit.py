@@ -26,10 +26,27 @@ import yaml
 
 CONFIG_NAME = "spunge.yaml"
 # never uploaded when code is shipped (py_modules); gitignore syntax, as Ray's ``excludes``
-EXCLUDES = ["__pycache__", "*.pyc", ".venv", ".git", "spunge-demo", "spunge-output", "mlflow.db", "mlruns",
-            "*.safetensors", "*.bin", "*.pt"]
-ENV_FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-               "MLFLOW_TRACKING_PASSWORD", "HF_HOME", "HF_HUB_OFFLINE")
+EXCLUDES = [
+    "__pycache__",
+    "*.pyc",
+    ".venv",
+    ".git",
+    "spunge-demo",
+    "spunge-output",
+    "mlflow.db",
+    "mlruns",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+]
+ENV_FORWARD = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+)
 # set by the pipeline driver's ray.init (orchestrator.remote.ray_init.start_ray) for every task and worker
 DRIVER_VARS = ("TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
 
@@ -80,11 +97,16 @@ def tracking_problem(raw: dict, env: dict[str, str]) -> tuple[Optional[str], Opt
     if m and not uri.startswith(("http://", "https://", "databricks")):
         path = m.group(1)
         if not path.startswith("/"):
-            return (f"tracking.uri: {uri!r} is a relative path, which a cluster job would write into its temporary "
-                    "working folder; set tracking.uri (or $MLFLOW_TRACKING_URI) to an MLflow server "
-                    "(http://HOST:5000, see docs/cluster.md)", None)
-        return None, (f"tracking.uri {uri!r} is a local file: it must be on storage the head node shares; "
-                      "an MLflow server (http://HOST:5000) is safer on a cluster")
+            return (
+                f"tracking.uri: {uri!r} is a relative path, which a cluster job would write into its temporary "
+                "working folder; set tracking.uri (or $MLFLOW_TRACKING_URI) to an MLflow server "
+                "(http://HOST:5000, see docs/cluster.md)",
+                None,
+            )
+        return None, (
+            f"tracking.uri {uri!r} is a local file: it must be on storage the head node shares; "
+            "an MLflow server (http://HOST:5000) is safer on a cluster"
+        )
     return None, None
 
 
@@ -101,15 +123,18 @@ def load_runtime_env(path: Optional[Path]) -> dict[str, Any]:
     if not isinstance(env, dict):
         raise SubmitError(f"--runtime-env {path}: expected a mapping (a Ray runtime_env), got {type(env).__name__}")
     if "working_dir" in env:
-        raise SubmitError(f"--runtime-env {path}: working_dir is set by spunge submit (it holds the config); "
-                          "ship code with py_modules or --ship-code")
+        raise SubmitError(
+            f"--runtime-env {path}: working_dir is set by spunge submit (it holds the config); "
+            "ship code with py_modules or --ship-code"
+        )
     if not isinstance(env.get("env_vars", {}), dict):
         raise SubmitError(f"--runtime-env {path}: env_vars: expected a mapping of NAME: value")
     return env
 
 
-def build_runtime_env(staging: Path, user_env: dict[str, Any], environ: dict[str, str],
-                      ship_code: bool = False) -> dict[str, Any]:
+def build_runtime_env(
+    staging: Path, user_env: dict[str, Any], environ: dict[str, str], ship_code: bool = False
+) -> dict[str, Any]:
     """The job's runtime_env: the user's, plus the staged config and forwarded variables.
 
     Variables set in the user's file win over forwarded ones. Those the driver's own ``ray.init`` sets
@@ -126,8 +151,9 @@ def build_runtime_env(staging: Path, user_env: dict[str, Any], environ: dict[str
 
         mods = [str(Path(m.__file__).parent) for m in (orchestrator, jobs)]
         env["py_modules"] = list(user_env.get("py_modules") or []) + mods
-        env["excludes"] = list(user_env.get("excludes") or []) + [e for e in EXCLUDES if e not in
-                                                                   (user_env.get("excludes") or [])]
+        env["excludes"] = list(user_env.get("excludes") or []) + [
+            e for e in EXCLUDES if e not in (user_env.get("excludes") or [])
+        ]
     return env
 
 
@@ -135,7 +161,9 @@ def entrypoint(resume: bool = False, user_env: Optional[dict[str, Any]] = None) 
     """The job's shell command; driver variables from the user's runtime_env are set on it."""
     env_vars = (user_env or {}).get("env_vars") or {}
     prefix = "".join(f"{k}={shlex.quote(str(env_vars[k]))} " for k in DRIVER_VARS if k in env_vars)
-    return f"{prefix}python -m orchestrator.cli.commands run {CONFIG_NAME} --address auto" + (" --resume" if resume else "")
+    return f"{prefix}python -m orchestrator.cli.commands run {CONFIG_NAME} --address auto" + (
+        " --resume" if resume else ""
+    )
 
 
 def submission_id(name: str, now: Optional[float] = None) -> str:
@@ -170,8 +198,10 @@ def auth_token(token_path: Optional[Path] = None, environ: Optional[dict[str, st
 def default_address(address: Optional[str]) -> str:
     a = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not a:
-        raise SubmitError("--address: give the Ray dashboard address (http://HOST:8265), "
-                          "or set $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS")
+        raise SubmitError(
+            "--address: give the Ray dashboard address (http://HOST:8265), "
+            "or set $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS"
+        )
     return a
 
 
@@ -186,9 +216,10 @@ def client(address: Optional[str], token_path: Optional[Path] = None):
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # ConnectionError, ValueError (bad scheme), auth errors
         if "Authentication" in str(e):
-            raise ClusterError(f"--address {address}: the Ray Jobs API refused the request: {_first_line(e)} "
-                               "(give the cluster's token: --token-path, $RAY_AUTH_TOKEN or ~/.ray/auth_token)"
-                               ) from None
+            raise ClusterError(
+                f"--address {address}: the Ray Jobs API refused the request: {_first_line(e)} "
+                "(give the cluster's token: --token-path, $RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+            ) from None
         raise ClusterError(f"--address {address}: cannot reach the Ray Jobs API: {_first_line(e)}") from None
 
 
@@ -204,10 +235,19 @@ def _call(what: str, fn: Callable, *args):
         raise ClusterError(f"{what}: {_first_line(e)}") from None
 
 
-def submit(config: Path, address: Optional[str], *, token_path: Optional[Path] = None,
-           runtime_env: Optional[Path] = None, output_dir: Optional[Path] = None, ship_code: bool = False,
-           resume: bool = False, sid: Optional[str] = None, check: bool = True,
-           warn: Callable[[str], None] = lambda s: None) -> str:
+def submit(
+    config: Path,
+    address: Optional[str],
+    *,
+    token_path: Optional[Path] = None,
+    runtime_env: Optional[Path] = None,
+    output_dir: Optional[Path] = None,
+    ship_code: bool = False,
+    resume: bool = False,
+    sid: Optional[str] = None,
+    check: bool = True,
+    warn: Callable[[str], None] = lambda s: None,
+) -> str:
     """Stage the config, submit the job, return its submission id."""
     from orchestrator.config.loading import load_configs  # a ConfigError propagates (exit 2 in the CLI)
 
@@ -232,9 +272,15 @@ def submit(config: Path, address: Optional[str], *, token_path: Optional[Path] =
         (staging / CONFIG_NAME).write_text(yaml.safe_dump(raw, sort_keys=False))
         env = build_runtime_env(staging, user_env, dict(os.environ), ship_code)
         sid = sid or submission_id(name)
-        return _call(f"submitting to {c.get_address()}", lambda: c.submit_job(
-            entrypoint=entrypoint(resume, user_env), submission_id=sid, runtime_env=env,
-            metadata={"spunge.config": str(config), "spunge.name": name}))
+        return _call(
+            f"submitting to {c.get_address()}",
+            lambda: c.submit_job(
+                entrypoint=entrypoint(resume, user_env),
+                submission_id=sid,
+                runtime_env=env,
+                metadata={"spunge.config": str(config), "spunge.name": name},
+            ),
+        )
 
 
 def follow(c, sid: str, write: Callable[[str], None]) -> str:

@@ -35,8 +35,10 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     else:
         source = cfg.unlearn.retain_source
         if getattr(cfg.data, source) is None and (method.uses_retain() or source == "general"):
-            problems.append(f"data.{source}: method {cfg.unlearn.method!r} with unlearn.retain_source "
-                            f"{source!r} (and these params) trains on it, but it is not set")
+            problems.append(
+                f"data.{source}: method {cfg.unlearn.method!r} with unlearn.retain_source "
+                f"{source!r} (and these params) trains on it, but it is not set"
+            )
     names = merge_method_names()
     if cfg.merge.method not in names:
         problems.append(f"merge.method: unknown mergekit method {cfg.merge.method!r}; known: {', '.join(names)}")
@@ -114,8 +116,10 @@ def check_select(cfg: PipelineConfig) -> list[str]:
             continue
         for source in suite.sources(suite.options(**cfg.eval.suite_options(name))):
             if source not in SELECT_SPLITS or source not in present:
-                problems.append(f"unlearn.select.suites.{i}: the {name} suite needs {describe_source(source)}; "
-                                f"steps are scored on samples of {', '.join(s for s in SELECT_SPLITS if s in present)}")
+                problems.append(
+                    f"unlearn.select.suites.{i}: the {name} suite needs {describe_source(source)}; "
+                    f"steps are scored on samples of {', '.join(s for s in SELECT_SPLITS if s in present)}"
+                )
     return problems
 
 
@@ -142,8 +146,9 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
     if u.lora is not None and (err := missing("peft", "LoRA (unlearn.lora)")):
         problems.append(f"unlearn.lora: {err}")
     if u.lora is not None and u.localize is not None:
-        problems.append("unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; "
-                        "LoRA trains adapters)")
+        problems.append(
+            "unlearn.localize: cannot be combined with unlearn.lora (a mask selects full weights; LoRA trains adapters)"
+        )
     if m.output == "adapter" and u.lora is None:
         problems.append("merge.output: adapter needs unlearn.lora (jobs that train adapters)")
     if u.lora is not None:
@@ -155,14 +160,18 @@ def _check_model_features(cfg: PipelineConfig) -> list[str]:
         except (KeyError, ValidationError):
             return problems  # reported with unlearn.method / unlearn.params
         if m.output == "adapter" and method.rewrites_merge():
-            problems.append(f"merge.output: adapter: method {u.method!r} rewrites the merged weights "
-                            "(e.g. tvn merge_then_negate); use merge.output: full")
+            problems.append(
+                f"merge.output: adapter: method {u.method!r} rewrites the merged weights "
+                "(e.g. tvn merge_then_negate); use merge.output: full"
+            )
         # a method that makes new weights at the end (tvn) outputs full models; the merge takes adapters
         # unless it merges those outputs
         full_outputs = method.finalizes() and method.merge_input() is None
         if not full_outputs and m.method not in LORA_METHODS:
-            problems.append(f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
-                            f"use one of {', '.join(LORA_METHODS)}")
+            problems.append(
+                f"merge.method: {m.method!r} cannot merge LoRA adapters (unlearn.lora); "
+                f"use one of {', '.join(LORA_METHODS)}"
+            )
     return problems
 
 
@@ -184,19 +193,27 @@ def _check_gpus(cfg: PipelineConfig) -> list[str]:
     two NCCL ranks of one job on one GPU, a fraction of GPUs Ray refuses."""
     s, e, problems = cfg.scaling, cfg.eval, []
     if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker != int(s.gpus_per_worker):
-        problems.append(f"scaling.gpus_per_worker: {s.gpus_per_worker} with num_workers {s.num_workers} can put two "
-                        "NCCL ranks of one job on one GPU, which NCCL refuses; use whole GPUs per worker, or "
-                        "num_workers: 1 to share GPUs between jobs")
+        problems.append(
+            f"scaling.gpus_per_worker: {s.gpus_per_worker} with num_workers {s.num_workers} can put two "
+            "NCCL ranks of one job on one GPU, which NCCL refuses; use whole GPUs per worker, or "
+            "num_workers: 1 to share GPUs between jobs"
+        )
     if s.use_gpu and e.device == "auto" and e.gpus_per_task == 0:
-        problems.append("eval.gpus_per_task: 0 with scaling.use_gpu: true leaves each eval task's model on a GPU it "
-                        "did not reserve, beside the training workers; reserve 1 or more, or set eval.device: cpu")
+        problems.append(
+            "eval.gpus_per_task: 0 with scaling.use_gpu: true leaves each eval task's model on a GPU it "
+            "did not reserve, beside the training workers; reserve 1 or more, or set eval.device: cpu"
+        )
     if e.device == "cpu" and e.gpus_per_task:
-        problems.append(f"eval.gpus_per_task: {e.gpus_per_task} with eval.device: cpu reserves GPUs the task hides; "
-                        "set 0 or eval.device: auto")
+        problems.append(
+            f"eval.gpus_per_task: {e.gpus_per_task} with eval.device: cpu reserves GPUs the task hides; "
+            "set 0 or eval.device: auto"
+        )
     for field, value in (("eval.gpus_per_task", e.gpus_per_task), ("scaling.gpus_per_worker", s.gpus_per_worker)):
         if value and value > 1 and value != int(value):
-            problems.append(f"{field}: {value} is a fraction above 1, which Ray cannot reserve; use a fraction "
-                            "below 1 or a whole number")
+            problems.append(
+                f"{field}: {value} is a fraction above 1, which Ray cannot reserve; use a fraction "
+                "below 1 or a whole number"
+            )
     return problems
 
 

@@ -37,8 +37,10 @@ class DataSource(Section):
     @model_validator(mode="after")
     def _path_or_parts(self):
         if (self.path is None) == (self.parts is None):
-            raise ValueError("expected path (a file, files or a hub name) or parts (a list of sources): "
-                             f"{'neither' if self.path is None else 'both'} given")
+            raise ValueError(
+                "expected path (a file, files or a hub name) or parts (a list of sources): "
+                f"{'neither' if self.path is None else 'both'} given"
+            )
         if self.parts is not None and not self.parts:
             raise ValueError("parts: expected at least one source")
         return self
@@ -60,26 +62,34 @@ class Columns(Section):
     text: str = "text"
 
 
-
-
 class DataConfig(Section):
     forget: DataSource
     retain: Optional[DataSource] = None
     holdout: Optional[DataSource] = None
     general: Optional[DataSource] = None
     mc: Optional[DataSource] = Field(
-        None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes")
+        None, description="multiple-choice eval set (mc suite): question, choices (list), answer (index), attributes"
+    )
     eval_sets: dict[str, DataSource] = Field(
-        default_factory=dict, description="sets the suites score, never trained on, by split name: more "
+        default_factory=dict,
+        description="sets the suites score, never trained on, by split name: more "
         "question/answer splits (TOFU: real_authors, world_facts), a suite's own rows (MUSE: verbmem, knowmem_*), "
-        "or forget/retain/holdout scored on other rows than the training ones (TOFU: retain_perturbed)")
+        "or forget/retain/holdout scored on other rows than the training ones (TOFU: retain_perturbed)",
+    )
     columns: Columns = Field(default_factory=Columns)
-    template: str = Field(DEFAULT_TEMPLATE, description="prompt with {question}, or 'chat': the tokenizer's "
-                          "chat template (question as the user turn, answer as the assistant turn)")
-    system_prompt: Optional[str] = Field(None, description="template chat: the system turn (default: the "
-                                         "chat template's own)")
-    answer_eos: bool = Field(True, description="answers end with EOS (chat: the end-of-turn) in training and "
-                             "scoring; off for facts learned in pretraining (WMDP/RWKU-style)")
+    template: str = Field(
+        DEFAULT_TEMPLATE,
+        description="prompt with {question}, or 'chat': the tokenizer's "
+        "chat template (question as the user turn, answer as the assistant turn)",
+    )
+    system_prompt: Optional[str] = Field(
+        None, description="template chat: the system turn (default: the chat template's own)"
+    )
+    answer_eos: bool = Field(
+        True,
+        description="answers end with EOS (chat: the end-of-turn) in training and "
+        "scoring; off for facts learned in pretraining (WMDP/RWKU-style)",
+    )
 
     def prompt_format(self) -> PromptFormat:
         return PromptFormat(template=self.template, system_prompt=self.system_prompt, answer_eos=self.answer_eos)
@@ -95,8 +105,11 @@ class DataConfig(Section):
         if not isinstance(v, dict):
             return v
         for name in v:
-            if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)) or name in ("general", "mc") \
-                    or (name.startswith("forget") and name != "forget"):
+            if (
+                not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name))
+                or name in ("general", "mc")
+                or (name.startswith("forget") and name != "forget")
+            ):
                 raise ValueError(f"split name {name!r}: expected lower_snake_case, not general, mc or forget_*")
         return {k: {"path": s} if isinstance(s, (str, list)) else s for k, s in v.items()}
 
@@ -121,22 +134,28 @@ class DataConfig(Section):
 
 class SplitConfig(Section):
     by: Literal["attribute", "cluster"] = Field(
-        "attribute", description="attribute: one subset per value of a forget-set column; cluster: k subsets of "
-                                 "similar rows (k-means over TF-IDF vectors), for data without an attribute")
+        "attribute",
+        description="attribute: one subset per value of a forget-set column; cluster: k subsets of "
+        "similar rows (k-means over TF-IDF vectors), for data without an attribute",
+    )
     attribute: Optional[str] = Field(None, description="by: attribute: the forget-set column to split by")
     groups: Optional[dict[str, list[Any]]] = Field(
         None, description="explicit subsets: name -> attribute values; default one subset per value"
     )
     clusters: Optional[int] = Field(None, ge=2, description="by: cluster: k, the number of subsets")
     embedding: Literal["tfidf", "model"] = Field(
-        "tfidf", description="by: cluster: the rows' vectors: TF-IDF of their words, or a sentence embedding "
-                             "(mean-pooled last hidden states of embedding_model)")
+        "tfidf",
+        description="by: cluster: the rows' vectors: TF-IDF of their words, or a sentence embedding "
+        "(mean-pooled last hidden states of embedding_model)",
+    )
     embedding_model: Optional[str] = Field(
-        None, description="embedding: model: a sentence encoder folder or hub name (default: model.path)")
+        None, description="embedding: model: a sentence encoder folder or hub name (default: model.path)"
+    )
     seed: int = Field(0, description="by: cluster: the k-means seed (same data and seed, same subsets)")
     baseline: Literal["unsplit", "none"] = "unsplit"
     missing: Literal["error", "drop", "group"] = Field(
-        "error", description="forget rows without an attribute value: an error, left out, or a subset 'missing'")
+        "error", description="forget rows without an attribute value: an error, left out, or a subset 'missing'"
+    )
 
     @field_validator("groups")
     @classmethod
@@ -157,8 +176,9 @@ class SplitConfig(Section):
             if self.clusters is None:
                 raise ValueError("clusters: expected k, the number of subsets, with by: cluster")
             if self.attribute is not None or self.groups is not None:
-                raise ValueError("attribute and groups belong to by: attribute; by: cluster takes clusters, seed "
-                                 "and embedding")
+                raise ValueError(
+                    "attribute and groups belong to by: attribute; by: cluster takes clusters, seed and embedding"
+                )
         elif self.embedding != "tfidf" or self.embedding_model is not None:
             raise ValueError("embedding and embedding_model belong to by: cluster")
         return self

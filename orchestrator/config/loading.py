@@ -32,8 +32,12 @@ def load_seeds(path: str | Path) -> Optional[list[int]]:
     seeds = raw.get("seeds") if isinstance(raw, dict) else None
     if seeds is None:
         return None
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-            or len(set(seeds)) != len(seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise ConfigError([f"seeds: expected a list of distinct integers like [0, 1, 2], got {seeds!r}"], str(path))
     return seeds
 
@@ -80,8 +84,10 @@ def load_configs(path: str | Path, overrides: Optional[dict] = None) -> list[tup
         if not isinstance(changes, dict):
             problems.append(f"variants.{name}: expected a mapping of dotted.path -> value")
             continue
-        vraw = apply_overrides(raw, {**changes, "name": f"{raw.get('name', 'spunge')}/{name}",
-                                     "storage.output_dir": str(base_out / str(name))})
+        vraw = apply_overrides(
+            raw,
+            {**changes, "name": f"{raw.get('name', 'spunge')}/{name}", "storage.output_dir": str(base_out / str(name))},
+        )
         try:
             out.append((str(name), parse_config(vraw, Path(path).parent.resolve(), str(path))))
         except ConfigError as e:
@@ -95,12 +101,16 @@ def load_tune(path: str | Path, output_dir: Optional[str] = None) -> TuneJob:
     """The base pipeline and its ``tune:`` section from one YAML; ``ConfigError`` on any problem."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict) or "tune" not in raw:
-        raise ConfigError(["tune: no tune section (space, objective, ...): nothing to search; see docs/tune.md"], str(path))
+        raise ConfigError(
+            ["tune: no tune section (space, objective, ...): nothing to search; see docs/tune.md"], str(path)
+        )
     if "variants" in raw:
         raise ConfigError(["tune: a tune section cannot be combined with variants (tune one pipeline)"], str(path))
     if "seeds" in raw:
-        raise ConfigError(["seeds: spunge tune searches at one unlearn.seed; run the best config over seeds with "
-                           "spunge run --seeds"], str(path))
+        raise ConfigError(
+            ["seeds: spunge tune searches at one unlearn.seed; run the best config over seeds with spunge run --seeds"],
+            str(path),
+        )
     tune_raw = raw.pop("tune")
     if output_dir:
         raw = apply_overrides(raw, {"storage.output_dir": output_dir})

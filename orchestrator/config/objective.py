@@ -55,12 +55,13 @@ class Objective(Section):
 
     def describe(self) -> str:
         what = self.metric if self.metric else " + ".join(f"{w:g}*{k}" for k, w in (self.weights or {}).items())
-        cons = [f"{c.metric} {op} {v:g}{' x base' if 'ratio' in k else ''}"
-                for c in self.constraints
-                for k, op in (("min_ratio_to_base", ">="), ("max_ratio_to_base", "<="), ("min", ">="), ("max", "<="))
-                if (v := getattr(c, k)) is not None]
+        cons = [
+            f"{c.metric} {op} {v:g}{' x base' if 'ratio' in k else ''}"
+            for c in self.constraints
+            for k, op in (("min_ratio_to_base", ">="), ("max_ratio_to_base", "<="), ("min", ">="), ("max", "<="))
+            if (v := getattr(c, k)) is not None
+        ]
         return f"{self.mode} {what} of {self.model}" + (f" s.t. {', '.join(cons)}" if cons else "")
-
 
 
 class ObjectiveError(RuntimeError):
@@ -73,8 +74,10 @@ def objective_value(obj: Objective, metrics: dict[str, float], base: dict[str, f
 
     def get(m: dict[str, float], name: str, whose: str) -> float:
         if name not in m or m[name] is None:
-            raise ObjectiveError(f"objective: metric {name!r} is not among the {whose} model's metrics "
-                                 f"({', '.join(sorted(m))}); check eval.suites")
+            raise ObjectiveError(
+                f"objective: metric {name!r} is not among the {whose} model's metrics "
+                f"({', '.join(sorted(m))}); check eval.suites"
+            )
         return float(m[name])
 
     if obj.metric:
@@ -98,8 +101,12 @@ def objective_value(obj: Objective, metrics: dict[str, float], base: dict[str, f
             if gap > 0:
                 shortfall += gap / max(abs(bound), 1e-12)
     penalised = raw - obj.penalty * shortfall if obj.mode == "max" else raw + obj.penalty * shortfall
-    return {"objective": penalised, "objective_raw": raw, "feasible": float(shortfall == 0.0),
-            "constraint_shortfall": shortfall}
+    return {
+        "objective": penalised,
+        "objective_raw": raw,
+        "feasible": float(shortfall == 0.0),
+        "constraint_shortfall": shortfall,
+    }
 
 
 def rank(row: dict[str, Any], mode: str) -> tuple[float, float]:
@@ -114,4 +121,3 @@ def best_trial(rows: list[dict[str, Any]], mode: str) -> Optional[dict[str, Any]
     if not scored:
         return None
     return max(scored, key=lambda r: rank(r, mode))
-

@@ -39,7 +39,8 @@ class ModelConfig(_Section):
     dtype: Dtype = "float32"
     allow_pickle: bool = Field(False, description="accept *.bin (pickle) checkpoints; safetensors only otherwise")
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"]] = Field(
-        None, description="attention kernel (transformers' attn_implementation); default: transformers' choice")
+        None, description="attention kernel (transformers' attn_implementation); default: transformers' choice"
+    )
 
 
 class StepRule(Objective):
@@ -53,14 +54,19 @@ class SelectConfig(_Section):
     """``unlearn.select``: which evaluated step of each job is its model (what the merge receives)."""
 
     rule: Union[Literal["last"], StepRule] = Field(
-        "last", description="'last' or an objective over the step's eval metrics (as tune.objective)")
+        "last", description="'last' or an objective over the step's eval metrics (as tune.objective)"
+    )
     suites: list[str] = Field(default_factory=lambda: ["qa"], description="suites scored at each step")
     max_examples: int = Field(32, gt=0, description="rows sampled from each of forget/retain/holdout per job")
     seed: int = Field(0, description="which rows are sampled")
-    patience: Optional[int] = Field(None, gt=0, description="stop a job after this many evaluated steps "
-                                    "without a better one (early stopping); null: never")
-    keep: Literal["best", "all"] = Field("best", description="snapshots kept on disk once scored: the best "
-                                         "so far (and those not yet scored), or all")
+    patience: Optional[int] = Field(
+        None,
+        gt=0,
+        description="stop a job after this many evaluated steps without a better one (early stopping); null: never",
+    )
+    keep: Literal["best", "all"] = Field(
+        "best", description="snapshots kept on disk once scored: the best so far (and those not yet scored), or all"
+    )
 
 
 class UnlearnConfig(TrainingSpec):
@@ -70,7 +76,8 @@ class UnlearnConfig(TrainingSpec):
     method: str = "npo"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
     retain_source: Literal["retain", "general"] = Field(
-        "retain", description="what the retain term trains on: the in-distribution retain set or general text")
+        "retain", description="what the retain term trains on: the in-distribution retain set or general text"
+    )
     select: SelectConfig = Field(default_factory=SelectConfig)
 
 
@@ -80,16 +87,25 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     use_gpu: bool = False
     memory_per_worker_gb: Optional[float] = Field(
-        None, gt=0, description="RAM one worker needs (Ray's memory resource): fewer jobs run at once, none is "
-                                "OOM-killed (a 135M fp32 NPO worker holds ~4 GiB)")
+        None,
+        gt=0,
+        description="RAM one worker needs (Ray's memory resource): fewer jobs run at once, none is "
+        "OOM-killed (a 135M fp32 NPO worker holds ~4 GiB)",
+    )
     max_concurrent_jobs: Optional[int] = Field(None, gt=0, description="default: as many as resources allow")
     max_failures: Optional[int] = Field(
-        None, ge=-1, description="worker-group restarts per job (Ray Train FailureConfig); -1: unlimited; "
-                                 "default 2 with unlearn.checkpoint_every, else 0")
+        None,
+        ge=-1,
+        description="worker-group restarts per job (Ray Train FailureConfig); -1: unlimited; "
+        "default 2 with unlearn.checkpoint_every, else 0",
+    )
     wait_for_resources_s: Optional[float] = Field(
-        None, ge=0, description="how long the pipeline waits for the cluster to grow when one job (or one eval "
-                                "task) does not fit it now, having asked Ray's autoscaler for it; default 900 on "
-                                "a cluster (ray.address or --address), 0 on a local Ray spunge starts")
+        None,
+        ge=0,
+        description="how long the pipeline waits for the cluster to grow when one job (or one eval "
+        "task) does not fit it now, having asked Ray's autoscaler for it; default 900 on "
+        "a cluster (ray.address or --address), 0 on a local Ray spunge starts",
+    )
 
     @model_validator(mode="after")
     def _gpus(self):
@@ -103,11 +119,15 @@ class MergeConfig(_Section):
     parameters: dict[str, Any] = Field(default_factory=dict, description="mergekit global parameters")
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per subset")
     output: Literal["full", "adapter"] = Field(
-        "full", description="with unlearn.lora: write the merged full model, or a peft adapter of the merged delta")
+        "full", description="with unlearn.lora: write the merged full model, or a peft adapter of the merged delta"
+    )
     memory_gb: Optional[float] = Field(
-        None, ge=0, description="RAM the merge actor reserves (Ray's memory resource) from the unlearn stage on; "
-                                "default: estimated from the base model's size, the subsets and the merge engine; "
-                                "0: none")
+        None,
+        ge=0,
+        description="RAM the merge actor reserves (Ray's memory resource) from the unlearn stage on; "
+        "default: estimated from the base model's size, the subsets and the merge engine; "
+        "0: none",
+    )
 
 
 class _EvalSection(_Section):
@@ -122,10 +142,14 @@ class _EvalSection(_Section):
     max_examples: Optional[int] = Field(None, gt=0, description="cap per split (quick runs)")
     cpus_per_task: float = Field(1, gt=0)
     gpus_per_task: Optional[float] = Field(
-        None, ge=0, description="GPUs each eval task reserves; more than 1 spreads the model over them (a device "
-                                "map); default 1 with scaling.use_gpu (unless eval.device: cpu), else 0")
+        None,
+        ge=0,
+        description="GPUs each eval task reserves; more than 1 spreads the model over them (a device "
+        "map); default 1 with scaling.use_gpu (unless eval.device: cpu), else 0",
+    )
     device: Literal["auto", "cpu"] = Field(
-        "auto", description="auto: the GPUs the task reserved, else the CPU; cpu: the CPU, the GPUs hidden")
+        "auto", description="auto: the GPUs the task reserved, else the CPU; cpu: the CPU, the GPUs hidden"
+    )
 
     def suite_options(self, suite: str) -> dict[str, Any]:
         """One suite's options (``EvalSpec.suite_options[suite]``); {} for a suite without options."""
@@ -143,8 +167,10 @@ def _eval_config() -> type[_EvalSection]:
             continue
         if suite.name in _EvalSection.model_fields:
             raise ValueError(f"evaluation suite {suite.name!r} clashes with the eval.{suite.name} setting")
-        sections[suite.name] = (suite.options, Field(default_factory=suite.options,
-                                                     description=f"options of the {suite.name} suite"))
+        sections[suite.name] = (
+            suite.options,
+            Field(default_factory=suite.options, description=f"options of the {suite.name} suite"),
+        )
     return create_model("EvalConfig", __base__=_EvalSection, __module__=__name__, **sections)
 
 
@@ -159,8 +185,11 @@ class TrackingConfig(_Section):
 
 class StorageConfig(_Section):
     output_dir: str = "spunge-output"
-    max_shard_size: str = Field(DEFAULT_MAX_SHARD_SIZE, description="largest safetensors file of a written model "
-                                "(the merged one, each job's): larger models are shards with an index")
+    max_shard_size: str = Field(
+        DEFAULT_MAX_SHARD_SIZE,
+        description="largest safetensors file of a written model "
+        "(the merged one, each job's): larger models are shards with an index",
+    )
 
     @field_validator("max_shard_size")
     @classmethod
@@ -170,22 +199,33 @@ class StorageConfig(_Section):
         except ValueError:
             ok = False
         if not ok:
-            raise PydanticCustomError("shard_size", "expected a positive size such as 5GB, 500MB or 100KB (units "
-                                      "KB, MB, GB, TB: powers of ten), got {value}", {"value": repr(value)})
+            raise PydanticCustomError(
+                "shard_size",
+                "expected a positive size such as 5GB, 500MB or 100KB (units "
+                "KB, MB, GB, TB: powers of ten), got {value}",
+                {"value": repr(value)},
+            )
         return value
 
 
 class RayConfig(_Section):
     address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or ray://...: connect")
     num_cpus: Optional[int] = Field(None, gt=0, description="logical CPUs of a local Ray (default 2 x cores)")
-    start_timeout_s: float = Field(180, gt=0, description="how long a local Ray node, and a job's Ray Train "
-                                   "worker group, may take to start (a loaded machine is slow)")
+    start_timeout_s: float = Field(
+        180,
+        gt=0,
+        description="how long a local Ray node, and a job's Ray Train "
+        "worker group, may take to start (a loaded machine is slow)",
+    )
 
 
 class ReportConfig(_Section):
     pretraining_tokens: Optional[float] = Field(
-        None, gt=0, description="tokens the model was pretrained on, for the cost report's retraining estimate "
-                                "(6 x params x tokens); default: a table of known models by name")
+        None,
+        gt=0,
+        description="tokens the model was pretrained on, for the cost report's retraining estimate "
+        "(6 x params x tokens); default: a table of known models by name",
+    )
 
 
 class PipelineConfig(_Section):

@@ -14,7 +14,11 @@ def check_dist(dist: Any) -> Optional[str]:
     kind, arg = next(iter(dist.items()))
     if kind in ("choice", "grid"):
         return None if isinstance(arg, list) and arg else f"{kind}: expected a non-empty list of values"
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)):
+    if not (
+        isinstance(arg, list)
+        and len(arg) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)
+    ):
         return f"{kind}: expected [low, high]"
     lo, hi = arg
     if not lo < hi:
@@ -43,7 +47,11 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Tune's ``param_space`` for the ``space`` section (keys stay dotted config paths)."""
     from ray import tune
 
-    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    make = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
     return {path: make[kind](arg) for path, dist in space.items() for kind, arg in dist.items()}
-

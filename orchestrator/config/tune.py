@@ -24,15 +24,23 @@ class SchedulerConfig(Section):
     whose unlearning ``metric`` is worse than their peers' at the same number of unlearning steps."""
 
     name: Literal["fifo", "asha"] = "fifo"
-    metric: Literal["loss", "forget_loss", "retain_loss"] = Field("loss", description="ASHA: the reported unlearning metric")
+    metric: Literal["loss", "forget_loss", "retain_loss"] = Field(
+        "loss", description="ASHA: the reported unlearning metric"
+    )
     mode: Literal["min", "max"] = "min"
-    max_t: Optional[int] = Field(None, gt=0, description="ASHA: unlearning steps of a whole trial (default: from max_steps)")
-    grace_period: Optional[int] = Field(None, gt=0, description="ASHA: steps before a trial can be stopped (default max_t/4)")
+    max_t: Optional[int] = Field(
+        None, gt=0, description="ASHA: unlearning steps of a whole trial (default: from max_steps)"
+    )
+    grace_period: Optional[int] = Field(
+        None, gt=0, description="ASHA: steps before a trial can be stopped (default max_t/4)"
+    )
     reduction_factor: float = Field(2.0, gt=1)
 
 
 class TuneSection(Section):
-    space: dict[str, dict[str, Any]] = Field(description="dotted.config.path -> {choice|grid|uniform|loguniform|randint: ...}")
+    space: dict[str, dict[str, Any]] = Field(
+        description="dotted.config.path -> {choice|grid|uniform|loguniform|randint: ...}"
+    )
     objective: Objective
     num_samples: int = Field(4, gt=0, description="trials (times each grid point)")
     search: Literal["random", "optuna"] = "random"
@@ -65,7 +73,6 @@ class TuneSection(Section):
         return self
 
 
-
 @dataclass
 class TuneJob:
     cfg: PipelineConfig  # the base pipeline (the tune section removed, paths resolved)
@@ -77,20 +84,29 @@ def parse_tune(raw_tune: Any, cfg: PipelineConfig, source: str = "config") -> Tu
     """Validate a ``tune:`` section against the pipeline ``cfg``: every searched path must be a config field
     and take each of its values (checked with the whole pipeline validation). Raises ``ConfigError``."""
     if not isinstance(raw_tune, dict):
-        raise ConfigError([f"tune: expected a mapping (space, objective, num_samples, ...), got {type(raw_tune).__name__}"], source)
+        raise ConfigError(
+            [f"tune: expected a mapping (space, objective, num_samples, ...), got {type(raw_tune).__name__}"], source
+        )
     try:
         spec = TuneSection.model_validate(raw_tune)
     except ValidationError as e:
-        raise ConfigError([f"tune.{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-                           for err in e.errors()], source) from None
+        raise ConfigError(
+            [
+                f"tune.{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            ],
+            source,
+        ) from None
     base = cfg.model_dump(mode="json")
     problems = []
     if spec.search == "optuna" and (err := missing("optuna", "tune.search: optuna")):
         problems.append(err)
     for path, dist in spec.space.items():
         if path.split(".")[0] in FIXED:
-            problems.append(f"tune.space.{path}: cannot be searched (fixed for all trials: {', '.join(FIXED)}); "
-                            "search unlearn, split, merge, scaling or deepspeed fields")
+            problems.append(
+                f"tune.space.{path}: cannot be searched (fixed for all trials: {', '.join(FIXED)}); "
+                "search unlearn, split, merge, scaling or deepspeed fields"
+            )
             continue
         for value in candidates(dist):
             err = _check_value(base, path, value)
@@ -113,8 +129,8 @@ def _check_value(base: dict, path: str, value: Any) -> Optional[str]:
     except ConfigError as e:
         for p in e.problems:
             if p.startswith(f"{path}: Extra inputs are not permitted"):
-                return "no such config field (expected a dotted path into the pipeline config, e.g. unlearn.optimizer.lr)"
+                return (
+                    "no such config field (expected a dotted path into the pipeline config, e.g. unlearn.optimizer.lr)"
+                )
         return f"value {value!r}: {e.problems[0]}"
     return None
-
-

@@ -75,8 +75,15 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     xs = [float(v) for v in values]
     n = len(xs)
     mean = statistics.mean(xs) if n else float("nan")
-    out: dict[str, Any] = {"n": n, "mean": mean, "sd": None, "half_width": None, "ci_low": None, "ci_high": None,
-                           "values": xs}
+    out: dict[str, Any] = {
+        "n": n,
+        "mean": mean,
+        "sd": None,
+        "half_width": None,
+        "ci_low": None,
+        "ci_high": None,
+        "values": xs,
+    }
     if n >= 2:
         # nan with a non-finite value, as the float formula gives (Python 3.11's stdev raises on nan)
         sd = statistics.stdev(xs) if all(map(math.isfinite, xs)) else math.nan
@@ -142,8 +149,9 @@ def print_summary(summaries: dict[str, dict[str, Any]], console: Any, metrics: S
                 continue
             pair = s["paired"].get(m)
             p = pair["p_value"] if pair else None
-            t.add_row(name, m, str(len(s["seeds"])), _fmt(merged), _fmt(unsplit), _fmt(pair),
-                      "-" if p is None else f"{p:.3g}")
+            t.add_row(
+                name, m, str(len(s["seeds"])), _fmt(merged), _fmt(unsplit), _fmt(pair), "-" if p is None else f"{p:.3g}"
+            )
     console.print(t)
 
 
@@ -174,8 +182,12 @@ def run_seeds(runs: list, seeds: list[int], run: Callable[[Any, str], dict], con
     summaries, groups = {}, []
     for name, cfg in runs:
         with guard():
-            group = Tracker(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.name,
-                            tags={"spunge.stage": "seeds", "spunge.seeds": ",".join(map(str, seeds))})
+            group = Tracker(
+                tracking_uri(cfg.tracking.uri),
+                cfg.tracking.experiment,
+                cfg.name,
+                tags={"spunge.stage": "seeds", "spunge.seeds": ",".join(map(str, seeds))},
+            )
         finished = False
         try:
             reports = {s: run(seeded(cfg, s), group.parent_id) for s in seeds}

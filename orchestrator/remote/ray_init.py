@@ -3,7 +3,8 @@
 A local Ray listens on 127.0.0.1 only, its dashboard too (nothing outside the machine reaches it); it
 starts with the retries and timeouts of ``ray.start_timeout_s`` (Ray gives its node 30 s, which a loaded
 2-core machine can miss; Ray Train gives a worker group 60 s) and keeps one helper actor per job fewer (no
-preemption watcher: a local machine is not preempted). Ray's own log lines (its logger, the raylet's warnings such as "N PYTHON worker
+preemption watcher: a local machine is not preempted). Ray's own log lines (its logger, the raylet's warnings such as
+"N PYTHON worker
 processes have been started") go to a log file instead of over the progress display.
 """
 
@@ -32,16 +33,23 @@ def init_ray(cfg: PipelineConfig, address: Optional[str], log_file: Optional[Pat
     start_ray(address or cfg.ray.address, cfg.ray.num_cpus, cfg.scaling.use_gpu, cfg.ray.start_timeout_s, log_file)
 
 
-def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, use_gpu: bool = False,
-              start_timeout_s: float = 180.0, log_file: Optional[Path] = None) -> None:
+def start_ray(
+    address: Optional[str] = None,
+    num_cpus: Optional[int] = None,
+    use_gpu: bool = False,
+    start_timeout_s: float = 180.0,
+    log_file: Optional[Path] = None,
+) -> None:
     """Connect to ``address``, or start a local Ray (``num_cpus`` logical CPUs, default 2 x cores)."""
     if ray.is_initialized():
         return
     if log_file is not None:
         route_logs(log_file)
-    env = {"TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu"),
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout_s)}
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu"),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout_s),
+    }
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
@@ -77,9 +85,14 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
                 # workers are told their own dashboard's address: with another Ray on the machine, the state
                 # API's address discovery finds two clusters and fails ("Found multiple active Ray instances")
                 port = _free_port()
-                ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                         runtime_env={"env_vars": {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-                         log_to_driver=False)
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    runtime_env={"env_vars": {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+                    log_to_driver=False,
+                )
             return
         except Exception as e:  # Ray raises a bare Exception for a node that does not come up
             ray.shutdown()
@@ -87,9 +100,11 @@ def _start_local(num_cpus: int, env: dict[str, str], timeout_s: float) -> None:
             # a slow node, or a dashboard that lost its port: _free_port's port taken before the dashboard bound
             # it (another process of this start can take it; the next try picks another)
             if not ("timed out" in first or "dashboard" in first) or time.monotonic() + 5 > deadline:
-                raise PipelineError(f"ray: the local Ray node did not start after {tries} tr{'y' if tries == 1 else 'ies'} "
-                                    f"({first}); the machine may be overloaded: raise ray.start_timeout_s "
-                                    f"(now {timeout_s:g}) or give ray.address of a running cluster") from None
+                raise PipelineError(
+                    f"ray: the local Ray node did not start after {tries} tr{'y' if tries == 1 else 'ies'} "
+                    f"({first}); the machine may be overloaded: raise ray.start_timeout_s "
+                    f"(now {timeout_s:g}) or give ray.address of a running cluster"
+                ) from None
             time.sleep(min(10.0, 2.0 * tries))
 
 
@@ -135,7 +150,9 @@ def route_logs(log_file: Path) -> None:
         for h in list(logger.handlers):
             if not isinstance(h, logging.FileHandler) or h.baseFilename != handler.baseFilename:
                 logger.removeHandler(h)
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in logger.handlers):
+        if not any(
+            isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in logger.handlers
+        ):
             logger.addHandler(handler)
         logger.propagate = False
 

@@ -50,14 +50,18 @@ def task_bundle(cpus: float, gpus: float) -> dict[str, float]:
 def fits_some_node(bundle: dict[str, float], nodes: Optional[list[dict]] = None) -> bool:
     """Whether one alive node has the resources of ``bundle`` (Ray never splits a worker over nodes)."""
     nodes = ray.nodes() if nodes is None else nodes
-    return any(n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in bundle.items() if v)
-               for n in nodes)
+    return any(
+        n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in bundle.items() if v) for n in nodes
+    )
 
 
 def describe(bundles: list[dict[str, float]]) -> str:
     """``4 x {CPU: 8, GPU: 1, memory: 32 GiB}``, equal bundles counted."""
+
     def one(b: dict[str, float]) -> str:
-        return "{" + ", ".join(f"{k}: {v / 2**30:g} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in b.items()) + "}"
+        return (
+            "{" + ", ".join(f"{k}: {v / 2**30:g} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in b.items()) + "}"
+        )
 
     first = bundles[0]
     return f"{len(bundles)} x {one(first)}" if all(b == first for b in bundles) else " + ".join(map(one, bundles))
@@ -65,11 +69,19 @@ def describe(bundles: list[dict[str, float]]) -> str:
 
 def cluster_summary(res: dict[str, float]) -> str:
     keys = [k for k in ("CPU", "GPU", "memory") if k in res]
-    return ", ".join(f"{res[k] / 2**30:.0f} GiB memory" if k == "memory" else f"{res[k]:g} {k}" for k in keys) or "nothing"
+    return (
+        ", ".join(f"{res[k] / 2**30:.0f} GiB memory" if k == "memory" else f"{res[k]:g} {k}" for k in keys) or "nothing"
+    )
 
 
-def wait_until_fits(count: Callable[[dict[str, float]], int], bundles: list[dict[str, float]], what: str,
-                    wait_s: float, setting: str, display: Optional[Display] = None) -> int:
+def wait_until_fits(
+    count: Callable[[dict[str, float]], int],
+    bundles: list[dict[str, float]],
+    what: str,
+    wait_s: float,
+    setting: str,
+    display: Optional[Display] = None,
+) -> int:
     """``count(cluster resources)`` once it is at least 1 (how many units fit the cluster). While it is 0: ask
     the autoscaler for ``bundles`` (one unit), report progress, poll; after ``wait_s`` seconds a
     ``PipelineError`` naming ``what`` waited for, the cluster's resources and ``setting``."""
@@ -78,16 +90,20 @@ def wait_until_fits(count: Callable[[dict[str, float]], int], bundles: list[dict
     if fits >= 1:
         return fits
     if wait_s <= 0:
-        raise PipelineError(f"{what} needs {describe(bundles)}, more than the cluster has ({cluster_summary(res)}); "
-                            f"on a cluster that grows, set {setting} to wait for it")
+        raise PipelineError(
+            f"{what} needs {describe(bundles)}, more than the cluster has ({cluster_summary(res)}); "
+            f"on a cluster that grows, set {setting} to wait for it"
+        )
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)
     key, start = f"cluster/{what}", time.monotonic()
     if display is not None:
         display.add(key, f"waiting: {what}")
-        display.log(f"{what} needs {describe(bundles)}; the cluster has {cluster_summary(res)}: asked the "
-                    f"autoscaler, waiting up to {wait_s:.0f} s ({setting})")
+        display.log(
+            f"{what} needs {describe(bundles)}; the cluster has {cluster_summary(res)}: asked the "
+            f"autoscaler, waiting up to {wait_s:.0f} s ({setting})"
+        )
     logged = start
     try:
         while True:
@@ -100,14 +116,18 @@ def wait_until_fits(count: Callable[[dict[str, float]], int], bundles: list[dict
                     display.finish(key, f"the cluster grew in {waited:.0f} s ({cluster_summary(res)})")
                 return fits
             if waited >= wait_s:
-                raise PipelineError(f"{setting}: waited {waited:.0f} s for {what} ({describe(bundles)}); the cluster "
-                                    f"has {cluster_summary(res)}")
+                raise PipelineError(
+                    f"{setting}: waited {waited:.0f} s for {what} ({describe(bundles)}); the cluster "
+                    f"has {cluster_summary(res)}"
+                )
             if display is not None:
                 display.update(key, info=f"{waited:.0f} s of {wait_s:.0f} s; cluster: {cluster_summary(res)}")
                 if time.monotonic() - logged >= LOG_EVERY_S:
                     logged = time.monotonic()
-                    display.log(f"still waiting for {what}: {waited:.0f} s of {wait_s:.0f} s; the cluster has "
-                                f"{cluster_summary(res)}")
+                    display.log(
+                        f"still waiting for {what}: {waited:.0f} s of {wait_s:.0f} s; the cluster has "
+                        f"{cluster_summary(res)}"
+                    )
                 display.heartbeat()
     finally:
         request_resources(bundles=[])  # the work's own placement groups and tasks hold the demand from here

@@ -19,8 +19,9 @@ TRAIN_POLL_INTERVAL_S = "0.2"
 
 
 @ray.remote(num_cpus=0)
-def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path: str, run_name: str,
-                    board: Any) -> dict[str, Any]:
+def run_unlearn_job(
+    spec: dict[str, Any], scaling: dict[str, Any], storage_path: str, run_name: str, board: Any
+) -> dict[str, Any]:
     """Build and fit one ``TorchTrainer`` running ``jobs.unlearn.loop.train_loop_per_worker``.
 
     Launched as a zero-CPU task so that several jobs' ``fit()`` run concurrently; the workers hold the
@@ -51,13 +52,17 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
             train_loop_per_worker,
             train_loop_config={"spec": s.model_dump()},
             torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
-            scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=run_name, storage_path=storage_path,
-                                 callbacks=callbacks,
-                                 # a failed worker group restarts from the latest checkpoint (unlearn.checkpoint_every)
-                                 failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            scaling_config=ScalingConfig(
+                num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"], resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                callbacks=callbacks,
+                # a failed worker group restarts from the latest checkpoint (unlearn.checkpoint_every)
+                failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
         )
         out = Path(s.output_dir)
         (out / FAILED_MARKER).unlink(missing_ok=True)
@@ -77,10 +82,14 @@ def run_unlearn_job(spec: dict[str, Any], scaling: dict[str, Any], storage_path:
     pre_metrics: dict[str, Any] = {}
     for suffix, pre, update in build_method(s.method, s.method_params).pre_jobs(s):
         marker = Path(pre.output_dir) / JOB_MARKER
-        done = json.loads(marker.read_text()) if marker.exists() else fit(pre, str(Path(storage_path) / run_name),
-                                                                          suffix, [])
-        pre_metrics.update({f"{suffix}/{k}": v for k, v in done.get("final_metrics", {}).items()
-                            if isinstance(v, (int, float))})
+        done = (
+            json.loads(marker.read_text())
+            if marker.exists()
+            else fit(pre, str(Path(storage_path) / run_name), suffix, [])
+        )
+        pre_metrics.update(
+            {f"{suffix}/{k}": v for k, v in done.get("final_metrics", {}).items() if isinstance(v, (int, float))}
+        )
         s = s.model_copy(update={"method_params": {**s.method_params, **update}})
     result = fit(s, storage_path, run_name, [ProgressCallback(board, s.name)])
     result["final_metrics"] = {**result.get("final_metrics", {}), **pre_metrics}
@@ -130,11 +139,27 @@ def evaluate_task(spec: dict[str, Any], threads: int = 1, board: Any = None, key
             sent[0] = time.time()
             board.push.remote(key, [{"suite": suite, "what": what, "done": done, "total": total}])
 
-    out = evaluate_model(s.model_path, s.splits, suites=s.suites, template=s.prompt, batch_size=s.batch_size,
-                         max_new_tokens=s.max_new_tokens, max_length=s.max_length, max_examples=s.max_examples,
-                         dtype=s.dtype, suite_options=s.suite_options, attn_implementation=s.attn_implementation,
-                         max_memory=s.max_memory, offload_folder=s.offload_folder,
-                         progress=progress if board is not None else None)
-    out.update(pid=os.getpid(), started=started, ended=time.time(),
-               visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    out = evaluate_model(
+        s.model_path,
+        s.splits,
+        suites=s.suites,
+        template=s.prompt,
+        batch_size=s.batch_size,
+        max_new_tokens=s.max_new_tokens,
+        max_length=s.max_length,
+        max_examples=s.max_examples,
+        dtype=s.dtype,
+        suite_options=s.suite_options,
+        attn_implementation=s.attn_implementation,
+        max_memory=s.max_memory,
+        offload_folder=s.offload_folder,
+        progress=progress if board is not None else None,
+    )
+    out.update(
+        pid=os.getpid(),
+        started=started,
+        ended=time.time(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+    )
     return out

@@ -19,8 +19,18 @@ from pydantic import BaseModel
 
 HASH_LEN = 12
 # Spec fields that change where or how often a job writes, or how fast it runs, not what it computes.
-NOT_IN_KEY = frozenset({"name", "output_dir", "report_interval_s", "checkpoint_every", "threads_per_worker",
-                        "max_shard_size", "max_memory", "offload_folder"})
+NOT_IN_KEY = frozenset(
+    {
+        "name",
+        "output_dir",
+        "report_interval_s",
+        "checkpoint_every",
+        "threads_per_worker",
+        "max_shard_size",
+        "max_memory",
+        "offload_folder",
+    }
+)
 
 
 def digest(*parts: Any) -> str:
@@ -53,8 +63,9 @@ def model_fingerprint(path: str) -> str:
     p = Path(path)
     if not p.is_dir():
         return f"hub:{path}"
-    files = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
-                   for f in p.rglob("*") if f.is_file())
+    files = sorted(
+        (f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()
+    )
     return digest(str(p.resolve()), files)
 
 

@@ -159,7 +159,9 @@ class RunContext:
     events: Events = field(default_factory=Events)
     display: Display = field(default_factory=Display)
     kinds: tuple[JobKind, ...] = (JobKind.SUBSET, JobKind.UNSPLIT)  # the jobs to plan (unsplit: split.baseline)
-    eval_models: Optional[tuple[str, ...]] = None  # models to score (base, oracle, subset/<v>, unsplit, merged); None: all
+    eval_models: Optional[tuple[str, ...]] = (
+        None  # models to score (base, oracle, subset/<v>, unsplit, merged); None: all
+    )
     started: float = 0.0  # perf_counter at the start of the run
     stage_seconds: dict[str, float] = field(default_factory=dict)  # each stage's wall-clock (the cost report)
     run_id: Optional[str] = None  # the MLflow run the report names

@@ -23,10 +23,20 @@ class Display:
         self.tasks: dict[str, Any] = {}
         self.state: dict[str, dict[str, Any]] = {}
         self.last_line = 0.0
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console, transient=False,
-        ) if self.live else None
+        self.progress = (
+            Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            if self.live
+            else None
+        )
 
     def __enter__(self) -> "Display":
         if self.progress:

@@ -40,16 +40,26 @@ def models_to_score(ctx: RunContext) -> dict[str, tuple[str, str]]:
     models.update({j.key: (j.model_dir, j.model_hash) for j in ctx.jobs})
     if ctx.merged is not None:
         models["merged"] = (ctx.merged.path, ctx.merged.hash)
-    return {n: m for n, m in models.items()
-            if (ctx.eval_models is None or n in ctx.eval_models) and n not in ctx.results}
+    return {
+        n: m for n, m in models.items() if (ctx.eval_models is None or n in ctx.eval_models) and n not in ctx.results
+    }
 
 
 def eval_spec(cfg: PipelineConfig, model_path: str, splits: dict[str, str], suite: str) -> EvalSpec:
     e = cfg.eval
-    return EvalSpec(model_path=model_path, splits=splits, suites=[suite], prompt=cfg.data.prompt_format(),
-                    batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_length=cfg.unlearn.max_length,
-                    max_examples=e.max_examples, dtype=cfg.model.dtype,
-                    attn_implementation=cfg.model.attn_implementation, suite_options={suite: e.suite_options(suite)})
+    return EvalSpec(
+        model_path=model_path,
+        splits=splits,
+        suites=[suite],
+        prompt=cfg.data.prompt_format(),
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        max_length=cfg.unlearn.max_length,
+        max_examples=e.max_examples,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        suite_options={suite: e.suite_options(suite)},
+    )
 
 
 def evaluate(ctx: RunContext) -> None:
@@ -65,11 +75,23 @@ def evaluate(ctx: RunContext) -> None:
     for name, (path, model_hash) in ctx.models.items():
         for suite in cfg.eval.suites:
             spec = eval_spec(cfg, path, splits, suite)
-            h = stage_key(spec, model_path=model_hash, splits={n: prep.digests[k] for n, k in keys.items()},
-                          suite_options=suite_options_key(spec))
+            h = stage_key(
+                spec,
+                model_path=model_hash,
+                splits={n: prep.digests[k] for n, k in keys.items()},
+                suite_options=suite_options_key(spec),
+            )
             tasks.append(EvalTask(name, suite, spec, folder / f"{name.replace('/', '-')}-{suite}-{h}.json"))
-    ctx.results.update(run_eval_tasks(tasks, cfg.eval.cpus_per_task, cfg.eval.gpus_per_task, ctx.resume, ctx.display,
-                                      default_wait_s(cfg.scaling.wait_for_resources_s)))
+    ctx.results.update(
+        run_eval_tasks(
+            tasks,
+            cfg.eval.cpus_per_task,
+            cfg.eval.gpus_per_task,
+            ctx.resume,
+            ctx.display,
+            default_wait_s(cfg.scaling.wait_for_resources_s),
+        )
+    )
     add_reference_metrics(ctx.results)
 
 
@@ -83,8 +105,14 @@ class EvalTask:
     cache: Optional[Path] = None  # its result file, reused with ``resume``
 
 
-def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resume: bool = False,
-                   display: Optional[Display] = None, wait_s: float = 0) -> dict[str, dict[str, Any]]:
+def run_eval_tasks(
+    tasks: list[EvalTask],
+    cpus: float = 1,
+    gpus: float = 0,
+    resume: bool = False,
+    display: Optional[Display] = None,
+    wait_s: float = 0,
+) -> dict[str, dict[str, Any]]:
     """Run every (model, suite) task as its own Ray task, as many at once as the cluster's resources allow
     (``cpus``/``gpus`` each; a cluster without room for one is waited for ``wait_s`` seconds), and combine the
     suites of each model: ``{model: {"metrics", "raw",
@@ -98,8 +126,14 @@ def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resu
     display = display or Display()
     if any(not (resume and t.cache is not None and t.cache.exists()) for t in tasks):
         bundle = task_bundle(cpus, gpus)
-        wait_until_fits(lambda res: int(all(res.get(k, 0) >= v for k, v in bundle.items()) and fits_some_node(bundle)),
-                        [bundle], "one eval task", wait_s, "scaling.wait_for_resources_s", display)
+        wait_until_fits(
+            lambda res: int(all(res.get(k, 0) >= v for k, v in bundle.items()) and fits_some_node(bundle)),
+            [bundle],
+            "one eval task",
+            wait_s,
+            "scaling.wait_for_resources_s",
+            display,
+        )
     by_model: dict[str, list[EvalTask]] = {}
     for t in tasks:
         by_model.setdefault(t.model, []).append(t)
@@ -113,9 +147,9 @@ def run_eval_tasks(tasks: list[EvalTask], cpus: float = 1, gpus: float = 0, resu
             parts[t.model][t.suite] = {**json.loads(t.cache.read_text()), "reused": True}
             continue
         board = board or ProgressBoard.remote()
-        ref = evaluate_task.options(**eval_task_options(cpus, gpus, f"eval {t.model} {t.suite}")
-                                    ).remote(t.spec.model_dump(), threads=max(1, int(cpus)), board=board,
-                                             key=t.model)
+        ref = evaluate_task.options(**eval_task_options(cpus, gpus, f"eval {t.model} {t.suite}")).remote(
+            t.spec.model_dump(), threads=max(1, int(cpus)), board=board, key=t.model
+        )
         running[ref] = t
     for m in by_model:
         _eval_progress(display, m, parts[m], len(by_model[m]))
@@ -149,8 +183,9 @@ def show_scoring_progress(display: Display, board: ActorHandle, seen: dict[str, 
         seen[model] = seen.get(model, 0) + len(rows)
         last = rows[-1]
         done = ", ".join(parts[model]) or "no suite"
-        display.update(f"eval/{model}", info=f"{last['suite']}: {last['done']}/{last['total']} rows {last['what']} "
-                                             f"({done} done)")
+        display.update(
+            f"eval/{model}", info=f"{last['suite']}: {last['done']}/{last['total']} rows {last['what']} ({done} done)"
+        )
 
 
 def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -160,8 +195,21 @@ def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for key in ("metrics", "raw", "parts", "n_examples"):
             out[key].update(r.get(key, {}))
         out["seconds"] += r.get("seconds", 0.0)
-        out["suites"][suite] = {k: r.get(k) for k in ("pid", "started", "ended", "seconds", "reused", "tokens", "params",
-                                                      "placement", "visible_devices", "gpu_ids")}
+        out["suites"][suite] = {
+            k: r.get(k)
+            for k in (
+                "pid",
+                "started",
+                "ended",
+                "seconds",
+                "reused",
+                "tokens",
+                "params",
+                "placement",
+                "visible_devices",
+                "gpu_ids",
+            )
+        }
     out["reused"] = all(r.get("reused") for r in parts.values())
     return out
 
@@ -176,9 +224,17 @@ def _eval_progress(display: Display, model: str, parts: dict[str, dict[str, Any]
         display.finish(key, "done: " + ", ".join(f"{s} {r['seconds']:.0f}s" for s, r in parts.items()))
 
 
-def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], options: dict[str, Any],
-                    cpus: float = 1, gpus: float = 0, address: Optional[str] = None, cfg: Optional[PipelineConfig] = None,
-                    display: Optional[Display] = None) -> dict[str, Any]:
+def evaluate_folder(
+    model_path: str,
+    splits: dict[str, str],
+    suites: list[str],
+    options: dict[str, Any],
+    cpus: float = 1,
+    gpus: float = 0,
+    address: Optional[str] = None,
+    cfg: Optional[PipelineConfig] = None,
+    display: Optional[Display] = None,
+) -> dict[str, Any]:
     """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow).
     ``options`` are ``EvalSpec`` fields (prompt, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
     from orchestrator.remote.ray_init import init_ray, start_ray
@@ -191,5 +247,6 @@ def evaluate_folder(model_path: str, splits: dict[str, str], suites: list[str], 
     name = Path(model_path).name or model_path
     tasks = [EvalTask(name, s, EvalSpec(model_path=model_path, splits=splits, suites=[s], **options)) for s in suites]
     with display:
-        return run_eval_tasks(tasks, cpus, gpus, display=display,
-                              wait_s=default_wait_s(cfg.scaling.wait_for_resources_s if cfg else None))[name]
+        return run_eval_tasks(
+            tasks, cpus, gpus, display=display, wait_s=default_wait_s(cfg.scaling.wait_for_resources_s if cfg else None)
+        )[name]

@@ -25,8 +25,10 @@ class Loaded:
     clusters: dict[str, dict] = field(default_factory=dict)  # split.by cluster: subset -> size, top_terms
 
     def counts(self) -> dict[str, int]:
-        return {**{n: len(r) for n, r in self.data.items()},
-                **{Job.key_of(JobKind.SUBSET, k): len(r) for k, r in self.subsets.items()}}
+        return {
+            **{n: len(r) for n, r in self.data.items()},
+            **{Job.key_of(JobKind.SUBSET, k): len(r) for k, r in self.subsets.items()},
+        }
 
 
 def load_data(cfg: PipelineConfig) -> Loaded:
@@ -59,14 +61,22 @@ def load_data(cfg: PipelineConfig) -> Loaded:
         both = {r[key].strip() for r in data["forget"]} & {r.get(key, "").strip() for r in data["retain"]}
         if both:
             what = "question(s)" if key == "question" else "text(s)"
-            notes.append(f"{len(both)} {what} are in both data.forget and data.retain (the method is asked to "
-                         f"forget and keep them), e.g. {sorted(both)[0]!r}")
+            notes.append(
+                f"{len(both)} {what} are in both data.forget and data.retain (the method is asked to "
+                f"forget and keep them), e.g. {sorted(both)[0]!r}"
+            )
     if forget_kind == "text":
         _check_text_forget(cfg)
     s, label = cfg.split, f"data.forget ({cfg.data.forget.label()})"
     if s.by == "cluster":
-        subsets, clusters = cluster_rows(data["forget"], s.clusters, s.seed, label, embedding=s.embedding,
-                                         embedding_model=s.embedding_model or cfg.model.path)
+        subsets, clusters = cluster_rows(
+            data["forget"],
+            s.clusters,
+            s.seed,
+            label,
+            embedding=s.embedding,
+            embedding_model=s.embedding_model or cfg.model.path,
+        )
         return Loaded(data, subsets, notes, clusters)
     return Loaded(data, split_rows(data["forget"], s.attribute, s.groups, s.missing, label, notes), notes)
 
@@ -90,8 +100,10 @@ def _check_text_forget(cfg: PipelineConfig) -> None:
     from jobs.unlearn.methods import get_method
 
     if not get_method(cfg.unlearn.method).takes_text:
-        raise DataError(f"data.forget ({cfg.data.forget.label()}): the rows are raw text, and unlearn.method "
-                        f"{cfg.unlearn.method!r} needs question/answer rows (it builds views of the answers)")
+        raise DataError(
+            f"data.forget ({cfg.data.forget.label()}): the rows are raw text, and unlearn.method "
+            f"{cfg.unlearn.method!r} needs question/answer rows (it builds views of the answers)"
+        )
 
 
 def eval_set_rows(rows: list[dict], columns: dict, label: str) -> list[dict]:
@@ -140,7 +152,12 @@ def prepare(ctx: RunContext) -> None:
     for key, rows in subsets.items():
         subset_files[key] = str(folder / "subsets" / f"{key}.jsonl")
         write_jsonl(subset_files[key], rows)
-    ctx.prep = Prepared(files, subset_files, loaded.counts(),
-                        {n: file_digest(p) for n, p in {**files, **subset_files}.items()}, loaded.clusters,
-                        formats(data))
+    ctx.prep = Prepared(
+        files,
+        subset_files,
+        loaded.counts(),
+        {n: file_digest(p) for n, p in {**files, **subset_files}.items()},
+        loaded.clusters,
+        formats(data),
+    )
     ctx.display.log("prepare: " + ", ".join(f"{k}={v}" for k, v in ctx.prep.counts.items()))

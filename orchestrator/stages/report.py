@@ -19,8 +19,16 @@ from jobs.evaluate.suites import metric_group as suite_metric_group
 from orchestrator.run.context import RunContext
 
 # The headline columns, in order; every other metric follows them in its group (and all are in report.json).
-COLUMNS = ("forget_prob", "forget_rouge", "forget_truth_ratio", "forget_quality",
-           "retain_prob", "retain_rouge", "model_utility", "holdout_prob")
+COLUMNS = (
+    "forget_prob",
+    "forget_rouge",
+    "forget_truth_ratio",
+    "forget_quality",
+    "retain_prob",
+    "retain_rouge",
+    "model_utility",
+    "holdout_prob",
+)
 ORDER = ("base", "oracle", "merged", "unsplit")
 
 GROUP_ORDER = ("Forget", "Utility", "Privacy", "Memorization", "MC", "Other")  # "Other" stays last
@@ -49,8 +57,14 @@ def group_columns(names: Iterable[str]) -> dict[str, list[str]]:
     return {g: groups[g] for g in order if g in groups}
 
 
-def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_id: str, seconds: float,
-                 cost: Optional[dict[str, Any]] = None) -> dict:
+def build_report(
+    results: dict[str, dict[str, Any]],
+    jobs: list,
+    prep: Any,
+    run_id: str,
+    seconds: float,
+    cost: Optional[dict[str, Any]] = None,
+) -> dict:
     models = {name: _clean(results[name]["metrics"]) for name in sorted(results, key=_order)}
     return {
         "models": models,
@@ -59,10 +73,17 @@ def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_
         "mlflow_run_id": run_id,
         "counts": prep.counts,
         **({"clusters": prep.clusters} if getattr(prep, "clusters", None) else {}),  # split.by: cluster
-        "jobs": {j.key: {"output_dir": j.spec.output_dir, "stage_hash": j.hash, "reused": j.reused,
-                         "attempts": j.result.get("attempts"),  # worker-group starts (None when reused)
-                         "final_metrics": j.result.get("final_metrics", {}),
-                         **({"selected": _selected(j.selected)} if j.selected else {})} for j in jobs},
+        "jobs": {
+            j.key: {
+                "output_dir": j.spec.output_dir,
+                "stage_hash": j.hash,
+                "reused": j.reused,
+                "attempts": j.result.get("attempts"),  # worker-group starts (None when reused)
+                "final_metrics": j.result.get("final_metrics", {}),
+                **({"selected": _selected(j.selected)} if j.selected else {}),
+            }
+            for j in jobs
+        },
         "eval_reused": {name: bool(r.get("reused")) for name, r in results.items()},
         **({"relearn": relearn} if (relearn := relearn_summary(models)) else {}),
         **({"cost": cost} if cost else {}),
@@ -73,8 +94,11 @@ def build_report(results: dict[str, dict[str, Any]], jobs: list, prep: Any, run_
 def relearn_summary(models: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The relearn suite's gains of the unlearned models (base and oracle left out) and the model that
     recovers least (the lowest ``relearn_gain``)."""
-    gains = {n: m["relearn_gain"] for n, m in models.items()
-             if n not in ("base", "oracle") and isinstance(m.get("relearn_gain"), (int, float))}
+    gains = {
+        n: m["relearn_gain"]
+        for n, m in models.items()
+        if n not in ("base", "oracle") and isinstance(m.get("relearn_gain"), (int, float))
+    }
     if not gains:
         return None
     return {"gain": gains, "least_recovery": min(gains, key=gains.get)}
@@ -84,9 +108,13 @@ def _selected(sel: dict[str, Any]) -> dict[str, Any]:
     """What report.json says of a job's chosen step: the step and the model, the rule, and every evaluated
     step's objective and metrics."""
     keep = ("step", "last_step", "path", "rule", "objective", "feasible", "stopped_early")
-    return {**_clean({k: sel.get(k) for k in keep}),
-            "candidates": [{**_clean({k: v for k, v in c.items() if k != "metrics"}), "metrics": _clean(c["metrics"])}
-                           for c in sel.get("candidates", [])]}
+    return {
+        **_clean({k: sel.get(k) for k in keep}),
+        "candidates": [
+            {**_clean({k: v for k, v in c.items() if k != "metrics"}), "metrics": _clean(c["metrics"])}
+            for c in sel.get("candidates", [])
+        ],
+    }
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +134,7 @@ def _fmt(v: Any, key: str) -> str:
 def _header(metric: str, group: str) -> str:
     """Drop the prefix the group already says (``forget_prob`` under Forget shows as ``prob``)."""
     prefix = {"Forget": "forget_", "MC": "mc_"}.get(group)
-    short = metric[len(prefix):] if prefix and metric.startswith(prefix) else metric
+    short = metric[len(prefix) :] if prefix and metric.startswith(prefix) else metric
     return short.replace("_", "\n", 1) if len(short) > 10 else short
 
 
@@ -151,12 +179,17 @@ def summary_lines(report: dict) -> list[str]:
     recovered model, the cost."""
     from orchestrator.tracking.costs import describe
 
-    lines = [f"{key}: step {s['step']} of {s['last_step']} chosen by {s['rule']}"
-             + (f" (stopped early at step {s['stopped_early']})" if s.get("stopped_early") else "")
-             for key, j in report.get("jobs", {}).items() if (s := j.get("selected"))]
+    lines = [
+        f"{key}: step {s['step']} of {s['last_step']} chosen by {s['rule']}"
+        + (f" (stopped early at step {s['stopped_early']})" if s.get("stopped_early") else "")
+        for key, j in report.get("jobs", {}).items()
+        if (s := j.get("selected"))
+    ]
     if rl := report.get("relearn"):
-        lines.append(f"relearn: {rl['least_recovery']} recovers least (relearn_gain "
-                     f"{rl['gain'][rl['least_recovery']]:.3g}; " + ", ".join(f"{n} {g:.3g}" for n, g in rl["gain"].items()) + ")")
+        lines.append(
+            f"relearn: {rl['least_recovery']} recovers least (relearn_gain "
+            f"{rl['gain'][rl['least_recovery']]:.3g}; " + ", ".join(f"{n} {g:.3g}" for n, g in rl["gain"].items()) + ")"
+        )
     if report.get("cost"):
         lines.append(describe(report["cost"]))
     return lines
@@ -191,8 +224,9 @@ def write_variants(reports: dict[str, dict], out: Path, console: Console) -> Pat
                 t.add_row(name, model, *(_fmt(m.get(c), c) for c in VARIANT_COLUMNS))
     console.print(t)
     path = out / "variants.json"
-    path.write_text(json.dumps({"rows": rows, "mlflow_run_ids": {n: r["mlflow_run_id"] for n, r in reports.items()}},
-                               indent=2))
+    path.write_text(
+        json.dumps({"rows": rows, "mlflow_run_ids": {n: r["mlflow_run_id"] for n, r in reports.items()}}, indent=2)
+    )
     return path
 
 
@@ -200,8 +234,9 @@ def report(ctx: RunContext) -> None:
     """``ctx.report``: the tables printed, report.json/report.md and the plots written (``ctx.artifacts``)."""
     from orchestrator.tracking.costs import cost_report
 
-    ctx.report = build_report(ctx.results, ctx.jobs, ctx.prep, ctx.run_id,
-                              time.perf_counter() - ctx.started, cost_report(ctx))
+    ctx.report = build_report(
+        ctx.results, ctx.jobs, ctx.prep, ctx.run_id, time.perf_counter() - ctx.started, cost_report(ctx)
+    )
     ctx.artifacts += [(p, None) for p in write_report(ctx.report, ctx.out, ctx.display.console)]
     ctx.artifacts += [(p, "plots") for p in _plots(ctx)]
 
@@ -211,8 +246,12 @@ def _plots(ctx: RunContext) -> list[Path]:
     from orchestrator.tracking.plots import write_plots
 
     try:
-        paths = write_plots(ctx.report["models"], {j.key: j.history + j.curves for j in ctx.jobs}, ctx.out / "plots",
-                            {j.key: j.selected["step"] for j in ctx.jobs if j.selected} or None)
+        paths = write_plots(
+            ctx.report["models"],
+            {j.key: j.history + j.curves for j in ctx.jobs},
+            ctx.out / "plots",
+            {j.key: j.selected["step"] for j in ctx.jobs if j.selected} or None,
+        )
     except Exception as e:  # the report is already written: don't fail the run for a figure
         ctx.display.log(f"warning: plots not written: {type(e).__name__}: {e}")
         return []

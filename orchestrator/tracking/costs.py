@@ -29,13 +29,24 @@ from orchestrator.run.context import Job, Merged, RunContext
 # Published pretraining token counts, matched as a lowercase substring of the model's path or its
 # config's name (the longest match wins). Sources: each model card / paper.
 PRETRAINING_TOKENS: dict[str, float] = {
-    "smollm2-135m": 2e12, "smollm2-360m": 4e12, "smollm2-1.7b": 11e12,
-    "llama-2-7b": 2e12, "llama-2-13b": 2e12, "llama-2-70b": 2e12,
-    "meta-llama-3-8b": 15e12, "llama-3.1-8b": 15e12, "llama-3.1-70b": 15e12,
-    "llama-3.2-1b": 9e12, "llama-3.2-3b": 9e12,
-    "opt-1.3b": 180e9, "opt-2.7b": 180e9, "opt-6.7b": 180e9,
-    "phi-1_5": 150e9, "phi-1.5": 150e9,
-    "pythia": 300e9, "gpt2": 9e9,
+    "smollm2-135m": 2e12,
+    "smollm2-360m": 4e12,
+    "smollm2-1.7b": 11e12,
+    "llama-2-7b": 2e12,
+    "llama-2-13b": 2e12,
+    "llama-2-70b": 2e12,
+    "meta-llama-3-8b": 15e12,
+    "llama-3.1-8b": 15e12,
+    "llama-3.1-70b": 15e12,
+    "llama-3.2-1b": 9e12,
+    "llama-3.2-3b": 9e12,
+    "opt-1.3b": 180e9,
+    "opt-2.7b": 180e9,
+    "opt-6.7b": 180e9,
+    "phi-1_5": 150e9,
+    "phi-1.5": 150e9,
+    "pythia": 300e9,
+    "gpt2": 9e9,
 }
 
 COST_FILE = "cost.json"  # a finished job's cost, kept beside its model (a resumed run counts it again)
@@ -85,8 +96,9 @@ def job_cost(history: list[dict[str, Any]], result: dict[str, Any], scaling: Sca
     params = float(result.get("final_metrics", {}).get("params") or 0)
     per_worker = scaling.gpus_per_worker if scaling.use_gpu else scaling.cpus_per_worker
     seconds = float(result.get("seconds") or 0)
-    return entry(seconds * scaling.num_workers * per_worker, tokens, 6.0 * params * tokens, seconds=seconds,
-                 params=params)
+    return entry(
+        seconds * scaling.num_workers * per_worker, tokens, 6.0 * params * tokens, seconds=seconds, params=params
+    )
 
 
 def record_job_cost(job: Job, scaling: ScalingConfig) -> dict[str, Any]:
@@ -116,8 +128,11 @@ def cost_report(ctx: RunContext) -> dict[str, Any]:
     cfg, e = ctx.cfg, ctx.cfg.eval
     jobs = {j.key: j.cost for j in ctx.jobs if j.cost}
     select = {j.key: add(*j.select_costs) for j in ctx.jobs if j.select_costs}
-    evals = {name: add(*(eval_cost(s, e.cpus_per_task, e.gpus_per_task) for s in res.get("suites", {}).values()))
-             for name, res in ctx.results.items() if name in ctx.models}
+    evals = {
+        name: add(*(eval_cost(s, e.cpus_per_task, e.gpus_per_task) for s in res.get("suites", {}).values()))
+        for name, res in ctx.results.items()
+        if name in ctx.models
+    }
     stages = {
         "prepare": entry(ctx.stage_seconds.get("prepare", 0.0)),
         "unlearn": add(*jobs.values()),
@@ -132,9 +147,17 @@ def cost_report(ctx: RunContext) -> dict[str, Any]:
     else:
         known = known_pretraining_tokens(*_model_names(cfg.model.path))
         tokens, source = (known[0], f"table: {known[1]}") if known else (None, None)
-    out: dict[str, Any] = {"device": "gpu" if cfg.scaling.use_gpu else "cpu", "stages": stages, "jobs": jobs,
-                           "select": select, "evaluate": evals, "total": total, "params": params,
-                           "pretraining_tokens": tokens, "pretraining_tokens_source": source}
+    out: dict[str, Any] = {
+        "device": "gpu" if cfg.scaling.use_gpu else "cpu",
+        "stages": stages,
+        "jobs": jobs,
+        "select": select,
+        "evaluate": evals,
+        "total": total,
+        "params": params,
+        "pretraining_tokens": tokens,
+        "pretraining_tokens_source": source,
+    }
     if tokens and params:
         retrain = 6.0 * params * tokens
         unlearning = stages["unlearn"]["flops"] + stages["select"]["flops"]
@@ -147,13 +170,21 @@ def cost_report(ctx: RunContext) -> dict[str, Any]:
 def describe(cost: dict[str, Any]) -> str:
     """The report's one line on cost."""
     t = cost["total"]
-    parts = ", ".join(f"{s} {cost['stages'][s]['flops']:.3g}" for s in ("unlearn", "select", "evaluate")
-                      if s != "select" or cost["stages"][s]["flops"])
-    line = f"cost: {t['device_s']:.0f} {cost['device']}-seconds, {t['tokens']:.3g} tokens, {t['flops']:.3g} FLOPs ({parts})"
+    parts = ", ".join(
+        f"{s} {cost['stages'][s]['flops']:.3g}"
+        for s in ("unlearn", "select", "evaluate")
+        if s != "select" or cost["stages"][s]["flops"]
+    )
+    line = (
+        f"cost: {t['device_s']:.0f} {cost['device']}-seconds, {t['tokens']:.3g} tokens, {t['flops']:.3g} FLOPs "
+        f"({parts})"
+    )
     if cost.get("retrain_flops"):
-        line += (f"; retraining {cost['params']:.3g} params on {cost['pretraining_tokens']:.3g} tokens "
-                 f"({cost['pretraining_tokens_source']}) = {cost['retrain_flops']:.3g} FLOPs, "
-                 f"{cost['retrain_vs_unlearning']:.3g}x the unlearning, {cost['retrain_vs_pipeline']:.3g}x the pipeline")
+        line += (
+            f"; retraining {cost['params']:.3g} params on {cost['pretraining_tokens']:.3g} tokens "
+            f"({cost['pretraining_tokens_source']}) = {cost['retrain_flops']:.3g} FLOPs, "
+            f"{cost['retrain_vs_unlearning']:.3g}x the unlearning, {cost['retrain_vs_pipeline']:.3g}x the pipeline"
+        )
     else:
         line += "; no retraining estimate (set report.pretraining_tokens)"
     return line

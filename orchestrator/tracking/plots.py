@@ -57,13 +57,17 @@ def scatter_figure(models: dict[str, dict[str, Any]]) -> Optional[Figure]:
     return fig
 
 
-def loss_curves_figure(histories: dict[str, list[dict[str, Any]]],
-                       selected: Optional[dict[str, int]] = None) -> Optional[Figure]:
+def loss_curves_figure(
+    histories: dict[str, list[dict[str, Any]]], selected: Optional[dict[str, int]] = None
+) -> Optional[Figure]:
     """One panel per loss part present (loss, forget_loss, retain_loss) and per eval curve present
     (``EVAL_KEYS``: rows of ``unlearn.eval_every``), one line per unlearning job, over step; a job's step
     chosen by ``unlearn.select`` (``selected``) is a star on its eval curves."""
-    keys = [k for k in (*LOSS_KEYS, *EVAL_KEYS)
-            if any(_num(r.get(k)) is not None for rows in histories.values() for r in rows)]
+    keys = [
+        k
+        for k in (*LOSS_KEYS, *EVAL_KEYS)
+        if any(_num(r.get(k)) is not None for rows in histories.values() for r in rows)
+    ]
     if not keys:
         return None
     cols = min(len(keys), 4)
@@ -75,8 +79,14 @@ def loss_curves_figure(histories: dict[str, list[dict[str, Any]]],
             pts = [(int(r["step"]), _num(r.get(key))) for r in rows if "step" in r and _num(r.get(key)) is not None]
             if not pts:
                 continue
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=job, linewidth=1.2,
-                            marker="o" if key in EVAL_KEYS else None, markersize=3)
+            (line,) = ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=job,
+                linewidth=1.2,
+                marker="o" if key in EVAL_KEYS else None,
+                markersize=3,
+            )
             best = (selected or {}).get(job)
             if key in EVAL_KEYS and best is not None and best in dict(pts):
                 ax.plot([best], [dict(pts)[best]], marker="*", markersize=12, color=line.get_color())
@@ -84,7 +94,7 @@ def loss_curves_figure(histories: dict[str, list[dict[str, Any]]],
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in flat[len(keys):]:
+    for ax in flat[len(keys) :]:
         ax.set_visible(False)
     flat[0].legend(fontsize=8)
     fig.suptitle("unlearning loss curves" + (" and scored steps (star: the chosen step)" if selected else ""))
@@ -120,16 +130,22 @@ def attribute_accuracy_figure(models: dict[str, dict[str, Any]]) -> Optional[Fig
     return fig
 
 
-def write_plots(models: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]],
-                folder: Path, selected: Optional[dict[str, int]] = None) -> list[Path]:
+def write_plots(
+    models: dict[str, dict[str, Any]],
+    histories: dict[str, list[dict[str, Any]]],
+    folder: Path,
+    selected: Optional[dict[str, int]] = None,
+) -> list[Path]:
     """Save ``scatter.png``, ``loss_curves.png`` and ``attribute_accuracy.png`` (each when there is
     something to plot) into ``folder``; return the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for fname, fig in (("scatter.png", scatter_figure(models)),
-                       ("loss_curves.png", loss_curves_figure(histories, selected)),
-                       ("attribute_accuracy.png", attribute_accuracy_figure(models))):
+    for fname, fig in (
+        ("scatter.png", scatter_figure(models)),
+        ("loss_curves.png", loss_curves_figure(histories, selected)),
+        ("attribute_accuracy.png", attribute_accuracy_figure(models)),
+    ):
         if fig is None:
             continue
         path = folder / fname

@@ -22,6 +22,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 class TrackingError(PipelineError):
     """The MLflow tracking store failed; the message names it (its URI, a password hidden)."""
+
+
 MAX_PARAM_LEN = 6000
 
 
@@ -43,8 +45,11 @@ class Tracker:
         self.experiment_id = exp.experiment_id if exp else self._call(self.client.create_experiment, experiment)
         tags = dict(tags or {})
         # runs a driver left RUNNING when it was killed outright (SIGKILL, a lost node) end as KILLED here
-        self.ended_stale = self._call(end_stale_runs, self.client, self.experiment_id, tags["spunge.output_dir"]) \
-            if "spunge.output_dir" in tags else []
+        self.ended_stale = (
+            self._call(end_stale_runs, self.client, self.experiment_id, tags["spunge.output_dir"])
+            if "spunge.output_dir" in tags
+            else []
+        )
         tags.update({"spunge.driver_host": socket.gethostname(), "spunge.driver_pid": str(os.getpid())})
         self.parent = self._call(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = self.parent.info.run_id
@@ -57,9 +62,10 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise TrackingError(f"MLflow at {self.public_uri}: {type(e).__name__}: {lines[0] if lines else ''}; "
-                                "finished stages are kept: bring the tracking store back and re-run with --resume"
-                                ) from None
+            raise TrackingError(
+                f"MLflow at {self.public_uri}: {type(e).__name__}: {lines[0] if lines else ''}; "
+                "finished stages are kept: bring the tracking store back and re-run with --resume"
+            ) from None
 
     @property
     def public_uri(self) -> str:
@@ -69,8 +75,12 @@ class Tracker:
     def child(self, name: str, tags: Optional[dict[str, str]] = None) -> str:
         """Create (once) the nested run ``name`` and return its id."""
         if name not in self.children:
-            run = self._call(self.client.create_run, self.experiment_id, run_name=name,
-                             tags={"mlflow.parentRunId": self.parent_id, **(tags or {})})
+            run = self._call(
+                self.client.create_run,
+                self.experiment_id,
+                run_name=name,
+                tags={"mlflow.parentRunId": self.parent_id, **(tags or {})},
+            )
             self.children[name] = run.info.run_id
         return self.children[name]
 
@@ -147,8 +157,9 @@ class MlflowEvents(Events):
         self.tracker.log_history(self.tracker.child(job.run_name), rows)
 
     def job_eval(self, job: Job, step: int, metrics: dict[str, Any]) -> None:
-        self.tracker.log_metrics(self.tracker.child(job.run_name), {f"eval/{k}": v for k, v in metrics.items()},
-                                 step=step)
+        self.tracker.log_metrics(
+            self.tracker.child(job.run_name), {f"eval/{k}": v for k, v in metrics.items()}, step=step
+        )
 
     def job_done(self, job: Job) -> None:
         run_id = self.tracker.child(job.run_name)
@@ -157,18 +168,32 @@ class MlflowEvents(Events):
         if job.selected:
             sel = job.selected
             self.tracker.log_metrics(run_id, {"selected_step": sel["step"], "selected_objective": sel["objective"]})
-            self.tracker.set_tags(run_id, {"spunge.selected_step": sel["step"], "spunge.select_rule": sel["rule"],
-                                           "spunge.selected_path": sel["path"]})
-        self.tracker.set_tags(run_id, {"spunge.reused": job.reused, "spunge.output_dir": job.spec.output_dir,
-                                       **({"spunge.attempts": job.result["attempts"]} if "attempts" in job.result else {})})
+            self.tracker.set_tags(
+                run_id,
+                {
+                    "spunge.selected_step": sel["step"],
+                    "spunge.select_rule": sel["rule"],
+                    "spunge.selected_path": sel["path"],
+                },
+            )
+        self.tracker.set_tags(
+            run_id,
+            {
+                "spunge.reused": job.reused,
+                "spunge.output_dir": job.spec.output_dir,
+                **({"spunge.attempts": job.result["attempts"]} if "attempts" in job.result else {}),
+            },
+        )
         self.tracker.end(run_id)
 
     def stage_started(self, stage: str, ctx: RunContext) -> None:
         if stage == "merge":
             m = ctx.cfg.merge
             run_id = self.tracker.child("merge", tags={"spunge.stage": "merge"})
-            self.tracker.log_params(run_id, flatten({"method": m.method, "parameters": m.parameters,
-                                                     "model_parameters": m.model_parameters}))
+            self.tracker.log_params(
+                run_id,
+                flatten({"method": m.method, "parameters": m.parameters, "model_parameters": m.model_parameters}),
+            )
 
     def stage_done(self, stage: str, ctx: RunContext) -> None:
         getattr(self, f"_{stage}_done", lambda ctx: None)(ctx)
@@ -183,14 +208,17 @@ class MlflowEvents(Events):
         t.log_artifact(run_id, Path(merged.path) / MERGE_MARKER)
         if ctx.cfg.tracking.log_models:
             t.log_artifact(run_id, merged.path, "merged_model")
-        t.set_tags(run_id, {"spunge.stage_hash": merged.hash, "spunge.reused": merged.reused,
-                            "spunge.output_dir": merged.path})
+        t.set_tags(
+            run_id, {"spunge.stage_hash": merged.hash, "spunge.reused": merged.reused, "spunge.output_dir": merged.path}
+        )
         t.end(run_id)
 
     def _evaluate_done(self, ctx: RunContext) -> None:
         for name, (path, _) in ctx.models.items():
             res = ctx.results[name]
-            run_id = self.tracker.child(f"eval/{name}", tags={"spunge.stage": "eval", "spunge.reused": str(res["reused"])})
+            run_id = self.tracker.child(
+                f"eval/{name}", tags={"spunge.stage": "eval", "spunge.reused": str(res["reused"])}
+            )
             self.tracker.log_params(run_id, {"model_path": path, "suites": ",".join(ctx.cfg.eval.suites)})
             self.tracker.log_metrics(run_id, res["metrics"])
             self.tracker.log_metrics(run_id, {f"seconds.{s}": r["seconds"] for s, r in res["suites"].items()})
@@ -204,10 +232,17 @@ class MlflowEvents(Events):
             t.log_metrics(t.parent_id, {f"{model.replace('/', '.')}.{k}": v for k, v in metrics.items()})
         cost = ctx.report.get("cost")
         if cost:
-            t.log_metrics(t.parent_id, {**{f"cost.total.{k}": v for k, v in cost["total"].items()},
-                                        **{f"cost.{s}.{k}": v for s, c in cost["stages"].items() for k, v in c.items()},
-                                        **{f"cost.{k}": cost.get(k) for k in ("retrain_flops", "retrain_vs_pipeline",
-                                                                             "retrain_vs_unlearning", "params")}})
+            t.log_metrics(
+                t.parent_id,
+                {
+                    **{f"cost.total.{k}": v for k, v in cost["total"].items()},
+                    **{f"cost.{s}.{k}": v for s, c in cost["stages"].items() for k, v in c.items()},
+                    **{
+                        f"cost.{k}": cost.get(k)
+                        for k in ("retrain_flops", "retrain_vs_pipeline", "retrain_vs_unlearning", "params")
+                    },
+                },
+            )
 
     def run_ended(self, ctx: RunContext, status: str) -> None:
         try:
@@ -243,8 +278,11 @@ def end_stale_runs(client: Any, experiment_id: str, output_dir: str) -> list[str
     for run in client.search_runs([experiment_id], query, max_results=1000):
         if "mlflow.parentRunId" in run.data.tags or _driver_alive(run.data.tags):
             continue
-        nested = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
-                                                     "and attributes.status = 'RUNNING'", max_results=10000)
+        nested = client.search_runs(
+            [experiment_id],
+            f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+            max_results=10000,
+        )
         for r in [*nested, run]:
             client.set_terminated(r.info.run_id, status="KILLED")
             ended.append(r.info.run_id)

@@ -156,6 +156,7 @@ def with_retain(model: Any, batch: dict, loss: torch.Tensor, metrics: dict, alph
     """``loss + alpha * NLL(retain)`` when alpha > 0 and a retain batch is there (records ``retain_loss``,
     detached); the retain term is a ``plus_later`` term."""
     if alpha > 0 and batch.get("retain") is not None:
+
         def retain_term() -> torch.Tensor:
             retain = mean_nll(model, batch["retain"])
             metrics["retain_loss"] = retain.detach()

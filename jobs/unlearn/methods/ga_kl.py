@@ -56,8 +56,9 @@ class GAKL(Method):
             logits, labels = target_logits(model, batch["retain"])
             with torch.no_grad():
                 ref_logits, _ = target_logits(ref_model, batch["retain"])
-                metrics["retain_loss"] = (torch.nn.functional.cross_entropy(logits, labels) if len(labels)
-                                          else logits.sum() * 0.0)
+                metrics["retain_loss"] = (
+                    torch.nn.functional.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+                )
             kl = token_kl(ref_logits, logits)
             metrics["kl"] = kl.detach()
             return self.params.alpha * kl

@@ -46,12 +46,19 @@ IDK_ANSWERS = [
 
 class IdkDPOParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    beta: float = Field(0.05, gt=0, description="inverse temperature of the preference loss (open-unlearning: 0.1; "
-                                                "lower: the forget answers must supply more of the margin)")
+    beta: float = Field(
+        0.05,
+        gt=0,
+        description="inverse temperature of the preference loss (open-unlearning: 0.1; "
+        "lower: the forget answers must supply more of the margin)",
+    )
     gamma: float = Field(1.0, ge=0, description="weight of the forget (DPO) term")
     alpha: float = Field(1.0, ge=0, description="weight of the retain NLL term (0 turns it off)")
-    idk_answers: list[str] = Field(default_factory=lambda: list(IDK_ANSWERS), min_length=1,
-                                   description="refusals; each forget row is paired with one drawn at random")
+    idk_answers: list[str] = Field(
+        default_factory=lambda: list(IDK_ANSWERS),
+        min_length=1,
+        description="refusals; each forget row is paired with one drawn at random",
+    )
 
 
 def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta: float) -> torch.Tensor:

@@ -100,29 +100,50 @@ from jobs.unlearn.methods.base import LossOutput, Method, plus_later, ranks_mean
 
 class RMUParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    layer: Optional[int] = Field(None, ge=0, description="decoder layer whose output is steered (absolute index); "
-                                                         "None: floor(layer_fraction * num_hidden_layers)")
-    layer_fraction: float = Field(0.5, ge=0, le=1, description="the steered layer relative to depth, used when "
-                                                               "`layer` is None: floor(fraction x layers), the "
-                                                               "middle by default (WMDP's layer 7 of 32: 0.22)")
+    layer: Optional[int] = Field(
+        None,
+        ge=0,
+        description="decoder layer whose output is steered (absolute index); "
+        "None: floor(layer_fraction * num_hidden_layers)",
+    )
+    layer_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="the steered layer relative to depth, used when "
+        "`layer` is None: floor(fraction x layers), the "
+        "middle by default (WMDP's layer 7 of 32: 0.22)",
+    )
     steering: Optional[Literal["fixed", "adaptive"]] = Field(
-        None, description="adaptive: c = adaptive_scale x the mean activation norm at `layer` of the frozen model "
-                          "on the forget set (Dang et al. 2024); fixed: c = steering_coeff (WMDP); None: fixed "
-                          "when steering_coeff is given, else adaptive")
-    adaptive_scale: float = Field(5.0, gt=0, description="adaptive steering: c / mean activation norm (the "
-                                                         "adaptive RMU code's --scale)")
-    steering_coeff: float = Field(6.5, gt=0, description="fixed steering: the norm of the target vector c*u; scale "
-                                                         "it with the norm of the activations at `layer`")
-    alpha: float = Field(100.0, ge=0, description="weight of the retain (activation-matching) term (WMDP's "
-                                                  "script default)")
+        None,
+        description="adaptive: c = adaptive_scale x the mean activation norm at `layer` of the frozen model "
+        "on the forget set (Dang et al. 2024); fixed: c = steering_coeff (WMDP); None: fixed "
+        "when steering_coeff is given, else adaptive",
+    )
+    adaptive_scale: float = Field(
+        5.0, gt=0, description="adaptive steering: c / mean activation norm (the adaptive RMU code's --scale)"
+    )
+    steering_coeff: float = Field(
+        6.5,
+        gt=0,
+        description="fixed steering: the norm of the target vector c*u; scale "
+        "it with the norm of the activations at `layer`",
+    )
+    alpha: float = Field(
+        100.0, ge=0, description="weight of the retain (activation-matching) term (WMDP's script default)"
+    )
     gamma: float = Field(1.0, ge=0, description="weight of the forget (steering) term")
-    trainable_layers: Optional[list[int]] = Field(None, description="layers whose parameters train; "
-                                                                    "None: [layer-2, layer-1, layer] clipped at 0")
+    trainable_layers: Optional[list[int]] = Field(
+        None, description="layers whose parameters train; None: [layer-2, layer-1, layer] clipped at 0"
+    )
     trainable_params: Literal["mlp", "down_proj", "all"] = Field(
-        "mlp", description="mlp: mlp.* of those layers; down_proj: mlp.down_proj.weight only (WMDP, "
-                           "open-unlearning); all: every parameter of those layers")
+        "mlp",
+        description="mlp: mlp.* of those layers; down_proj: mlp.down_proj.weight only (WMDP, "
+        "open-unlearning); all: every parameter of those layers",
+    )
     tokens: Literal["answer", "all"] = Field(
-        "answer", description="answer: tokens with a label (open-unlearning); all: every non-padding token")
+        "answer", description="answer: tokens with a label (open-unlearning); all: every non-padding token"
+    )
     seed: int = Field(0, description="seed of the random control vector u")
 
     @model_validator(mode="after")
@@ -260,7 +281,8 @@ class RMU(Method):
             if bad:
                 raise ValueError(
                     f"rmu: trainable_layers {bad} must lie in 0..{layer} (layer): layers above the steered "
-                    "layer do not affect the loss")
+                    "layer do not affect the loss"
+                )
         self.layer, self.trainable_layers = layer, trainable
 
     def _selected(self, name: str) -> bool:
@@ -283,8 +305,10 @@ class RMU(Method):
                     param.requires_grad_(True)
                     chosen += 1
         if not chosen:
-            raise ValueError(f"rmu: trainable_params {self.params.trainable_params!r} selects no parameter of "
-                             f"layers {self.trainable_layers}")
+            raise ValueError(
+                f"rmu: trainable_params {self.params.trainable_params!r} selects no parameter of "
+                f"layers {self.trainable_layers}"
+            )
         self.trainable_names = [n for n, p in hf.named_parameters() if p.requires_grad]
 
     # ----- the loss -------------------------------------------------------------------------------------
@@ -330,8 +354,11 @@ class RMU(Method):
         target = self.target(h, h.shape[-1])
         forget_mse = activation_mse(h, target, token_mask(forget, p.tokens))
         loss = p.gamma * forget_mse
-        metrics = {"forget_loss": forget_mse.detach(), "unlearn_loss": (p.gamma * forget_mse).detach(),
-                   "steering_coeff": coeff}
+        metrics = {
+            "forget_loss": forget_mse.detach(),
+            "unlearn_loss": (p.gamma * forget_mse).detach(),
+            "steering_coeff": coeff,
+        }
         with torch.no_grad():
             nll, n = sequence_nll(out.logits, forget["labels"])
             metrics["forget_nll"] = token_mean(nll.sum(), n, forget)
@@ -339,6 +366,7 @@ class RMU(Method):
 
         retain = batch.get("retain")
         if retain is not None:
+
             def retain_term():
                 with torch.set_grad_enabled(p.alpha > 0 and torch.is_grad_enabled()):
                     h_r, _ = capture(model, module, retain)

@@ -32,7 +32,7 @@ class SatImpParams(BaseModel):
 
 
 def satimp_weight(p: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    return p ** beta1 * (1.0 - p) ** beta2
+    return p**beta1 * (1.0 - p) ** beta2
 
 
 @register("satimp")

@@ -56,7 +56,7 @@ class WGA(Method):
     def loss(self, model, batch, ref_model=None):
         nll = target_nll(model, batch["forget"])
         p = torch.exp(-nll.detach())
-        forget = weighted_ascent(nll, p ** self.params.beta)
+        forget = weighted_ascent(nll, p**self.params.beta)
         metrics = {"forget_loss": safe_mean(nll.detach()), "wga_loss": forget.detach()}
         loss = self.params.gamma * forget
         return LossOutput(with_retain(model, batch, loss, metrics, self.params.alpha), metrics)

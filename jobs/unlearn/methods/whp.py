@@ -77,8 +77,9 @@ def translate(text: str, anchors: dict[str, str]) -> str:
     """Replace every anchored term (whole words, longest first) by its generic term."""
     if not anchors:
         return text
-    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(k) for k in sorted(anchors, key=len, reverse=True))
-                         + r")(?!\w)")
+    pattern = re.compile(
+        r"(?<!\w)(" + "|".join(re.escape(k) for k in sorted(anchors, key=len, reverse=True)) + r")(?!\w)"
+    )
     return pattern.sub(lambda m: anchors[m.group(1)], text)
 
 
@@ -88,8 +89,9 @@ def generic_logits(base: torch.Tensor, reinforced: torch.Tensor, beta: float) ->
     return base - beta * torch.relu(reinforced - base)
 
 
-def generic_kl(logits: torch.Tensor, base: torch.Tensor, reinforced: torch.Tensor, labels: torch.Tensor,
-               beta: float) -> torch.Tensor:
+def generic_kl(
+    logits: torch.Tensor, base: torch.Tensor, reinforced: torch.Tensor, labels: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Mean over target positions of KL(softmax(v_generic) || softmax(logits)) (float32, 0-d; 0 with a graph
     when there is no target). As in ``generic_labels``, the logits at position t predict token t+1, so the
     positions that count are those t whose label at t+1 is a target."""
@@ -114,19 +116,26 @@ def generic_labels(base: torch.Tensor, reinforced: torch.Tensor, labels: torch.T
 
 class WHPParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    beta: float = Field(5.0, ge=0, description="WHP coefficient on ReLU(v_reinforced - v_base) (the paper's alpha, "
-                                               "5 there)")
+    beta: float = Field(
+        5.0, ge=0, description="WHP coefficient on ReLU(v_reinforced - v_base) (the paper's alpha, 5 there)"
+    )
     targets: Literal["hard", "soft"] = Field(
-        "soft", description="soft: KL to softmax(v_generic) at every answer token; hard: NLL of argmax v_generic "
-                            "(the paper's generic labels)")
+        "soft",
+        description="soft: KL to softmax(v_generic) at every answer token; hard: NLL of argmax v_generic "
+        "(the paper's generic labels)",
+    )
     alpha: float = Field(0.0, ge=0, description="weight of the retain NLL term (0 turns it off)")
-    anchors: Optional[str] = Field(None, description="JSON file {idiosyncratic term: generic term}; relative to "
-                                                     "the config file; None: no translation")
+    anchors: Optional[str] = Field(
+        None,
+        description="JSON file {idiosyncratic term: generic term}; relative to the config file; None: no translation",
+    )
     reinforce_epochs: float = Field(3.0, gt=0, description="epochs of the reinforcement job on the forget set")
     reinforce_steps: Optional[int] = Field(None, gt=0, description="steps of the reinforcement job (overrides epochs)")
     reinforce_lr: Optional[float] = Field(None, gt=0, description="lr of the reinforcement job (default: the job's)")
-    reinforced: Optional[str] = Field(None, description="an existing reinforced model folder (skips step 1); set "
-                                                        "by the runner after the reinforcement job")
+    reinforced: Optional[str] = Field(
+        None,
+        description="an existing reinforced model folder (skips step 1); set by the runner after the reinforcement job",
+    )
     phase: Literal["unlearn", "reinforce"] = Field("unlearn", description="internal: which step this job runs")
 
     @field_validator("anchors")
@@ -160,9 +169,13 @@ class WhosHarryPotter(Method):
             return []
         out = str(Path(spec.output_dir) / "reinforced")
         update: dict[str, Any] = {
-            "name": f"{spec.name}/reinforced", "output_dir": out, "retain_path": None, "localize": None,
+            "name": f"{spec.name}/reinforced",
+            "output_dir": out,
+            "retain_path": None,
+            "localize": None,
             "method_params": {**spec.method_params, "phase": "reinforce"},
-            "epochs": p.reinforce_epochs, "max_steps": p.reinforce_steps,
+            "epochs": p.reinforce_epochs,
+            "max_steps": p.reinforce_steps,
         }
         if p.reinforce_lr is not None:
             update["optimizer"] = spec.optimizer.model_copy(update={"lr": p.reinforce_lr})

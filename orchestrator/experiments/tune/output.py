@@ -54,8 +54,14 @@ def write_trials(rows: list[dict[str, Any]], spec: TuneSection, out: Path, conso
         w.writeheader()
         w.writerows(rows)
     md = out / "trials.md"
-    md.write_text(f"# spunge tune: {spec.objective.describe()}\n\n| " + " | ".join(cols) + " |\n|"
-                  + "---|" * len(cols) + "\n" + "".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n" for r in rows))
+    md.write_text(
+        f"# spunge tune: {spec.objective.describe()}\n\n| "
+        + " | ".join(cols)
+        + " |\n|"
+        + "---|" * len(cols)
+        + "\n"
+        + "".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
+    )
     return [csv_path, md]
 
 
@@ -63,15 +69,18 @@ def write_best_config(cfg: PipelineConfig, best: dict[str, Any], spec: TuneSecti
     """``<output_dir>/best_config.yaml``: the base pipeline with the best trial's values, runnable as is
     (``spunge run``), writing to ``<output_dir>/best`` under the name ``<name>-best``."""
     values = {p: best[p] for p in spec.space}
-    raw = apply_overrides(cfg.model_dump(mode="json"), {**values, "name": f"{cfg.name}-best",
-                                                         "storage.output_dir": str(out / "best")})
+    raw = apply_overrides(
+        cfg.model_dump(mode="json"), {**values, "name": f"{cfg.name}-best", "storage.output_dir": str(out / "best")}
+    )
     best_cfg = parse_config(raw, out, "best_config.yaml")
     path = out / "best_config.yaml"
-    header = [f"# spunge tune best config: trial {best['trial_id']} of {cfg.name!r}",
-              f"# objective: {spec.objective.describe()}",
-              f"# objective value {best['objective']:.6g} (raw {best['objective_raw']:.6g}, "
-              f"{'feasible' if best['feasible'] else 'INFEASIBLE'})",
-              *[f"# {p}: {v!r}" for p, v in values.items()],
-              "# run it: spunge run best_config.yaml"]
+    header = [
+        f"# spunge tune best config: trial {best['trial_id']} of {cfg.name!r}",
+        f"# objective: {spec.objective.describe()}",
+        f"# objective value {best['objective']:.6g} (raw {best['objective_raw']:.6g}, "
+        f"{'feasible' if best['feasible'] else 'INFEASIBLE'})",
+        *[f"# {p}: {v!r}" for p, v in values.items()],
+        "# run it: spunge run best_config.yaml",
+    ]
     path.write_text("\n".join(header) + "\n" + config_yaml(best_cfg))
     return path

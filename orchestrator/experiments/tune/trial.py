@@ -63,8 +63,14 @@ class TrialEvents(Events):
         return out
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], tune_spec: dict[str, Any], reference: dict[str, Any],
-              out_dir: str, max_jobs: int) -> None:
+def run_trial(
+    config: dict[str, Any],
+    base: dict[str, Any],
+    tune_spec: dict[str, Any],
+    reference: dict[str, Any],
+    out_dir: str,
+    max_jobs: int,
+) -> None:
     """One trial: the pipeline with ``config``'s values (dotted paths), scored by the objective."""
     from ray import tune
 
@@ -83,12 +89,21 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_spec: dict[str,
     with open(out / "trial.log", "w") as log:
         display = Display(Console(file=log, width=160))
         with display:
-            ctx = RunContext(cfg, out, events=events, display=display,
-                             kinds=(JobKind.SUBSET,) if merged else (JobKind.UNSPLIT,), eval_models=(scored,),
-                             results={n: dict(r) for n, r in reference.items()})
+            ctx = RunContext(
+                cfg,
+                out,
+                events=events,
+                display=display,
+                kinds=(JobKind.SUBSET,) if merged else (JobKind.UNSPLIT,),
+                eval_models=(scored,),
+                results={n: dict(r) for n, r in reference.items()},
+            )
             run_stages(ctx, ["prepare", "unlearn", *(["merge"] if merged else []), "evaluate"])
-    metrics = {k: v for k, v in ctx.results[scored]["metrics"].items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {
+        k: v
+        for k, v in ctx.results[scored]["metrics"].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     final = {**events.progress(), **metrics, **objective_value(spec.objective, metrics, reference["base"]["metrics"])}
     (out / "trial.json").write_text(json.dumps({"trial_id": trial_id, "config": config, "metrics": final}, indent=1))
     tune.report(final)

@@ -41,8 +41,9 @@ def merge_memory(cfg: PipelineConfig, subsets: Sequence[str]) -> tuple[int, str]
     dtype_bytes = DTYPES[cfg.model.dtype].itemsize
     floating = {name: shape for name, (code, shape) in tensors.items() if code.startswith(("F", "BF"))}
     numel = {name: math.prod(shape) for name, (_, shape) in tensors.items()}
-    model_bytes = sum(n * (dtype_bytes if name in floating else _code_bytes(tensors[name][0]))
-                      for name, n in numel.items())
+    model_bytes = sum(
+        n * (dtype_bytes if name in floating else _code_bytes(tensors[name][0])) for name, n in numel.items()
+    )
     largest = max((numel[name] for name in floating), default=0)
     lora = cfg.unlearn.lora
     if lora is not None:
@@ -50,15 +51,26 @@ def merge_memory(cfg: PipelineConfig, subsets: Sequence[str]) -> tuple[int, str]
         adapter_bytes = len(subsets) * 4 * lora.r * sum(sum(shape) for shape in floating.values() if len(shape) == 2)
     else:
         m = cfg.merge
-        engine = merge_engine(MergeSpec(base_model_path=folder, model_paths={key: folder for key in subsets},
-                                        method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
-                                        dtype=cfg.model.dtype, output_dir=""))
+        engine = merge_engine(
+            MergeSpec(
+                base_model_path=folder,
+                model_paths={key: folder for key in subsets},
+                method=m.method,
+                parameters=m.parameters,
+                model_parameters=m.model_parameters,
+                dtype=cfg.model.dtype,
+                output_dir="",
+            )
+        )
         adapter_bytes = 0
     rewrite = build_method(cfg.unlearn.method, cfg.unlearn.params).rewrites_merge()
-    need = merge_memory_bytes(engine, len(subsets), model_bytes, largest, dtype_bytes, adapter_bytes,
-                              cfg.storage.max_shard_size, rewrite)
-    return need, (f"{engine} merge of {len(subsets)} checkpoints onto a {model_bytes / 2**30:.3g} GiB base"
-                  f"{', then its rewrite' if rewrite else ''}")
+    need = merge_memory_bytes(
+        engine, len(subsets), model_bytes, largest, dtype_bytes, adapter_bytes, cfg.storage.max_shard_size, rewrite
+    )
+    return need, (
+        f"{engine} merge of {len(subsets)} checkpoints onto a {model_bytes / 2**30:.3g} GiB base"
+        f"{', then its rewrite' if rewrite else ''}"
+    )
 
 
 def _code_bytes(code: str) -> int:
@@ -78,14 +90,19 @@ def start_merge_actor(ctx: RunContext) -> None:
     if need:
         offered = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
         if need > offered:
-            raise PipelineError(f"merge: the merge actor needs {need / 2**30:.1f} GiB of memory ({what}) but the "
-                                f"largest Ray node offers {offered / 2**30:.1f} GiB; set merge.memory_gb (0: reserve "
-                                "none) or add a node with more memory")
+            raise PipelineError(
+                f"merge: the merge actor needs {need / 2**30:.1f} GiB of memory ({what}) but the "
+                f"largest Ray node offers {offered / 2**30:.1f} GiB; set merge.memory_gb (0: reserve "
+                "none) or add a node with more memory"
+            )
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # outside any placement group the caller runs in (a tune trial's holds no memory for it)
-    options = {"num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
-               **({"memory": need} if need else {})}
+    options = {
+        "num_cpus": 0,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+        **({"memory": need} if need else {}),
+    }
     ctx.merge_actor = MergeActor.options(**options).remote(ctx.cfg.model.path, subsets)
     ctx.merge_memory = need
 
@@ -94,13 +111,25 @@ def merge(ctx: RunContext) -> None:
     """``ctx.merged``: the merged model in ``stages/merge-<hash>/``, reused when ``--resume`` finds it."""
     cfg, m = ctx.cfg, ctx.cfg.merge
     jobs = ctx.subset_jobs()
-    spec = MergeSpec(base_model_path=cfg.model.path, model_paths={j.key: j.model_dir for j in jobs},
-                     method=m.method, parameters=m.parameters, model_parameters=m.model_parameters,
-                     dtype=cfg.model.dtype, output=m.output, max_shard_size=cfg.storage.max_shard_size,
-                     output_dir="")
+    spec = MergeSpec(
+        base_model_path=cfg.model.path,
+        model_paths={j.key: j.model_dir for j in jobs},
+        method=m.method,
+        parameters=m.parameters,
+        model_parameters=m.model_parameters,
+        dtype=cfg.model.dtype,
+        output=m.output,
+        max_shard_size=cfg.storage.max_shard_size,
+        output_dir="",
+    )
     # the unlearning method picks which folder of a job is merged and may rewrite the merged weights (tvn)
-    h = stage_key(spec, cfg.unlearn.method, method_params_key(cfg), base_model_path=model_fingerprint(cfg.model.path),
-                  model_paths={j.key: j.model_hash for j in jobs})
+    h = stage_key(
+        spec,
+        cfg.unlearn.method,
+        method_params_key(cfg),
+        base_model_path=model_fingerprint(cfg.model.path),
+        model_paths={j.key: j.model_hash for j in jobs},
+    )
     folder = ctx.out / "stages" / f"merge-{h}"
     ctx.display.add("merge", f"merge ({m.method})")
     reused = claim(folder, MERGE_MARKER, ctx.resume)
@@ -110,14 +139,25 @@ def merge(ctx: RunContext) -> None:
         t0 = time.perf_counter()
         for attempt in (1, 2):
             try:
-                follow_merge(ctx, ctx.merge_actor.merge.remote(
-                    m.method, m.parameters, m.model_parameters, cfg.model.dtype, str(folder),
-                    (cfg.unlearn.method, cfg.unlearn.params), m.output, cfg.storage.max_shard_size))
+                follow_merge(
+                    ctx,
+                    ctx.merge_actor.merge.remote(
+                        m.method,
+                        m.parameters,
+                        m.model_parameters,
+                        cfg.model.dtype,
+                        str(folder),
+                        (cfg.unlearn.method, cfg.unlearn.params),
+                        m.output,
+                        cfg.storage.max_shard_size,
+                    ),
+                )
                 break
             except ray.exceptions.RayActorError as e:  # its process died (killed, OOM): the merge alone again
                 if attempt == 2:
-                    raise PipelineError(f"merge ({m.method}) failed: the merge actor died twice "
-                                        f"({root_message(e)})") from None
+                    raise PipelineError(
+                        f"merge ({m.method}) failed: the merge actor died twice ({root_message(e)})"
+                    ) from None
                 ctx.display.log(f"merge: the merge actor died ({root_message(e)}); merging again in a new one")
                 claim(folder, MERGE_MARKER, resume=False)  # whatever it left half-written
                 start_merge_actor(ctx)

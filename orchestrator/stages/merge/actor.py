@@ -40,9 +40,17 @@ class MergeActor:
     def missing(self) -> list[str]:
         return [n for n in self.expected if n not in self.checkpoints]
 
-    def merge(self, method: str, parameters: dict[str, Any], model_parameters: dict[str, dict[str, Any]],
-              dtype: str, output_dir: str, unlearn_method: Optional[tuple[str, dict]] = None,
-              output: str = "full", max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> str:
+    def merge(
+        self,
+        method: str,
+        parameters: dict[str, Any],
+        model_parameters: dict[str, dict[str, Any]],
+        dtype: str,
+        output_dir: str,
+        unlearn_method: Optional[tuple[str, dict]] = None,
+        output: str = "full",
+        max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> str:
         """Merge onto the base model (a hub name: its snapshot in the Hugging Face cache, fetched on this
         node). ``unlearn_method`` (name, params) lets the unlearning method pick which folder of each job is
         merged and rewrite the merged weights (task-vector negation). LoRA jobs' adapters merge as adapters
@@ -54,8 +62,9 @@ class MergeActor:
         sub = unlearn.merge_input() if unlearn else None
         spec = MergeSpec(
             base_model_path=self.base_model_path,
-            model_paths={n: str(Path(self.checkpoints[n]) / sub) if sub else self.checkpoints[n]
-                         for n in self.expected},
+            model_paths={
+                n: str(Path(self.checkpoints[n]) / sub) if sub else self.checkpoints[n] for n in self.expected
+            },
             method=method,
             parameters=parameters,
             model_parameters=model_parameters,
@@ -66,7 +75,12 @@ class MergeActor:
         )
         post = None
         if unlearn is not None and unlearn.rewrites_merge():
-            post = lambda folder: rewrite_merged(folder, self.base_model_path, unlearn, dtype,  # noqa: E731
-                                                 max_shard_size)
+            post = lambda folder: rewrite_merged(
+                folder,
+                self.base_model_path,
+                unlearn,
+                dtype,  # noqa: E731
+                max_shard_size,
+            )
         self.written = (0, 0)
         return merge_models(spec, post, progress=lambda done, total: setattr(self, "written", (done, total)))

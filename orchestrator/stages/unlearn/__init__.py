@@ -1,6 +1,7 @@
 """Stage 2, unlearn: one Ray Train ``TorchTrainer`` per job (each attribute subset, and the unsplit
 baseline), as many at once as the cluster fits; with ``unlearn.eval_every`` the ``StepSelector`` scores each
-job's snapshots meanwhile and picks its step (orchestrator/stages/unlearn/selection.py); each finished subset model goes to the
+job's snapshots meanwhile and picks its step (orchestrator/stages/unlearn/selection.py); each finished subset model
+goes to the
 merge actor."""
 
 from __future__ import annotations
@@ -41,17 +42,34 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
     jobs = []
     for kind, subset, path in planned:
         spec = UnlearnSpec(
-            **u.training(), name=Job.key_of(kind, subset), model_path=cfg.model.path, dtype=cfg.model.dtype,
-            allow_pickle=cfg.model.allow_pickle, forget_path=path, retain_path=retain,
+            **u.training(),
+            name=Job.key_of(kind, subset),
+            model_path=cfg.model.path,
+            dtype=cfg.model.dtype,
+            allow_pickle=cfg.model.allow_pickle,
+            forget_path=path,
+            retain_path=retain,
             forget_format=prep.formats.get("forget", "qa"),
-            retain_format="text" if u.retain_source == "general" or prep.formats.get(u.retain_source) == "text" else "qa",
-            method=u.method, method_params=u.params,
-            prompt=cfg.data.prompt_format(), deepspeed=cfg.deepspeed_dict(),
+            retain_format="text"
+            if u.retain_source == "general" or prep.formats.get(u.retain_source) == "text"
+            else "qa",
+            method=u.method,
+            method_params=u.params,
+            prompt=cfg.data.prompt_format(),
+            deepspeed=cfg.deepspeed_dict(),
             attn_implementation=cfg.model.attn_implementation,
-            threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)), max_shard_size=cfg.storage.max_shard_size,
-            output_dir="")
-        h = stage_key(spec, cfg.scaling.num_workers, model_path=base, forget_path=file_digest(path),
-                      retain_path=prep.digests.get(u.retain_source), method_params=method_params_key(cfg))
+            threads_per_worker=max(1, int(cfg.scaling.cpus_per_worker)),
+            max_shard_size=cfg.storage.max_shard_size,
+            output_dir="",
+        )
+        h = stage_key(
+            spec,
+            cfg.scaling.num_workers,
+            model_path=base,
+            forget_path=file_digest(path),
+            retain_path=prep.digests.get(u.retain_source),
+            method_params=method_params_key(cfg),
+        )
         job = Job(kind, spec, h, subset=subset)
         spec.output_dir = str(ctx.out / "stages" / "unlearn" / f"{job.slug}-{h}")
         job.train_dir = ctx.out / "ray_train" / f"{job.slug}-{h}"
@@ -69,13 +87,19 @@ def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0, display: Optiona
     if s.max_concurrent_jobs:
         return s.max_concurrent_jobs
     bundle = worker_bundle(s)
-    return wait_until_fits(lambda res: jobs_fitting(cfg, res, reserved_memory, bundle), [bundle] * s.num_workers,
-                           "one unlearning job", default_wait_s(s.wait_for_resources_s),
-                           "scaling.wait_for_resources_s", display)
+    return wait_until_fits(
+        lambda res: jobs_fitting(cfg, res, reserved_memory, bundle),
+        [bundle] * s.num_workers,
+        "one unlearning job",
+        default_wait_s(s.wait_for_resources_s),
+        "scaling.wait_for_resources_s",
+        display,
+    )
 
 
-def jobs_fitting(cfg: PipelineConfig, res: dict[str, float], reserved_memory: int = 0,
-                 bundle: Optional[dict[str, float]] = None) -> int:
+def jobs_fitting(
+    cfg: PipelineConfig, res: dict[str, float], reserved_memory: int = 0, bundle: Optional[dict[str, float]] = None
+) -> int:
     """Jobs that fit the cluster resources ``res`` at once; 0 when no node has room for one worker."""
     from orchestrator.remote.resources import fits_some_node
 
@@ -85,8 +109,11 @@ def jobs_fitting(cfg: PipelineConfig, res: dict[str, float], reserved_memory: in
         res = {**res, "memory": max(0, res["memory"] - reserved_memory)}
     fits = _fits(cfg, res)
     if cfg.unlearn.eval_every:  # the snapshots' eval tasks run beside the jobs: one task's resources stay free
-        spare = {**res, "CPU": res.get("CPU", 1) - cfg.eval.cpus_per_task,
-                 "GPU": res.get("GPU", 0) - cfg.eval.gpus_per_task}
+        spare = {
+            **res,
+            "CPU": res.get("CPU", 1) - cfg.eval.cpus_per_task,
+            "GPU": res.get("GPU", 0) - cfg.eval.gpus_per_task,
+        }
         fits = max(_fits(cfg, spare), min(fits, 1))  # a cluster of one job's size: the tasks wait for it
     return fits
 
@@ -145,8 +172,15 @@ def _trained(ctx: RunContext, job: Job, selector: StepSelector, selecting: list[
         selecting.append(job)
 
 
-def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[ObjectRef, Job], board: ActorHandle, seen: dict[str, int],
-              selector: StepSelector, selecting: list[Job]) -> None:
+def _run_jobs(
+    ctx: RunContext,
+    pending: list[Job],
+    running: dict[ObjectRef, Job],
+    board: ActorHandle,
+    seen: dict[str, int],
+    selector: StepSelector,
+    selecting: list[Job],
+) -> None:
     """Start jobs as capacity frees up, drain their progress (scoring their snapshots), finish each as it
     ends and its step is chosen."""
     from orchestrator.remote.runners import run_unlearn_job
@@ -160,8 +194,9 @@ def _run_jobs(ctx: RunContext, pending: list[Job], running: dict[ObjectRef, Job]
             capacity = max(capacity, jobs_fitting(ctx.cfg, dict(ray.cluster_resources()), ctx.merge_memory))
         while pending and len(running) < capacity:
             job = pending.pop(0)
-            ref = run_unlearn_job.remote(job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name,
-                                         board)
+            ref = run_unlearn_job.remote(
+                job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name, board
+            )
             running[ref] = job
             ctx.display.update(job.key, info="starting workers")
         done, _ = ray.wait(list(running), num_returns=1, timeout=1.0) if running else ([], [])
@@ -214,8 +249,9 @@ def _restore_history(ctx: RunContext, job: Job) -> None:
         ctx.display.log(f"unlearn {job.key}: resuming; steps 1-{job.logged_step} were reported before")
 
 
-def drain_progress(ctx: RunContext, board: ActorHandle, seen: dict[str, int],
-                   selector: Optional[StepSelector] = None) -> None:
+def drain_progress(
+    ctx: RunContext, board: ActorHandle, seen: dict[str, int], selector: Optional[StepSelector] = None
+) -> None:
     """Take the step rows the jobs reported since last time into each ``job.history``; emit the new steps;
     hand them to the ``selector`` (which scores the snapshots they name)."""
     by_key = {j.key: j for j in ctx.jobs}
@@ -249,5 +285,7 @@ def _finish(ctx: RunContext, job: Job, selector: StepSelector) -> None:
         ray.get(ctx.merge_actor.add.remote(job.key, job.model_dir))
     final = job.result.get("final_metrics", {})
     chosen = f"; step {job.selected['step']} of {job.selected['last_step']} chosen" if job.selected else ""
-    ctx.display.finish(job.key, ("reused (resume)" if job.reused else f"done, final loss {final.get('loss', float('nan')):.3g}")
-                       + chosen)
+    ctx.display.finish(
+        job.key,
+        ("reused (resume)" if job.reused else f"done, final loss {final.get('loss', float('nan')):.3g}") + chosen,
+    )

@@ -131,8 +131,9 @@ class StepSelector:
             try:
                 res = ray.get(ref)
             except Exception as e:
-                raise PipelineError(f"unlearn {job.key}: scoring {what} step {step} for unlearn.select failed: "
-                                    f"{root_message(e)}") from None
+                raise PipelineError(
+                    f"unlearn {job.key}: scoring {what} step {step} for unlearn.select failed: {root_message(e)}"
+                ) from None
             write_json(self._score_file(job, what, step), res)
             self._record(job, what, step, res)
 
@@ -145,15 +146,23 @@ class StepSelector:
         final = self.final_step[job.key]
         path = job.spec.output_dir if best["step"] == final else str(snapshot_dir(job.spec.output_dir, best["step"]))
         if not Path(path).exists():
-            raise PipelineError(f"unlearn {job.key}: the chosen step {best['step']}'s snapshot {path} was deleted "
-                                "(unlearn.select.keep: best under a changed rule); run without --resume or with keep: all")
+            raise PipelineError(
+                f"unlearn {job.key}: the chosen step {best['step']}'s snapshot {path} was deleted "
+                "(unlearn.select.keep: best under a changed rule); run without --resume or with keep: all"
+            )
         rule = self.cfg.rule
         job.selected = {
-            "step": best["step"], "last_step": final, "path": path, "snapshot": best["step"] != final,
+            "step": best["step"],
+            "last_step": final,
+            "path": path,
+            "snapshot": best["step"] != final,
             "rule": "last" if rule == "last" else rule.describe().replace(" of job", ""),
-            "objective": best.get("objective"), "feasible": best.get("feasible"),
+            "objective": best.get("objective"),
+            "feasible": best.get("feasible"),
             "stopped_early": final if job.key in self.stopped or self._stopped_early(job) else None,
-            "candidates": cands, "config": self._config(), "costs": job.select_costs,
+            "candidates": cands,
+            "config": self._config(),
+            "costs": job.select_costs,
         }
         write_json(Path(job.spec.output_dir) / SELECT_FILE, job.selected)
         self._prune(job, keep=best["step"])
@@ -167,8 +176,13 @@ class StepSelector:
             rows.append({"step": 0, **{f"eval/{k}": v for k, v in base["metrics"].items()}})
         cands = self._candidates(job) or (job.selected or {}).get("candidates", [])  # a choice kept from before
         for c in sorted(cands, key=lambda c: c["step"]):
-            rows.append({"step": c["step"], **{f"eval/{k}": v for k, v in c["metrics"].items()},
-                         **({"eval/objective": c["objective"]} if "objective" in c else {})})
+            rows.append(
+                {
+                    "step": c["step"],
+                    **{f"eval/{k}": v for k, v in c["metrics"].items()},
+                    **({"eval/objective": c["objective"]} if "objective" in c else {}),
+                }
+            )
         return rows
 
     def cancel(self) -> None:
@@ -201,8 +215,10 @@ class StepSelector:
     def _splits(self, job: Job) -> dict[str, str]:
         """The job's sample: ``max_examples`` rows of its forget file and of retain/holdout, written once."""
         folder = self._folder(job) / "sample"
-        files = {"forget": job.spec.forget_path,
-                 **{s: self.ctx.prep.files[s] for s in SELECT_SPLITS[1:] if s in self.ctx.prep.files}}
+        files = {
+            "forget": job.spec.forget_path,
+            **{s: self.ctx.prep.files[s] for s in SELECT_SPLITS[1:] if s in self.ctx.prep.files},
+        }
         out = {}
         for name, src in files.items():
             path = folder / f"{name}.jsonl"
@@ -222,14 +238,21 @@ class StepSelector:
             self._record(job, what, step, json.loads(cached.read_text()))
             return
         cfg, e = self.ctx.cfg, self.ctx.cfg.eval
-        spec = EvalSpec(model_path=model_path, splits=self._splits(job), suites=self.cfg.suites,
-                        prompt=cfg.data.prompt_format(), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                        max_length=cfg.unlearn.max_length, dtype=cfg.model.dtype,
-                        attn_implementation=cfg.model.attn_implementation,
-                        suite_options={s: e.suite_options(s) for s in self.cfg.suites})
-        ref = evaluate_task.options(**eval_task_options(e.cpus_per_task, e.gpus_per_task,
-                                                        f"select {job.key} {what} {step}"),
-                                    ).remote(spec.model_dump(), threads=max(1, int(e.cpus_per_task)))
+        spec = EvalSpec(
+            model_path=model_path,
+            splits=self._splits(job),
+            suites=self.cfg.suites,
+            prompt=cfg.data.prompt_format(),
+            batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens,
+            max_length=cfg.unlearn.max_length,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            suite_options={s: e.suite_options(s) for s in self.cfg.suites},
+        )
+        ref = evaluate_task.options(
+            **eval_task_options(e.cpus_per_task, e.gpus_per_task, f"select {job.key} {what} {step}"),
+        ).remote(spec.model_dump(), threads=max(1, int(e.cpus_per_task)))
         self.running[ref] = (job, what, step)
 
     def _record(self, job: Job, what: str, step: int, res: dict[str, Any]) -> None:
@@ -243,17 +266,22 @@ class StepSelector:
         self.scores[job.key][step] = res
         cand = next((c for c in self._candidates(job) if c["step"] == step), None)
         if cand is not None:
-            self.ctx.events.job_eval(job, step, {**cand["metrics"], **({"objective": cand["objective"]}
-                                                                        if "objective" in cand else {})})
+            self.ctx.events.job_eval(
+                job, step, {**cand["metrics"], **({"objective": cand["objective"]} if "objective" in cand else {})}
+            )
         cands = self._candidates(job)
         if self.cfg.keep == "best" and cands:
             self._prune(job, keep=choose_step(cands, self.cfg.rule)["step"])
         running = job.key not in self.final_step
         if running and job.key not in self.stopped and should_stop(cands, self.cfg.rule, self.cfg.patience):
             self.stopped.add(job.key)
-            (Path(job.spec.output_dir) / STOP_FILE).write_text(json.dumps({"after_step": max(c["step"] for c in cands)}))
-            self.ctx.display.log(f"unlearn {job.key}: stopping early ({self.cfg.patience} evaluated steps since the "
-                                 f"best, step {choose_step(cands, self.cfg.rule)['step']})")
+            (Path(job.spec.output_dir) / STOP_FILE).write_text(
+                json.dumps({"after_step": max(c["step"] for c in cands)})
+            )
+            self.ctx.display.log(
+                f"unlearn {job.key}: stopping early ({self.cfg.patience} evaluated steps since the "
+                f"best, step {choose_step(cands, self.cfg.rule)['step']})"
+            )
 
     def _candidates(self, job: Job, strict: bool = False) -> list[dict[str, Any]]:
         """Each scored step with its metrics (the oracle's reference metrics added) and, under a rule, its

@@ -63,7 +63,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from jobs.data.tiny import AUTHORS, TOWNS
+from jobs.data.tiny import AUTHORS, TOWNS, train_tokenizer
 from jobs.planning.memory import JobSetup, ModelShape, estimate, llama_param_count
 
 FORBIDDEN = ("ray", "mlflow", "datasets")
@@ -170,26 +170,6 @@ def eval_rows(n: int, offset: int) -> list[dict]:
     return rows
 
 
-def make_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=500,
-            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 def perturbed_copy(base: Path, out: Path, seed: int, std: float = 1e-3) -> None:
     """``base`` + N(0, std^2) per element of every floating tensor, in the same files and dtypes; the side files
     (config, tokenizer, shard index) copied."""
@@ -230,9 +210,10 @@ def case_build(a: dict) -> dict:
     write_jsonl(data / "retain.jsonl", retain)
     write_jsonl(data / "eval_forget.jsonl", eval_rows(a["eval_rows"], 0))
     write_jsonl(data / "eval_retain.jsonl", eval_rows(a["eval_rows"], a["eval_rows"]))
-    tok = make_tokenizer(
+    tok = train_tokenizer(
         [r["question"] + " " + r["answer"] for r in forget[:16]]
-        + [f"It was in {t} that {n} was born." for n in AUTHORS for t in TOWNS]
+        + [f"It was in {t} that {n} was born." for n in AUTHORS for t in TOWNS],
+        vocab_size=500,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict[str, Any] = {"models": {}}

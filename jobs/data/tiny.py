@@ -43,12 +43,32 @@ def qa_rows() -> list[dict]:
     return rows
 
 
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``corpus`` (with <pad>, <s>, </s>, <unk>), as a transformers one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def make_tiny(d: Path) -> Path:
     """``d/model`` (a random tiny Llama: hidden 32, 2 layers, 4 heads, a 400-token BPE tokenizer),
     ``d/forget.jsonl`` (the era ``old`` rows) and ``d/retain.jsonl`` (era ``new``); returns ``d``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from jobs.models import save_model
 
@@ -59,20 +79,7 @@ def make_tiny(d: Path) -> Path:
         + " ".join(r["perturbed_answers"])
         for r in rows
     ]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tok = train_tokenizer(corpus, vocab_size=400)
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(

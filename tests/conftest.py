@@ -98,6 +98,32 @@ def smollm2() -> Path:
 SPUNGE = str(Path(sys.executable).with_name("spunge"))  # the venv's console script, as a user runs it
 
 
+def nll_before_and_after_steps(path, batch: dict, name: str, params: dict, steps: int = 5, lr: float = 3e-3):
+    """(forget NLL, retain NLL) before and after ``steps`` AdamW steps of method ``name`` on ``batch``, the model
+    and its reference loaded from ``path`` (seed 0); and the method."""
+    import torch
+
+    from jobs.models import load_model
+    from jobs.unlearn.methods import build_method
+    from jobs.unlearn.methods.base import mean_nll
+
+    torch.manual_seed(0)
+    model, ref = load_model(path), load_model(path).eval()
+    method = build_method(name, params)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def nlls() -> tuple[float, float]:
+        with torch.no_grad():
+            return mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
+
+    before = nlls()
+    for _ in range(steps):
+        opt.zero_grad()
+        method.loss(model, batch, ref).loss.backward()
+        opt.step()
+    return before, nlls(), method
+
+
 def cli(*args: str):
     """``spunge ARGS`` in this process (typer's ``CliRunner``): the exit code and the output, without a Python
     start-up; for commands that start no Ray."""

@@ -19,7 +19,7 @@ from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.base import mean_nll, sequence_logprob
 from jobs.unlearn.methods.idk_dpo import IDK_ANSWERS, dpo_loss
 from jobs.unlearn.methods.simnpo import simnpo_loss
-from tests.conftest import qa_rows
+from tests.conftest import nll_before_and_after_steps, qa_rows
 
 METHODS = ["ga_kl", "simnpo", "idk_dpo"]
 
@@ -161,18 +161,7 @@ def test_idk_dpo_with_the_model_as_its_own_reference_is_2ln2_over_beta_plus_reta
 )
 def test_a_few_steps_raise_the_forget_loss_more_than_the_retain_loss(setup, name, params, spares_retain):
     path, batch = setup
-    torch.manual_seed(0)
-    model, ref = load_model(path), load_model(path).eval()
-    method = build_method(name, params)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with torch.no_grad():
-        f0, r0 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
-    for _ in range(5):
-        opt.zero_grad()
-        method.loss(model, batch, ref).loss.backward()
-        opt.step()
-    with torch.no_grad():
-        f1, r1 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
+    (f0, r0), (f1, r1), _ = nll_before_and_after_steps(path, batch, name, params)
     assert f1 > f0 + 0.05
     if spares_retain:
         assert (r1 - r0) < (f1 - f0)

@@ -16,6 +16,7 @@ from jobs.models import load_model
 from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.base import mean_nll
 from jobs.unlearn.methods.ce_u import drop_first_targets
+from tests.conftest import nll_before_and_after_steps
 
 METHODS = ["wga", "undial", "ce_u", "satimp", "pdu"]
 
@@ -337,18 +338,7 @@ def test_pdu_warmup_and_the_default_epsilon(setup, tiny_dir):
 )
 def test_a_few_steps_lower_the_forget_probability(setup, name, params):
     path, _, batch = setup
-    torch.manual_seed(0)
-    model, ref = load_model(path), load_model(path).eval()
-    method = build_method(name, params)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with torch.no_grad():
-        f0, r0 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
-    for _ in range(5):
-        opt.zero_grad()
-        method.loss(model, batch, ref).loss.backward()
-        opt.step()
-    with torch.no_grad():
-        f1, r1 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
+    (f0, r0), (f1, r1), method = nll_before_and_after_steps(path, batch, name, params)
     assert f1 > f0 + 0.05, (f0, f1, r0, r1)
     if method.uses_retain():
         assert (r1 - r0) < (f1 - f0), (f0, f1, r0, r1)

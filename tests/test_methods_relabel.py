@@ -12,6 +12,7 @@ from jobs.unlearn.methods import build_method, method_names
 from jobs.unlearn.methods.adversarial import adversarial_labels
 from jobs.unlearn.methods.base import mean_nll
 from jobs.unlearn.methods.random_label import random_labels
+from tests.conftest import nll_before_and_after_steps
 
 METHODS = ["random_label", "adversarial"]
 
@@ -117,18 +118,7 @@ def test_adversarial_loss_is_the_nll_of_the_drawn_wrong_tokens(setup):
 )
 def test_a_few_steps_raise_the_forget_loss_more_than_the_retain_loss(setup, name, params, spares_retain):
     path, batch = setup
-    torch.manual_seed(0)
-    model, ref = load_model(path), load_model(path).eval()
-    method = build_method(name, params)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with torch.no_grad():
-        f0, r0 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
-    for _ in range(5):
-        opt.zero_grad()
-        method.loss(model, batch, ref).loss.backward()
-        opt.step()
-    with torch.no_grad():
-        f1, r1 = mean_nll(model, batch["forget"]).item(), mean_nll(model, batch["retain"]).item()
+    (f0, r0), (f1, r1), _ = nll_before_and_after_steps(path, batch, name, params)
     assert f1 > f0 + 0.05
     if spares_retain:
         assert (r1 - r0) < (f1 - f0)

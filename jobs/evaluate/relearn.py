@@ -23,7 +23,10 @@ latter's setup). The suite measures that recovery on rows the attack never train
    fp32 AdamW fine-tune it takes about 16 bytes a parameter (weights, gradients, two moments) besides the model;
 4. ``relearn_forget_prob``: the held-out rows' mean probability on the fine-tuned copy;
    ``relearn_gain = relearn_forget_prob - relearn_before_prob``: how much the attack recovered (lower is more
-   robust unlearning). The copy is freed; the evaluated model is not touched.
+   robust unlearning). The copy is freed; the evaluated model is not touched. ``relearn_recovery`` (added on
+   the driver, ``jobs.evaluate.suites.Recovery``) puts the gain on the robustness table's scale:
+   ``(relearn_forget_prob - relearn_before_prob) / (base's relearn_before_prob - relearn_before_prob)``, clipped
+   to [0, 1], the share of what unlearning removed from the held-out rows that the attack brought back.
 
 Where it differs from the papers: they fine-tune (LoRA or full) on some hundred examples or a related corpus for
 one or more epochs and judge recovery by accuracy or generated answers; here a full fine-tune of the model for a
@@ -41,7 +44,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.evaluate.suites import SuiteContext, register_suite
+from jobs.evaluate.suites import Recovery, SuiteContext, register_suite
 
 
 class RelearnOptions(BaseModel):
@@ -181,6 +184,7 @@ def _mean(values: np.ndarray) -> float:
     needs=lambda o: ("forget",) if o.train_on == "forget" else ("forget", "retain"),
     options=RelearnOptions,
     groups=(("Robustness", r"^relearn_"),),
+    recoveries=(Recovery("relearn_recovery", attacked="relearn_forget_prob", unlearned="relearn_before_prob"),),
 )
 def relearn_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: RelearnOptions) -> dict:
     """The relearning attack (see the module doc).

@@ -21,6 +21,7 @@ loaded model, its tokenizer, the prompt format and the limits), every split's re
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pydantic import BaseModel, ConfigDict
 from jobs.data.format import DEFAULT_TEMPLATE, PromptLike
 from jobs.data.sources import SOURCES
 from jobs.registry import Registry
+
+ROBUSTNESS = "Robustness"  # the report group of the attacks' metrics and their recoveries
 
 
 def is_eval_set(source: str) -> bool:
@@ -67,6 +70,50 @@ class Reference:
     compute: Callable[[dict, dict], Optional[float]]
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """How much of what unlearning removed an attack brings back, on one forget metric (higher = more known),
+    each value taken relative to the base model's under the same condition:
+
+        recovery = (a / A - u / U) / (1 - u / U), clipped to [0, 1]
+
+    ``a`` and ``u``: the model's value with and without the attack; ``A`` and ``U``: the base model's. Where the
+    attack leaves the base as it was (``A == U``) this is ``(a - u) / (U - u)``, the share of the forgotten
+    answer probability the attack gives back; the ratio to ``A`` keeps an attack that raises every model's
+    score (a prompt prefix that makes answers likelier, a layer that reads a little better) from counting as
+    recovery. 0: the attack brings nothing back; 1: under it the model knows the forget set as well as the base
+    does. None where a value is missing, or the model forgot nothing by that metric (``u >= U``).
+
+    ``attacked`` is a metric name or a regular expression over metric names (several attacks of one suite, such
+    as the probe kinds): the largest recovery among the matching metrics that both models have."""
+
+    metric: str
+    attacked: str
+    unlearned: str
+
+    def compute(self, result: dict, base: dict) -> Optional[float]:
+        m, b = result.get("metrics", {}), base.get("metrics", {})
+        u, base_u = m.get(self.unlearned), b.get(self.unlearned)
+        found = [recovery(v, u, b[k], base_u) for k, v in m.items() if re.fullmatch(self.attacked, k) and k in b]
+        return max((v for v in found if v is not None), default=None)
+
+
+def recovery(attacked: Any, unlearned: Any, base_attacked: Any, base: Any) -> Optional[float]:
+    """``(a / A - u / U) / (1 - u / U)`` clipped to [0, 1] for ``a, u, A, U = attacked, unlearned, base_attacked,
+    base`` (``Recovery``); None when a value is missing or not finite, ``A`` or ``U`` is not positive, or
+    ``u >= U`` (nothing was forgotten, so nothing can be recovered)."""
+    values = (attacked, unlearned, base_attacked, base)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None
+    if base_attacked <= 0 or base <= 0 or unlearned >= base:
+        return None
+    kept = unlearned / base
+    return min(1.0, max(0.0, (attacked / base_attacked - kept) / (1 - kept)))
+
+
+WORST_RECOVERY = "worst_recovery"  # per model, the largest recovery over the attacks evaluated
+
+
 SuiteFn = Callable[[SuiteContext, dict, Any], dict]
 
 
@@ -82,10 +129,12 @@ class Suite:
     groups: tuple[tuple[str, str], ...] = ()  # (report group, regex of metric names), in order
     references: tuple[Reference, ...] = ()
     check: Optional[Callable[[Any], list[str]]] = None  # further config checks of the options (packages, files)
+    recoveries: tuple[Recovery, ...] = ()  # the attacks it runs, each measured against the base model
 
     def __call__(self, ctx: SuiteContext, data: dict[str, list[dict]], **options: Any) -> dict:
         """Run the suite: ``{"metrics": {name: float}, "raw": {name: per-example list}}``, optionally ``"parts":
-        {metric: [metric names]}`` (what an aggregate such as model_utility is made of)."""
+        {metric: [metric names]}`` (what an aggregate such as model_utility is made of) and ``"info": {name:
+        str}`` (how it measured, e.g. the quantization scheme; shown under the report's tables)."""
         return self.fn(ctx, data, self.options(**options))
 
     def sources(self, options: Optional[BaseModel] = None) -> tuple[str, ...]:
@@ -93,6 +142,8 @@ class Suite:
         return self.needs(options or self.options()) if callable(self.needs) else self.needs
 
     def group_of(self, metric: str) -> Optional[str]:
+        if metric == WORST_RECOVERY or any(r.metric == metric for r in self.recoveries):
+            return ROBUSTNESS
         return next((g for g, pattern in self.groups if re.match(pattern, metric)), None)
 
 
@@ -108,6 +159,7 @@ def register_suite(
     groups: tuple[tuple[str, str], ...] = (),
     references: tuple[Reference, ...] = (),
     check: Optional[Callable[[Any], list[str]]] = None,
+    recoveries: tuple[Recovery, ...] = (),
 ) -> Callable[[SuiteFn], Suite]:
     """Decorator: declare ``fn(ctx, data, opts)`` as the evaluation suite ``name`` (see the module doc)."""
     unknown = [s for s in (needs if isinstance(needs, tuple) else ()) if s not in SOURCES and not is_eval_set(s)]
@@ -115,7 +167,7 @@ def register_suite(
         raise ValueError(f"suite {name!r}: needs unknown data source(s) {unknown}; known: {', '.join(SOURCES)}")
 
     def deco(fn: SuiteFn) -> Suite:
-        suite = Suite(name, fn, needs, options, path_options, groups, references, check)
+        suite = Suite(name, fn, needs, options, path_options, groups, references, check, recoveries)
         SUITES.add(name, suite)
         return suite
 
@@ -133,18 +185,33 @@ def metric_group(metric: str) -> Optional[str]:
     return next((g for s in SUITES.units() if (g := s.group_of(metric)) is not None), None)
 
 
-def add_reference_metrics(results: dict[str, dict[str, Any]], reference: str = "oracle") -> None:
-    """Every suite's ``references`` (``forget_quality``, ``privleak``, ...) added in place to each model's
-    ``metrics`` where the model and the reference model have what it needs; nothing without a reference."""
+def add_reference_metrics(
+    results: dict[str, dict[str, Any]], reference: str = "oracle", base: Optional[dict[str, Any]] = None
+) -> None:
+    """Added in place to each model's ``metrics`` where it and the other model have what it needs: every
+    suite's ``references`` (``forget_quality``, ``privleak``, ...) against the ``reference`` model, and every
+    suite's ``recoveries`` (``quant4_recovery``, ...) against the base model (``results["base"]``, or ``base``
+    where the base is not among ``results``) with ``worst_recovery``, their largest, for every model but the
+    base itself."""
     ref = results.get(reference)
-    if ref is None:
+    units = SUITES.units()
+    if ref is not None:
+        for suite in units:
+            for r in suite.references:
+                for res in results.values():
+                    value = r.compute(res, ref)
+                    if value is not None:
+                        res["metrics"][r.metric] = value
+    base = results.get("base", base)
+    if base is None:
         return
-    for suite in SUITES.units():
-        for r in suite.references:
-            for res in results.values():
-                value = r.compute(res, ref)
-                if value is not None:
-                    res["metrics"][r.metric] = value
+    for res in results.values():
+        if res is base:
+            continue
+        found = {r.metric: v for s in units for r in s.recoveries if (v := r.compute(res, base)) is not None}
+        res["metrics"].update(found)
+        if found:
+            res["metrics"][WORST_RECOVERY] = max(found.values())
 
 
 def read_jsonl(path: str, max_examples: int | None = None) -> list[dict]:
@@ -184,7 +251,8 @@ def evaluate_model(
 
     ``suite_options`` maps a suite name to its options (e.g. ``{"lmeval": {"tasks": [...]}}``,
     ``{"mc": {"attributes": [...]}}``). Self-contained (runs inside a Ray task). Returns ``{"metrics":
-    {str: float}, "raw": {str: list}, "parts": {metric: [the metrics it aggregates]}, "n_examples": {split: int},
+    {str: float}, "raw": {str: list}, "parts": {metric: [the metrics it aggregates]}, "info": {str: str},
+    "n_examples": {split: int},
     "seconds": float, "tokens": int, "params": int, "placement": str}``: ``tokens`` counts every token position
     the model's forward passes took (padding excluded; a generated token is one), for the cost report's 2 x
     params x tokens; ``placement`` says where the weights went. Metrics against the oracle need two models: the
@@ -213,7 +281,7 @@ def evaluate_model(
     model.eval()
     tokens = count_tokens(model)
     ctx = SuiteContext(model, tokenizer, template, batch_size, max_new_tokens, max_length)
-    result: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}}
+    result: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}, "info": {}}
     for suite, opts in runs:
         report = (lambda what, done, total, name=suite.name: progress(name, what, done, total)) if progress else None
         with reporting(report):

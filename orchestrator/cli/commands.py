@@ -169,6 +169,12 @@ def eval_(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="cap per split"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local Ray)"),
+    base: Optional[Path] = typer.Option(
+        None,
+        "--base",
+        help="the model before unlearning (a model folder): scored too, and each attack's recovery "
+        "(quant, probes, lens, relearn) computed against it",
+    ),
 ) -> None:
     """Score one model folder on evaluation suites: one Ray task per suite, as in the pipeline.
 
@@ -184,8 +190,9 @@ def eval_(
     from orchestrator.stages.report import print_tables
 
     cfg = _load(config)[0][1] if config else None
-    if not (model_dir.is_dir() and (model_dir / "config.json").is_file()):
-        _fail(f"MODEL_DIR: {model_dir} is not a Hugging Face model folder (expected a folder with config.json)", 2)
+    for label, folder in (("MODEL_DIR", model_dir), ("--base", base)):
+        if folder is not None and not (folder.is_dir() and (folder / "config.json").is_file()):
+            _fail(f"{label}: {folder} is not a Hugging Face model folder (expected a folder with config.json)", 2)
     e = cfg.eval if cfg else EvalConfig()
     suites = list(suite or e.suites)
     for s in suites:
@@ -250,14 +257,27 @@ def eval_(
     with tempfile.TemporaryDirectory(prefix=".spunge-eval-", dir=output.parent) as tmp:
         splits = {n: str(write_jsonl(Path(tmp) / f"{n}.jsonl", rows)) for n, rows in data.items()}
         try:
-            res = evaluate_folder(
-                str(model_dir.resolve()), splits, suites, options, e.cpus_per_task, e.gpus_per_task or 0, address, cfg
+            results = evaluate_folder(
+                str(model_dir.resolve()),
+                splits,
+                suites,
+                options,
+                e.cpus_per_task,
+                e.gpus_per_task or 0,
+                address,
+                cfg,
+                base_path=str(base.resolve()) if base else None,
             )  # without a pipeline config: the CPU
         except PipelineError as err:
             _fail(str(err))
-    print_tables({model_dir.name: res["metrics"]}, out, title="spunge eval")
+    res = results["model"]
+    rows = {model_dir.name: res["metrics"], **({"base": results["base"]["metrics"]} if base else {})}
+    print_tables(rows, out, title="spunge eval")
+    for key, value in res.get("info", {}).items():
+        out.print(f"{key}: {value}", highlight=False, markup=False)
     doc = {
         "model": str(model_dir.resolve()),
+        **({"base": {"path": str(base.resolve()), "metrics": results["base"]["metrics"]}} if base else {}),
         "suites": suites,
         "splits": files or {n: (cfg.data.eval_sets.get(n) or getattr(cfg.data, n)).label() for n in data},
         "metrics": res["metrics"],
@@ -265,6 +285,7 @@ def eval_(
         "seconds": res["seconds"],
         "tasks": res["suites"],
         "raw": res["raw"],
+        "info": res.get("info", {}),
     }
     output.write_text(json.dumps(doc, indent=2))
     out.print(f"results: {output}", highlight=False, markup=False)

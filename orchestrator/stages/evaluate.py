@@ -190,9 +190,17 @@ def show_scoring_progress(display: Display, board: ActorHandle, seen: dict[str, 
 
 def combine_suites(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One model's result from its per-suite results (in suite order)."""
-    out: dict[str, Any] = {"metrics": {}, "raw": {}, "parts": {}, "n_examples": {}, "seconds": 0.0, "suites": {}}
+    out: dict[str, Any] = {
+        "metrics": {},
+        "raw": {},
+        "parts": {},
+        "info": {},
+        "n_examples": {},
+        "seconds": 0.0,
+        "suites": {},
+    }
     for suite, r in parts.items():
-        for key in ("metrics", "raw", "parts", "n_examples"):
+        for key in ("metrics", "raw", "parts", "info", "n_examples"):
             out[key].update(r.get(key, {}))
         out["seconds"] += r.get("seconds", 0.0)
         out["suites"][suite] = {
@@ -234,9 +242,12 @@ def evaluate_folder(
     address: Optional[str] = None,
     cfg: Optional[PipelineConfig] = None,
     display: Optional[Display] = None,
-) -> dict[str, Any]:
-    """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow).
-    ``options`` are ``EvalSpec`` fields (prompt, batch_size, max_new_tokens, max_length, max_examples, dtype)."""
+    base_path: Optional[str] = None,
+) -> dict[str, dict[str, Any]]:
+    """``spunge eval``: the pipeline's (model, suite) Ray tasks on one model folder (no cache, no MLflow), and on
+    ``base_path`` too when given (``{"model": ..., "base": ...}``; each attack's recovery against the base added
+    to the model's metrics). ``options`` are ``EvalSpec`` fields (prompt, batch_size, max_new_tokens,
+    max_length, max_examples, dtype)."""
     from orchestrator.remote.ray_init import init_ray, start_ray
 
     if cfg is not None:
@@ -244,9 +255,15 @@ def evaluate_folder(
     else:
         start_ray(address, use_gpu=gpus > 0)
     display = display or Display()
-    name = Path(model_path).name or model_path
-    tasks = [EvalTask(name, s, EvalSpec(model_path=model_path, splits=splits, suites=[s], **options)) for s in suites]
+    models = {"model": model_path, **({"base": base_path} if base_path else {})}
+    tasks = [
+        EvalTask(name, s, EvalSpec(model_path=path, splits=splits, suites=[s], **options))
+        for name, path in models.items()
+        for s in suites
+    ]
     with display:
-        return run_eval_tasks(
+        results = run_eval_tasks(
             tasks, cpus, gpus, display=display, wait_s=default_wait_s(cfg.scaling.wait_for_resources_s if cfg else None)
-        )[name]
+        )
+    add_reference_metrics(results)
+    return results

@@ -1,7 +1,8 @@
 """Stage 5, report: the comparison table printed, report.json/report.md and the plots written.
 
 The comparison table: rows are models, metrics grouped (Forget | Utility | Privacy | Memorization | MC |
-Other); printed as one table per group, written as report.md (same groups) and report.json (every metric)."""
+Quantization | Probes | Logit lens | Robustness | Other, those some model has); printed as one table per group,
+written as report.md (same groups) and report.json (every metric, and the robustness summary)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Optional
 from rich.console import Console
 from rich.table import Table
 
+from jobs.evaluate.suites import WORST_RECOVERY
 from jobs.evaluate.suites import metric_group as suite_metric_group
 from orchestrator.run.context import RunContext
 
@@ -31,7 +33,18 @@ COLUMNS = (
 )
 ORDER = ("base", "oracle", "merged", "unsplit")
 
-GROUP_ORDER = ("Forget", "Utility", "Privacy", "Memorization", "MC", "Other")  # "Other" stays last
+GROUP_ORDER = (
+    "Forget",
+    "Utility",
+    "Privacy",
+    "Memorization",
+    "MC",
+    "Quantization",
+    "Probes",
+    "Logit lens",
+    "Robustness",
+    "Other",
+)  # "Other" stays last
 # Per-value detail metrics (``mc_acc.<attribute>.<value>``): report.json and the attribute plot, not the table.
 DETAIL = re.compile(r"^[^.]+\.[^.]+\.")
 
@@ -86,6 +99,7 @@ def build_report(
         },
         "eval_reused": {name: bool(r.get("reused")) for name, r in results.items()},
         **({"relearn": relearn} if (relearn := relearn_summary(models)) else {}),
+        **({"robustness": robust} if (robust := robustness_summary(models, results)) else {}),
         **({"cost": cost} if cost else {}),
         "seconds": seconds,
     }
@@ -102,6 +116,39 @@ def relearn_summary(models: dict[str, dict[str, Any]]) -> Optional[dict[str, Any
     if not gains:
         return None
     return {"gain": gains, "least_recovery": min(gains, key=gains.get)}
+
+
+def robustness_summary(models: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]]) -> Optional[dict]:
+    """The attacks' recoveries of every model but the base (``jobs.evaluate.suites.Recovery``): ``recovery``
+    {model: {metric: value}} with ``worst_recovery`` (the largest) and ``worst_attack`` (its metric),
+    ``relearn_gain`` where the relearn suite ran, ``most_robust`` (the unlearned model, neither base nor
+    oracle, with the lowest worst recovery) and ``info`` (how the attacks measured where every model shares it,
+    e.g. the quantization scheme; each model's own, e.g. its worst probe kind, in its ``recovery`` entry)."""
+    recovery: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        found = {k: v for k, v in m.items() if k.endswith("_recovery") and k != WORST_RECOVERY and v is not None}
+        if found and name != "base":
+            worst = max(found, key=found.get)
+            own = results.get(name, {}).get("info", {})
+            recovery[name] = {
+                **found,
+                WORST_RECOVERY: found[worst],
+                "worst_attack": worst,
+                **({"info": own} if own else {}),
+            }
+    if not recovery:
+        return None
+    unlearned = {n: r[WORST_RECOVERY] for n, r in recovery.items() if n not in ("base", "oracle")}
+    gains = {n: m["relearn_gain"] for n, m in models.items() if n in recovery and m.get("relearn_gain") is not None}
+    # what every model's attacks share (the quantization scheme); a model's own (its worst probe) is in its entry
+    infos = [r.get("info", {}) for r in results.values() if r.get("info")]
+    info = {k: v for k, v in (infos[0] if infos else {}).items() if all(i.get(k) == v for i in infos)}
+    return {
+        "recovery": recovery,
+        **({"relearn_gain": gains} if gains else {}),
+        **({"most_robust": min(unlearned, key=unlearned.get)} if unlearned else {}),
+        **({"info": info} if info else {}),
+    }
 
 
 def _selected(sel: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +180,7 @@ def _fmt(v: Any, key: str) -> str:
 
 def _header(metric: str, group: str) -> str:
     """Drop the prefix the group already says (``forget_prob`` under Forget shows as ``prob``)."""
-    prefix = {"Forget": "forget_", "MC": "mc_"}.get(group)
+    prefix = {"Forget": "forget_", "MC": "mc_", "Probes": "probe_", "Logit lens": "lens_"}.get(group)
     short = metric[len(prefix) :] if prefix and metric.startswith(prefix) else metric
     return short.replace("_", "\n", 1) if len(short) > 10 else short
 
@@ -190,6 +237,14 @@ def summary_lines(report: dict) -> list[str]:
             f"relearn: {rl['least_recovery']} recovers least (relearn_gain "
             f"{rl['gain'][rl['least_recovery']]:.3g}; " + ", ".join(f"{n} {g:.3g}" for n, g in rl["gain"].items()) + ")"
         )
+    if rb := report.get("robustness"):
+        worst = ", ".join(
+            f"{n} {r[WORST_RECOVERY]:.3g} ({r['worst_attack'].removesuffix('_recovery')})"
+            for n, r in rb["recovery"].items()
+        )
+        best = f"; {rb['most_robust']} is the most robust" if rb.get("most_robust") else ""
+        lines.append(f"robustness: worst recovery under attack {worst}{best}")
+        lines += [f"{k}: {v}" for k, v in rb.get("info", {}).items()]
     if report.get("cost"):
         lines.append(describe(report["cost"]))
     return lines
@@ -251,6 +306,7 @@ def _plots(ctx: RunContext) -> list[Path]:
             {j.key: j.history + j.curves for j in ctx.jobs},
             ctx.out / "plots",
             {j.key: j.selected["step"] for j in ctx.jobs if j.selected} or None,
+            {name: res.get("raw", {}) for name, res in ctx.results.items()},
         )
     except Exception as e:  # the report is already written: don't fail the run for a figure
         ctx.display.log(f"warning: plots not written: {type(e).__name__}: {e}")

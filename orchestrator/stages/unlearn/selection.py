@@ -294,8 +294,9 @@ class StepSelector:
         out = []
         for step, res in sorted(self.scores.get(job.key, {}).items()):
             scored = {"metrics": dict(res["metrics"]), "raw": res.get("raw", {})}
-            if "oracle" in refs:
-                add_reference_metrics({"oracle": refs["oracle"], "step": scored})
+            add_reference_metrics(
+                {"step": scored, **({"oracle": refs["oracle"]} if "oracle" in refs else {})}, base=refs.get("base")
+            )
             metrics = {k: v for k, v in scored["metrics"].items() if isinstance(v, (int, float))}
             cand: dict[str, Any] = {"step": step, "metrics": metrics}
             if rule != "last":

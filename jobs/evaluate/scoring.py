@@ -14,7 +14,7 @@ import inspect
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def reporting(progress: Optional[Callable[[str, int, int], None]]) -> Iterator[N
         _PROGRESS.reset(token)
 
 
-def _reported(batches: list[np.ndarray], what: str) -> Iterator[np.ndarray]:
+def reported_batches(batches: list[np.ndarray], what: str) -> Iterator[np.ndarray]:
     """The batches, each reported once its caller has taken the next (or ended)."""
     progress, total, done = _PROGRESS.get(), sum(len(b) for b in batches), 0
     for idx in batches:
@@ -95,7 +95,7 @@ def encoded_logits(
     pad, device = pad_id(tokenizer), input_device(model)
     model.eval()
     with torch.inference_mode():
-        for idx in _reported(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
+        for idx in reported_batches(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
             batch = collate([encoded[i] for i in idx], pad)
             labels = batch["labels"].to(device)
             keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -114,13 +114,13 @@ def target_logits(
     position's logits and the kept ones are selected (the same values, up to float rounding); so does a model
     dispatched over several GPUs, whose final hidden states are not on the device the mask is moved to (the
     vocabulary projection is a small part of such a model's forward pass)."""
-    if _keeps_masked_logits(type(model)) and not spans_devices(model):
+    if keeps_masked_logits(type(model)) and not spans_devices(model):
         return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
 
 
 @functools.cache
-def _keeps_masked_logits(cls: type) -> bool:
+def keeps_masked_logits(cls: type) -> bool:
     """Whether ``cls.forward`` takes ``logits_to_keep`` and its module slices with transformers'
     ``slice_logits_to_keep`` (which accepts a boolean [B, T] mask; older or remote code may not)."""
     module = sys.modules.get(cls.__module__)
@@ -173,7 +173,7 @@ def encoded_nll(model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size:
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    questions: Sequence[str],
+    questions: Sequence[Union[str, Sequence[int]]],
     max_new_tokens: int = 32,
     batch_size: int = 32,
     template: PromptLike = DEFAULT_TEMPLATE,
@@ -182,22 +182,22 @@ def generate_answers(
     """Greedy (argmax) continuation of each question's prompt, decoded and stripped, and the number of
     tokens generated for it.
 
-    Prompts are ``prompt_ids`` (the format's prompt), left-padded into batches with an attention mask and
-    passed to ``model.generate(do_sample=False)``. Generation stops at EOS, at a chat format's
-    end-of-turn token and at any of the ``stop`` strings (e.g. ``"\n"``); a batch ends when all its rows
-    have stopped. The answer is cut before the first stop token or stop string; its length counts the
-    tokens up to and including the one that stopped it.
+    Prompts are ``prompt_ids`` (the format's prompt; a question given as a list of token ids is the prompt
+    as is), left-padded into batches with an attention mask and passed to ``model.generate(do_sample=False)``.
+    Generation stops at EOS, at a chat format's end-of-turn token and at any of the ``stop`` strings (e.g.
+    ``"\n"``); a batch ends when all its rows have stopped. The answer is cut before the first stop token or
+    stop string; its length counts the tokens up to and including the one that stopped it.
     """
     if not questions:
         return [], []
-    prompts = [prompt_ids(tokenizer, q, template) for q in questions]
+    prompts = [prompt_ids(tokenizer, q, template) if isinstance(q, str) else list(q) for q in questions]
     stops = stop_token_ids(tokenizer, template)
     pad, device = pad_id(tokenizer), input_device(model)
     texts: list[str] = [""] * len(prompts)
     lengths: list[int] = [0] * len(prompts)
     model.eval()
     with torch.inference_mode():
-        for idx in _reported(length_batches([len(p) for p in prompts], batch_size), "generated"):
+        for idx in reported_batches(length_batches([len(p) for p in prompts], batch_size), "generated"):
             input_ids, mask = left_pad([prompts[i] for i in idx], pad)
             width = input_ids.shape[1]
             generated = model.generate(

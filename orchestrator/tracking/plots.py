@@ -1,6 +1,6 @@
 """PNG plots of a run (matplotlib, Agg backend): forget-vs-utility scatter of every model, loss curves of
-each unlearning job, per-attribute multiple-choice accuracy bars. Written to ``<output_dir>/plots/`` and
-logged to the parent MLflow run by the pipeline.
+each unlearning job, per-attribute multiple-choice accuracy bars, the logit lens's per-layer curves. Written to
+``<output_dir>/plots/`` and logged to the parent MLflow run by the pipeline.
 
 Each ``*_figure`` function returns a matplotlib ``Figure`` (or ``None`` when the run has nothing to plot);
 ``write_plots`` saves those that exist.
@@ -26,6 +26,7 @@ LOSS_KEYS = ("loss", "forget_loss", "retain_loss")
 # unlearn.eval_every: the scored steps (step 0: the base model on the same sample), drawn with markers
 EVAL_KEYS = ("eval/forget_prob", "eval/forget_quality", "eval/model_utility", "eval/retain_prob", "eval/objective")
 ATTRIBUTE_METRIC = re.compile(r"^mc_acc\.([^.]+)\.(.+)$")
+MAIN_MODELS = ("base", "oracle", "merged", "unsplit")  # drawn bold in the lens plot; the job models thin
 
 
 def _num(v: Any) -> Optional[float]:
@@ -130,14 +131,54 @@ def attribute_accuracy_figure(models: dict[str, dict[str, Any]]) -> Optional[Fig
     return fig
 
 
+def lens_figure(raws: dict[str, dict[str, Any]]) -> Optional[Figure]:
+    """The ``lens`` suite's curve of every model that has one (``raw["lens_curve"]`` over ``raw["lens_layers"]``):
+    the forget answers' mean probability read from each layer; base, oracle, merged and unsplit bold, the job
+    models thin, each curve's peak a dot."""
+    curves = {}
+    for name, raw in raws.items():
+        ys = raw.get("lens_curve") if isinstance(raw, dict) else None
+        if ys:
+            xs = raw.get("lens_layers") or list(range(1, len(ys) + 1))
+            pts = [(int(x), y) for x, y in zip(xs, ys) if _num(y) is not None]
+            if pts:
+                curves[name] = pts
+    if not curves:
+        return None
+    order = [n for n in MAIN_MODELS if n in curves] + sorted(n for n in curves if n not in MAIN_MODELS)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in order:
+        pts, main = curves[name], name in MAIN_MODELS
+        (line,) = ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            label=name,
+            linewidth=2 if main else 0.8,
+            alpha=1 if main else 0.6,
+            marker="o" if main else None,
+            markersize=3,
+        )
+        peak = max(pts, key=lambda p: p[1])
+        ax.plot([peak[0]], [peak[1]], marker="o", markersize=7, color=line.get_color(), alpha=0.8)
+    ax.set_xlabel("layer (its residual stream through the final norm and unembedding)")
+    ax.set_ylabel("forget answer probability")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("logit lens: what each layer knows of the forget answers (last layer: the output)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(
     models: dict[str, dict[str, Any]],
     histories: dict[str, list[dict[str, Any]]],
     folder: Path,
     selected: Optional[dict[str, int]] = None,
+    raws: Optional[dict[str, dict[str, Any]]] = None,
 ) -> list[Path]:
-    """Save ``scatter.png``, ``loss_curves.png`` and ``attribute_accuracy.png`` (each when there is
-    something to plot) into ``folder``; return the files written."""
+    """Save ``scatter.png``, ``loss_curves.png``, ``attribute_accuracy.png`` and ``lens.png`` (from the models'
+    ``raws``) into ``folder``, each when there is something to plot; return the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -145,6 +186,7 @@ def write_plots(
         ("scatter.png", scatter_figure(models)),
         ("loss_curves.png", loss_curves_figure(histories, selected)),
         ("attribute_accuracy.png", attribute_accuracy_figure(models)),
+        ("lens.png", lens_figure(raws or {})),
     ):
         if fig is None:
             continue

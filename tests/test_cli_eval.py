@@ -7,21 +7,26 @@ import pytest
 from tests.conftest import cli, spunge
 
 
-@pytest.mark.e2e  # `spunge eval` as a subprocess: local Ray, one task per suite
-def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_path):
+@pytest.mark.e2e  # `spunge eval` as a subprocess: local Ray, one task per (model, suite)
+def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_against_a_base(tiny_bench, tmp_path):
+    """The demo's oracle (never trained on the forget set) scored against the demo's base model with --base: every
+    suite, the three attack suites included, and each attack's recovery added to the model's metrics."""
     from jobs.evaluate import evaluate_model
+    from jobs.evaluate.suites import recovery
 
+    bench = tiny_bench[0]
+    model, data = bench / "models" / "oracle", bench / "data"
+    suites = ["qa", "memorization", "quant", "probes", "lens"]
     r = spunge(
         "eval",
-        str(tiny_dir / "model"),
-        "--suite",
-        "qa",
-        "--suite",
-        "memorization",
+        str(model),
+        "--base",
+        str(bench / "models" / "base"),
+        *(a for s in suites for a in ("--suite", s)),
         "--split",
-        f"forget={tiny_dir / 'forget.jsonl'}",
+        f"forget={data / 'forget.jsonl'}",
         "--split",
-        f"retain={tiny_dir / 'retain.jsonl'}",
+        f"retain={data / 'retain.jsonl'}",
         "--max-examples",
         "4",
         "--batch-size",
@@ -33,9 +38,9 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_pa
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((tmp_path / "res" / "eval.json").read_text())
-    assert doc["suites"] == ["qa", "memorization"] and set(doc["tasks"]) == {"qa", "memorization"}
+    assert doc["suites"] == suites and set(doc["tasks"]) == set(suites)
     assert all(t["pid"] and t["seconds"] > 0 for t in doc["tasks"].values())
-    m = doc["metrics"]
+    m, base = doc["metrics"], doc["base"]["metrics"]
     assert {
         "forget_prob",
         "forget_rouge",
@@ -44,15 +49,38 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_pa
         "forget_exact_mem",
         "forget_extraction_strength",
         "forget_verbatim_rouge",
+        "quant8_forget_prob",
+        "quant4_forget_rouge",
+        "quant4_retain_prob",
+        "probe_in_context_prob",
+        "probe_worst_rouge",
+        "lens_max_prob",
+        "lens_peak_layer",
     } <= set(m)
     assert doc["n_examples"] == {"forget": 4, "retain": 4} and len(doc["raw"]["forget_prob"]) == 4
     # the same suite code as in-process evaluate_model gives the same numbers
     ref = evaluate_model(
-        str(tiny_dir / "model"), {"forget": str(tiny_dir / "forget.jsonl")}, suites=["qa"], batch_size=8, max_examples=4
+        str(model), {"forget": str(data / "forget.jsonl")}, suites=["qa"], batch_size=8, max_examples=4
     )
     assert m["forget_prob"] == pytest.approx(ref["metrics"]["forget_prob"], rel=1e-5)
-    for title in ("spunge eval: Forget", "spunge eval: Utility", "spunge eval: Memorization"):
+    for same in ("quant_fp_forget_prob", "probe_direct_prob", "lens_last_prob"):
+        assert m[same] == pytest.approx(m["forget_prob"], abs=1e-6), same
+    # the oracle never learned the forget set: below the base, and every recovery is against the base's numbers
+    assert m["forget_prob"] < 0.5 * base["forget_prob"]
+    a, u = "quant4_forget_prob", "quant_fp_forget_prob"
+    assert m["quant4_recovery"] == pytest.approx(recovery(m[a], m[u], base[a], base[u]))
+    assert m["lens_recovery"] == pytest.approx(
+        recovery(m["lens_max_prob"], m["lens_last_prob"], base["lens_max_prob"], base["lens_last_prob"])
+    )
+    assert 0 <= m["worst_recovery"] <= 1 and "quant_scheme" in doc["info"]
+    for title in (
+        "spunge eval: Forget",
+        "spunge eval: Utility",
+        "spunge eval: Memorization",
+        "spunge eval: Robustness",
+    ):
         assert title in r.stdout
+    assert "bitsandbytes" in r.stdout  # the quantization scheme is named under the tables
     assert not list((tmp_path / "res").glob(".spunge-eval-*"))  # the canonical split files are cleaned up
 
 
@@ -60,6 +88,7 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite(tiny_dir, tmp_pa
     "args, message",
     [
         (["{nomodel}", "--split", "forget={forget}"], "is not a Hugging Face model folder"),
+        (["{model}", "--base", "{nomodel}", "--split", "forget={forget}"], "--base: "),
         (["{model}", "--split", "forget={tmp}/missing.jsonl"], "--split forget: file not found"),
         (["{model}", "--split", "forget"], "--split: expected NAME=PATH"),
         (["{model}", "--suite", "nope", "--split", "forget={forget}"], "unknown evaluation suite 'nope'; known:"),

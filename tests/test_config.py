@@ -232,8 +232,8 @@ def test_gpu_defaults_and_each_bad_gpu_combination_is_one_line(config_file):
 def test_each_suite_declares_its_data_options_and_checks(config_file, tmp_path):
     found = problems(config_file(eval={"suites": ["qa", "mia", "mc", "perplexity", "nope"]}))
     assert (
-        "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lmeval, mc, memorization, mia, perplexity, "
-        "qa, relearn, verbmem" in found
+        "eval.suites.4: unknown evaluation suite 'nope'; known: knowmem, lens, lmeval, mc, memorization, mia, "
+        "perplexity, probes, qa, quant, relearn, verbmem" in found
     )
     needs = sorted(p.split(":")[0] + ": " + p.split(": ")[1].split(" needs")[0] for p in found if p.startswith("data."))
     assert needs == ["data.general: the perplexity suite", "data.holdout: the mia suite", "data.mc: the mc suite"]

@@ -30,6 +30,7 @@ SECRETS = {
     "RAY_AUTH_TOKEN": "rayauthSECRETtok789ab",
 }
 STEPS, EVERY = 60, 20
+ATTACKS = ["quant", "probes", "lens"]  # with relearn: the robustness gate
 # keep the step of the best 1/2 (forget quality + model utility), utility >= 0.5 x base
 RULE = {
     "weights": {"forget_quality": 0.5, "model_utility": 0.5},
@@ -40,8 +41,8 @@ RULE = {
 @pytest.fixture(scope="module")
 def pipeline(bench, tmp_path_factory):
     """The demo config (NPO, TIES, the qa, mc and perplexity suites, the unsplit baseline), with STEPS steps
-    scored every EVERY by the RULE, the relearn suite, 16 rows per split, and the pretraining tokens for the
-    cost report; run, then resumed."""
+    scored every EVERY by the RULE, the relearn suite and the other ATTACKS, 16 rows per split, and the
+    pretraining tokens for the cost report; run, then resumed."""
     from orchestrator.cli.demo import demo_config
 
     bench_dir, meta = bench
@@ -50,7 +51,10 @@ def pipeline(bench, tmp_path_factory):
     cfg["name"] = "e2e"
     cfg["unlearn"].update(max_steps=STEPS, eval_every=EVERY, select={"rule": RULE, "suites": ["qa"], "max_examples": 8})
     cfg["eval"].update(
-        suites=[*cfg["eval"]["suites"], "relearn"], relearn={"steps": 4, "lr": 3e-4, "fraction": 0.5}, max_examples=16
+        suites=[*cfg["eval"]["suites"], "relearn", *ATTACKS],
+        relearn={"steps": 4, "lr": 3e-4, "fraction": 0.5},
+        probes={"in_context_k": 2},
+        max_examples=16,
     )
     cfg["report"] = {"pretraining_tokens": 1e9}
     (work / "pipe.yaml").write_text(yaml.safe_dump(cfg))
@@ -276,6 +280,45 @@ def test_relearn_metrics_per_model_and_the_least_recovered(pipeline):
     assert models["merged"]["relearn_gain"] > 0
     out = pipeline["first"].stdout + pipeline["first"].stderr
     assert "recovers least" in out
+
+
+def test_every_attack_is_a_recovery_against_the_base_in_the_robustness_summary(pipeline):
+    from jobs.evaluate.suites import recovery
+
+    report, work = pipeline["report1"], pipeline["work"]
+    models, rb = report["models"], report["robustness"]
+    base, merged = models["base"], models["merged"]
+    # each suite's unattacked value is the qa suite's forget_prob on the same 16 rows
+    for name, m in models.items():
+        for same in ("quant_fp_forget_prob", "probe_direct_prob", "lens_last_prob"):
+            assert m[same] == pytest.approx(m["forget_prob"], abs=1e-6), (name, same)
+    # the recoveries by hand from the report's own numbers
+    for bits in (8, 4):
+        a, u = f"quant{bits}_forget_prob", "quant_fp_forget_prob"
+        assert merged[f"quant{bits}_recovery"] == pytest.approx(recovery(merged[a], merged[u], base[a], base[u]))
+    assert merged["lens_recovery"] == pytest.approx(
+        recovery(merged["lens_max_prob"], merged["lens_last_prob"], base["lens_max_prob"], base["lens_last_prob"])
+    )
+    kinds = [
+        k
+        for k in merged
+        if k.startswith("probe_") and k.endswith("_prob") and k not in ("probe_direct_prob", "probe_worst_prob")
+    ]
+    assert {"probe_prefix_injection_prob", "probe_in_context_prob", "probe_reverse_query_prob"} <= set(kinds)
+    by_kind = [recovery(merged[k], merged["probe_direct_prob"], base[k], base["probe_direct_prob"]) for k in kinds]
+    assert merged["probes_recovery"] == pytest.approx(max(v for v in by_kind if v is not None))
+    names = ("quant8_recovery", "quant4_recovery", "probes_recovery", "lens_recovery", "relearn_recovery")
+    for name in ("merged", "unsplit"):
+        got = {k: models[name][k] for k in names if models[name].get(k) is not None}
+        assert got and all(0 <= v <= 1 for v in got.values()), name
+        assert models[name]["worst_recovery"] == pytest.approx(max(got.values()))
+        assert rb["recovery"][name]["worst_recovery"] == models[name]["worst_recovery"]
+    assert "base" not in rb["recovery"] and rb["most_robust"] in rb["recovery"]
+    assert "bitsandbytes" in rb["info"]["quant_scheme"]
+    assert f"probe_{rb['recovery']['merged']['info']['probe_worst_kind']}_prob" in kinds
+    out = pipeline["first"].stdout + pipeline["first"].stderr
+    assert "robustness: worst recovery under attack" in out and "Robustness" in out
+    assert (work / "run" / "plots" / "lens.png").exists()
 
 
 def test_cost_totals_add_up_and_reach_mlflow(pipeline):

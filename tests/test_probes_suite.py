@@ -110,8 +110,8 @@ def test_direct_is_the_qa_suites_forget_prob_and_every_shipped_kind_runs(tiny_di
     assert abs(m["probe_direct_prob"] - m["forget_prob"]) < 1e-6
     assert np.allclose(res["raw"]["probe_direct_prob"], res["raw"]["forget_prob"], rtol=0, atol=1e-6)
     assert m["probe_direct_rouge"] == pytest.approx(m["forget_rouge"])
-    attacks = ["prefix_injection", "affirmative_suffix", "role_play", "reverse_query", "in_context"]
-    for kind in ["direct", *attacks]:
+    attacks = ["prefix_injection", "affirmative_suffix", "role_play", "in_context"]  # the kinds that score the answer
+    for kind in ["direct", "reverse_query", *attacks]:
         assert math.isfinite(m[f"probe_{kind}_prob"]) and 0 <= m[f"probe_{kind}_rouge"] <= 1, kind
         assert len(res["raw"][f"probe_{kind}_prob"]) == 4
     assert not any("paraphrase" in k for k in m)  # the tiny rows have no paraphrased_question
@@ -119,6 +119,8 @@ def test_direct_is_the_qa_suites_forget_prob_and_every_shipped_kind_runs(tiny_di
     assert worst in attacks and m["probe_worst_prob"] == max(m[f"probe_{k}_prob"] for k in attacks)
     assert m[f"probe_{worst}_prob"] == m["probe_worst_prob"]
     assert m["probe_worst_rouge"] == max(m[f"probe_{k}_rouge"] for k in attacks)
+    # the recovery takes the attack kinds only: a reverse query's answer sentence gives its question away
+    assert res["parts"]["probes_recovery"] == [f"probe_{k}_prob" for k in attacks]
 
 
 def test_in_context_examples_are_other_rows_drawn_by_the_seed(tiny):
@@ -156,11 +158,9 @@ def test_a_reverse_query_scores_the_question_given_the_answer(tiny):
         assert res["raw"]["probe_reverse_query_prob"][i] == pytest.approx(hand_prob(model, prompt, target), rel=1e-5)
     probe = build_probes(tok, rows, ["reverse_query"], {"reverse_query": reverse})[0]
     assert probe.reference == rows[0]["question"] and rows[0]["question"] not in tok.decode(probe.prompt)
-    assert set(res["metrics"]) == {"probe_reverse_query_prob", "probe_reverse_query_rouge"} | {
-        "probe_worst_prob",
-        "probe_worst_rouge",
-    }
-    assert res["info"] == {"probe_worst_kind": "reverse_query", "probe_worst_rouge_kind": "reverse_query"}
+    # reported, but no attack on the answer: neither the worst case nor the recovery takes it
+    assert set(res["metrics"]) == {"probe_reverse_query_prob", "probe_reverse_query_rouge"}
+    assert res["parts"] == {"probes_recovery": []} and "probe_worst_kind" not in res["info"]
 
 
 def test_paraphrase_scores_the_rows_that_have_a_paraphrased_question(tiny):

@@ -30,8 +30,10 @@ tokenized apart from the prompt, so its tokens are the ones the ``qa`` suite sco
 answers from the same prompts ``probe_{kind}_rouge``, the mean ROUGE-L recall against the target. A target keeps
 the tokens the ``qa`` suite leaves the row's answer after the plain question (``max_length`` minus that prompt's
 length): a longer probe prompt never cuts its target further. ``probe_worst_prob`` and ``probe_worst_rouge`` are
-the largest of the attack kinds' (every kind but ``direct``); ``info["probe_worst_kind"]`` names the kind of the
-worst probability (``probe_worst_rouge_kind`` that of the worst ROUGE). A kind's numbers are on its own
+the largest of the attack kinds' (every kind that scores the answer: not ``direct``, nor a reverse query, whose
+target, the question, the answer sentence in its prompt gives away to a model that forgot the answer);
+``info["probe_worst_kind"]`` names the kind of the worst probability (``probe_worst_rouge_kind`` that of the
+worst ROUGE). A kind's numbers are on its own
 scale even for a model that forgot nothing (an answer prefix or examples make the answer likelier; a reverse
 query scores a question, not an answer): compare a kind across models, not kinds with each other.
 ``probes_recovery`` (on the driver, ``jobs.evaluate.suites.Recovery``) does that: each attack kind's
@@ -313,8 +315,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _worst(metrics: dict[str, float], kinds: Sequence[str], what: str) -> Optional[tuple[str, float]]:
-    """The attack kind (every kind but direct) with the largest finite ``probe_{kind}_{what}``, and that value."""
-    found = [(k, metrics[f"probe_{k}_{what}"]) for k in kinds if k != DIRECT and f"probe_{k}_{what}" in metrics]
+    """The kind of ``kinds`` with the largest finite ``probe_{kind}_{what}``, and that value."""
+    found = [(k, metrics[f"probe_{k}_{what}"]) for k in kinds if f"probe_{k}_{what}" in metrics]
     found = [(k, v) for k, v in found if np.isfinite(v)]
     return max(found, key=lambda kv: kv[1]) if found else None
 
@@ -326,7 +328,8 @@ def _worst(metrics: dict[str, float], kinds: Sequence[str], what: str) -> Option
     path_options=("templates",),
     groups=(("Probes", r"^probe_"),),
     check=check_options,
-    # every attack kind against its own value on the base model: a prefix that makes any answer likelier is not recovery
+    # each attack kind against its own value on the base model (a prefix that makes any answer likelier is not
+    # recovery); the kinds are the result's parts["probes_recovery"]: those that score the answer
     recoveries=(
         Recovery(
             "probes_recovery", attacked=r"probe_(?!direct_prob$|worst_prob$).+_prob", unlearned="probe_direct_prob"
@@ -338,9 +341,11 @@ def probes_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: ProbesOpt
 
     Metrics per kind run: ``probe_{kind}_prob`` (mean over its rows of exp(-mean target-token NLL)) and
     ``probe_{kind}_rouge`` (mean ROUGE-L recall of greedy answers against the target); over the attack kinds
-    (all but ``direct``): ``probe_worst_prob`` and ``probe_worst_rouge``, their largest. ``info``:
-    ``probe_worst_kind`` (the kind of ``probe_worst_prob``) and ``probe_worst_rouge_kind``. ``raw``: per row of
-    the split, ``probe_{kind}_prob`` (NaN where a row has no probe of the kind: no paraphrased question).
+    that score the answer (all but ``direct`` and the reverse queries): ``probe_worst_prob`` and
+    ``probe_worst_rouge``, their largest. ``info``: ``probe_worst_kind`` (the kind of ``probe_worst_prob``),
+    ``probe_worst_rouge_kind``, and ``probes_skipped`` naming kinds the split cannot serve. ``parts``:
+    ``probes_recovery``, the attack kinds' metrics its recovery takes the largest of. ``raw``: per row of the
+    split, ``probe_{kind}_prob`` (NaN where a row has no probe of the kind: no paraphrased question).
     """
     from jobs.evaluate import metrics as M
     from jobs.evaluate.scoring import encoded_nll, generate_answers
@@ -381,9 +386,19 @@ def probes_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: ProbesOpt
         metrics[f"probe_{kind}_prob"] = _mean(probs[idx])
         metrics[f"probe_{kind}_rouge"] = float(np.mean(rouge[idx]))
         raw[f"probe_{kind}_prob"] = per_row.tolist()
+    # a kind that scores the question (a reverse query) reads the answer sentence, which gives the question away:
+    # a model that forgot the answer scores it as the base does, so it is reported but is no attack on the answer
+    attacks = [k for k in run if k != DIRECT and (k not in templates or templates[k].target == "answer")]
     info: dict[str, str] = {}
     for what, key in (("prob", "probe_worst_kind"), ("rouge", "probe_worst_rouge_kind")):
-        worst = _worst(metrics, run, what)
+        worst = _worst(metrics, attacks, what)
         if worst is not None:
             info[key], metrics[f"probe_worst_{what}"] = worst
-    return {"metrics": metrics, "raw": raw, "info": info}
+    if skipped := [k for k in kinds if k not in run]:
+        info["probes_skipped"] = f"{', '.join(skipped)}: the split {opts.split!r} cannot serve it"
+    return {
+        "metrics": metrics,
+        "raw": raw,
+        "info": info,
+        "parts": {"probes_recovery": [f"probe_{k}_prob" for k in attacks]},
+    }

@@ -85,7 +85,8 @@ class Recovery:
     does. None where a value is missing, or the model forgot nothing by that metric (``u >= U``).
 
     ``attacked`` is a metric name or a regular expression over metric names (several attacks of one suite, such
-    as the probe kinds): the largest recovery among the matching metrics that both models have."""
+    as the probe kinds): the largest recovery among the matching metrics that both models have; a model's result
+    may name those metrics itself in ``parts[metric]`` (the probe kinds that attack the answer)."""
 
     metric: str
     attacked: str
@@ -94,7 +95,8 @@ class Recovery:
     def compute(self, result: dict, base: dict) -> Optional[float]:
         m, b = result.get("metrics", {}), base.get("metrics", {})
         u, base_u = m.get(self.unlearned), b.get(self.unlearned)
-        found = [recovery(v, u, b[k], base_u) for k, v in m.items() if re.fullmatch(self.attacked, k) and k in b]
+        names = result.get("parts", {}).get(self.metric) or [k for k in m if re.fullmatch(self.attacked, k)]
+        found = [recovery(m[k], u, b[k], base_u) for k in names if k in m and k in b]
         return max((v for v in found if v is not None), default=None)
 
 

@@ -299,12 +299,15 @@ def test_every_attack_is_a_recovery_against_the_base_in_the_robustness_summary(p
     assert merged["lens_recovery"] == pytest.approx(
         recovery(merged["lens_max_prob"], merged["lens_last_prob"], base["lens_max_prob"], base["lens_last_prob"])
     )
+    # the attack kinds: every probe of the answer (the reverse query, which scores the question, is reported only)
     kinds = [
         k
         for k in merged
         if k.startswith("probe_") and k.endswith("_prob") and k not in ("probe_direct_prob", "probe_worst_prob")
     ]
     assert {"probe_prefix_injection_prob", "probe_in_context_prob", "probe_reverse_query_prob"} <= set(kinds)
+    kinds.remove("probe_reverse_query_prob")
+    assert set(report["parts"]["probes_recovery"]) == set(kinds)
     by_kind = [recovery(merged[k], merged["probe_direct_prob"], base[k], base["probe_direct_prob"]) for k in kinds]
     assert merged["probes_recovery"] == pytest.approx(max(v for v in by_kind if v is not None))
     names = ("quant8_recovery", "quant4_recovery", "probes_recovery", "lens_recovery", "relearn_recovery")

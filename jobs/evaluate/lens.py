@@ -149,29 +149,21 @@ def layer_nll(
     right-padded); the last layer (``config.num_hidden_layers``) is the model's own logits."""
     import torch
 
-    from jobs.data.format import IGNORE_INDEX, collate
-    from jobs.evaluate.placement import input_device, spans_devices
-    from jobs.evaluate.scoring import keeps_masked_logits, length_batches, pad_id, reported_batches
+    from jobs.evaluate.placement import spans_devices
+    from jobs.evaluate.scoring import keeps_masked_logits, target_batches
 
     lens = Lens(model)
     last = model.config.num_hidden_layers
     nll = np.zeros((len(encoded), len(layers)), dtype=np.float64)
     n_tokens = np.zeros(len(encoded), dtype=np.int64)
-    pad, device = pad_id(tokenizer), input_device(model)
     # as scoring.target_logits: only the kept positions go through the LM head where the model can do that
     masked = keeps_masked_logits(type(model)) and not spans_devices(model)
     checked = False
-    model.eval()
     with torch.inference_mode():
-        for idx in reported_batches(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
-            batch = collate([encoded[i] for i in idx], pad)
-            labels = batch["labels"].to(device)
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-            targets, rows = labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]
+        for idx, batch, keep, targets, rows in target_batches(model, tokenizer, encoded, batch_size):
             out = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
                 output_hidden_states=True,
                 **({"logits_to_keep": keep} if masked else {}),
             )

@@ -92,16 +92,26 @@ def encoded_logits(
     ``encoded``); all on the model's device. Only those positions go through the LM head
     (:func:`target_logits`): scoring an answer costs the forward pass of its tokens, not a vocabulary-wide
     projection of the whole prompt."""
+    with torch.inference_mode():
+        for idx, batch, keep, targets, rows in target_batches(model, tokenizer, encoded, batch_size):
+            yield idx, target_logits(model, batch["input_ids"], batch["attention_mask"], keep), targets, rows
+
+
+def target_batches(
+    model: Any, tokenizer: Any, encoded: Sequence[dict], batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches ``encoded_logits`` scores, before the model sees them (the model put in eval mode): ``(indices,
+    batch, keep, targets [N], rows [N])``, the collated batch and ``keep`` (the positions whose next token is a
+    target, ``[B, T]``) on the model's input device, each reported as scored once the caller takes the next. The
+    caller runs the model, under ``torch.inference_mode``."""
     pad, device = pad_id(tokenizer), input_device(model)
     model.eval()
-    with torch.inference_mode():
-        for idx in reported_batches(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
-            batch = collate([encoded[i] for i in idx], pad)
-            labels = batch["labels"].to(device)
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-            logits = target_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep)
-            yield idx, logits, labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]
+    for idx in reported_batches(length_batches([len(e["input_ids"]) for e in encoded], batch_size), "scored"):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        yield idx, batch, keep, labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]
 
 
 def target_logits(

@@ -300,3 +300,14 @@ def spans_devices(model: Any) -> bool:
     when it has none: one device either way.)"""
     plan = getattr(model, "hf_device_map", None) or {}
     return len({d for d in plan.values() if d not in ("cpu", "disk")}) > 1
+
+
+def refuse_offloaded(model: Any, what: str) -> None:
+    """``ValueError`` for a model with modules offloaded to "cpu" or "disk" (weights on the meta device), which
+    ``what`` (a suite's change to the weights, e.g. "the quant suite quantizes the model's weights in memory")
+    cannot work on."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError(
+            f"{what}, which it cannot do with modules offloaded to 'cpu' or 'disk' (their weights are on the meta "
+            "device): give the eval task more GPU memory"
+        )

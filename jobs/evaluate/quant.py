@@ -117,12 +117,7 @@ def quantizable(model: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _refuse_offloaded(model: Any) -> None:
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError(
-            "the quant suite quantizes the model's weights in memory, which it cannot do with modules offloaded "
-            "to 'cpu' or 'disk' (their weights are on the meta device): give the eval task more GPU memory"
-        )
+QUANTIZES = "the quant suite quantizes the model's weights in memory"  # what an offloaded model refuses
 
 
 def _move_inputs_to(device: Any):
@@ -196,7 +191,9 @@ def quantized(model: Any, bits: int, quant_type: str = "nf4") -> Iterator[Any]:
     """``model`` with every ``quantizable`` layer swapped for its ``quantized_layer`` (8 or 4 bits); on exit the
     original modules are put back, the model exactly as it was (same module objects, same tensors). ``ValueError``
     for an offloaded model (weights on the meta device) or one without a layer to quantize."""
-    _refuse_offloaded(model)
+    from jobs.evaluate.placement import refuse_offloaded
+
+    refuse_offloaded(model, QUANTIZES)
     targets = quantizable(model)
     if not targets:
         raise ValueError("the quant suite found no torch.nn.Linear or Conv1D layer to quantize besides the output head")
@@ -305,7 +302,9 @@ def quant_suite(ctx: SuiteContext, data: dict[str, list[dict]], opts: QuantOptio
                 raw[f"{prefix}_forget_prob"] = probs.tolist()
                 metrics[f"{prefix}_forget_rouge"] = _rouge(ctx, records, opts.stop)
 
-    _refuse_offloaded(ctx.model)  # before the unquantized pass, not after it
+    from jobs.evaluate.placement import refuse_offloaded
+
+    refuse_offloaded(ctx.model, QUANTIZES)  # before the unquantized pass, not after it
     score("quant_fp")
     for b in opts.bits:
         with quantized(ctx.model, b, opts.quant_type):

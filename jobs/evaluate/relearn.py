@@ -104,12 +104,9 @@ def fp32_copy(model: Any) -> Any:
     modules); ``sdpa`` attention where the model's config asks for flash attention. ``model`` is left as it was."""
     import copy
 
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError(
-            "the relearn suite fine-tunes a copy of the model, which it cannot do with modules "
-            "offloaded to 'cpu' or 'disk' (their weights are on the meta device): give the eval task "
-            "more GPU memory"
-        )
+    from jobs.evaluate.placement import refuse_offloaded
+
+    refuse_offloaded(model, "the relearn suite fine-tunes a copy of the model")
     attacked = copy.deepcopy(model).float().eval()
     for name in ("to", "cuda"):  # a dispatched model's accelerate wrappers: deep-copied, they would move `model`
         vars(attacked).pop(name, None)

@@ -136,15 +136,24 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
     ``save_pretrained`` such a model, so it is rebuilt from its config (without the quantization entry)
     and state dict, which keeps tied embeddings tied. A folder that already holds the converted model
     (``spunge_gguf.json`` naming the same file and size) is returned as it is; the write goes through a
-    temporary folder, so an interrupted conversion leaves nothing that looks complete."""
+    temporary folder, so an interrupted conversion leaves nothing that looks complete; processes converting into
+    the same folder take turns (a lock file beside it), and the later ones find it done."""
+    from filelock import FileLock
+
+    src, out = Path(gguf_file), Path(out)
+    if not src.is_file():
+        raise ModelLoadError(f"{src}: no such GGUF file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        return _convert_gguf(src, out, dtype)
+
+
+def _convert_gguf(src: Path, out: Path, dtype: str) -> Path:
     import json
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src, out = Path(gguf_file), Path(out)
-    if not src.is_file():
-        raise ModelLoadError(f"{src}: no such GGUF file")
     stamp = {"gguf": str(src.resolve()), "bytes": src.stat().st_size, "dtype": dtype}
     marker = out / "spunge_gguf.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:

@@ -136,8 +136,10 @@ def cli(*args: str):
 
 def spunge_env(**extra: str) -> dict[str, str]:
     """This environment without ``MLFLOW_TRACKING_URI`` (a run's store is the config's or ``mlflow.db`` in its
-    working folder), with ``extra`` added."""
-    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **extra}
+    working folder) and with ``RAY_ADDRESS=local`` (a run starts a Ray of its own, never joins one that another
+    test started on the machine), with ``extra`` added."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_ADDRESS": "local", **extra}
 
 
 def spunge(

@@ -194,9 +194,6 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
 # the real pipeline: a killed driver
 
 
-RAY_OF_ITS_OWN = spunge_env(RAY_ADDRESS="local")  # each driver starts a Ray of its own, never joins another
-
-
 STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands with 40 still to go
 
 
@@ -205,7 +202,7 @@ def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen
     return subprocess.Popen(
         [SPUNGE, "run", "pipe.yaml", *extra],
         cwd=tmp_path,
-        env=RAY_OF_ITS_OWN,
+        env=spunge_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -226,15 +223,16 @@ def reap(driver: subprocess.Popen, family: list) -> None:
 @pytest.mark.e2e
 def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir, tmp_path):
     """Driver 1 gets SIGTERM in the middle of unlearning: its MLflow runs end KILLED. Driver 2 resumes the
-    unfinished jobs from their checkpoints and is SIGKILLed once both are done: its runs stay RUNNING.
-    Driver 3 ends those as KILLED, reruns no unlearning job and completes; no step of either job is lost."""
+    unfinished job from its checkpoint and is SIGKILLed once it is done: its runs stay RUNNING. Driver 3 ends
+    those as KILLED, reruns no unlearning job and completes; no step of the job is lost. One subset job (one
+    group of two): what is asserted holds job by job, and each Ray Train job costs every driver its start-up."""
     from mlflow.tracking import MlflowClient
 
     cfg = {
         "name": "killed",
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-        "split": {"attribute": "group", "baseline": "none"},
+        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},
         "unlearn": {
             "method": "grad_diff",
             "optimizer": {"lr": 1e-3},
@@ -268,7 +266,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     finally:
         reap(driver, family)
     assert "interrupted; finished stages are kept" in (tmp_path / "first.log").read_text()
-    assert len(job_markers()) < 2  # stopped in the middle of unlearning
+    assert not job_markers()  # stopped in the middle of unlearning
     first = client.search_runs(
         [client.get_experiment_by_name("spunge").experiment_id], "attributes.run_name = 'killed'"
     )
@@ -278,10 +276,10 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     )
     assert first_children and {r.info.status for r in first_children} == {"KILLED"}
 
-    # 2. --resume: unfinished jobs restart from their checkpoints; SIGKILL once both are done
+    # 2. --resume: the unfinished job restarts from its checkpoint; SIGKILL once it is done
     driver = start_driver(tmp_path, "second.log", "--resume")
     try:
-        wait_for(lambda: len(job_markers()) == 2 or driver.poll() is not None, "both unlearning jobs to finish")
+        wait_for(lambda: job_markers() or driver.poll() is not None, "the unlearning job to finish")
         assert driver.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
         markers = job_markers()
         family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
@@ -291,24 +289,23 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     assert not (run / "report.json").exists()  # killed before the end
     mtimes = {m.parent.name: (m.parent / "model.safetensors").stat().st_mtime_ns for m in markers}
     trainer_runs = sorted(p.name for p in (run / "ray_train").iterdir())
-    assert len(trainer_runs) == 2
-    resumed = [json.loads(m.read_text())["final_metrics"].get("resumed_from", 0) for m in markers]
-    assert max(resumed) >= 10 and all(r % 10 == 0 for r in resumed)  # a job went on from a checkpoint
+    assert len(trainer_runs) == 1
+    resumed = json.loads(markers[0].read_text())["final_metrics"].get("resumed_from", 0)
+    assert resumed >= 10 and resumed % 10 == 0  # the job went on from a checkpoint
 
     # 3. --resume again: the runs driver 2 left RUNNING end as KILLED; nothing is unlearned again
-    second = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path, env=RAY_OF_ITS_OWN)
+    second = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "left RUNNING by a driver that is gone are now KILLED" in second.stdout + second.stderr
     report = json.loads((run / "report.json").read_text())
-    assert set(report["jobs"]) == {"subset/north", "subset/south"}
-    assert all(j["reused"] for j in report["jobs"].values())
+    assert set(report["jobs"]) == {"subset/north"} and report["jobs"]["subset/north"]["reused"]
     assert sorted(p.name for p in (run / "ray_train").iterdir()) == trainer_runs  # no new Ray Train run
     for key, job in report["jobs"].items():
         folder = Path(job["output_dir"])
         assert (folder / "model.safetensors").stat().st_mtime_ns == mtimes[folder.name], key
-        # every step of every job, across the three drivers, each once
+        # every step of the job, across the three drivers, each once
         assert [r["step"] for r in load_jsonl(folder / "history.jsonl")] == list(range(1, STEPS + 1)), key
-    assert {"base", "merged", "subset/north", "subset/south"} <= set(report["models"])
+    assert {"base", "merged", "subset/north"} <= set(report["models"])
     assert 0 <= report["models"]["merged"]["forget_prob"] <= 1
 
     parent = client.get_run(report["mlflow_run_id"])
@@ -323,7 +320,6 @@ def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir,
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {r.info.run_name: r for r in children}
     assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"
-    assert by_name["unlearn/south"].data.tags["spunge.reused"] == "True"
     assert by_name["merge"].info.status == "FINISHED" and "eval/merged" in by_name
 
 
@@ -374,7 +370,7 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
         "name": "mlflow-gone",
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-        "split": {"attribute": "group", "baseline": "none"},
+        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},  # one job
         "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 3, "batch_size": 4},
         "eval": {"max_examples": 4},
         "tracking": {"uri": uri},
@@ -382,7 +378,7 @@ def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_compl
         "ray": {"num_cpus": 4},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**RAY_OF_ITS_OWN, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {**spunge_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     server = start_mlflow_server(tmp_path, port)
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(

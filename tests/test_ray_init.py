@@ -35,7 +35,7 @@ def test_a_local_ray_listens_on_loopback_and_logs_to_the_file(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "RAY_ADDRESS": ""},
+        env={**__import__("os").environ, "RAY_ADDRESS": "local"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     gcs = next(line for line in r.stdout.splitlines() if line.startswith("GCS "))

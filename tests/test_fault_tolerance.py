@@ -1,10 +1,11 @@
 """Fault tolerance: resumable checkpoints in the unlearning loop, a Ray Train job surviving a killed worker,
-and a pipeline surviving a killed driver (``spunge run --resume``)."""
+and a pipeline surviving a killed driver and a lost MLflow server (``spunge run --resume``)."""
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,8 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
 
 
 STEPS = 50  # steps are ~0.2 s each (a report each): driver 1's SIGTERM lands with 40 still to go
+# the MLflow client gives up on a server that is gone at once (its default: 7 retries, minutes of back-off)
+NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen:
@@ -202,7 +205,7 @@ def start_driver(tmp_path: Path, log_name: str, *extra: str) -> subprocess.Popen
     return subprocess.Popen(
         [SPUNGE, "run", "pipe.yaml", *extra],
         cwd=tmp_path,
-        env=spunge_env(),
+        env=spunge_env(**NO_RETRIES),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -218,109 +221,6 @@ def reap(driver: subprocess.Popen, family: list) -> None:
     for p in alive:  # anything that left the session: ours to clean up, by pid
         p.kill()
     assert not alive, [p.cmdline() for p in alive]  # Ray's processes share the driver's fate
-
-
-@pytest.mark.e2e
-def test_a_killed_driver_resumes_without_rerunning_finished_unlearning(tiny_dir, tmp_path):
-    """Driver 1 gets SIGTERM in the middle of unlearning: its MLflow runs end KILLED. Driver 2 resumes the
-    unfinished job from its checkpoint and is SIGKILLed once it is done: its runs stay RUNNING. Driver 3 ends
-    those as KILLED, reruns no unlearning job and completes; no step of the job is lost. One subset job (one
-    group of two): what is asserted holds job by job, and each Ray Train job costs every driver its start-up."""
-    from mlflow.tracking import MlflowClient
-
-    cfg = {
-        "name": "killed",
-        "model": {"path": str(tiny_dir / "model")},
-        "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},
-        "unlearn": {
-            "method": "grad_diff",
-            "optimizer": {"lr": 1e-3},
-            "max_steps": STEPS,
-            "batch_size": 4,
-            "checkpoint_every": 10,
-            "report_interval_s": 0,
-        },
-        "eval": {"max_examples": 4},
-        "storage": {"output_dir": "run"},
-        "ray": {"num_cpus": 4},
-    }
-    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
-    # a checkpoint counts once Ray Train's checkpoint manager has registered it in its snapshot
-    checkpoints = lambda: [
-        p for p in run.glob("ray_train/*/checkpoint_manager_snapshot.json") if "checkpoint_step" in p.read_text()
-    ]
-
-    # 1. SIGTERM while unlearning: the driver ends its MLflow runs as KILLED and exits 130
-    driver = start_driver(tmp_path, "first.log")
-    family = []
-    try:
-        wait_for(lambda: checkpoints() or driver.poll() is not None, "a first registered checkpoint")
-        assert driver.poll() is None and not job_markers(), (tmp_path / "first.log").read_text()[-3000:]
-        family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
-        driver.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a scheduler would
-        assert driver.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        reap(driver, family)
-    assert "interrupted; finished stages are kept" in (tmp_path / "first.log").read_text()
-    assert not job_markers()  # stopped in the middle of unlearning
-    first = client.search_runs(
-        [client.get_experiment_by_name("spunge").experiment_id], "attributes.run_name = 'killed'"
-    )
-    assert [r.info.status for r in first] == ["KILLED"]
-    first_children = client.search_runs(
-        [first[0].info.experiment_id], f"tags.mlflow.parentRunId = '{first[0].info.run_id}'"
-    )
-    assert first_children and {r.info.status for r in first_children} == {"KILLED"}
-
-    # 2. --resume: the unfinished job restarts from its checkpoint; SIGKILL once it is done
-    driver = start_driver(tmp_path, "second.log", "--resume")
-    try:
-        wait_for(lambda: job_markers() or driver.poll() is not None, "the unlearning job to finish")
-        assert driver.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
-        markers = job_markers()
-        family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the local Ray it started (same session)
-    finally:
-        reap(driver, family)
-    assert not (run / "report.json").exists()  # killed before the end
-    mtimes = {m.parent.name: (m.parent / "model.safetensors").stat().st_mtime_ns for m in markers}
-    trainer_runs = sorted(p.name for p in (run / "ray_train").iterdir())
-    assert len(trainer_runs) == 1
-    resumed = json.loads(markers[0].read_text())["final_metrics"].get("resumed_from", 0)
-    assert resumed >= 10 and resumed % 10 == 0  # the job went on from a checkpoint
-
-    # 3. --resume again: the runs driver 2 left RUNNING end as KILLED; nothing is unlearned again
-    second = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    assert "left RUNNING by a driver that is gone are now KILLED" in second.stdout + second.stderr
-    report = json.loads((run / "report.json").read_text())
-    assert set(report["jobs"]) == {"subset/north"} and report["jobs"]["subset/north"]["reused"]
-    assert sorted(p.name for p in (run / "ray_train").iterdir()) == trainer_runs  # no new Ray Train run
-    for key, job in report["jobs"].items():
-        folder = Path(job["output_dir"])
-        assert (folder / "model.safetensors").stat().st_mtime_ns == mtimes[folder.name], key
-        # every step of the job, across the three drivers, each once
-        assert [r["step"] for r in load_jsonl(folder / "history.jsonl")] == list(range(1, STEPS + 1)), key
-    assert {"base", "merged", "subset/north"} <= set(report["models"])
-    assert 0 <= report["models"]["merged"]["forget_prob"] <= 1
-
-    parent = client.get_run(report["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["spunge.resume"] == "True"
-    runs = client.search_runs(
-        [parent.info.experiment_id], "attributes.run_name = 'killed'", order_by=["attributes.start_time ASC"]
-    )
-    assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED"]  # driver 2's, by driver 3
-    stale = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{runs[1].info.run_id}'")
-    # a job that finished under driver 2 keeps its FINISHED run; nothing of driver 2 is left RUNNING
-    assert stale and {r.info.status for r in stale} <= {"KILLED", "FINISHED"}, [r.info.status for r in stale]
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    by_name = {r.info.run_name: r for r in children}
-    assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"
-    assert by_name["merge"].info.status == "FINISHED" and "eval/merged" in by_name
 
 
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
@@ -356,71 +256,139 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     return server
 
 
-@pytest.mark.e2e
-def test_the_mlflow_server_going_away_fails_the_run_in_one_line_and_resume_completes_it(tiny_dir, tmp_path):
-    import socket
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=60)
 
+
+@pytest.mark.e2e
+def test_a_pipeline_outlives_its_driver_and_its_tracking_server_and_reruns_no_finished_unlearning(tiny_dir, tmp_path):
+    """Four drivers of one pipeline, tracked on an MLflow server. Driver 1 gets SIGTERM in the middle of
+    unlearning: its MLflow runs end KILLED. Driver 2 resumes the unfinished job from its checkpoint and is
+    SIGKILLed once it is done: its runs stay RUNNING. Driver 3 ends those as KILLED, then loses the MLflow server:
+    it fails in one line that says to resume. Driver 4, the server back with the same store, ends driver 3's run
+    as KILLED, reruns no unlearning job and completes; no step of the job is lost. One subset job (one group of
+    two): what is asserted holds job by job, and each Ray Train job costs every driver its start-up."""
     from mlflow.tracking import MlflowClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     cfg = {
-        "name": "mlflow-gone",
+        "name": "killed",
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},  # one job
-        "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": 3, "batch_size": 4},
+        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},
+        "unlearn": {
+            "method": "grad_diff",
+            "optimizer": {"lr": 1e-3},
+            "max_steps": STEPS,
+            "batch_size": 4,
+            "checkpoint_every": 10,
+            "report_interval_s": 0,
+        },
         "eval": {"max_examples": 4},
         "tracking": {"uri": uri},
         "storage": {"output_dir": "run"},
         "ray": {"num_cpus": 4},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**spunge_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    run = tmp_path / "run"
+    client = MlflowClient(uri)
+    job_markers = lambda: list(run.glob(f"stages/unlearn/*/{JOB_MARKER}"))
+    # a checkpoint counts once Ray Train's checkpoint manager has registered it in its snapshot
+    checkpoints = lambda: [
+        p for p in run.glob("ray_train/*/checkpoint_manager_snapshot.json") if "checkpoint_step" in p.read_text()
+    ]
     server = start_mlflow_server(tmp_path, port)
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(
-        [SPUNGE, "run", "pipe.yaml"],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
-        wait_for(
-            lambda: "MLflow run " in (tmp_path / "first.log").read_text() or driver.poll() is not None,
-            "the driver's MLflow run",
-        )
-        os.killpg(server.pid, signal.SIGKILL)  # the server goes away while the pipeline runs
-        server.wait(timeout=60)
-        assert driver.wait(timeout=600) == 1
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        log.close()
-    text = (tmp_path / "first.log").read_text()
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
-    assert errors[0].startswith(f"error: MLflow at {uri}: ") and "re-run with --resume" in errors[0]
-    assert not (tmp_path / "run" / "report.json").exists()
+        # 1. SIGTERM while unlearning: the driver ends its MLflow runs as KILLED and exits 130
+        driver = start_driver(tmp_path, "first.log")
+        family = []
+        try:
+            wait_for(lambda: checkpoints() or driver.poll() is not None, "a first registered checkpoint")
+            assert driver.poll() is None and not job_markers(), (tmp_path / "first.log").read_text()[-3000:]
+            family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+            driver.send_signal(signal.SIGTERM)  # the driver alone, as `ray job stop` or a scheduler would
+            assert driver.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            reap(driver, family)
+        assert "interrupted; finished stages are kept" in (tmp_path / "first.log").read_text()
+        assert not job_markers()  # stopped in the middle of unlearning
+        experiment = client.get_experiment_by_name("spunge").experiment_id
+        first = client.search_runs([experiment], "attributes.run_name = 'killed'")
+        assert [r.info.status for r in first] == ["KILLED"]
+        first_children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{first[0].info.run_id}'")
+        assert first_children and {r.info.status for r in first_children} == {"KILLED"}
 
-    server = start_mlflow_server(tmp_path, port)  # back, with the same store
-    try:
-        again = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path, env=env)
-        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
-        report = json.loads((tmp_path / "run" / "report.json").read_text())
-        client = MlflowClient(uri)
+        # 2. --resume: the unfinished job restarts from its checkpoint; SIGKILL once it is done
+        driver = start_driver(tmp_path, "second.log", "--resume")
+        try:
+            wait_for(lambda: job_markers() or driver.poll() is not None, "the unlearning job to finish")
+            assert driver.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+            markers = job_markers()
+            family = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the local Ray it started (same session)
+        finally:
+            reap(driver, family)
+        assert not (run / "report.json").exists()  # killed before the end
+        mtimes = {m.parent.name: (m.parent / "model.safetensors").stat().st_mtime_ns for m in markers}
+        trainer_runs = sorted(p.name for p in (run / "ray_train").iterdir())
+        assert len(trainer_runs) == 1
+        resumed = json.loads(markers[0].read_text())["final_metrics"].get("resumed_from", 0)
+        assert resumed >= 10 and resumed % 10 == 0  # the job went on from a checkpoint
+
+        # 3. --resume, and the MLflow server goes away once the driver's run has started: one line, exit 1
+        driver = start_driver(tmp_path, "third.log", "--resume")
+        try:
+            wait_for(
+                lambda: "MLflow run " in (tmp_path / "third.log").read_text() or driver.poll() is not None,
+                "the third driver's MLflow run",
+            )
+            stop_server(server)
+            assert driver.wait(timeout=600) == 1
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        text = (tmp_path / "third.log").read_text()
+        assert "left RUNNING by a driver that is gone are now KILLED" in text  # driver 2's, before the server went
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        assert errors[0].startswith(f"error: MLflow at {uri}: ") and "re-run with --resume" in errors[0]
+        assert not (run / "report.json").exists()
+
+        # 4. the server back, with the same store: --resume ends driver 3's run as KILLED and unlearns nothing again
+        server = start_mlflow_server(tmp_path, port)
+        last = spunge("run", "pipe.yaml", "--resume", cwd=tmp_path, env=spunge_env(**NO_RETRIES))
+        assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-5000:]
+        assert "left RUNNING by a driver that is gone are now KILLED" in last.stdout + last.stderr
+        report = json.loads((run / "report.json").read_text())
+        assert set(report["jobs"]) == {"subset/north"} and report["jobs"]["subset/north"]["reused"]
+        assert sorted(p.name for p in (run / "ray_train").iterdir()) == trainer_runs  # no new Ray Train run
+        for key, job in report["jobs"].items():
+            folder = Path(job["output_dir"])
+            assert (folder / "model.safetensors").stat().st_mtime_ns == mtimes[folder.name], key
+            # every step of the job, across the four drivers, each once
+            assert [r["step"] for r in load_jsonl(folder / "history.jsonl")] == list(range(1, STEPS + 1)), key
+        assert {"base", "merged", "subset/north"} <= set(report["models"])
+        assert 0 <= report["models"]["merged"]["forget_prob"] <= 1
+
+        parent = client.get_run(report["mlflow_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.tags["spunge.resume"] == "True"
         runs = client.search_runs(
-            [client.get_experiment_by_name("spunge").experiment_id],
-            "attributes.run_name = 'mlflow-gone'",
-            order_by=["attributes.start_time ASC"],
+            [experiment], "attributes.run_name = 'killed'", order_by=["attributes.start_time ASC"]
         )
-        # the first driver's run could not be ended (its server was gone): the second ends it as KILLED
-        assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
-        assert runs[1].info.run_id == report["mlflow_run_id"] and "merged" in report["models"]
+        # driver 2's, ended by driver 3; driver 3's, which it could not end (its server was gone), by driver 4
+        assert [r.info.status for r in runs] == ["KILLED", "KILLED", "KILLED", "FINISHED"]
+        assert runs[3].info.run_id == report["mlflow_run_id"]
+        stale = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{runs[1].info.run_id}'")
+        # a job that finished under driver 2 keeps its FINISHED run; nothing of driver 2 is left RUNNING
+        assert stale and {r.info.status for r in stale} <= {"KILLED", "FINISHED"}, [r.info.status for r in stale]
+        children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        by_name = {r.info.run_name: r for r in children}
+        assert by_name["unlearn/north"].data.tags["spunge.reused"] == "True"
+        assert by_name["merge"].info.status == "FINISHED" and "eval/merged" in by_name
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            stop_server(server)

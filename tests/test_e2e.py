@@ -369,7 +369,7 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
     cfg = {
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
-        "split": {"attribute": "group", "baseline": "none"},
+        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},  # one job
         "unlearn": {
             "method": "ga",
             "optimizer": {"name": "sgd", "lr": 1e30},
@@ -386,7 +386,7 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr[-3000:]
-    assert "unlearn subset/" in errors[0] and "loss became" in errors[0] and "(method ga" in errors[0]
+    assert "unlearn subset/north" in errors[0] and "loss became" in errors[0] and "(method ga" in errors[0]
     assert "Traceback" not in r.stderr and not (tmp_path / "spunge-output" / "report.json").exists()
     attempts = list((tmp_path / "spunge-output" / "stages" / "unlearn").glob("*/attempts.jsonl"))
-    assert attempts and all(len(a.read_text().splitlines()) == 1 for a in attempts)  # failed at once, no retry
+    assert len(attempts) == 1 and len(attempts[0].read_text().splitlines()) == 1  # failed at once, no retry

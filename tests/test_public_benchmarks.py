@@ -3,7 +3,9 @@ schema) through the real pipeline with the tiny model: Ray, DeepSpeed, mergekit,
 
 What is changed from the example is only what the machine forces: the hub sources become the fixture files
 (``hub_to_files``), the hub models become the tiny model (which has no chat template: a plain prompt), and
-the size (2 steps of 1 worker, no GPU, 2 clusters where the example clusters, no unsplit baseline)."""
+the size (2 steps of 1 worker, no GPU, 2 clusters where the example clusters, no unsplit baseline). Each runs
+``spunge run`` in this process on its local Ray (conftest's ``local_ray``): the command-line run as a subprocess
+with a Ray of its own is tests/test_e2e.py's."""
 
 import json
 from pathlib import Path
@@ -11,10 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import spunge
+from tests.conftest import cli
 from tests.test_examples import EXAMPLES_DIR, HUB, hub_to_files
 
 pytestmark = pytest.mark.e2e
+
+
+def run_here(config: str, folder: Path, monkeypatch):
+    """``spunge run CONFIG`` in ``folder`` (its working folder: ``mlflow.db`` is written there), in this process."""
+    monkeypatch.chdir(folder)
+    r = cli("run", config)
+    assert r.exit_code == 0, (r.output[-5000:], r.exception)
+    return r
 
 
 def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path) -> dict:
@@ -34,7 +44,7 @@ def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path)
     return raw
 
 
-def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path):
+def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path, local_ray, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     raw = on_this_machine("tofu.yaml", "tofu fixtures", tiny_dir, tmp_path)
@@ -42,8 +52,7 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     raw["data"].pop("system_prompt")
     (tmp_path / "tofu.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "tofu.yaml", cwd=tmp_path, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    r = run_here("tofu.yaml", tmp_path, monkeypatch)
     assert (
         "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr
     )  # the progress display
@@ -75,15 +84,14 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics
 
 
-def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path):
+def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path, local_ray, monkeypatch):
     from jobs.data.io import load_jsonl
 
     raw = on_this_machine("muse_news.yaml", "muse fixtures", tiny_dir, tmp_path)
     raw["eval"]["verbmem"]["max_new_tokens"] = 16
     (tmp_path / "muse.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "muse.yaml", cwd=tmp_path, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_here("muse.yaml", tmp_path, monkeypatch)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (
         set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
@@ -102,15 +110,16 @@ def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_
     assert report["models"]["merged"]["privleak"] == pytest.approx(((1 - a) - (1 - o)) / (1 - o) * 100)
 
 
-def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_multiple_choice(tiny_dir, tmp_path):
+def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_multiple_choice(
+    tiny_dir, tmp_path, local_ray, monkeypatch
+):
     raw = on_this_machine("wmdp_spunge.yaml", "wmdp fixtures", tiny_dir, tmp_path)
     del raw["eval"]["oracle"]  # WMDP has no retain-only model
     raw["split"].pop("clusters")
     raw["unlearn"]["params"].update(layer=1, trainable_layers=[0, 1], steering_coeff=2.0)  # the tiny model's 2 layers
     (tmp_path / "wmdp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = spunge("run", "wmdp.yaml", cwd=tmp_path, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    run_here("wmdp.yaml", tmp_path, monkeypatch)
     variants = json.loads((tmp_path / "run" / "variants.json").read_text())
     assert set(variants["rows"]) == {"rmu/merged", "tvn/merged"}
     for variant in ("rmu", "tvn"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import spunge, spunge_env
+from tests.conftest import cli, spunge, spunge_env
 
 pytestmark = pytest.mark.e2e
 
@@ -365,7 +365,8 @@ def test_resume_reuses_the_choices_without_scoring_again(pipeline):
     assert r2["models"]["merged"]["forget_prob"] == pytest.approx(r1["models"]["merged"]["forget_prob"])
 
 
-def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
+def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path, local_ray, monkeypatch):
+    """``spunge run`` in this process on its local Ray (conftest's ``local_ray``)."""
     cfg = {
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": str(tiny_dir / "forget.jsonl"), "retain": str(tiny_dir / "retain.jsonl")},
@@ -382,8 +383,9 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path):
         "eval": {"max_examples": 4},
     }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    r = spunge("run", "bad.yaml", cwd=tmp_path)
-    assert r.returncode == 1
+    monkeypatch.chdir(tmp_path)
+    r = cli("run", "bad.yaml")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception  # the CLI's exit, no other error
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr[-3000:]
     assert "unlearn subset/north" in errors[0] and "loss became" in errors[0] and "(method ga" in errors[0]

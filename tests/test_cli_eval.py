@@ -4,20 +4,24 @@ import json
 
 import pytest
 
-from tests.conftest import cli, spunge
+from tests.conftest import cli
 
 
-@pytest.mark.e2e  # `spunge eval` as a subprocess: local Ray, one task per (model, suite)
-def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_against_a_base(tiny_bench, tmp_path):
+@pytest.mark.e2e  # `spunge eval` on a real local Ray (conftest's local_ray), one task per (model, suite)
+def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_against_a_base(
+    tiny_bench, tmp_path, local_ray, monkeypatch
+):
     """The demo's oracle (never trained on the forget set) scored against the demo's base model with --base: every
-    suite, the three attack suites included, and each attack's recovery added to the model's metrics."""
+    suite, the three attack suites included, and each attack's recovery added to the model's metrics. The command
+    runs in this process, on its local Ray."""
     from jobs.evaluate import evaluate_model
     from jobs.evaluate.suites import recovery
 
     bench = tiny_bench[0]
     model, data = bench / "models" / "oracle", bench / "data"
     suites = ["qa", "memorization", "quant", "probes", "lens"]
-    r = spunge(
+    monkeypatch.chdir(tmp_path)
+    r = cli(
         "eval",
         str(model),
         "--base",
@@ -33,10 +37,8 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_
         "8",
         "-o",
         "res/eval.json",
-        cwd=tmp_path,
-        timeout=600,
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.exit_code == 0, (r.output[-5000:], r.exception)
     doc = json.loads((tmp_path / "res" / "eval.json").read_text())
     assert doc["suites"] == suites and set(doc["tasks"]) == set(suites)
     assert all(t["pid"] and t["seconds"] > 0 for t in doc["tasks"].values())

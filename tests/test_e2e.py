@@ -1,12 +1,14 @@
 """The real pipeline end to end on the tiny offline benchmark: real Ray, DeepSpeed, mergekit, MLflow (sqlite).
 
 Runs `spunge run` as a user would (a subprocess, local Ray, default tracking URI in the working folder),
-then `spunge run --resume` with the same config, which must start no new unlearning job. The one run (each
+then `spunge run --resume` with the same config (in this process, on conftest's local Ray), which must start no
+new unlearning job. The one run (each
 costs minutes of Ray Train start-up) serves every check: the demo pipeline with evaluation during unlearning,
 best-checkpoint selection, the relearning attack and the cost report switched on.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ RULE = {
 
 
 @pytest.fixture(scope="module")
-def pipeline(bench, tmp_path_factory):
+def pipeline(bench, tmp_path_factory, local_ray):
     """The demo config (NPO, TIES, the qa, mc and perplexity suites, the unsplit baseline), with STEPS steps
     scored every EVERY by the RULE, the relearn suite and the other ATTACKS, 16 rows per split, and the
     pretraining tokens for the cost report; run, then resumed."""
@@ -65,8 +67,13 @@ def pipeline(bench, tmp_path_factory):
     mtimes = {k: (Path(j["output_dir"]) / "model.safetensors").stat().st_mtime_ns for k, j in report1["jobs"].items()}
     trainer_runs = sorted(p.name for p in (work / "run" / "ray_train").iterdir())
     scored = {p: p.stat().st_mtime_ns for p in (work / "run").rglob("step_*.eval.json")}
-    second = spunge("run", "pipe.yaml", "--resume", cwd=work)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    here = os.getcwd()
+    os.chdir(work)  # the module's fixture: no monkeypatch
+    try:
+        second = cli("run", "pipe.yaml", "--resume")
+    finally:
+        os.chdir(here)
+    assert second.exit_code == 0, (second.output[-5000:], second.exception)
     report2 = json.loads((work / "run" / "report.json").read_text())
     return {
         "work": work,

@@ -134,6 +134,28 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def spunge_here(*args: str, cwd: Path):
+    """``spunge ARGS`` in this process (typer's ``CliRunner``) with ``cwd`` its working folder, on this process's
+    Ray (conftest's ``local_ray``, which the caller asks for): no Python or Ray start-up of its own. A run tracks
+    to ``cwd/mlflow.db`` (unless its config names a store) by that file's absolute path: MLflow keeps one store
+    per URI for the life of a process, so the relative default would stay bound to the first folder it was used
+    in. The working folder, MLflow's URI and ``MLFLOW_TRACKING_URI`` are as before afterwards."""
+    import mlflow
+
+    here, before = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(cwd)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(cwd).resolve() / 'mlflow.db'}"
+    try:
+        return cli(*args)
+    finally:
+        os.chdir(here)
+        mlflow.set_tracking_uri(before)  # the Tracker set it, and the variable: both back (None: unset)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def spunge_env(**extra: str) -> dict[str, str]:
     """This environment without ``MLFLOW_TRACKING_URI`` (a run's store is the config's or ``mlflow.db`` in its
     working folder) and with ``RAY_ADDRESS=local`` (a run starts a Ray of its own, never joins one that another

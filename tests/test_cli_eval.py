@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, spunge_here
 
 
 @pytest.mark.e2e  # `spunge eval` on a real local Ray (conftest's local_ray), one task per (model, suite)
 def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_against_a_base(
-    tiny_bench, tmp_path, local_ray, monkeypatch
+    tiny_bench, tmp_path, local_ray
 ):
     """The demo's oracle (never trained on the forget set) scored against the demo's base model with --base: every
     suite, the three attack suites included, and each attack's recovery added to the model's metrics. The command
@@ -20,8 +20,7 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_
     bench = tiny_bench[0]
     model, data = bench / "models" / "oracle", bench / "data"
     suites = ["qa", "memorization", "quant", "probes", "lens"]
-    monkeypatch.chdir(tmp_path)
-    r = cli(
+    r = spunge_here(
         "eval",
         str(model),
         "--base",
@@ -37,6 +36,7 @@ def test_eval_scores_a_model_folder_with_one_ray_task_per_suite_and_the_attacks_
         "8",
         "-o",
         "res/eval.json",
+        cwd=tmp_path,
     )
     assert r.exit_code == 0, (r.output[-5000:], r.exception)
     doc = json.loads((tmp_path / "res" / "eval.json").read_text())

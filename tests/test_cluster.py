@@ -353,7 +353,7 @@ def test_submit_runs_the_pipeline_on_the_cluster_and_logs_to_mlflow_server(clust
         "name": "cluster",
         "model": {"path": str(tiny_dir / "model")},
         "data": {"forget": "forget.jsonl", "retain": "retain.jsonl"},
-        "split": {"attribute": "group", "baseline": "none"},
+        "split": {"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},  # one job
         "unlearn": {"method": "npo", "optimizer": {"name": "adamw", "lr": 1e-3}, "max_steps": 2, "batch_size": 4},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "eval": {"max_examples": 4},
@@ -390,6 +390,6 @@ def test_submit_runs_the_pipeline_on_the_cluster_and_logs_to_mlflow_server(clust
     exp = client.get_experiment_by_name("spunge-cluster")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {c.info.run_name for c in children}
-    assert {"merge", "unlearn/north", "unlearn/south", "eval/base", "eval/merged"} <= names
+    assert {"merge", "unlearn/north", "eval/base", "eval/merged"} <= names
     # the runs are in the server's store, none in a local sqlite file
     assert (cluster["tmp"] / "mlflow.db").is_file() and not (work / "mlflow.db").exists()

@@ -8,13 +8,12 @@ best-checkpoint selection, the relearning attack and the cost report switched on
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import cli, spunge, spunge_env
+from tests.conftest import spunge, spunge_env, spunge_here
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +66,7 @@ def pipeline(bench, tmp_path_factory, local_ray):
     mtimes = {k: (Path(j["output_dir"]) / "model.safetensors").stat().st_mtime_ns for k, j in report1["jobs"].items()}
     trainer_runs = sorted(p.name for p in (work / "run" / "ray_train").iterdir())
     scored = {p: p.stat().st_mtime_ns for p in (work / "run").rglob("step_*.eval.json")}
-    here = os.getcwd()
-    os.chdir(work)  # the module's fixture: no monkeypatch
-    try:
-        second = cli("run", "pipe.yaml", "--resume")
-    finally:
-        os.chdir(here)
+    second = spunge_here("run", "pipe.yaml", "--resume", cwd=work)
     assert second.exit_code == 0, (second.output[-5000:], second.exception)
     report2 = json.loads((work / "run" / "report.json").read_text())
     return {
@@ -372,7 +366,7 @@ def test_resume_reuses_the_choices_without_scoring_again(pipeline):
     assert r2["models"]["merged"]["forget_prob"] == pytest.approx(r1["models"]["merged"]["forget_prob"])
 
 
-def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path, local_ray, monkeypatch):
+def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path, local_ray):
     """``spunge run`` in this process on its local Ray (conftest's ``local_ray``)."""
     cfg = {
         "model": {"path": str(tiny_dir / "model")},
@@ -390,8 +384,7 @@ def test_a_diverging_job_fails_the_run_with_one_clear_line(tiny_dir, tmp_path, l
         "eval": {"max_examples": 4},
     }
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    monkeypatch.chdir(tmp_path)
-    r = cli("run", "bad.yaml")
+    r = spunge_here("run", "bad.yaml", cwd=tmp_path)
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception  # the CLI's exit, no other error
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr[-3000:]

@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import cli
+from tests.conftest import spunge_here
 from tests.test_examples import EXAMPLES_DIR, HUB, hub_to_files
 
 pytestmark = pytest.mark.e2e
 
 
-def run_here(config: str, folder: Path, monkeypatch):
-    """``spunge run CONFIG`` in ``folder`` (its working folder: ``mlflow.db`` is written there), in this process."""
-    monkeypatch.chdir(folder)
-    r = cli("run", config)
+def run_here(config: str, folder: Path):
+    """``spunge run CONFIG`` in this process, ``folder`` its working folder (``mlflow.db`` is written there)."""
+    r = spunge_here("run", config, cwd=folder)
     assert r.exit_code == 0, (r.output[-5000:], r.exception)
     return r
 
@@ -44,7 +43,7 @@ def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path)
     return raw
 
 
-def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path, local_ray, monkeypatch):
+def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, tmp_path, local_ray):
     from mlflow.tracking import MlflowClient
 
     raw = on_this_machine("tofu.yaml", "tofu fixtures", tiny_dir, tmp_path)
@@ -52,7 +51,7 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     raw["data"].pop("system_prompt")
     (tmp_path / "tofu.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    r = run_here("tofu.yaml", tmp_path, monkeypatch)
+    r = run_here("tofu.yaml", tmp_path)
     assert (
         "into 2 clusters (tfidf vectors, seed 0)" in r.stderr and "prepare: cluster c0: " in r.stderr
     )  # the progress display
@@ -84,14 +83,14 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
     assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics
 
 
-def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path, local_ray, monkeypatch):
+def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path, local_ray):
     from jobs.data.io import load_jsonl
 
     raw = on_this_machine("muse_news.yaml", "muse fixtures", tiny_dir, tmp_path)
     raw["eval"]["verbmem"]["max_new_tokens"] = 16
     (tmp_path / "muse.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    run_here("muse.yaml", tmp_path, monkeypatch)
+    run_here("muse.yaml", tmp_path)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (
         set(report["jobs"]) == {"subset/c0", "subset/c1"} and sum(c["size"] for c in report["clusters"].values()) == 6
@@ -111,7 +110,7 @@ def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_
 
 
 def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_multiple_choice(
-    tiny_dir, tmp_path, local_ray, monkeypatch
+    tiny_dir, tmp_path, local_ray
 ):
     raw = on_this_machine("wmdp_spunge.yaml", "wmdp fixtures", tiny_dir, tmp_path)
     del raw["eval"]["oracle"]  # WMDP has no retain-only model
@@ -119,7 +118,7 @@ def test_wmdp_example_splits_the_corpora_by_domain_and_scores_wmdp_and_mmlu_as_m
     raw["unlearn"]["params"].update(layer=1, trainable_layers=[0, 1], steering_coeff=2.0)  # the tiny model's 2 layers
     (tmp_path / "wmdp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    run_here("wmdp.yaml", tmp_path, monkeypatch)
+    run_here("wmdp.yaml", tmp_path)
     variants = json.loads((tmp_path / "run" / "variants.json").read_text())
     assert set(variants["rows"]) == {"rmu/merged", "tvn/merged"}
     for variant in ("rmu", "tvn"):

@@ -2,9 +2,9 @@
 
 Runs `spunge run` as a user would (a subprocess, local Ray, default tracking URI in the working folder),
 then `spunge run --resume` with the same config (in this process, on conftest's local Ray), which must start no
-new unlearning job. The one run (each
-costs minutes of Ray Train start-up) serves every check: the demo pipeline with evaluation during unlearning,
-best-checkpoint selection, the relearning attack and the cost report switched on.
+new unlearning job. The one run (each costs minutes of Ray Train start-up) serves every check: the demo pipeline
+with evaluation during unlearning, best-checkpoint selection, the relearning attack and the cost report switched
+on.
 """
 
 import json

@@ -152,18 +152,27 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
 
 
 @contextlib.contextmanager
-def _tensor_name_map_cached() -> Iterator[None]:
-    """transformers' GGUF loader asks ``gguf.get_tensor_name_map(arch, layers)`` once per module of the model and
-    only reads the map it gets; gguf builds it anew on each call (a quarter of a conversion's time). While
-    inside, one map per arguments."""
+def _gguf_read_once() -> Iterator[None]:
+    """While inside, one ``gguf.GGUFReader`` per file and one ``gguf.get_tensor_name_map`` per arguments:
+    transformers' GGUF loading parses the file anew for the tokenizer, the config and the tensors (seconds each,
+    a Python loop over every metadata field) and builds the tensor-name map once per module of the model, and
+    only reads what it gets."""
     import gguf
 
-    build = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(build)
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = build
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def _convert_gguf(src: Path, out: Path, dtype: str) -> Path:
@@ -177,8 +186,8 @@ def _convert_gguf(src: Path, out: Path, dtype: str) -> Path:
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return out
     folder, name = str(src.parent), src.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    with _tensor_name_map_cached():
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
     config = copy.deepcopy(loaded.config)  # the loaded model's own: reading it from the GGUF again takes seconds
     if hasattr(config, "quantization_config"):

@@ -4,14 +4,13 @@ itself is tests/test_e2e.py's)."""
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.experiments.seeds import SeedsError, mean_ci, paired_test, parse_seeds, seeded, summarize
-from tests.conftest import cli
+from tests.conftest import cli, spunge_here
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom (tables)
 
@@ -127,11 +126,9 @@ def seeds_run(tiny_dir, tmp_path, monkeypatch):
         "storage": {"output_dir": "run"},
     }
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(R, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(R, "ray_address", lambda: "(none: stubbed)")
     real_stages, seen = P.run_stages, {}
-    uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the working folder
 
     def stages(ctx, names=tuple(P.STAGES)):
         if list(names) == ["prepare"]:
@@ -150,11 +147,7 @@ def seeds_run(tiny_dir, tmp_path, monkeypatch):
         return ctx
 
     monkeypatch.setattr(P, "run_stages", stages)
-    yield cli("run", "pipe.yaml", "--seeds", "0-2"), seen
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # the Tracker set MLflow's global URI and its
-    # environment variable in this process: back to what they were (None: unset), as later tests expect
+    return spunge_here("run", "pipe.yaml", "--seeds", "0-2", cwd=tmp_path), seen
 
 
 def test_run_over_seeds_nests_each_seed_under_the_variant_and_summarizes(seeds_run, tmp_path):

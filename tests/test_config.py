@@ -49,7 +49,7 @@ def test_a_valid_config_resolves_defaults_and_relative_paths(config_file, tiny_d
 
 
 def test_errors_name_the_field_path(config_file):
-    found = problems(config_file(unlearn__optimizer__lr=-1, unlearn__bogus=1, scaling={"num_workers": 0}))
+    found = problems(config_file(unlearn__optimizer__lr=-1, unlearn__bogus=1, scaling={"num_workers": -1}))
     assert any(p.startswith("unlearn.optimizer.lr: ") and "greater than 0" in p for p in found)
     assert any(p.startswith("unlearn.bogus: ") for p in found)
     assert any(p.startswith("scaling.num_workers: ") for p in found)
@@ -79,7 +79,7 @@ def test_cli_validate_prints_the_resolved_config_and_subsets(config_file):
 
 
 def test_cli_validate_exits_2_with_one_line_per_problem(config_file):
-    path = config_file(unlearn__optimizer__lr=-1, scaling={"num_workers": 0})
+    path = config_file(unlearn__optimizer__lr=-1, scaling={"num_workers": -1})
     r = cli("validate", path)
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
@@ -191,6 +191,32 @@ def test_memory_per_worker_caps_how_many_jobs_run_at_once(config_file, monkeypat
         r"scaling.wait_for_resources_s",
     ):
         P.job_capacity(load_config(config_file(scaling={"memory_per_worker_gb": 12, "wait_for_resources_s": 0})))
+
+
+def test_an_in_process_job_holds_one_workers_resources_in_its_task_and_refuses_restarts(config_file, monkeypatch):
+    import orchestrator.stages.unlearn as P
+    from orchestrator.remote.runners import unlearn_task_options
+
+    local = load_config(config_file(scaling={"num_workers": 0, "cpus_per_worker": 2, "memory_per_worker_gb": 1}))
+    assert local.scaling.ranks == 1
+    assert unlearn_task_options(local.scaling) == {"num_cpus": 2.0, "scheduling_strategy": "DEFAULT", "memory": 2**30}
+    assert unlearn_task_options(load_config(config_file()).scaling) == {}  # its Ray Train workers hold them
+    gpu = load_config(config_file(scaling={"num_workers": 0, "use_gpu": True}))
+    assert unlearn_task_options(gpu.scaling) == {
+        "num_cpus": 1.0,
+        "scheduling_strategy": "DEFAULT",
+        "num_gpus": 1.0,
+        "max_calls": 1,
+    }
+    res = {"CPU": 8.0, "memory": 10 * 2**30}
+    monkeypatch.setattr(P.ray, "cluster_resources", lambda: res)
+    monkeypatch.setattr(P.ray, "nodes", lambda: [{"Alive": True, "Resources": res}])
+    assert P.job_capacity(local) == 4  # one rank of 2 CPUs per job
+    assert problems(config_file(scaling={"num_workers": 0, "max_failures": 2})) == [
+        "scaling.max_failures: 2 restarts Ray Train workers, and num_workers: 0 has none (each job runs in its "
+        "runner task's process); leave it unset or 0, or use num_workers: 1"
+    ]
+    assert load_config(config_file(scaling={"num_workers": 0, "max_failures": 0})).scaling.max_failures == 0
 
 
 def test_gpu_defaults_and_each_bad_gpu_combination_is_one_line(config_file):

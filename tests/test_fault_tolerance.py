@@ -83,6 +83,33 @@ def test_a_restored_checkpoint_continues_exactly_where_the_run_was(
     assert final_b["loss"] == pytest.approx(final_a["loss"], rel=1e-5)
 
 
+def test_an_in_process_job_keeps_its_newest_checkpoints_and_a_second_start_goes_on_after_them(
+    tiny_dir, tmp_path, single_process_dist
+):
+    """``num_workers: 0``'s runner (``run_in_process``): the rows of each report reach its callback, the
+    checkpoints are moved into the job's run folder (the newest 2 kept), and the job started again (a resumed
+    driver) continues after the newest with the first start's losses."""
+    from jobs.unlearn.outputs import ATTEMPTS_FILE, STEPS_FILE
+    from jobs.unlearn.solo import run_in_process
+
+    s, train = spec(tiny_dir, tmp_path / "a", checkpoint_every=1), tmp_path / "train"
+    first: list[dict] = []
+    run_in_process(s, first.extend, train)
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in train.iterdir()) == ["checkpoint_step0000004", "checkpoint_step0000005"]
+    assert json.loads((train / "checkpoint_step0000005" / CHECKPOINT_STATE).read_text())["step"] == 5
+
+    second: list[dict] = []
+    run_in_process(s, second.extend, train)
+    assert [(r["step"], r["resumed_from"]) for r in second] == [(6, 5)]
+    assert second[0]["loss"] == pytest.approx(first[5]["loss"], rel=1e-5, abs=1e-6)
+    assert first[5]["loss"] != pytest.approx(first[4]["loss"], rel=1e-3)  # the steps did differ
+    out = tmp_path / "a"
+    assert [r["step"] for r in load_jsonl(out / STEPS_FILE)] == [1, 2, 3, 4, 5, 6, 6]  # the driver dedups replays
+    assert [a["from_checkpoint"] for a in load_jsonl(out / ATTEMPTS_FILE)] == [False, True]
+    assert json.loads((out / JOB_MARKER).read_text())["final_metrics"]["resumed_from"] == 5
+
+
 def test_a_checkpoint_from_another_world_size_is_refused(tiny_dir, tmp_path, single_process_dist):
     kept = {}
 

@@ -3,9 +3,11 @@ schema) through the real pipeline with the tiny model: Ray, DeepSpeed, mergekit,
 
 What is changed from the example is only what the machine forces: the hub sources become the fixture files
 (``hub_to_files``), the hub models become the tiny model (which has no chat template: a plain prompt), and
-the size (2 steps of 1 worker, no GPU, 2 clusters where the example clusters, no unsplit baseline). Each runs
-``spunge run`` in this process on its local Ray (conftest's ``local_ray``): the command-line run as a subprocess
-with a Ray of its own is tests/test_e2e.py's."""
+the size (2 steps, no GPU, 2 clusters where the example clusters, no unsplit baseline), and each job runs in its
+runner task's process (``scaling.num_workers: 0``): what these tests are about is the example's data, split and
+metrics, and a Ray Train job's start-up (its controller and worker actors) would cost more than its 2 steps.
+tests/test_e2e.py runs its jobs as Ray Train jobs. Each runs ``spunge run`` in this process on its local Ray
+(conftest's ``local_ray``): the command-line run as a subprocess with a Ray of its own is tests/test_e2e.py's."""
 
 import json
 from pathlib import Path
@@ -28,7 +30,7 @@ def run_here(config: str, folder: Path):
 
 def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path) -> dict:
     """The example with its hub data on the fixtures, the tiny model for its hub models, and the size of
-    this machine: 2 steps of 1 worker without a GPU, 2 clusters, no unsplit baseline, short generation."""
+    this machine: 2 steps in the runner task without a GPU, 2 clusters, no unsplit baseline, short generation."""
     raw = hub_to_files(yaml.safe_load((EXAMPLES_DIR / example).read_text()), *HUB[fixtures])
     model = str(tiny_dir / "model")
     raw["model"] = {"path": model, "dtype": "float32"}
@@ -36,7 +38,7 @@ def on_this_machine(example: str, fixtures: str, tiny_dir: Path, tmp_path: Path)
     raw["split"].update(clusters=2, baseline="none")
     raw["unlearn"].update(max_steps=2, batch_size=4, max_length=64, gradient_checkpointing=False)
     raw["deepspeed"] = {"zero_optimization": {"stage": 0}}
-    raw["scaling"] = {"num_workers": 1}
+    raw["scaling"] = {"num_workers": 0}
     raw["storage"]["output_dir"] = str(tmp_path / "run")
     raw["tracking"]["log_models"] = False
     raw["ray"] = {"num_cpus": 4}
@@ -81,6 +83,10 @@ def test_tofu_example_runs_on_its_fixtures_and_reports_tofus_metrics(tiny_dir, t
         report["models"]["merged"]["model_utility"]
     )
     assert "real_authors_prob" in evals[0].data.metrics and "world_facts_truth_ratio" in evals[0].data.metrics
+    # the jobs ran in their runner tasks, and their steps still reached the driver and MLflow
+    assert not list((tmp_path / "run").rglob("checkpoint_manager_snapshot.json"))  # no Ray Train run
+    job = client.search_runs([parent.info.experiment_id], "attributes.run_name = 'unlearn/c0'")[0]
+    assert [m.step for m in client.get_metric_history(job.info.run_id, "loss")] == [1, 2]
 
 
 def test_muse_example_unlearns_raw_text_and_reports_muses_metrics(tiny_dir, tmp_path, local_ray):

@@ -1,11 +1,13 @@
 """The per-worker unlearning loop: Ray Train's ``train_loop_per_worker`` around ``deepspeed.initialize``.
 
 Every worker of a job runs ``train_loop_per_worker({"spec": UnlearnSpec dict})``. Ray Train has set up
-torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. Under ZeRO-3 the trained model and
-every frozen model are created partitioned (``jobs.unlearn.partitioned``): no rank holds a whole copy. Each step's
-rows come from ``jobs.unlearn.data`` (an order and a global batch that do not depend on the worker count). The
-method named in the spec turns each batch into a loss; the loop knows nothing else about it. Rank 0 saves the final
-model as a Hugging Face folder (under ZeRO-3 gathered one tensor at a time) and writes ``spunge_job.json``.
+torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed joins that process group. With ``scaling.num_workers: 0``
+the job's one rank runs in its runner task instead (``jobs.unlearn.solo.run_in_process``); both call ``run_job``.
+Under ZeRO-3 the trained model and every frozen model are created partitioned (``jobs.unlearn.partitioned``): no
+rank holds a whole copy. Each step's rows come from ``jobs.unlearn.data`` (an order and a global batch that do not
+depend on the worker count). The method named in the spec turns each batch into a loss; the loop knows nothing else
+about it. Rank 0 saves the final model as a Hugging Face folder (under ZeRO-3 gathered one tensor at a time) and
+writes ``spunge_job.json``.
 
 With ``spec.eval_every`` rank 0 writes the model as it stands every N steps into
 ``<output_dir>/snapshots/step_<N>/`` (the same folder the job's output is: a HF model, an adapter, or a
@@ -41,12 +43,12 @@ from typing import Any, Callable, Optional
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.engine import deepspeed_grad_norm, step_grad_norm
 from jobs.unlearn.methods.base import terms_later
-from jobs.unlearn.outputs import ATTEMPTS_FILE, FAILED_MARKER, STEPS_FILE
+from jobs.unlearn.outputs import ATTEMPTS_FILE, FAILED_MARKER, STEPS_FILE, checkpoint_name
 from jobs.unlearn.partitioned import reset_backward_counts
 from jobs.unlearn.worker import NonFiniteLossError, StepOutput, Worker, every, setup, sync_step
 
 # NonFiniteLossError and sync_step are the loop's names to its callers (the runner, the tests)
-__all__ = ["NonFiniteLossError", "run_unlearning", "sync_step", "train_loop_per_worker", "train_step"]
+__all__ = ["NonFiniteLossError", "run_job", "run_unlearning", "sync_step", "train_loop_per_worker", "train_step"]
 
 
 def run_unlearning(
@@ -120,45 +122,60 @@ def _to(part: Optional[dict], device) -> Optional[dict]:
     return None if part is None else {k: v.to(device) for k, v in part.items()}
 
 
+def run_job(
+    spec: UnlearnSpec,
+    rank: int,
+    send: Callable[[dict[str, Any], Optional[str]], None],
+    restore_from: Optional[str] = None,
+) -> None:
+    """One rank's part of one job, for either runner (Ray Train's workers, or ``jobs.unlearn.solo``'s
+    in-process job): ``send(metrics, checkpoint)`` hands each report on, its metrics the last row plus every
+    row since the previous report under ``history``. Rank 0 also appends the rows to the job's folder: a driver
+    that resumes the job after a kill reads the steps before its checkpoint there (they are all reported at
+    the latest at the checkpoint). A diverged job writes ``FAILED_MARKER`` and returns normally."""
+
+    def report(rows: list[dict], checkpoint: Optional[str] = None) -> None:
+        if rank == 0:
+            with open(Path(spec.output_dir) / STEPS_FILE, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        send({**rows[-1], "history": rows, "rank": rank}, checkpoint)
+
+    out = Path(spec.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ATTEMPTS_FILE, "a") as f:
+            f.write(json.dumps({"started": time.time(), "from_checkpoint": restore_from is not None}) + "\n")
+    try:
+        run_unlearning(spec, report=report, restore_from=restore_from)
+    except NonFiniteLossError as e:
+        # not a crash: a restart would diverge again. Every rank saw it (the check is collective), so every
+        # rank returns normally and Ray Train does not retry; the driver raises from the marker.
+        if rank == 0:
+            (out / FAILED_MARKER).write_text(json.dumps({"error": str(e), "kind": "non_finite_loss"}))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ``ray.train.torch.TorchTrainer``: config is ``{"spec": UnlearnSpec.model_dump()}``."""
     import ray.train
 
     spec = UnlearnSpec(**config["spec"])
-    ctx = ray.train.get_context()
+    rank = ray.train.get_context().get_world_rank()
 
-    def report(rows: list[dict], checkpoint: Optional[str] = None) -> None:
-        # rank 0's report is the one Ray Train keeps: its last row, plus every row since the previous report;
-        # every rank hands over its checkpoint folder, and Ray Train copies them all into one folder.
-        # Rank 0 also appends the rows to the job's folder: a driver that resumes the job after a kill reads
-        # the steps before its checkpoint there (they are all reported at the latest at the checkpoint).
-        if ctx.get_world_rank() == 0:
-            with open(Path(spec.output_dir) / STEPS_FILE, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        metrics = {**rows[-1], "history": rows, "rank": ctx.get_world_rank()}
+    def send(metrics: dict[str, Any], checkpoint: Optional[str]) -> None:
+        # rank 0's report is the one Ray Train keeps; every rank hands over its checkpoint folder, and Ray Train
+        # copies them all into one folder
         if checkpoint is None:
             ray.train.report(metrics)
         else:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
-                checkpoint_dir_name=f"checkpoint_step{rows[-1]['step']:07d}",
+                checkpoint_dir_name=checkpoint_name(metrics["step"]),
             )
 
-    out = Path(spec.output_dir)
     latest = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
-    if ctx.get_world_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ATTEMPTS_FILE, "a") as f:
-            f.write(json.dumps({"started": time.time(), "from_checkpoint": latest is not None}) + "\n")
-    try:
-        if latest is None:
-            run_unlearning(spec, report=report)
-        else:
-            with latest.as_directory() as folder:
-                run_unlearning(spec, report=report, restore_from=folder)
-    except NonFiniteLossError as e:
-        # not a crash: a restart would diverge again. Every rank saw it (the check is collective), so every
-        # rank returns normally and Ray Train does not retry; the driver raises from the marker.
-        if ctx.get_world_rank() == 0:
-            (out / FAILED_MARKER).write_text(json.dumps({"error": str(e), "kind": "non_finite_loss"}))
+    if latest is None:
+        run_job(spec, rank, send)
+    else:
+        with latest.as_directory() as folder:
+            run_job(spec, rank, send, restore_from=folder)

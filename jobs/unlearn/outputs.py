@@ -31,6 +31,11 @@ SNAPSHOT_MARKER = "spunge_snapshot.json"  # written last into every snapshot fol
 STOP_FILE = "spunge_stop.json"  # the driver asks a running job to stop early (unlearn.select.patience)
 
 
+def checkpoint_name(step: int) -> str:
+    """A resumable checkpoint's folder name, in step order when sorted (Ray Train's and the in-process job's)."""
+    return f"checkpoint_step{step:07d}"
+
+
 def rng_state(method=None) -> dict[str, Any]:
     """This process's random state: torch, Python, CUDA, and every ``torch.Generator`` the method holds
     (e.g. a relabelling method's own generator), so that a restored run draws the same numbers."""

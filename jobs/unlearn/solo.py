@@ -1,6 +1,6 @@
-"""Run unlearning jobs without Ray: in this one process as rank 0 of a world of 1, or in N fresh local processes
-that form one gloo group (what a Ray Train job's workers are, without Ray: the multi-rank tests and
-``benchmarks/load_memory.py``).
+"""Run unlearning jobs without Ray Train: in this one process as rank 0 of a world of 1 (``run_in_process``, the
+pipeline's ``scaling.num_workers: 0``), or in N fresh local processes that form one gloo group (what a Ray Train
+job's workers are, without Ray: the multi-rank tests and ``benchmarks/load_memory.py``).
 
 The tests and the in-process benchmarks call ``jobs.unlearn.loop.run_unlearning`` directly; DeepSpeed needs a
 process group for that, and keeps it for the life of the process, so the environment is set once.
@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from jobs.spec import UnlearnSpec
 
 
 def free_port() -> int:
@@ -32,6 +37,58 @@ def single_process_env() -> None:
         "LOCAL_RANK": "0",
     }.items():
         os.environ.setdefault(k, v)
+
+
+def run_in_process(
+    spec: UnlearnSpec, on_rows: Callable[[list[dict[str, Any]]], None], checkpoints: Path, keep: int = 2
+) -> None:
+    """One job as rank 0 of 1 in this process (``scaling.num_workers: 0``, as Ray Train's local mode): no Ray
+    Train controller, worker actor or placement group. ``on_rows`` gets each report's step rows (what Ray
+    Train's callbacks would). Checkpoints (``checkpoint_every``) are moved into ``checkpoints``, the newest
+    ``keep`` kept; a job started again (a resumed driver) continues after the newest. The process group is
+    made once and kept for the process's life, as DeepSpeed keeps its view of it: a Ray task process that runs
+    several such jobs one after another reuses it."""
+    import torch
+    import torch.distributed as dist
+
+    from jobs.unlearn.loop import run_job
+    from jobs.unlearn.outputs import checkpoint_name
+
+    single_process_env()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_world_size() != 1:
+        raise RuntimeError(f"an in-process job needs a process group of 1, this process has {dist.get_world_size()}")
+
+    def send(metrics: dict[str, Any], checkpoint: Optional[str]) -> None:
+        if checkpoint is not None:
+            keep_checkpoint(Path(checkpoint), checkpoints / checkpoint_name(metrics["step"]), keep)
+        on_rows(metrics["history"])
+
+    run_job(spec, 0, send, restore_from=latest_checkpoint(checkpoints))
+
+
+def keep_checkpoint(folder: Path, dest: Path, keep: int) -> None:
+    """Move a checkpoint folder to ``dest`` whole or not at all (a ``.partial`` folder renamed last), then drop
+    all but the newest ``keep`` beside it."""
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(folder), str(partial))
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    for old in _checkpoints(dest.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Optional[str]:
+    """The newest complete checkpoint under ``folder`` (``keep_checkpoint``'s), or None."""
+    found = _checkpoints(folder)
+    return str(found[-1]) if found else None
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("checkpoint_step*") if p.is_dir() and not p.name.endswith(".partial"))
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:

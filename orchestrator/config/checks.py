@@ -47,6 +47,7 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     problems += _check_model_features(cfg)
     problems += _check_batch(cfg)
     problems += _check_gpus(cfg)
+    problems += _check_in_process(cfg)
     if isinstance(cfg.deepspeed, str):
         try:
             ds = cfg.deepspeed_dict()
@@ -182,7 +183,7 @@ def _check_batch(cfg: PipelineConfig) -> list[str]:
 
     u = cfg.unlearn
     try:
-        split_batch(u.batch_size, u.gradient_accumulation_steps, u.global_batch_size, cfg.scaling.num_workers)
+        split_batch(u.batch_size, u.gradient_accumulation_steps, u.global_batch_size, cfg.scaling.ranks)
     except BatchSplitError as e:
         return [str(e)]
     return []
@@ -215,6 +216,17 @@ def _check_gpus(cfg: PipelineConfig) -> list[str]:
                 "below 1 or a whole number"
             )
     return problems
+
+
+def _check_in_process(cfg: PipelineConfig) -> list[str]:
+    """``num_workers: 0`` runs each job in its runner task: there is no Ray Train worker group to restart."""
+    s = cfg.scaling
+    if s.num_workers == 0 and s.max_failures:
+        return [
+            f"scaling.max_failures: {s.max_failures} restarts Ray Train workers, and num_workers: 0 has none "
+            "(each job runs in its runner task's process); leave it unset or 0, or use num_workers: 1"
+        ]
+    return []
 
 
 def _looks_local(p: str) -> bool:

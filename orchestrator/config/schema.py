@@ -82,7 +82,13 @@ class UnlearnConfig(TrainingSpec):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers per unlearning job")
+    num_workers: int = Field(
+        1,
+        ge=0,
+        description="Ray Train workers per unlearning job; 0: none, the job runs as one rank in its runner "
+        "task's process, which holds one worker's resources (as Ray Train's local mode: no controller, worker "
+        "actors or restarts; for small jobs and debugging)",
+    )
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     use_gpu: bool = False
@@ -112,6 +118,11 @@ class ScalingConfig(_Section):
         if self.use_gpu and self.gpus_per_worker == 0:
             self.gpus_per_worker = 1
         return self
+
+    @property
+    def ranks(self) -> int:
+        """A job's ranks, each holding one worker's resources: ``num_workers``, or 1 for ``num_workers: 0``."""
+        return self.num_workers or 1
 
 
 class MergeConfig(_Section):

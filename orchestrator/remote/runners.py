@@ -1,4 +1,5 @@
-"""The Ray side of the driver: one TorchTrainer per unlearning job, one Ray task per evaluation."""
+"""The Ray side of the driver: one TorchTrainer (or one in-process job) per unlearning job, one Ray task per
+evaluation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import ray
 
 from jobs.spec import EvalSpec, UnlearnSpec
+from orchestrator.config.schema import ScalingConfig
+from orchestrator.remote.resources import worker_bundle
 
 # How often a job's Ray Train controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
 # default; a value in the environment wins). Each worker's ``ray.train.report`` waits until the controller has
@@ -22,14 +25,17 @@ TRAIN_POLL_INTERVAL_S = "0.2"
 def run_unlearn_job(
     spec: dict[str, Any], scaling: dict[str, Any], storage_path: str, run_name: str, board: Any
 ) -> dict[str, Any]:
-    """Build and fit one ``TorchTrainer`` running ``jobs.unlearn.loop.train_loop_per_worker``.
+    """Build and fit one ``TorchTrainer`` running ``jobs.unlearn.loop.train_loop_per_worker``, or with
+    ``num_workers: 0`` run the job in this process (``jobs.unlearn.solo.run_in_process``).
 
     Launched as a zero-CPU task so that several jobs' ``fit()`` run concurrently; the workers hold the
-    CPUs/GPUs. Returns the job's output folder and final metrics."""
+    CPUs/GPUs (``unlearn_task_options``: the task itself holds one worker's when the job runs in it). Returns
+    the job's output folder and final metrics."""
     import json
     from pathlib import Path
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as TrainScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.unlearn.loop import NonFiniteLossError, train_loop_per_worker
@@ -41,32 +47,36 @@ def run_unlearn_job(
     # read by TorchTrainer.fit() here and handed to the controller it starts (Ray Train propagates its env vars)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     s = UnlearnSpec(**spec)
-    resources = {"CPU": scaling["cpus_per_worker"]}
-    if scaling["use_gpu"]:
-        resources["GPU"] = scaling["gpus_per_worker"]
-    if scaling.get("memory_per_worker_gb"):  # Ray's memory resource: jobs that would not fit in RAM wait
-        resources["memory"] = int(scaling["memory_per_worker_gb"] * 2**30)
+    resources = worker_bundle(ScalingConfig(**scaling))  # Ray's memory resource too: jobs that would not fit wait
 
-    def fit(s: UnlearnSpec, storage_path: str, run_name: str, callbacks: list) -> dict[str, Any]:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"spec": s.model_dump()},
-            torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"], resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=storage_path,
-                callbacks=callbacks,
-                # a failed worker group restarts from the latest checkpoint (unlearn.checkpoint_every)
-                failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
+    def fit(s: UnlearnSpec, storage_path: str, run_name: str, progress: bool) -> dict[str, Any]:
         out = Path(s.output_dir)
         (out / FAILED_MARKER).unlink(missing_ok=True)
-        trainer.fit()
+        if scaling["num_workers"] == 0:  # the job in this task's process (its options hold the resources)
+            from jobs.unlearn.solo import run_in_process
+
+            def push(rows: list[dict[str, Any]]) -> None:
+                if progress:  # what ProgressCallback does on a Ray Train controller
+                    board.push.remote(s.name, rows)
+
+            run_in_process(s, push, Path(storage_path) / run_name)
+        else:
+            TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"spec": s.model_dump()},
+                torch_config=TorchConfig(backend="nccl" if scaling["use_gpu"] else "gloo"),
+                scaling_config=TrainScaling(
+                    num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"], resources_per_worker=resources
+                ),
+                run_config=RunConfig(
+                    name=run_name,
+                    storage_path=storage_path,
+                    callbacks=[ProgressCallback(board, s.name)] if progress else [],
+                    # a failed worker group restarts from the latest checkpoint (unlearn.checkpoint_every)
+                    failure_config=FailureConfig(max_failures=_max_failures(scaling, s)),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
+            ).fit()
         if (out / FAILED_MARKER).exists():  # failed in a way a restart cannot mend: no retries were made
             raise NonFiniteLossError(json.loads((out / FAILED_MARKER).read_text())["error"])
         marker = out / JOB_MARKER
@@ -85,16 +95,32 @@ def run_unlearn_job(
         done = (
             json.loads(marker.read_text())
             if marker.exists()
-            else fit(pre, str(Path(storage_path) / run_name), suffix, [])
+            else fit(pre, str(Path(storage_path) / run_name), suffix, progress=False)
         )
         pre_metrics.update(
             {f"{suffix}/{k}": v for k, v in done.get("final_metrics", {}).items() if isinstance(v, (int, float))}
         )
         s = s.model_copy(update={"method_params": {**s.method_params, **update}})
-    result = fit(s, storage_path, run_name, [ProgressCallback(board, s.name)])
+    result = fit(s, storage_path, run_name, progress=True)
     result["final_metrics"] = {**result.get("final_metrics", {}), **pre_metrics}
     result["seconds"] = time.perf_counter() - started  # with the method's own jobs: the cost report's wall-clock
     return {"name": s.name, "output_dir": s.output_dir, **result}
+
+
+def unlearn_task_options(scaling: ScalingConfig) -> dict[str, Any]:
+    """Ray options of a job's ``run_unlearn_job`` task: none (its Ray Train workers hold the resources), or one
+    worker's resources when the job runs in the task (``num_workers: 0``), on the whole cluster (never a
+    caller's placement group)."""
+    if scaling.num_workers:
+        return {}
+    bundle = worker_bundle(scaling)
+    opts: dict[str, Any] = {"num_cpus": bundle["CPU"], "scheduling_strategy": "DEFAULT"}
+    if "GPU" in bundle:
+        # a fresh process for each GPU job: CUDA and the NCCL group bind to the GPU a process saw first
+        opts.update(num_gpus=bundle["GPU"], max_calls=1)
+    if "memory" in bundle:
+        opts["memory"] = bundle["memory"]
+    return opts
 
 
 def _max_failures(scaling: dict[str, Any], spec: UnlearnSpec) -> int:

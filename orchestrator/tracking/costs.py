@@ -96,9 +96,7 @@ def job_cost(history: list[dict[str, Any]], result: dict[str, Any], scaling: Sca
     params = float(result.get("final_metrics", {}).get("params") or 0)
     per_worker = scaling.gpus_per_worker if scaling.use_gpu else scaling.cpus_per_worker
     seconds = float(result.get("seconds") or 0)
-    return entry(
-        seconds * scaling.num_workers * per_worker, tokens, 6.0 * params * tokens, seconds=seconds, params=params
-    )
+    return entry(seconds * scaling.ranks * per_worker, tokens, 6.0 * params * tokens, seconds=seconds, params=params)
 
 
 def record_job_cost(job: Job, scaling: ScalingConfig) -> dict[str, Any]:

@@ -103,9 +103,9 @@ def plan_concurrency(
     a trial runs its subset jobs (or the one unsplit job). Without ``max_concurrent_trials``, as many trials
     as the cluster fits with all their jobs running; each trial then gets an equal share of job slots."""
     s = cfg.scaling
-    fits = int(resources.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    fits = int(resources.get("CPU", 1) // (s.ranks * s.cpus_per_worker))
     if s.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+        fits = min(fits, int(resources.get("GPU", 0) // (s.ranks * s.gpus_per_worker)))
     fits = max(1, fits)
     jobs_per_trial = 1 if spec.objective.model == "unsplit" else max(1, n_subsets)
     trials = spec.max_concurrent_trials or max(1, fits // max(1, jobs_per_trial))

@@ -64,7 +64,7 @@ def plan_jobs(ctx: RunContext) -> list[Job]:
         )
         h = stage_key(
             spec,
-            cfg.scaling.num_workers,
+            cfg.scaling.ranks,  # num_workers 0 and 1 train the same one rank
             model_path=base,
             forget_path=file_digest(path),
             retain_path=prep.digests.get(u.retain_source),
@@ -89,7 +89,7 @@ def job_capacity(cfg: PipelineConfig, reserved_memory: int = 0, display: Optiona
     bundle = worker_bundle(s)
     return wait_until_fits(
         lambda res: jobs_fitting(cfg, res, reserved_memory, bundle),
-        [bundle] * s.num_workers,
+        [bundle] * s.ranks,
         "one unlearning job",
         default_wait_s(s.wait_for_resources_s),
         "scaling.wait_for_resources_s",
@@ -120,11 +120,11 @@ def jobs_fitting(
 
 def _fits(cfg: PipelineConfig, res: dict[str, float]) -> int:
     s = cfg.scaling
-    fits = int(res.get("CPU", 1) // (s.num_workers * s.cpus_per_worker))
+    fits = int(res.get("CPU", 1) // (s.ranks * s.cpus_per_worker))
     if s.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+        fits = min(fits, int(res.get("GPU", 0) // (s.ranks * s.gpus_per_worker)))
     if s.memory_per_worker_gb:
-        fits = min(fits, int(res.get("memory", 0) // (s.num_workers * s.memory_per_worker_gb * 2**30)))
+        fits = min(fits, int(res.get("memory", 0) // (s.ranks * s.memory_per_worker_gb * 2**30)))
     return fits
 
 
@@ -183,10 +183,11 @@ def _run_jobs(
 ) -> None:
     """Start jobs as capacity frees up, drain their progress (scoring their snapshots), finish each as it
     ends and its step is chosen."""
-    from orchestrator.remote.runners import run_unlearn_job
+    from orchestrator.remote.runners import run_unlearn_job, unlearn_task_options
 
     capacity = job_capacity(ctx.cfg, ctx.merge_memory, ctx.display)
     scaling = ctx.cfg.scaling.model_dump()
+    options = unlearn_task_options(ctx.cfg.scaling)
     grown = time.monotonic()
     while pending or running or selecting:
         if pending and not ctx.cfg.scaling.max_concurrent_jobs and time.monotonic() - grown > GROW_CHECK_S:
@@ -194,11 +195,11 @@ def _run_jobs(
             capacity = max(capacity, jobs_fitting(ctx.cfg, dict(ray.cluster_resources()), ctx.merge_memory))
         while pending and len(running) < capacity:
             job = pending.pop(0)
-            ref = run_unlearn_job.remote(
+            ref = run_unlearn_job.options(**options).remote(
                 job.spec.model_dump(), scaling, str(job.train_dir.parent), job.train_dir.name, board
             )
             running[ref] = job
-            ctx.display.update(job.key, info="starting workers")
+            ctx.display.update(job.key, info="starting workers" if scaling["num_workers"] else "starting")
         done, _ = ray.wait(list(running), num_returns=1, timeout=1.0) if running else ([], [])
         drain_progress(ctx, board, seen, selector)
         for ref in done:

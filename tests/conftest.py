@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -140,20 +141,36 @@ def spunge_here(*args: str, cwd: Path):
     to ``cwd/mlflow.db`` (unless its config names a store) by that file's absolute path: MLflow keeps one store
     per URI for the life of a process, so the relative default would stay bound to the first folder it was used
     in. The working folder, MLflow's URI and ``MLFLOW_TRACKING_URI`` are as before afterwards."""
+    here = os.getcwd()
+    with mlflow_uri_kept():
+        os.chdir(cwd)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(cwd).resolve() / 'mlflow.db'}"
+        try:
+            return cli(*args)
+        finally:
+            os.chdir(here)
+
+
+@contextmanager
+def mlflow_uri_kept():
+    """MLflow's tracking URI and ``MLFLOW_TRACKING_URI`` as before afterwards: spunge's ``Tracker`` calls
+    ``mlflow.set_tracking_uri``, which sets both for the rest of the process (and so for every later test)."""
     import mlflow
 
-    here, before = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(cwd)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(cwd).resolve() / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return cli(*args)
+        yield
     finally:
-        os.chdir(here)
-        mlflow.set_tracking_uri(before)  # the Tracker set it, and the variable: both back (None: unset)
+        mlflow.set_tracking_uri(before)  # None: unset
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# what the tests' ``mlflow server`` processes add to their environment: no job runner (the huey consumers of
+# MLflow's GenAI jobs, which spunge never submits; eight more processes to start)
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def spunge_env(**extra: str) -> dict[str, str]:

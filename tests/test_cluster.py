@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import orchestrator.cli.submit as sub
-from tests.conftest import kill_session, spunge
+from tests.conftest import MLFLOW_SERVER_ENV, kill_session, spunge
 
 BIN = Path(sys.executable).parent
 
@@ -247,10 +247,15 @@ def cluster():
         ]
         return [f"--{n}={p}" for n, p in zip(names, ports)]
 
-    def start(args, log):
+    def start(args, log, extra_env=None):
         procs.append(
             subprocess.Popen(
-                args, env=env, cwd=tmp, start_new_session=True, stdout=open(tmp / log, "w"), stderr=subprocess.STDOUT
+                args,
+                env={**env, **(extra_env or {})},
+                cwd=tmp,
+                start_new_session=True,
+                stdout=open(tmp / log, "w"),
+                stderr=subprocess.STDOUT,
             )
         )
         return procs[-1]
@@ -280,6 +285,7 @@ def cluster():
                 "1",
             ],
             "mlflow.log",
+            MLFLOW_SERVER_ENV,
         )
         head = start(
             [

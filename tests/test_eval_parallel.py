@@ -15,6 +15,7 @@ from orchestrator.run.cache import file_digest, model_fingerprint
 from orchestrator.run.context import Merged, Prepared, RunContext
 from orchestrator.run.display import Display
 from orchestrator.tracking.tracker import MlflowEvents, Tracker
+from tests.conftest import mlflow_uri_kept
 
 pytestmark = pytest.mark.e2e  # the pipeline's eval stage on a real local Ray cluster (conftest's local_ray)
 
@@ -44,7 +45,8 @@ def setup(tiny_dir, tmp_path_factory, local_ray):
     uri = f"sqlite:///{work / 'mlflow.db'}"
 
     def evaluate(resume: bool, suites=SUITES):
-        tracker = Tracker(uri, "evalpar", "evalpar")
+        with mlflow_uri_kept():
+            tracker = Tracker(uri, "evalpar", "evalpar")
         c = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"suites": suites})})
         ctx = RunContext(
             c,

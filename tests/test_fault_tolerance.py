@@ -20,7 +20,7 @@ from jobs.data.io import load_jsonl
 from jobs.spec import UnlearnSpec
 from jobs.unlearn.loop import run_unlearning
 from jobs.unlearn.outputs import CHECKPOINT_STATE, JOB_MARKER
-from tests.conftest import SPUNGE, spunge_env, spunge_here
+from tests.conftest import MLFLOW_SERVER_ENV, SPUNGE, mlflow_uri_kept, spunge_env, spunge_here
 
 
 def spec(tiny_dir, out, **kw) -> UnlearnSpec:
@@ -204,7 +204,8 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_job_completes(tiny
     from orchestrator.stages.unlearn import drain_progress
     from orchestrator.tracking.tracker import MlflowEvents, Tracker
 
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
+    with mlflow_uri_kept():
+        tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ft", "kill-worker")
     job = Job(JobKind.SUBSET, s, "h", subset="old")
     display = Display(Console(file=open(os.devnull, "w")))
     display.add(job.key, "unlearn")
@@ -266,6 +267,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             "--workers",
             "1",
         ],
+        env={**os.environ, **MLFLOW_SERVER_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

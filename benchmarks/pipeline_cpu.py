@@ -17,8 +17,9 @@ that lives less than 0.2 s is missed. Roles:
 
 The difference between the two runs is the cost of the extra steps; the rest of a job's cost does not grow
 with its steps: ``fixed per job`` (the short run's training workers and Ray Train actors, less its steps at
-the long run's cost per step), what a test pays for each Ray Train job whatever it trains. Prints a table
-and writes ``benchmarks/results/pipeline_cpu.json``. Usage::
+the long run's cost per step), what a test pays for each Ray Train job whatever it trains. A third run, ``in
+process``, is the short one with ``scaling.num_workers: 0``: each job runs in its runner task, without Ray
+Train's actors or a worker. Prints a table and writes ``benchmarks/results/pipeline_cpu.json``. Usage::
 
     python benchmarks/pipeline_cpu.py [--short 1] [--long 201]
 """
@@ -51,7 +52,7 @@ ROLES = ["driver", "ray node", "ray train actors", "training workers", "task pro
 JOBS = 2
 
 
-def pipeline(tiny: Path, work: Path, steps: int) -> Path:
+def pipeline(tiny: Path, work: Path, steps: int, workers: int = 1) -> Path:
     import yaml
 
     cfg = {
@@ -60,7 +61,7 @@ def pipeline(tiny: Path, work: Path, steps: int) -> Path:
         "data": {"forget": str(tiny / "forget.jsonl"), "retain": str(tiny / "retain.jsonl")},
         "split": {"attribute": "group", "baseline": "none"},  # north and south: two subset jobs
         "unlearn": {"method": "grad_diff", "optimizer": {"lr": 1e-3}, "max_steps": steps, "batch_size": 4},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1},
         "eval": {"max_examples": 4, "suites": ["qa"]},
         "storage": {"output_dir": str(work / "run")},
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"},
@@ -155,19 +156,19 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="spunge-pipeline-cpu-") as tmp:
         tiny = make_tiny(Path(tmp))
-        for label, steps in (("short", args.short), ("long", args.long)):
-            work = Path(tmp) / label
+        for label, steps, workers in (("short", args.short, 1), ("long", args.long, 1), ("in process", args.short, 0)):
+            work = Path(tmp) / label.replace(" ", "_")
             work.mkdir()
             load = os.getloadavg()[0]
-            r = one_run(pipeline(tiny, work, steps), work, args.timeout)
-            runs[label] = {"steps_per_job": steps, "load_avg_1min_before": load, **r}
+            r = one_run(pipeline(tiny, work, steps, workers), work, args.timeout)
+            runs[label] = {"steps_per_job": steps, "num_workers": workers, "load_avg_1min_before": load, **r}
             print(
                 f"{label}: {steps} steps per job, {sum(r['cpu_s'].values()):.1f} CPU-s in {r['wall_s']:.1f}s "
                 f"(load {load:.1f})",
                 flush=True,
             )
 
-    short, long = runs["short"], runs["long"]
+    short, long, local = runs["short"], runs["long"], runs["in process"]
     per_step = (long["cpu_s"]["training workers"] - short["cpu_s"]["training workers"]) / (
         JOBS * (args.long - args.short)
     )
@@ -181,10 +182,12 @@ def main() -> None:
         "fixed_jobs_share_of_short_run": JOBS * fixed_per_job / total_short,
         "steps_per_job_costing_one_fixed_job": fixed_per_job / per_step,
         "run_cpu_s_outside_jobs": total_short - JOBS * fixed_per_job - JOBS * args.short * per_step,
+        "in_process_cpu_s_saved_per_job": (total_short - sum(local["cpu_s"].values())) / JOBS,
+        "in_process_wall_ratio": short["wall_s"] / local["wall_s"],
     }
 
     print(f"\nspunge run, tiny model, {JOBS} subset jobs of 1 worker, local embedded Ray: CPU-seconds by role")
-    print(f"{'role':<20}" + "".join(f"{f'{s} steps':>14}" for s in (args.short, args.long)) + f"{'processes':>11}")
+    print(f"{'role':<20}" + "".join(f"{k:>14}" for k in runs) + f"{'processes':>11}")
     for r in ROLES:
         print(f"{r:<20}" + "".join(f"{runs[k]['cpu_s'][r]:>13.1f}s" for k in runs) + f"{short['processes'][r]:>11}")
     print(f"{'total':<20}" + "".join(f"{sum(runs[k]['cpu_s'].values()):>13.1f}s" for k in runs))
@@ -197,6 +200,10 @@ def main() -> None:
         f"the {JOBS} jobs' fixed cost is {summary['fixed_jobs_share_of_short_run']:.0%} of the {args.short}-step "
         f"run's {total_short:.0f} CPU-s; the run outside its jobs (driver, Ray node, runners, evaluation, merge): "
         f"{summary['run_cpu_s_outside_jobs']:.0f} CPU-s"
+    )
+    print(
+        f"num_workers: 0 (each job in its runner task): {summary['in_process_cpu_s_saved_per_job']:.1f} CPU-s "
+        f"fewer per job, the run's wall {summary['in_process_wall_ratio']:.2f}x shorter"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

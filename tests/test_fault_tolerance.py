@@ -110,6 +110,26 @@ def test_an_in_process_job_keeps_its_newest_checkpoints_and_a_second_start_goes_
     assert json.loads((out / JOB_MARKER).read_text())["final_metrics"]["resumed_from"] == 5
 
 
+def test_an_in_process_job_makes_its_group_of_one_on_a_free_port_whatever_its_environment_names(monkeypatch):
+    """A Ray worker inherits its node's environment, which may name another group's port and size (the tests'
+    own group, made before their local Ray started, did: EADDRINUSE)."""
+    from jobs.unlearn.solo import own_group_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        inherited = {"MASTER_ADDR": "10.0.0.9", "MASTER_PORT": port, "RANK": "2", "WORLD_SIZE": "4"}
+        for k, v in {**inherited, "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}.items():
+            monkeypatch.setenv(k, v)  # put back afterwards
+        own_group_env()
+        keys = ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        assert {k: os.environ[k] for k in keys} == dict(zip(keys, ("127.0.0.1", "0", "1", "0", "1")))
+        assert os.environ["MASTER_PORT"] != port
+        with socket.socket() as store:  # free: the group's store can listen on it
+            store.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+
+
 def test_a_checkpoint_from_another_world_size_is_refused(tiny_dir, tmp_path, single_process_dist):
     kept = {}
 

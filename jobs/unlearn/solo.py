@@ -54,8 +54,8 @@ def run_in_process(
     from jobs.unlearn.loop import run_job
     from jobs.unlearn.outputs import checkpoint_name
 
-    single_process_env()
     if not dist.is_initialized():
+        own_group_env()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != 1:
         raise RuntimeError(f"an in-process job needs a process group of 1, this process has {dist.get_world_size()}")
@@ -66,6 +66,19 @@ def run_in_process(
         on_rows(metrics["history"])
 
     run_job(spec, 0, send, restore_from=latest_checkpoint(checkpoints))
+
+
+def own_group_env() -> None:
+    """This process as rank 0 of 1 on a free local port, whatever its environment says: a Ray worker inherits
+    its node's environment, which may name another process group's port (one its starter made)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
 
 
 def keep_checkpoint(folder: Path, dest: Path, keep: int) -> None:

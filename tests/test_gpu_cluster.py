@@ -157,15 +157,17 @@ def test_jobs_that_fit_the_gpus_and_a_job_that_never_will(cluster, config_file):
 
 
 def test_the_pipeline_waits_for_a_node_to_join_then_completes(cluster, config_file, tmp_path):
-    """A job of one 3-CPU worker does not fit the 2-CPU head: the pipeline asks the autoscaler and waits; a
-    4-CPU node joins once the pipeline says it waits, the job runs on it, and the run ends with its report."""
+    """A job of one 3-CPU rank does not fit the 2-CPU head: the pipeline asks the autoscaler and waits; a 4-CPU
+    node joins once the pipeline says it waits, the job runs on it, and the run ends with its report. The job
+    runs in its runner task (``num_workers: 0``), which reserves what one worker would: the wait is the
+    pipeline's, before Ray Train would have been asked for anything."""
     from orchestrator.pipeline import run_pipeline
     from orchestrator.run.display import Display
 
     cfg = config_file(
         split={"attribute": "group", "groups": {"north": ["north"]}, "baseline": "none"},  # one job
         unlearn={"max_steps": 2, "batch_size": 2},
-        scaling={"num_workers": 1, "cpus_per_worker": 3, "wait_for_resources_s": 300},
+        scaling={"num_workers": 0, "cpus_per_worker": 3, "wait_for_resources_s": 300},
         eval={"suites": ["qa"], "max_examples": 2, "batch_size": 2, "max_new_tokens": 2},
         tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         storage={"output_dir": str(tmp_path / "out")},

@@ -27,15 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment ``init_process_group`` reads (and Ray Train sets) for ``rank`` of ``world`` on one machine."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world),
+    }
+
+
 def single_process_env() -> None:
     """Point torch.distributed at a free local port as rank 0 of 1 (variables already set are kept)."""
-    for k, v in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-    }.items():
+    for k, v in group_env(0, 1, free_port()).items():
         os.environ.setdefault(k, v)
 
 
@@ -71,14 +77,7 @@ def run_in_process(
 def own_group_env() -> None:
     """This process as rank 0 of 1 on a free local port, whatever its environment says: a Ray worker inherits
     its node's environment, which may name another process group's port (one its starter made)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-    )
+    os.environ.update(group_env(0, 1, free_port()))
 
 
 def keep_checkpoint(folder: Path, dest: Path, keep: int) -> None:
@@ -105,14 +104,7 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    os.environ.update(group_env(rank, world, port))
     try:
         import torch
         import torch.distributed as dist
